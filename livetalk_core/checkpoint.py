@@ -1,0 +1,177 @@
+"""Reading state dicts from disk and checking their keys.
+
+Every loader in the pack goes through :func:`read_state_dict` (safetensors or a torch pickle read
+with ``weights_only=True``, memory-mapped where the format allows) and :func:`check_keys`, so that
+a wrong, truncated or unsafe file always fails the same way: one :class:`CheckpointError` that names
+the file, what it looks like, and what is missing or unexpected.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+
+
+def read_state_dict(path: str | os.PathLike, *, what: str = "model") -> dict[str, torch.Tensor]:
+    """Load a flat ``{name: tensor}`` dict from a safetensors file or a torch pickle.
+
+    Pickles are opened with ``weights_only=True`` (a checkpoint can never run code) and ``mmap=True``
+    when they are zip archives, so large files are not copied into RAM. A pickle whose top level is
+    ``{"generator": {...}}`` or ``{"state_dict": {...}}`` is unwrapped one level.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"The {what} file {path} does not exist. Check the path or file name.")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"The {what} file {path} is empty (0 bytes). Download it again.")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return _read_safetensors(path, what)
+    if suffix in PICKLE_SUFFIXES:
+        return _read_pickle(path, what)
+    raise CheckpointError(
+        f"The {what} file {path} has an unknown extension {suffix!r}: expected one of "
+        f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}."
+    )
+
+
+def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"The {what} file {path} is not a readable safetensors file ({exc}). It is probably "
+            "truncated or corrupt: download it again."
+        ) from None
+
+
+def _read_pickle(path: Path, what: str) -> dict[str, torch.Tensor]:
+    mmap = zipfile.is_zipfile(path)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"The {what} file {path} is not a plain tensor checkpoint: loading it would run code "
+            f"stored in the file, which this pack refuses ({str(exc).splitlines()[0]}). Use the "
+            "original release file or a .safetensors copy."
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(
+            f"The {what} file {path} could not be read ({str(exc).splitlines()[0]}). It is probably "
+            "truncated or corrupt: download it again."
+        ) from None
+    for wrapper in ("generator", "state_dict", "model_state_dict"):
+        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"The {what} file {path} does not hold a state dict (a mapping of names to tensors)."
+        )
+    return dict(obj)
+
+
+def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Remove the first of ``prefixes`` that every key starts with (e.g. ``model.``)."""
+    for prefix in prefixes:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def guess_model_family(keys: Iterable[str]) -> str:
+    """A human name for what a state dict looks like, for error messages."""
+    keys = set(keys)
+    has = lambda *parts: any(all(p in k for p in parts) for k in keys)  # noqa: E731
+    if has("audio_proj.proj") or has("audio_cond_projs"):
+        return "a LiveTalk / OmniAvatar 1.3B DiT"
+    if has("casual_audio_encoder") or has("audio_injector"):
+        return "a Wan2.2-S2V / RealVideo 14B DiT"
+    if has("blocks.", "self_attn.q") and has("patch_embedding"):
+        return "a Wan video DiT without an audio branch (e.g. Wan2.1 T2V/I2V)"
+    if has("decoder.middle") or has("encoder.downsamples"):
+        return "a Wan VAE"
+    if has("feature_extractor.conv_layers") or has("wav2vec2."):
+        return "a wav2vec2 audio encoder"
+    if has("token_embedding") or has("shared.weight") or has("encoder.block."):
+        return "a T5 text encoder"
+    if has("model.diffusion_model.input_blocks") or has("input_blocks.") or has("conditioner.embedders"):
+        return "a Stable Diffusion / SDXL checkpoint"
+    if has("double_blocks.") or has("single_blocks."):
+        return "a Flux / Hunyuan-style DiT"
+    return "an unrecognised model"
+
+
+def check_keys(
+    found: Iterable[str],
+    expected: Iterable[str],
+    *,
+    path: str | os.PathLike,
+    model_name: str,
+    max_listed: int = 8,
+) -> None:
+    """Raise one clear :class:`CheckpointError` unless ``found`` equals ``expected``."""
+    found, expected = set(found), set(expected)
+    missing = sorted(expected - found)
+    unexpected = sorted(found - expected)
+    if not missing and not unexpected:
+        return
+
+    def listing(names: list[str]) -> str:
+        shown = ", ".join(names[:max_listed])
+        return shown + (f" and {len(names) - max_listed} more" if len(names) > max_listed else "")
+
+    parts = [f"{path} is not a {model_name} checkpoint: it looks like {guess_model_family(found)}."]
+    if missing:
+        parts.append(f"Missing {len(missing)} keys: {listing(missing)}.")
+    if unexpected:
+        parts.append(f"Unexpected {len(unexpected)} keys: {listing(unexpected)}.")
+    parts.append(f"Pick the {model_name} file instead.")
+    raise CheckpointError(" ".join(parts))
+
+
+def check_shapes(
+    state_dict: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    path: str | os.PathLike,
+    model_name: str,
+) -> None:
+    """Raise a :class:`CheckpointError` naming the first tensors whose shapes differ."""
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} (expected {tuple(shape)})"
+        for k, shape in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(shape)
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{path} has tensors of unexpected shape for a {model_name}: {'; '.join(wrong[:5])}"
+            + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+            + ". The file is from a different model variant or is corrupt."
+        )
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"bf16"``/``"fp16"``/``"fp32"`` (or a torch dtype) to a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"Unknown precision {name!r}: use one of {', '.join(DTYPES)}.") from None
