@@ -1,0 +1,527 @@
+"""Audio for LiveTalk: decoding, frame arithmetic and wav2vec2 features.
+
+Decoding goes through PyAV (FFmpeg): every channel is converted to float, the channels are averaged
+(the mono downmix librosa does), and the mono signal is resampled to 16 kHz with FFmpeg's
+**swresample** default resampler (a Kaiser-windowed sinc, filter size 32, cutoff 0.97) through
+``av.AudioResampler``. Upstream uses ``librosa.load`` (soxr); both are high-quality band-limited
+resamplers and differ only far below what the model can notice. Audio that is already at 16 kHz is
+passed through untouched, so the parity cases see exactly upstream's samples.
+
+Features follow upstream's ``Wav2VecModel.forward`` with transformers-4.x hidden-state semantics,
+recomputed here by hand so that transformers 4.x and 5.x give the same numbers (5.x no longer returns
+the per-layer states the way upstream reads them):
+
+    waveform --(zero mean, unit variance)--> CNN feature extractor [1, C, T_cnn]
+      --(linear interpolation, align_corners)--> [1, C, num_video_frames]
+      --> feature projection --> + positional conv --> (LayerNorm, post-LN models) --> layers
+
+``hidden_states`` returns ``h0`` (the encoder input) and the output of every layer, the last one after
+the encoder's final LayerNorm in the stable-layer-norm (wav2vec2-large) variant. LiveTalk's feature
+per video frame is ``cat(last_hidden_state, h0, ..., hL)``: ``(L + 2) * hidden`` channels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .attention import attention
+from .checkpoint import check_keys, check_shapes, read_state_dict, strip_prefix
+from .errors import CheckpointError, InputError, MissingWeightsError
+
+if TYPE_CHECKING:
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+SAMPLE_RATE = 16000
+VIDEO_FPS = 16
+NORMALIZE_EPS = 1e-7
+# Frames fed to swresample at a time: long clips are never handed over as one huge AVFrame.
+_RESAMPLE_CHUNK = 1 << 16
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding and resampling
+# --------------------------------------------------------------------------------------------------
+
+
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Decode an audio file (WAV, MP3, FLAC, OGG, or anything FFmpeg reads) to mono float32.
+
+    Returns:
+        ``[N]`` float32 at ``sample_rate``: channels averaged, then resampled with swresample.
+    Raises:
+        InputError: the file is missing, is not audio, is corrupt, has no audio stream, or holds no
+            samples.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"The audio file {path} does not exist. Check the path or file name.")
+    channels, rate = _decode_channels(path)
+    return torch.from_numpy(_mono_at_rate(channels, rate, sample_rate, what=str(path)))
+
+
+def prepare_waveform(
+    samples: torch.Tensor | np.ndarray,
+    sample_rate: int,
+    layout: Literal["channels_first", "channels_last"] = "channels_first",
+    target_rate: int = SAMPLE_RATE,
+) -> torch.Tensor:
+    """In-memory audio to ``[N]`` float32 mono at ``target_rate``.
+
+    Accepts ``[T]``, ``[C, T]`` (``layout="channels_first"``), ``[T, C]`` (``"channels_last"``), or
+    ComfyUI's AUDIO waveform ``[B, C, T]`` with ``B == 1``.
+    """
+    if layout not in ("channels_first", "channels_last"):
+        raise InputError(f"Unknown audio layout {layout!r}: use 'channels_first' or 'channels_last'.")
+    if isinstance(samples, torch.Tensor):
+        samples = samples.detach().to("cpu", torch.float32).numpy()
+    array = np.asarray(samples, dtype=np.float32)
+    if array.ndim == 3:
+        if layout != "channels_first":
+            raise InputError("A batched waveform must be laid out [batch, channels, samples].")
+        if array.shape[0] != 1:
+            raise InputError(
+                f"The audio input holds a batch of {array.shape[0]} clips; LiveTalk needs exactly one. "
+                "Split the batch or pick one clip."
+            )
+        array = array[0]
+    elif array.ndim == 1:
+        array = array[None]
+    elif array.ndim == 2 and layout == "channels_last":
+        array = array.T
+    elif array.ndim != 2:
+        raise InputError(f"Expected a waveform of 1 to 3 dimensions, got shape {tuple(array.shape)}.")
+    if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise InputError(f"The audio sample rate must be a positive integer, got {sample_rate!r}.")
+    return torch.from_numpy(_mono_at_rate(array, int(sample_rate), target_rate, what="the audio input"))
+
+
+def _decode_channels(path: Path) -> tuple[np.ndarray, int]:
+    """All samples of the first audio stream as float32 ``[C, T]`` and the stream's sample rate."""
+    unreadable = (
+        f"{path} could not be read as audio: it is not an audio file or it is corrupt. "
+        "Use a WAV, MP3, FLAC or OGG file."
+    )
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError):
+        raise InputError(unreadable) from None
+    with container:
+        if not container.streams.audio:
+            raise InputError(f"{path} has no audio stream. Pick a file that contains sound.")
+        stream = container.streams.audio[0]
+        # Format conversion only (same rate and layout): integer PCM becomes float in [-1, 1].
+        to_float = av.AudioResampler(format="fltp")
+        chunks: list[np.ndarray] = []
+        try:
+            for frame in container.decode(stream):
+                chunks += [f.to_ndarray() for f in to_float.resample(frame)]
+            chunks += [f.to_ndarray() for f in to_float.resample(None)]
+        except (av.FFmpegError, ValueError):
+            raise InputError(unreadable) from None
+        rate = stream.rate or stream.codec_context.sample_rate
+    if not chunks or sum(c.shape[1] for c in chunks) == 0:
+        raise InputError(f"{path} holds no audio samples (the clip is empty).")
+    return np.concatenate(chunks, axis=1), int(rate)
+
+
+def _mono_at_rate(channels: np.ndarray, rate: int, target_rate: int, *, what: str) -> np.ndarray:
+    """``[C, T]`` float32 at ``rate`` to ``[N]`` float32 mono at ``target_rate``."""
+    if channels.shape[-1] == 0 or channels.shape[0] == 0:
+        raise InputError(f"{what} holds no audio samples (the clip is empty).")
+    if not np.isfinite(channels).all():
+        raise InputError(f"{what} contains NaN or infinite samples. Re-export the audio.")
+    mono = channels.mean(axis=0, dtype=np.float32) if channels.shape[0] > 1 else channels[0]
+    if rate != target_rate:
+        mono = resample(mono, rate, target_rate)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def resample(waveform: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
+    """Resample ``[T]`` float32 mono with swresample; the result has ``ceil(T * target / rate)``
+    samples (librosa's length rule), trimmed or zero-extended by at most a sample or two."""
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=target_rate)
+    out: list[np.ndarray] = []
+    for start in range(0, len(waveform), _RESAMPLE_CHUNK):
+        chunk = np.ascontiguousarray(waveform[None, start : start + _RESAMPLE_CHUNK], dtype=np.float32)
+        frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono")
+        frame.sample_rate = rate
+        out += [f.to_ndarray()[0] for f in resampler.resample(frame)]
+    out += [f.to_ndarray()[0] for f in resampler.resample(None)]
+    result = np.concatenate(out) if out else np.zeros(0, np.float32)
+    length = -(-len(waveform) * target_rate // rate)
+    if len(result) < length:
+        result = np.pad(result, (0, length - len(result)))
+    return result[:length]
+
+
+# --------------------------------------------------------------------------------------------------
+# Frame arithmetic (scripts/inference_example.py:133-134, 162-168)
+# --------------------------------------------------------------------------------------------------
+
+
+def video_frames_for_latents(num_latent_frames: int) -> int:
+    """Video frames decoded from ``F`` latent frames: ``4F - 3`` (latent 0 is one frame, the rest 4)."""
+    return 4 * num_latent_frames - 3
+
+
+def samples_for_latents(num_latent_frames: int, sample_rate: int = SAMPLE_RATE, fps: int = VIDEO_FPS) -> int:
+    """Audio samples upstream keeps for ``F`` latent frames: ``int((4F - 4) / fps * sample_rate)``.
+
+    Upstream trims longer audio to this many samples and never pads shorter audio. The expression
+    is evaluated in the same float order as upstream so the count is identical.
+    """
+    return int(((num_latent_frames * 4 - 4) / fps) * sample_rate)
+
+
+def trim_waveform_for_latents(waveform: torch.Tensor, num_latent_frames: int) -> torch.Tensor:
+    """Upstream's rule: keep the first ``samples_for_latents(F)`` samples (shorter audio is kept as is)."""
+    return waveform[: samples_for_latents(num_latent_frames)]
+
+
+def pad_waveform_to_blocks(waveform: torch.Tensor, frames_per_block: int = 3) -> tuple[torch.Tensor, int]:
+    """Pad ``[N]`` 16 kHz audio with silence to a whole number of generation blocks.
+
+    Picks the smallest ``F`` that is a multiple of ``frames_per_block`` with ``(4F - 4) / 16`` seconds
+    >= the audio duration, and zero-pads to exactly ``samples_for_latents(F)`` samples, so every video
+    frame has audio aligned to it (upstream instead stretches short audio over the whole video).
+    Durations upstream accepts (3n + 2 whole seconds) get upstream's ``F`` and no padding. The caller
+    trims the decoded video back to the audio length.
+
+    Returns:
+        ``(padded [samples_for_latents(F)] float32, F)``.
+    """
+    num_samples = int(waveform.shape[-1])
+    if waveform.ndim != 1 or num_samples == 0:
+        raise InputError(f"Expected a non-empty mono waveform [N], got shape {tuple(waveform.shape)}.")
+    num_latent_frames = frames_per_block
+    while samples_for_latents(num_latent_frames) < num_samples:
+        num_latent_frames += frames_per_block
+    padding = samples_for_latents(num_latent_frames) - num_samples
+    return F.pad(waveform.float(), (0, padding)), num_latent_frames
+
+
+# --------------------------------------------------------------------------------------------------
+# wav2vec2 encoder
+# --------------------------------------------------------------------------------------------------
+
+# Heads of the HF checkpoint classes (CTC, pre-training); LiveTalk uses only the bare encoder.
+_HEAD_PREFIXES = ("lm_head.", "quantizer.", "project_q.", "project_hid.")
+_POS_CONV = "encoder.pos_conv_embed.conv."
+# (weight_g, weight_v) names: transformers' legacy weight norm, and torch parametrizations (ComfyUI).
+_WEIGHT_NORM_NAMES = (("weight_g", "weight_v"), ("parametrizations.weight.original0", "parametrizations.weight.original1"))
+# The only conv stack wav2vec2 checkpoints use; strides are not stored in the weights.
+_STANDARD_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
+_STANDARD_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
+_HEAD_DIM = 64
+_MODEL_NAME = "wav2vec2 audio encoder"
+
+
+class AudioEncoder:
+    """A loaded wav2vec2 encoder: transformers' ``Wav2Vec2Model`` (eval, no grad) plus whether its
+    feature extractor normalises the waveform (``do_normalize``)."""
+
+    def __init__(self, model: Wav2Vec2Model, *, do_normalize: bool, source: Path):
+        self.model = model
+        self.do_normalize = do_normalize
+        self.source = source
+
+    @property
+    def config(self) -> Wav2Vec2Config:
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.feature_projection.projection.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.feature_projection.projection.weight.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def features_per_frame(self) -> int:
+        """Width of :func:`livetalk_audio_features`: ``(L + 2) * hidden``."""
+        return (self.num_layers + 2) * self.hidden_size
+
+    @property
+    def receptive_field(self) -> int:
+        """Samples one CNN frame sees (400 for every released wav2vec2): the shortest usable input."""
+        field = 1
+        for kernel, stride in zip(reversed(self.config.conv_kernel), reversed(self.config.conv_stride)):
+            field = (field - 1) * stride + kernel
+        return field
+
+    def to(self, device: str | torch.device) -> AudioEncoder:
+        self.model.to(device)
+        return self
+
+
+def load_audio_encoder(
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    *,
+    do_normalize: bool | None = None,
+) -> AudioEncoder:
+    """Load a wav2vec2 encoder without touching the network.
+
+    ``path`` is either a Hugging Face folder laid out like ``facebook/wav2vec2-base-960h``
+    (``config.json``, ``preprocessor_config.json``, ``model.safetensors`` or ``pytorch_model.bin``;
+    a ``Wav2Vec2ForCTC`` checkpoint is fine, its head is ignored) or one weights file such as those in
+    ComfyUI's ``models/audio_encoders`` (keys with or without ``wav2vec2.``), whose config is
+    inferred from the tensor shapes. ``do_normalize`` defaults to the folder's preprocessor config,
+    else True (base-960h's setting, which LiveTalk was trained with).
+    """
+    path = Path(path)
+    if path.is_dir():
+        weights = _weights_in_folder(path)
+        config_dict = _read_json(path / "config.json")
+        preprocessor = _read_json(path / "preprocessor_config.json") or {}
+    elif path.is_file():
+        weights, config_dict, preprocessor = path, None, {}
+    else:
+        raise MissingWeightsError(
+            f"The {_MODEL_NAME} {path} does not exist. Put facebook/wav2vec2-base-960h (folder or a single "
+            ".safetensors) there, or pick the file in the loader."
+        )
+    state = canonical_state_dict(read_state_dict(weights, what=_MODEL_NAME), weights, dtype)
+    config = _config_from_dict(config_dict, path) if config_dict is not None else infer_config(state, weights)
+    model = _build_model(config, state, weights)
+    if do_normalize is None:
+        do_normalize = bool(preprocessor.get("do_normalize", True))
+    return AudioEncoder(model.to(device), do_normalize=do_normalize, source=path)
+
+
+def _weights_in_folder(folder: Path) -> Path:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise MissingWeightsError(
+        f"The folder {folder} holds no wav2vec2 weights (model.safetensors or pytorch_model.bin). "
+        "Download facebook/wav2vec2-base-960h into it."
+    )
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}). Download it again.") from None
+
+
+def canonical_state_dict(
+    raw: dict[str, torch.Tensor], path: str | Path, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """``Wav2Vec2Model`` keys (no ``wav2vec2.`` prefix, heads dropped) cast to ``dtype``, with the
+    weight-normed positional conv folded into one plain ``weight``.
+
+    The fold happens after the cast, as upstream computes the weight from ``g`` and ``v`` held in
+    the model dtype: ``w = g * v / ||v||`` with the norm over dims (0, 1), i.e. ``dim=2`` kept.
+    """
+    state = strip_prefix({k: v for k, v in raw.items() if not k.startswith(_HEAD_PREFIXES)}, ["wav2vec2."])
+    # The masking embedding only serves training-time SpecAugment.
+    state = {k: v.to(dtype) for k, v in state.items() if k != "masked_spec_embed"}
+    for g_name, v_name in _WEIGHT_NORM_NAMES:
+        if _POS_CONV + g_name in state and _POS_CONV + v_name in state:
+            g, v = state.pop(_POS_CONV + g_name), state.pop(_POS_CONV + v_name)
+            if g.ndim != 3 or g.shape[:2] != (1, 1) or g.shape[2] != v.shape[2]:
+                raise CheckpointError(
+                    f"{path}: the positional-conv weight norm has gain shape {tuple(g.shape)}; expected "
+                    f"(1, 1, {v.shape[-1]}) (weight norm over dim 2). The file is not a wav2vec2 encoder."
+                )
+            # torch's fused weight-norm kernel, as the parametrization upstream runs on every forward.
+            state[_POS_CONV + "weight"] = torch._weight_norm(v, g, 2)
+    return state
+
+
+def infer_config(state: dict[str, torch.Tensor], path: str | Path) -> Wav2Vec2Config:
+    """A ``Wav2Vec2Config`` from the tensor shapes of a canonical state dict.
+
+    hidden / intermediate sizes, layer count and the CNN widths and kernels are read from shapes;
+    heads = hidden / 64 (every released wav2vec2); a LayerNorm on every conv layer marks the
+    wav2vec2-large family, which also uses the stable (pre-LN) encoder; a bias on the convs sets
+    ``conv_bias``.
+    """
+    from transformers import Wav2Vec2Config
+
+    def need(key: str) -> torch.Tensor:
+        if key not in state:
+            check_keys(state, {key}, path=path, model_name=_MODEL_NAME)
+        return state[key]
+
+    hidden, conv_width = need("feature_projection.projection.weight").shape
+    num_conv = sum(1 for k in state if k.startswith("feature_extractor.conv_layers.") and k.endswith(".conv.weight"))
+    conv_weights = [need(f"feature_extractor.conv_layers.{i}.conv.weight") for i in range(num_conv)]
+    kernels = tuple(int(w.shape[2]) for w in conv_weights)
+    if kernels != _STANDARD_CONV_KERNEL:
+        raise CheckpointError(
+            f"{path}: the wav2vec2 feature extractor has kernels {kernels}, not the standard "
+            f"{_STANDARD_CONV_KERNEL}; its strides cannot be inferred. Use the Hugging Face folder with "
+            "its config.json instead."
+        )
+    if hidden % _HEAD_DIM:
+        raise CheckpointError(
+            f"{path}: hidden size {hidden} is not a multiple of {_HEAD_DIM}, so the number of attention "
+            "heads cannot be inferred. Use the Hugging Face folder with its config.json instead."
+        )
+    num_layers = len({k.split(".")[2] for k in state if k.startswith("encoder.layers.")})
+    layer_norm_convs = "feature_extractor.conv_layers.1.layer_norm.weight" in state
+    pos_conv = need(_POS_CONV + "weight")
+    return Wav2Vec2Config(
+        hidden_size=int(hidden),
+        num_hidden_layers=num_layers,
+        num_attention_heads=int(hidden) // _HEAD_DIM,
+        intermediate_size=int(need("encoder.layers.0.feed_forward.intermediate_dense.weight").shape[0]),
+        conv_dim=[int(w.shape[0]) for w in conv_weights],
+        conv_kernel=list(kernels),
+        conv_stride=list(_STANDARD_CONV_STRIDE),
+        conv_bias="feature_extractor.conv_layers.0.conv.bias" in state,
+        feat_extract_norm="layer" if layer_norm_convs else "group",
+        do_stable_layer_norm=layer_norm_convs,
+        num_conv_pos_embeddings=int(pos_conv.shape[2]),
+        num_conv_pos_embedding_groups=int(hidden) // int(pos_conv.shape[1]),
+        feat_extract_activation="gelu",
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        mask_time_prob=0.0,
+        mask_feature_prob=0.0,
+    )
+
+
+def _config_from_dict(config_dict: dict, path: Path) -> Wav2Vec2Config:
+    from transformers import Wav2Vec2Config
+
+    if config_dict.get("model_type", "wav2vec2") != "wav2vec2":
+        raise CheckpointError(
+            f"{path} holds a {config_dict.get('model_type')!r} model, not wav2vec2. "
+            "Use facebook/wav2vec2-base-960h."
+        )
+    if config_dict.get("add_adapter") or config_dict.get("adapter_attn_dim"):
+        raise CheckpointError(f"{path}: wav2vec2 models with adapters are not supported.")
+    # Inference never masks; without masking the model has no masked_spec_embed to load.
+    return Wav2Vec2Config.from_dict({**config_dict, "mask_time_prob": 0.0, "mask_feature_prob": 0.0})
+
+
+def _build_model(config: Wav2Vec2Config, state: dict[str, torch.Tensor], path: Path) -> Wav2Vec2Model:
+    """Instantiate on the meta device (no random init, no download) and assign the checkpoint."""
+    from torch.nn.utils import parametrize
+    from transformers import Wav2Vec2Model
+
+    with torch.device("meta"):
+        model = Wav2Vec2Model(config)
+    conv = model.encoder.pos_conv_embed.conv
+    if parametrize.is_parametrized(conv, "weight"):
+        parametrize.remove_parametrizations(conv, "weight")
+    expected = model.state_dict()
+    check_keys(state, expected, path=path, model_name=_MODEL_NAME)
+    check_shapes(state, {k: tuple(v.shape) for k, v in expected.items()}, path=path, model_name=_MODEL_NAME)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+
+
+def normalize_waveform(waveform: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + 1e-7)`` over the clip, in NumPy float32 like
+    ``Wav2Vec2FeatureExtractor(do_normalize=True)`` (population variance). ``[N]`` -> ``[N]`` float32."""
+    if isinstance(waveform, torch.Tensor):
+        waveform = waveform.detach().to("cpu", torch.float32).numpy()
+    x = np.asarray(waveform, dtype=np.float32)
+    return torch.from_numpy((x - x.mean()) / np.sqrt(x.var() + NORMALIZE_EPS))
+
+
+@torch.no_grad()
+def hidden_states(encoder: AudioEncoder, input_values: torch.Tensor, num_frames: int) -> list[torch.Tensor]:
+    """wav2vec2 hidden states with the CNN features interpolated to ``num_frames``.
+
+    Args:
+        input_values: ``[1, N]`` (already normalised if the encoder expects it).
+        num_frames: output length (LiveTalk: the number of video frames, ``4F - 3``).
+    Returns:
+        ``L + 1`` tensors ``[1, num_frames, hidden]`` in the encoder dtype: ``h0`` = encoder input
+        (after the positional conv, and after the LayerNorm in post-LN models), ``h_i`` = output of
+        layer ``i``; for stable-layer-norm models ``h_L`` is taken after the final LayerNorm.
+    """
+    model, config = encoder.model, encoder.config
+    if input_values.ndim != 2 or input_values.shape[0] != 1:
+        raise InputError(f"Expected audio input values [1, N], got shape {tuple(input_values.shape)}.")
+    if input_values.shape[1] < encoder.receptive_field:
+        raise InputError(
+            f"The audio clip is too short ({input_values.shape[1]} samples at 16 kHz); wav2vec2 needs at "
+            f"least {encoder.receptive_field}."
+        )
+    if num_frames < 1:
+        raise InputError(f"The number of audio feature frames must be positive, got {num_frames}.")
+    x = input_values.to(encoder.device, encoder.dtype)
+    cnn = model.feature_extractor(x)  # [1, C, T_cnn]
+    cnn = F.interpolate(cnn, size=num_frames, mode="linear", align_corners=True)
+    h, _ = model.feature_projection(cnn.transpose(1, 2))  # [1, num_frames, hidden]
+
+    encoder_module = model.encoder
+    h = h + encoder_module.pos_conv_embed(h)
+    if not config.do_stable_layer_norm:
+        h = encoder_module.layer_norm(h)
+    states = []
+    for layer in encoder_module.layers:
+        states.append(h)
+        h = _encoder_layer(layer, h, config.num_attention_heads, pre_norm=config.do_stable_layer_norm)
+    if config.do_stable_layer_norm:
+        h = encoder_module.layer_norm(h)
+    states.append(h)
+    return states
+
+
+def _encoder_layer(layer: torch.nn.Module, h: torch.Tensor, num_heads: int, *, pre_norm: bool) -> torch.Tensor:
+    """One wav2vec2 transformer layer: post-LN (base) or pre-LN (stable layer norm, large)."""
+    if pre_norm:
+        h = h + _self_attention(layer.attention, layer.layer_norm(h), num_heads)
+        return h + layer.feed_forward(layer.final_layer_norm(h))
+    h = layer.layer_norm(h + _self_attention(layer.attention, h, num_heads))
+    return layer.final_layer_norm(h + layer.feed_forward(h))
+
+
+def _self_attention(module: torch.nn.Module, h: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Unmasked multi-head self-attention through SDPA (scale 1/sqrt(head_dim) inside the kernel, as
+    transformers' ``sdpa`` implementation does). ``[B, T, C]`` -> ``[B, T, C]``."""
+    b, t, c = h.shape
+    q, k, v = (proj(h).view(b, t, num_heads, c // num_heads) for proj in (module.q_proj, module.k_proj, module.v_proj))
+    return module.out_proj(attention(q, k, v))
+
+
+def livetalk_audio_features(
+    encoder: AudioEncoder, waveform_16k: torch.Tensor, num_video_frames: int
+) -> torch.Tensor:
+    """LiveTalk's audio conditioning (``scripts/inference_example.py:170-181``).
+
+    Args:
+        waveform_16k: ``[N]`` float32 mono at 16 kHz, already trimmed or padded to the video length.
+        num_video_frames: ``4F - 3``.
+    Returns:
+        ``[1, num_video_frames, (L + 2) * hidden]`` in the encoder dtype:
+        ``cat(last_hidden_state, h0, ..., hL)`` (``hL`` is the last hidden state, so it appears twice).
+    """
+    if waveform_16k.ndim != 1 or waveform_16k.shape[0] == 0:
+        raise InputError(f"Expected a non-empty mono waveform [N], got shape {tuple(waveform_16k.shape)}.")
+    values = normalize_waveform(waveform_16k) if encoder.do_normalize else waveform_16k.float()
+    states = hidden_states(encoder, values.to(encoder.dtype)[None], num_video_frames)
+    return torch.cat([states[-1], *states], dim=-1)

@@ -1,0 +1,162 @@
+"""LiveTalk 1.3B end to end: reference image + speech + text context -> streamed video frames.
+
+The steps are separate so that ComfyUI nodes, the CLI and the tests share them:
+
+1. :meth:`LiveTalkPipeline.encode_reference` — crop/resize, VAE-encode the reference image.
+2. :meth:`LiveTalkPipeline.encode_audio` — pad the speech to whole blocks, wav2vec2 features, the
+   DiT's audio embeddings, and how many video frames to keep at the end.
+3. :meth:`LiveTalkPipeline.sample` — the block-causal sampler (a generator of latent blocks).
+4. :meth:`LiveTalkPipeline.decode` — streaming VAE decode, trimmed to the audio length.
+
+Video length: a clip of D seconds gives ``floor(16 D) + 1`` frames (upstream's ``16D + 1`` for whole
+seconds). Latent frames come in blocks of 3, so the speech is padded with silence to the block grid
+(upstream instead requires D = 3n+2 seconds, and stretches shorter audio); the extra frames are
+dropped after decoding. For the durations upstream accepts, nothing is padded and the results are
+upstream's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .audio import SAMPLE_RATE, VIDEO_FPS, AudioEncoder, livetalk_audio_features, pad_waveform_to_blocks, video_frames_for_latents
+from .errors import InputError
+from .image import cover_and_crop
+from .livetalk_model import LiveTalkDiT
+from .noise import NoiseSource, SeededNoise
+from .sampler import LIVETALK_FRAMES_PER_BLOCK, StepHook, sample_livetalk
+from .vae import WanVAE, frames_to_uint8
+
+MIN_AUDIO_SECONDS = 0.05
+
+
+@dataclass
+class AudioConditioning:
+    """Audio prepared for one video.
+
+    embeds: the DiT's per-layer audio terms ``[1, P, F, C]`` for all F latent frames.
+    num_video_frames: frames to keep after decoding (the audio's length at 16 fps).
+    """
+
+    embeds: torch.Tensor
+    num_video_frames: int
+
+    @property
+    def num_latent_frames(self) -> int:
+        return self.embeds.shape[2]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_latent_frames // LIVETALK_FRAMES_PER_BLOCK
+
+
+def video_frames_for_duration(seconds: float, fps: int = VIDEO_FPS) -> int:
+    """Frames at times 0, 1/fps, ... up to ``seconds``: ``floor(fps * seconds) + 1``."""
+    return math.floor(fps * seconds + 1e-9) + 1
+
+
+def fit_waveform(waveform: torch.Tensor, duration: float | None) -> torch.Tensor:
+    """Trim or pad (with silence) ``[N]`` 16 kHz audio to ``duration`` seconds (None: keep as is)."""
+    if duration is None:
+        return waveform
+    if not duration > 0:
+        raise InputError(f"The duration must be positive; got {duration}.")
+    samples = int(round(duration * SAMPLE_RATE))
+    return F.pad(waveform, (0, samples - waveform.shape[0])) if samples > waveform.shape[0] else waveform[:samples]
+
+
+class LiveTalkPipeline:
+    """The loaded LiveTalk models and the steps that connect them (no ComfyUI import)."""
+
+    def __init__(self, dit: LiveTalkDiT, vae: WanVAE, audio_encoder: AudioEncoder) -> None:
+        self.dit, self.vae, self.audio_encoder = dit, vae, audio_encoder
+        expected = dit.livetalk_config.audio_features
+        if audio_encoder.features_per_frame != expected:
+            raise InputError(
+                f"The audio encoder gives {audio_encoder.features_per_frame} features per frame, but this "
+                f"DiT expects {expected}: LiveTalk needs facebook/wav2vec2-base-960h "
+                f"({expected} = (layers + 2) x hidden)."
+            )
+
+    @torch.no_grad()
+    def encode_reference(self, image: torch.Tensor | np.ndarray, height: int = 512, width: int = 512) -> torch.Tensor:
+        """Image ``[H, W, C]`` (uint8 or float in [0, 1]) -> reference latent ``[1, 16, 1, h, w]`` float32."""
+        pixels = cover_and_crop(image, height, width)
+        return self.vae.encode(pixels.to(self.vae.device, self.vae.dtype))
+
+    @torch.no_grad()
+    def encode_audio(self, waveform_16k: torch.Tensor, duration: float | None = None) -> AudioConditioning:
+        """Mono 16 kHz speech ``[N]`` -> :class:`AudioConditioning` (``duration`` trims or pads, in s)."""
+        waveform = fit_waveform(torch.as_tensor(waveform_16k, dtype=torch.float32).flatten(), duration)
+        seconds = waveform.shape[0] / SAMPLE_RATE
+        if seconds < MIN_AUDIO_SECONDS:
+            raise InputError(
+                f"The audio is {seconds:.3f} s long; at least {MIN_AUDIO_SECONDS} s is needed. Check the file or the duration."
+            )
+        padded, num_latent_frames = pad_waveform_to_blocks(waveform, LIVETALK_FRAMES_PER_BLOCK)
+        features = livetalk_audio_features(
+            self.audio_encoder, padded.to(self.audio_encoder.device), video_frames_for_latents(num_latent_frames)
+        )
+        embeds = self.dit.embed_audio(features.to(self.dit.device))
+        return AudioConditioning(embeds=embeds, num_video_frames=video_frames_for_duration(seconds))
+
+    def sample(
+        self,
+        ref_latent: torch.Tensor,
+        audio: AudioConditioning,
+        context: torch.Tensor,
+        noise: NoiseSource | int = 0,
+        on_step: StepHook | None = None,
+        num_blocks: int | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Latent blocks ``[1, 16, 3, h, w]`` one at a time (see :func:`sample_livetalk`).
+
+        ``noise`` is a seed or a :class:`NoiseSource`; ``num_blocks`` defaults to what the audio covers.
+        """
+        if isinstance(noise, int):
+            noise = SeededNoise(noise)
+        return sample_livetalk(
+            self.dit,
+            ref_latent=ref_latent,
+            audio_embeds=audio.embeds,
+            context=context,
+            num_blocks=audio.num_blocks if num_blocks is None else num_blocks,
+            noise=noise,
+            on_step=on_step,
+        )
+
+    def decode(self, blocks: Iterator[torch.Tensor], num_video_frames: int | None = None) -> Iterator[torch.Tensor]:
+        """Stream-decode latent blocks to uint8 frames ``[T, H, W, 3]``, stopping at ``num_video_frames``."""
+        decoder = self.vae.stream_decoder()
+        emitted = 0
+        for block in blocks:
+            frames = frames_to_uint8(decoder.decode(block.to(self.vae.device, self.vae.dtype)))
+            if num_video_frames is not None:
+                frames = frames[: max(0, num_video_frames - emitted)]
+            emitted += frames.shape[0]
+            if frames.shape[0]:
+                yield frames.cpu()
+            if num_video_frames is not None and emitted >= num_video_frames:
+                return
+
+    def generate(
+        self,
+        image: torch.Tensor | np.ndarray,
+        waveform_16k: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        seed: int = 0,
+        height: int = 512,
+        width: int = 512,
+        duration: float | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """All steps in one call: uint8 frames ``[T, H, W, 3]`` per block."""
+        ref_latent = self.encode_reference(image, height, width)
+        audio = self.encode_audio(waveform_16k, duration)
+        return self.decode(self.sample(ref_latent, audio, context, seed), audio.num_video_frames)

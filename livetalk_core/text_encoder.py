@@ -1,0 +1,508 @@
+"""umT5-XXL text encoder, tokenizer and prompt encoding (Wan-native layout).
+
+LiveTalk conditions its DiT on the output of Wan's own umT5-XXL encoder: a T5 encoder whose attention
+is unscaled, whose every layer carries its own relative-position table, and whose padded rows are
+zeroed before the DiT sees them. The encoder is only needed once per run (the context is cached),
+and at full size it weighs about 11 GB in bf16, so callers encode the prompt, keep the context and
+drop the encoder (:func:`release_text_encoder`).
+
+Two checkpoint layouts are accepted by :func:`load_text_encoder`:
+
+* Wan's ``models_t5_umt5-xxl-enc-bf16.pth`` (native names: ``token_embedding``, ``blocks.N.attn.q`` …);
+* the Hugging Face / ComfyUI naming used by ``umt5_xxl_fp16.safetensors`` and
+  ``umt5_xxl_fp8_e4m3fn_scaled.safetensors`` (``shared``, ``encoder.block.N.layer.0.SelfAttention.q`` …),
+  whose fp8 weights are dequantised on load with their per-tensor scales.
+"""
+
+from __future__ import annotations
+
+import html
+import importlib
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import check_keys, check_shapes, guess_model_family, read_state_dict, resolve_dtype
+from .errors import CheckpointError, InputError, MissingWeightsError
+
+MODEL_NAME = "umT5-XXL text encoder"
+FILE_HINT = (
+    "models_t5_umt5-xxl-enc-bf16.pth (Wan-AI/Wan2.1-T2V-1.3B) or umt5_xxl_fp16.safetensors / "
+    "umt5_xxl_fp8_e4m3fn_scaled.safetensors (ComfyUI models/text_encoders)"
+)
+TEXT_LEN = 512
+NORM_EPS = 1e-6
+MAX_DISTANCE = 128
+
+TOKENIZER_REPO = "google/umt5-xxl"
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
+# AutoTokenizer can build the umT5 tokenizer from either of these; the others only refine it.
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "spiece.model")
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class UMT5Config:
+    """Sizes of a Wan-native T5 encoder, all read from tensor shapes (none is stored in the file)."""
+
+    vocab_size: int
+    dim: int
+    dim_attn: int
+    dim_ffn: int
+    num_heads: int
+    num_layers: int
+    num_buckets: int
+    shared_pos: bool
+    eps: float = NORM_EPS
+    max_distance: int = MAX_DISTANCE
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim_attn // self.num_heads
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike = "<state dict>") -> UMT5Config:
+        """Infer the config from native key names (see :func:`to_native_state_dict`)."""
+        shared_pos = "pos_embedding.embedding.weight" in state_dict
+        pos_key = "pos_embedding.embedding.weight" if shared_pos else "blocks.0.pos_embedding.embedding.weight"
+        required = ("token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.ffn.fc1.weight", pos_key)
+        missing = [k for k in required if k not in state_dict]
+        if missing:
+            raise CheckpointError(
+                f"{path} is not a {MODEL_NAME} checkpoint: it looks like {guess_model_family(state_dict)} "
+                f"(no {', '.join(missing)}). Pick {FILE_HINT}."
+            )
+        vocab_size, dim = state_dict["token_embedding.weight"].shape
+        dim_attn = state_dict["blocks.0.attn.q.weight"].shape[0]
+        dim_ffn = state_dict["blocks.0.ffn.fc1.weight"].shape[0]
+        num_buckets, num_heads = state_dict[pos_key].shape
+        num_layers = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
+        if dim_attn % num_heads:
+            raise CheckpointError(
+                f"{path}: attention width {dim_attn} is not a multiple of the {num_heads} heads given by the "
+                "relative-position table. The file is corrupt or not a T5 encoder."
+            )
+        return cls(int(vocab_size), int(dim), int(dim_attn), int(dim_ffn), int(num_heads), num_layers,
+                   int(num_buckets), shared_pos)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+
+
+class T5RMSNorm(nn.Module):
+    """Scale-only RMS norm whose statistics are always taken in float32. x: [..., dim]."""
+
+    def __init__(self, dim: int, eps: float = NORM_EPS):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inv_rms = torch.rsqrt(x.float().pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * (x.float() * inv_rms).to(self.weight.dtype)
+
+
+def relative_position_buckets(length: int, num_buckets: int, max_distance: int, device: torch.device) -> torch.Tensor:
+    """Bidirectional T5 bucket of key j seen from query i, as a [length, length] int64 tensor.
+
+    Half the buckets are for keys after the query. In each half, the first half of the buckets are
+    exact distances and the rest grow logarithmically up to ``max_distance``. The log is taken in
+    float32, in the reference order of operations, so boundary distances land in the same bucket.
+    """
+    positions = torch.arange(length, device=device)
+    offset = positions[None, :] - positions[:, None]
+    half = num_buckets // 2
+    direction = (offset > 0).long() * half
+    distance = offset.abs()
+    exact = half // 2
+    log_ratio = torch.log(distance.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+    far = (exact + (log_ratio * (half - exact)).long()).clamp(max=half - 1)
+    return direction + torch.where(distance < exact, distance, far)
+
+
+class RelativePositionBias(nn.Module):
+    """Learned per-head bias of each bucket: buckets [L, L] -> bias [1, heads, L, L]."""
+
+    def __init__(self, num_buckets: int, num_heads: int):
+        super().__init__()
+        self.embedding = nn.Embedding(num_buckets, num_heads)
+
+    def forward(self, buckets: torch.Tensor) -> torch.Tensor:
+        return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)
+
+
+class UMT5Attention(nn.Module):
+    """Self-attention without 1/sqrt(d) scaling (T5 folds it into the weights), softmax in float32."""
+
+    def __init__(self, dim: int, dim_attn: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim_attn, bias=False)
+        self.k = nn.Linear(dim, dim_attn, bias=False)
+        self.v = nn.Linear(dim, dim_attn, bias=False)
+        self.o = nn.Linear(dim_attn, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, dim]; bias: [B or 1, heads, L, L] (position bias + padding mask) -> [B, L, dim]."""
+        b, length, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, length, self.num_heads, -1).transpose(1, 2)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        scores = q @ k.transpose(-1, -2) + bias
+        weights = F.softmax(scores.float(), dim=-1).to(x.dtype)
+        out = (weights @ v).transpose(1, 2).reshape(b, length, -1)
+        return self.o(out)
+
+
+class TanhGELU(nn.Module):
+    """tanh-approximated GELU evaluated op by op in the input dtype.
+
+    ``F.gelu(approximate="tanh")`` rounds once at the end; the reference rounds after every op,
+    and in bf16 matching that makes the whole encoder bit-identical to it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class GatedGeluFFN(nn.Module):
+    """fc2(fc1(x) * gelu_tanh(gate(x))). x: [B, L, dim] -> [B, L, dim]."""
+
+    def __init__(self, dim: int, dim_ffn: int):
+        super().__init__()
+        self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False), TanhGELU())
+        self.fc1 = nn.Linear(dim, dim_ffn, bias=False)
+        self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x) * self.gate(x))
+
+
+def _clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    # T5 activations outgrow float16; Wan clamps infinities back into range rather than propagating them.
+    if x.dtype == torch.float16 and torch.isinf(x).any():
+        limit = torch.finfo(torch.float16).max - 1000
+        x = x.clamp(-limit, limit)
+    return x
+
+
+class UMT5Block(nn.Module):
+    """Pre-norm self-attention + gated FFN, with its own position table unless the encoder shares one."""
+
+    def __init__(self, config: UMT5Config):
+        super().__init__()
+        self.norm1 = T5RMSNorm(config.dim, config.eps)
+        self.attn = UMT5Attention(config.dim, config.dim_attn, config.num_heads)
+        self.norm2 = T5RMSNorm(config.dim, config.eps)
+        self.ffn = GatedGeluFFN(config.dim, config.dim_ffn)
+        self.pos_embedding = None if config.shared_pos else RelativePositionBias(config.num_buckets, config.num_heads)
+
+    def forward(self, x: torch.Tensor, position_bias: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+        """x: [B, L, dim]; position_bias: [1, heads, L, L]; padding: [B, 1, 1, L] bool (True = pad)."""
+        bias = position_bias
+        if padding is not None:
+            bias = bias.masked_fill(padding, torch.finfo(x.dtype).min)
+        x = _clamp_fp16(x + self.attn(self.norm1(x), bias))
+        return _clamp_fp16(x + self.ffn(self.norm2(x)))
+
+
+class UMT5Encoder(nn.Module):
+    """Wan-native umT5 encoder: ids [B, L] int64 (+ mask [B, L]) -> hidden states [B, L, dim].
+
+    Parameter names match ``models_t5_umt5-xxl-enc-bf16.pth``. Dropout is omitted (inference only).
+    """
+
+    def __init__(self, config: UMT5Config):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.dim)
+        self.pos_embedding = RelativePositionBias(config.num_buckets, config.num_heads) if config.shared_pos else None
+        self.blocks = nn.ModuleList(UMT5Block(config) for _ in range(config.num_layers))
+        self.norm = T5RMSNorm(config.dim, config.eps)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ids: [B, L] int64; mask: [B, L] (0 = padding) or None -> [B, L, dim] in the model dtype."""
+        x = self.token_embedding(ids)
+        buckets = relative_position_buckets(ids.shape[1], self.config.num_buckets, self.config.max_distance, ids.device)
+        padding = None if mask is None else (mask == 0)[:, None, None, :]
+        shared_bias = self.pos_embedding(buckets) if self.pos_embedding is not None else None
+        for block in self.blocks:
+            position_bias = shared_bias if block.pos_embedding is None else block.pos_embedding(buckets)
+            x = block(x, position_bias, padding)
+        return self.norm(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint layouts
+
+# Per-layer names: Wan-native suffix under ``blocks.N.`` -> Hugging Face suffix under ``encoder.block.N.``.
+# HF's gated FFN applies the activation to wi_0, so wi_0 is Wan's gate and wi_1 its fc1.
+HF_BLOCK_KEYS = {
+    "norm1.weight": "layer.0.layer_norm.weight",
+    "attn.q.weight": "layer.0.SelfAttention.q.weight",
+    "attn.k.weight": "layer.0.SelfAttention.k.weight",
+    "attn.v.weight": "layer.0.SelfAttention.v.weight",
+    "attn.o.weight": "layer.0.SelfAttention.o.weight",
+    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+    "norm2.weight": "layer.1.layer_norm.weight",
+    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
+    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",
+    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+}
+HF_TOP_KEYS = {
+    "token_embedding.weight": "shared.weight",
+    "norm.weight": "encoder.final_layer_norm.weight",
+}
+_NATIVE_BLOCK_SUFFIX = {hf: native for native, hf in HF_BLOCK_KEYS.items()}
+_NATIVE_TOP_KEY = {hf: native for native, hf in HF_TOP_KEYS.items()}
+_HF_BLOCK_KEY = re.compile(r"encoder\.block\.(\d+)\.(.+)")
+_HF_POS_SUFFIX = HF_BLOCK_KEYS["pos_embedding.embedding.weight"]
+# Tensors HF/ComfyUI files carry that the encoder does not use: the tied copy of the embedding, the
+# sentencepiece model ComfyUI embeds, and the decoder / LM head of full T5 checkpoints.
+_HF_UNUSED = re.compile(r"encoder\.embed_tokens\.weight|spiece_model|decoder\..*|lm_head\..*")
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
+
+
+def _is_hf_layout(keys: Mapping[str, torch.Tensor]) -> bool:
+    return "shared.weight" in keys or any(k.startswith("encoder.block.") for k in keys)
+
+
+def _dequantize_fp8(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Turn ComfyUI "scaled fp8" weights back into float32: weight * per-tensor scale.
+
+    Legacy files mark themselves with a ``scaled_fp8`` tensor and store ``<layer>.scale_weight``
+    (and ``scale_input``, only used by fp8 matmuls); newer ones store ``<layer>.weight_scale`` with a
+    ``<layer>.comfy_quant`` JSON record of the format. Unscaled fp8 tensors are just upcast.
+    """
+    out = dict(state_dict)
+    for key in [k for k in out if k.endswith(".comfy_quant")]:
+        record = out.pop(key)
+        try:
+            fmt = json.loads(bytes(record.to(torch.uint8).tolist()).decode("utf-8")).get("format")
+        except (ValueError, AttributeError):
+            fmt = None
+        if fmt not in _FP8_FORMATS:
+            raise CheckpointError(
+                f"{path} stores {key[: -len('.comfy_quant')]} in the quantisation format {fmt!r}, which this "
+                f"pack cannot dequantise. Use umt5_xxl_fp16.safetensors, umt5_xxl_fp8_e4m3fn_scaled.safetensors "
+                "or models_t5_umt5-xxl-enc-bf16.pth instead."
+            )
+    out.pop("scaled_fp8", None)
+    for key in [k for k in out if k.endswith((".scale_input", ".input_scale"))]:
+        del out[key]
+    for suffix in (".scale_weight", ".weight_scale"):
+        for key in [k for k in out if k.endswith(suffix)]:
+            scale = out.pop(key)
+            weight_key = key[: -len(suffix)] + ".weight"
+            if weight_key not in out or scale.numel() != 1:
+                raise CheckpointError(
+                    f"{path} has a quantisation scale {key} {tuple(scale.shape)} that is not a single per-tensor "
+                    f"scale of an existing weight; this pack only reads per-tensor scaled fp8. Use "
+                    "umt5_xxl_fp16.safetensors or models_t5_umt5-xxl-enc-bf16.pth instead."
+                )
+            out[weight_key] = out[weight_key].float() * scale.float()
+    for key, value in out.items():
+        if value.dtype in _FP8_DTYPES:
+            # e4m3fn has no infinity: an out-of-range value saved to it becomes NaN; treat it as 0.
+            out[key] = value.float().nan_to_num(nan=0.0)
+    return out
+
+
+def to_native_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike = "<state dict>") -> dict[str, torch.Tensor]:
+    """Wan-native names for a umT5 state dict in either layout; fp8 weights dequantised to float32.
+
+    Unknown HF names are kept as they are, so that the key check reports them.
+    """
+    state = _dequantize_fp8(dict(state_dict), path)
+    if not _is_hf_layout(state):
+        return state
+    if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
+        state["shared.weight"] = state["encoder.embed_tokens.weight"]
+    block_keys = [m for k in state if (m := _HF_BLOCK_KEY.fullmatch(k))]
+    blocks_with_table = {m.group(1) for m in block_keys if m.group(2) == _HF_POS_SUFFIX}
+    num_blocks = len({m.group(1) for m in block_keys})
+    # T5 v1.1 keeps one table in block 0 for the whole stack; umT5 has one per block.
+    shared_table = blocks_with_table == {"0"} and num_blocks > 1
+
+    native: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if _HF_UNUSED.fullmatch(key):
+            continue
+        match = _HF_BLOCK_KEY.fullmatch(key)
+        if key in _NATIVE_TOP_KEY:
+            native[_NATIVE_TOP_KEY[key]] = value
+        elif match and shared_table and match.group(2) == _HF_POS_SUFFIX:
+            native["pos_embedding.embedding.weight"] = value
+        elif match and match.group(2) in _NATIVE_BLOCK_SUFFIX:
+            native[f"blocks.{match.group(1)}.{_NATIVE_BLOCK_SUFFIX[match.group(2)]}"] = value
+        else:
+            native[key] = value
+    return native
+
+
+def load_text_encoder(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str = torch.bfloat16,
+    device: torch.device | str = "cpu",
+) -> UMT5Encoder:
+    """Load a umT5-XXL encoder (Wan ``.pth`` or HF/ComfyUI ``.safetensors``) in ``dtype`` on ``device``.
+
+    The config is read from the tensor shapes. Weights are cast tensor by tensor, so the peak memory
+    stays near one copy of the model in ``dtype`` (the Wan ``.pth`` is memory-mapped).
+    """
+    dtype = resolve_dtype(dtype)
+    state = to_native_state_dict(read_state_dict(path, what=MODEL_NAME), path)
+    config = UMT5Config.from_state_dict(state, path)
+    if config.shared_pos:
+        raise CheckpointError(
+            f"{path} is a T5 v1.1 encoder (one relative-position table shared by all layers, e.g. the "
+            f"t5xxl file of Flux or SD3), not umT5-XXL. LiveTalk needs {FILE_HINT}."
+        )
+    with torch.device("meta"):
+        model = UMT5Encoder(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_keys(state, expected, path=path, model_name=MODEL_NAME)
+    check_shapes(state, expected, path=path, model_name=MODEL_NAME)
+    cast = {}
+    for key in list(state):
+        cast[key] = state.pop(key).to(device=device, dtype=dtype)
+    model.load_state_dict(cast, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def release_text_encoder(encoder: UMT5Encoder) -> None:
+    """Free the encoder's weights now, even where other references to the module remain.
+
+    The parameters are replaced by storage-less meta tensors; using the encoder afterwards raises
+    an :class:`InputError`. Encode the prompt first, keep the context, then call this.
+    """
+    on_cuda = any(p.is_cuda for p in encoder.parameters())
+    encoder.to_empty(device="meta")
+    if on_cuda:
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode_text(encoder: UMT5Encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Context for the DiT: input_ids, attention_mask [B, L] -> [B, L, dim] in the encoder dtype.
+
+    Rows at and beyond each sequence's true length (the number of mask entries > 0) are exactly 0,
+    as the DiT was trained on.
+    """
+    weight = encoder.token_embedding.weight
+    if weight.is_meta:
+        raise InputError("The text encoder was released (release_text_encoder). Load it again to encode a prompt.")
+    if input_ids.ndim != 2 or tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise InputError(
+            f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be "
+            "[batch, tokens]; use tokenize() to make them."
+        )
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise InputError(f"input_ids must be integer token ids, not {input_ids.dtype}.")
+    vocab = weight.shape[0]
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+        raise InputError(
+            f"Token ids must lie in [0, {vocab}) for this encoder, but range over [{int(input_ids.min())}, "
+            f"{int(input_ids.max())}]: the tokenizer does not belong to this text encoder."
+        )
+    ids = input_ids.to(device=weight.device, dtype=torch.long)
+    mask = attention_mask.to(device=weight.device)
+    with torch.no_grad():
+        context = encoder(ids, mask)
+    lengths = mask.gt(0).sum(dim=1)
+    past_end = torch.arange(ids.shape[1], device=ids.device)[None, :] >= lengths[:, None]
+    return context.masked_fill(past_end[..., None], 0.0)
+
+
+def clean_prompt(text: str) -> str:
+    """Upstream's "whitespace" cleaning: fix text, unescape HTML twice, collapse whitespace runs.
+
+    The text fixing uses ``ftfy.fix_text`` when ftfy is installed (an optional dependency). Without
+    it that step is skipped, so prompts with mojibake, curly quotes or full-width characters may
+    tokenise slightly differently from upstream; plain prompts are unaffected.
+    """
+    import regex  # a dependency of transformers; its \\s matches upstream's whitespace set exactly
+
+    try:
+        ftfy = importlib.import_module("ftfy")
+    except ImportError:
+        ftfy = None
+    if ftfy is not None:
+        text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text)).strip()
+    return regex.sub(r"\s+", " ", text).strip()
+
+
+@lru_cache(maxsize=2)
+def _load_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # transformers and tokenizers raise many types for unusable files
+        raise MissingWeightsError(
+            f"The umT5 tokenizer in {folder} could not be loaded ({str(exc).splitlines()[0]}). It needs "
+            f"{', '.join(TOKENIZER_FILES)} from https://huggingface.co/{TOKENIZER_REPO} (the same files are "
+            "in Wan-AI/Wan2.1-T2V-1.3B under google/umt5-xxl/)."
+        ) from None
+
+
+def load_tokenizer(tokenizer_dir: str | os.PathLike):
+    """The umT5 tokenizer of a LOCAL folder laid out like the ``google/umt5-xxl`` Hugging Face repo."""
+    folder = Path(tokenizer_dir)
+    if not folder.is_dir() or not any((folder / name).is_file() for name in TOKENIZER_VOCAB_FILES):
+        raise MissingWeightsError(
+            f"No umT5 tokenizer in {folder}. Put {', '.join(TOKENIZER_FILES)} from "
+            f"https://huggingface.co/{TOKENIZER_REPO} (also shipped in Wan-AI/Wan2.1-T2V-1.3B under "
+            "google/umt5-xxl/) in that folder; tokenizer.json or spiece.model is the essential one."
+        )
+    return _load_tokenizer(str(folder.resolve()))
+
+
+def tokenize(prompt: str, tokenizer_dir: str | os.PathLike, text_len: int = TEXT_LEN) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt -> (input_ids, attention_mask), both [1, text_len] int64.
+
+    Cleaned as upstream (:func:`clean_prompt`), end-of-sequence token appended, truncated to
+    ``text_len`` and right-padded with the pad id (mask 0).
+    """
+    if not isinstance(prompt, str):
+        raise InputError(f"The prompt must be text, not {type(prompt).__name__}.")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    batch = tokenizer(
+        [clean_prompt(prompt)],
+        padding="max_length",
+        truncation=True,
+        max_length=text_len,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    return batch["input_ids"].long(), batch["attention_mask"].long()
+
+
+def encode_prompt(
+    prompt: str, encoder: UMT5Encoder, tokenizer_dir: str | os.PathLike, text_len: int = TEXT_LEN
+) -> torch.Tensor:
+    """Prompt -> DiT context [1, text_len, dim] (rows past the prompt's tokens are 0)."""
+    ids, mask = tokenize(prompt, tokenizer_dir, text_len)
+    return encode_text(encoder, ids, mask)
