@@ -1,11 +1,11 @@
 """Audio for LiveTalk: decoding, frame arithmetic and wav2vec2 features.
 
 Decoding goes through PyAV (FFmpeg): every channel is converted to float, the channels are averaged
-(the mono downmix librosa does), and the mono signal is resampled to 16 kHz with FFmpeg's
-**swresample** default resampler (a Kaiser-windowed sinc, filter size 32, cutoff 0.97) through
-``av.AudioResampler``. Upstream uses ``librosa.load`` (soxr); both are high-quality band-limited
-resamplers and differ only far below what the model can notice. Audio that is already at 16 kHz is
-passed through untouched, so the parity cases see exactly upstream's samples.
+(the mono downmix librosa does), and the mono signal is resampled to 16 kHz by FFmpeg's
+**swresample** with its default settings (a Kaiser-windowed sinc filter) through
+``av.AudioResampler``. Upstream uses ``librosa.load`` (soxr); both are band-limited resamplers that
+differ far below what the model can notice, and neither shifts the signal in time. Audio that is
+already at 16 kHz is passed through untouched, so the parity cases see exactly upstream's samples.
 
 Features follow upstream's ``Wav2VecModel.forward`` with transformers-4.x hidden-state semantics,
 recomputed here by hand so that transformers 4.x and 5.x give the same numbers (5.x no longer returns
@@ -23,7 +23,6 @@ per video frame is ``cat(last_hidden_state, h0, ..., hL)``: ``(L + 2) * hidden``
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attention
-from .checkpoint import check_keys, check_shapes, read_state_dict, strip_prefix
+from .checkpoint import check_keys, check_shapes, guess_model_family, read_state_dict, strip_prefix
 from .errors import CheckpointError, InputError, MissingWeightsError
 
 if TYPE_CHECKING:
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
 SAMPLE_RATE = 16000
 VIDEO_FPS = 16
 NORMALIZE_EPS = 1e-7
-# Frames fed to swresample at a time: long clips are never handed over as one huge AVFrame.
+# Samples per frame fed to swresample, so a long clip is never handed over as one huge AVFrame.
 _RESAMPLE_CHUNK = 1 << 16
 
 
@@ -62,7 +61,8 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"The audio file {path} does not exist. Check the path or file name.")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise InputError(f"The audio file {path} {what}. Check the path or file name.")
     channels, rate = _decode_channels(path)
     return torch.from_numpy(_mono_at_rate(channels, rate, sample_rate, what=str(path)))
 
@@ -119,17 +119,16 @@ def _decode_channels(path: Path) -> tuple[np.ndarray, int]:
         stream = container.streams.audio[0]
         # Format conversion only (same rate and layout): integer PCM becomes float in [-1, 1].
         to_float = av.AudioResampler(format="fltp")
-        chunks: list[np.ndarray] = []
+        frames: list[av.AudioFrame] = []
         try:
             for frame in container.decode(stream):
-                chunks += [f.to_ndarray() for f in to_float.resample(frame)]
-            chunks += [f.to_ndarray() for f in to_float.resample(None)]
+                frames += to_float.resample(frame)
+            frames += to_float.resample(None)
         except (av.FFmpegError, ValueError):
             raise InputError(unreadable) from None
-        rate = stream.rate or stream.codec_context.sample_rate
-    if not chunks or sum(c.shape[1] for c in chunks) == 0:
+    if sum(f.samples for f in frames) == 0:
         raise InputError(f"{path} holds no audio samples (the clip is empty).")
-    return np.concatenate(chunks, axis=1), int(rate)
+    return np.concatenate([f.to_ndarray() for f in frames], axis=1), int(frames[0].sample_rate)
 
 
 def _mono_at_rate(channels: np.ndarray, rate: int, target_rate: int, *, what: str) -> np.ndarray:
@@ -216,7 +215,10 @@ def pad_waveform_to_blocks(waveform: torch.Tensor, frames_per_block: int = 3) ->
 _HEAD_PREFIXES = ("lm_head.", "quantizer.", "project_q.", "project_hid.")
 _POS_CONV = "encoder.pos_conv_embed.conv."
 # (weight_g, weight_v) names: transformers' legacy weight norm, and torch parametrizations (ComfyUI).
-_WEIGHT_NORM_NAMES = (("weight_g", "weight_v"), ("parametrizations.weight.original0", "parametrizations.weight.original1"))
+_WEIGHT_NORM_NAMES = (
+    ("weight_g", "weight_v"),
+    ("parametrizations.weight.original0", "parametrizations.weight.original1"),
+)
 # The only conv stack wav2vec2 checkpoints use; strides are not stored in the weights.
 _STANDARD_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
 _STANDARD_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)
@@ -300,8 +302,12 @@ def load_audio_encoder(
             ".safetensors) there, or pick the file in the loader."
         )
     state = canonical_state_dict(read_state_dict(weights, what=_MODEL_NAME), weights, dtype)
-    config = _config_from_dict(config_dict, path) if config_dict is not None else infer_config(state, weights)
-    model = _build_model(config, state, weights)
+    if config_dict is not None:
+        config = _config_from_dict(config_dict, path)
+        hint = f" If these are the right weights, {path / 'config.json'} belongs to another wav2vec2 variant."
+    else:
+        config, hint = infer_config(state, weights), ""
+    model = _build_model(config, state, weights, hint)
     if do_normalize is None:
         do_normalize = bool(preprocessor.get("do_normalize", True))
     return AudioEncoder(model.to(device), do_normalize=do_normalize, source=path)
@@ -363,7 +369,10 @@ def infer_config(state: dict[str, torch.Tensor], path: str | Path) -> Wav2Vec2Co
 
     def need(key: str) -> torch.Tensor:
         if key not in state:
-            check_keys(state, {key}, path=path, model_name=_MODEL_NAME)
+            raise CheckpointError(
+                f"{path} is not a {_MODEL_NAME}: it looks like {guess_model_family(state)} and has no "
+                f"{key}. Pick the wav2vec2 file (e.g. wav2vec2-base-960h) instead."
+            )
         return state[key]
 
     hidden, conv_width = need("feature_projection.projection.weight").shape
@@ -419,8 +428,9 @@ def _config_from_dict(config_dict: dict, path: Path) -> Wav2Vec2Config:
     return Wav2Vec2Config.from_dict({**config_dict, "mask_time_prob": 0.0, "mask_feature_prob": 0.0})
 
 
-def _build_model(config: Wav2Vec2Config, state: dict[str, torch.Tensor], path: Path) -> Wav2Vec2Model:
-    """Instantiate on the meta device (no random init, no download) and assign the checkpoint."""
+def _build_model(config: Wav2Vec2Config, state: dict[str, torch.Tensor], path: Path, hint: str) -> Wav2Vec2Model:
+    """Instantiate on the meta device (no random init, no download) and assign the checkpoint;
+    ``hint`` is appended to a key or shape mismatch message."""
     from torch.nn.utils import parametrize
     from transformers import Wav2Vec2Model
 
@@ -430,8 +440,11 @@ def _build_model(config: Wav2Vec2Config, state: dict[str, torch.Tensor], path: P
     if parametrize.is_parametrized(conv, "weight"):
         parametrize.remove_parametrizations(conv, "weight")
     expected = model.state_dict()
-    check_keys(state, expected, path=path, model_name=_MODEL_NAME)
-    check_shapes(state, {k: tuple(v.shape) for k, v in expected.items()}, path=path, model_name=_MODEL_NAME)
+    try:
+        check_keys(state, expected, path=path, model_name=_MODEL_NAME)
+        check_shapes(state, {k: tuple(v.shape) for k, v in expected.items()}, path=path, model_name=_MODEL_NAME)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}{hint}") from None
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

@@ -73,3 +73,22 @@ def cover_and_crop(image: torch.Tensor | np.ndarray, height: int = 512, width: i
     pad_h, pad_w = height - sh, width - sw
     x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), mode="constant", value=0.0)
     return (x * 2.0 - 1.0).unsqueeze(2)
+
+
+def load_image(path: str) -> torch.Tensor:
+    """Read an image file (JPEG, PNG, WebP, BMP, ...) as uint8 RGB ``[H, W, 3]`` through PyAV/FFmpeg.
+
+    Grey, palette and RGBA images are converted to RGB (alpha dropped), as PIL's ``convert("RGB")``.
+    """
+    import os
+
+    import av
+
+    if not os.path.isfile(path):
+        raise InputError(f"The image file {path} does not exist.")
+    try:
+        with av.open(path) as container:
+            frame = next(container.decode(video=0))
+            return torch.from_numpy(frame.to_ndarray(format="rgb24"))
+    except (av.error.FFmpegError, StopIteration, ValueError, IndexError) as exc:
+        raise InputError(f"{path} could not be read as an image ({exc}). Use a JPEG or PNG file.") from None

@@ -452,9 +452,9 @@ class StreamDecoder:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``[B,z,f,h,w]`` normalised latents -> ``[B,3,frames,8h,8w]`` float32 clamped to [-1, 1]."""
         z_dim = self.vae.config.z_dim
-        if latents.ndim != 5 or latents.shape[1] != z_dim:
+        if latents.ndim != 5 or latents.shape[1] != z_dim or latents.shape[2] == 0:
             raise InputError(
-                f"The VAE decodes latents shaped [batch, {z_dim}, frames, height, width]; got "
+                f"The VAE decodes latents shaped [batch, {z_dim}, frames >= 1, height, width]; got "
                 f"{tuple(latents.shape)}. (Frame-major [batch, frames, {z_dim}, h, w] latents need "
                 ".transpose(1, 2).)"
             )

@@ -1,0 +1,31 @@
+"""LiveTalk for ComfyUI: real-time talking-avatar video from a portrait, speech and a prompt.
+
+ComfyUI imports this file as the pack. The nodes use the V3 schema (``comfy_api.latest``); on a
+ComfyUI without it the pack logs one line and registers nothing, instead of failing to import.
+"""
+
+import logging
+
+MIN_COMFYUI_VERSION = "0.3.75"
+
+try:
+    from comfy_api.latest import ComfyExtension
+except ImportError:
+    logging.getLogger(__name__).error(
+        "LiveTalk needs ComfyUI %s or newer (comfy_api.latest is missing); its nodes are not registered. "
+        "Update ComfyUI.",
+        MIN_COMFYUI_VERSION,
+    )
+    NODE_CLASS_MAPPINGS: dict = {}
+else:
+    from .nodes.comfy_models import register_model_folders
+    from .nodes.node_list import NODES
+
+    register_model_folders()
+
+    class LiveTalkExtension(ComfyExtension):
+        async def get_node_list(self):
+            return list(NODES)
+
+    async def comfy_entrypoint() -> ComfyExtension:
+        return LiveTalkExtension()

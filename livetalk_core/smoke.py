@@ -1,0 +1,91 @@
+"""Tiny random-weight models in the real file formats, for the smoke mode and the tests.
+
+The files have the release key names and layouts (LiveTalk ``model.safetensors``, ``Wan2.1_VAE.pth``,
+a Hugging Face wav2vec2 folder) but a few hundred kilobytes of random weights, so the whole pipeline
+(loaders included) runs on a CPU in seconds. The video they make is noise; that is the point: it
+proves the installation, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .livetalk_model import LiveTalkConfig, LiveTalkDiT
+from .vae import VAEConfig, WanVAE
+from .wan_dit import WanCoreConfig
+
+TINY_TEXT_DIM = 64
+TINY_TEXT_TOKENS = 8
+TINY_WAV2VEC_HIDDEN = 32
+TINY_WAV2VEC_LAYERS = 2
+
+
+@dataclass(frozen=True)
+class TinyWeights:
+    dit: Path
+    vae: Path
+    wav2vec2: Path
+    context: Path
+
+
+def _randomise(module: torch.nn.Module, generator: torch.Generator, scale: float = 0.1) -> None:
+    """Give zero-initialised parameters (modulations, gains) small random values so every path matters."""
+    for name, p in module.named_parameters():
+        if name.endswith("modulation"):
+            p.data = torch.randn(p.shape, generator=generator) * scale
+
+
+def build_tiny_weights(folder: str | Path, seed: int = 0) -> TinyWeights:
+    """Write tiny LiveTalk DiT / VAE / wav2vec2 files and a text context into ``folder``."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+
+    w2v_dir = folder / "wav2vec2-tiny"
+    w2v_config = Wav2Vec2Config(
+        vocab_size=32,
+        hidden_size=TINY_WAV2VEC_HIDDEN,
+        num_hidden_layers=TINY_WAV2VEC_LAYERS,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(32,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        feat_extract_norm="group",
+        do_stable_layer_norm=False,
+        conv_bias=False,
+    )
+    Wav2Vec2ForCTC(w2v_config).save_pretrained(w2v_dir, safe_serialization=True)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=False).save_pretrained(w2v_dir)
+
+    audio_features = (TINY_WAV2VEC_LAYERS + 2) * TINY_WAV2VEC_HIDDEN
+    core = WanCoreConfig(dim=128, in_dim=33, out_dim=16, ffn_dim=64, num_layers=4, text_dim=TINY_TEXT_DIM)
+    dit = LiveTalkDiT(LiveTalkConfig(core=core, audio_features=audio_features))
+    _randomise(dit, generator)
+    dit_path = folder / "livetalk_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(dit_path))
+
+    vae = WanVAE(VAEConfig(dim=4))
+    vae_path = folder / "wan2.1_vae_tiny.pth"
+    torch.save(vae.state_dict(), vae_path)
+
+    context = torch.zeros(1, 512, TINY_TEXT_DIM)
+    context[:, :TINY_TEXT_TOKENS] = torch.randn(1, TINY_TEXT_TOKENS, TINY_TEXT_DIM, generator=generator)
+    context_path = folder / "context_tiny.safetensors"
+    save_file({"context": context}, str(context_path))
+    (folder / "README.txt").write_text("Tiny random LiveTalk weights for the smoke test. They make noise, not faces.\n")
+    return TinyWeights(dit=dit_path, vae=vae_path, wav2vec2=w2v_dir, context=context_path)
+
+
+def load_context(path: str | Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["context"]

@@ -1,0 +1,103 @@
+"""Where the real weights come from, and fetching only the files a run needs.
+
+The CLI keeps them under one folder (default ``~/.cache/livetalk``, or ``--models-dir``) laid out as
+``<folder>/<repo name>/<file>``. Files already there are used as they are. Missing files are fetched
+with ``huggingface_hub`` (resumable, with a progress bar) unless downloads are off
+(``--skip-download`` or ``HF_HUB_OFFLINE=1``); then, or when the hub cannot be reached, the error
+lists exactly which files to put where.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MissingWeightsError
+
+DEFAULT_MODELS_DIR = Path(os.environ.get("LIVETALK_MODELS_DIR", Path.home() / ".cache" / "livetalk"))
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    repo_id: str
+    filename: str
+    role: str
+
+    def local_path(self, models_dir: Path) -> Path:
+        return models_dir / self.repo_id.split("/")[-1] / self.filename
+
+    def url(self) -> str:
+        return f"https://huggingface.co/{self.repo_id}/resolve/main/{self.filename}"
+
+
+WAN_T2V = "Wan-AI/Wan2.1-T2V-1.3B"
+WAV2VEC2_BASE = "facebook/wav2vec2-base-960h"
+LIVETALK_REPO = "GAIR/LiveTalk-1.3B-V0.1"
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+LIVETALK_FILES: tuple[WeightFile, ...] = (
+    WeightFile(LIVETALK_REPO, "model.safetensors", "dit"),
+    WeightFile(WAN_T2V, "Wan2.1_VAE.pth", "vae"),
+    WeightFile(WAV2VEC2_BASE, "config.json", "wav2vec2"),
+    WeightFile(WAV2VEC2_BASE, "preprocessor_config.json", "wav2vec2"),
+    WeightFile(WAV2VEC2_BASE, "model.safetensors", "wav2vec2"),
+)
+TEXT_ENCODER_FILES: tuple[WeightFile, ...] = (
+    WeightFile(WAN_T2V, "models_t5_umt5-xxl-enc-bf16.pth", "t5"),
+    *(WeightFile(WAN_T2V, f"google/umt5-xxl/{name}", "tokenizer") for name in TOKENIZER_FILES),
+)
+
+
+@dataclass(frozen=True)
+class LiveTalkWeightPaths:
+    dit: Path
+    vae: Path
+    wav2vec2: Path
+    text_encoder: Path
+    tokenizer: Path
+
+
+def weight_paths(models_dir: Path) -> LiveTalkWeightPaths:
+    by_role = {f.role: f.local_path(models_dir) for f in LIVETALK_FILES + TEXT_ENCODER_FILES}
+    return LiveTalkWeightPaths(
+        dit=by_role["dit"],
+        vae=by_role["vae"],
+        wav2vec2=by_role["wav2vec2"].parent,
+        text_encoder=by_role["t5"],
+        tokenizer=by_role["tokenizer"].parent,
+    )
+
+
+def downloads_disabled() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def missing_files_message(files: list[WeightFile], models_dir: Path, reason: str) -> str:
+    lines = [f"{reason} These model files are missing; put each one at the path shown:"]
+    for f in files:
+        lines.append(f"  {f.local_path(models_dir)}\n      from {f.url()}")
+    lines.append(
+        f"(or run again with network access and without --skip-download / HF_HUB_OFFLINE to fetch them into {models_dir})"
+    )
+    return "\n".join(lines)
+
+
+def ensure_files(files: tuple[WeightFile, ...], models_dir: Path, *, download: bool = True) -> None:
+    """Make sure every file exists under ``models_dir``, downloading missing ones if allowed."""
+    missing = [f for f in files if not f.local_path(models_dir).is_file()]
+    if not missing:
+        return
+    if not download or downloads_disabled():
+        raise MissingWeightsError(missing_files_message(missing, models_dir, "Downloads are turned off."))
+    from huggingface_hub import hf_hub_download
+
+    for f in missing:
+        target = models_dir / f.repo_id.split("/")[-1]
+        try:
+            hf_hub_download(f.repo_id, f.filename, local_dir=target)
+        except Exception as exc:  # network, auth, disk: all end in the same actionable message
+            still = [g for g in missing if not g.local_path(models_dir).is_file()]
+            raise MissingWeightsError(
+                missing_files_message(still, models_dir, f"Downloading {f.filename} from {f.repo_id} failed ({type(exc).__name__}: {exc}).")
+            ) from None

@@ -1,0 +1,13 @@
+"""Every node the pack registers, in menu order."""
+
+from .encoders import LiveTalkEncodeAudioWav2Vec, LiveTalkEncodeReferenceVAE
+from .loader import LoadLiveTalkModel
+from .sampling import LiveTalkCausalDiTSampler, LiveTalkDecodeBlocks
+
+NODES = (
+    LoadLiveTalkModel,
+    LiveTalkEncodeAudioWav2Vec,
+    LiveTalkEncodeReferenceVAE,
+    LiveTalkCausalDiTSampler,
+    LiveTalkDecodeBlocks,
+)

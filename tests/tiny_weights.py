@@ -1,0 +1,70 @@
+"""Tiny random-weight models in the real file formats, for tests that need whole files on disk.
+
+The DiT is a LiveTalk safetensors with LiveTalk's key names, the VAE a Wan2.1 VAE safetensors, the
+audio encoder a transformers ``Wav2Vec2ForCTC`` saved with ``save_pretrained`` (so its keys are the
+Hugging Face ones: ``wav2vec2.`` prefix, weight-normed positional conv, CTC head). They are wired
+together like the real ones: the encoder's ``(layers + 2) * hidden`` features equal the DiT's audio
+input width. The wav2vec2 hidden size is 64 so that its config can be inferred from a single file
+(one head of 64), as for the real ``wav2vec2-base-960h`` single-file download.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from livetalk_core.livetalk_model import LATENT_CHANNELS, LiveTalkConfig, LiveTalkDiT
+from livetalk_core.vae import VAEConfig, WanVAE
+from livetalk_core.wan_dit import HEAD_DIM, WanCoreConfig
+
+WAV2VEC2_HIDDEN = 64
+WAV2VEC2_LAYERS = 2
+AUDIO_FEATURES = (WAV2VEC2_LAYERS + 2) * WAV2VEC2_HIDDEN
+UMT5_WIDTH = 4096
+
+
+def tiny_dit(text_dim: int = UMT5_WIDTH, audio_features: int = AUDIO_FEATURES, seed: int = 0) -> LiveTalkDiT:
+    """A 4-layer, one-head LiveTalk DiT (width 128) with random weights."""
+    torch.manual_seed(seed)
+    core = WanCoreConfig(dim=HEAD_DIM, in_dim=2 * LATENT_CHANNELS + 1, out_dim=LATENT_CHANNELS, ffn_dim=256,
+                         num_layers=4, text_dim=text_dim)
+    return LiveTalkDiT(LiveTalkConfig(core=core, audio_features=audio_features)).eval()
+
+
+def tiny_vae(seed: int = 0) -> WanVAE:
+    """A Wan2.1-layout VAE of base width 4 (the release has 96) with random weights."""
+    torch.manual_seed(seed)
+    return WanVAE(VAEConfig(dim=4)).eval()
+
+
+def save_tiny_wav2vec2(path: Path, seed: int = 0) -> Path:
+    """Write a tiny ``Wav2Vec2ForCTC``: a folder via ``save_pretrained`` if ``path`` has no suffix,
+    else that folder's ``model.safetensors`` alone under the name ``path``."""
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
+
+    torch.manual_seed(seed)
+    config = Wav2Vec2Config(
+        hidden_size=WAV2VEC2_HIDDEN, num_hidden_layers=WAV2VEC2_LAYERS, num_attention_heads=1,
+        intermediate_size=128, conv_dim=[32] * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+        vocab_size=32,
+    )
+    model = Wav2Vec2ForCTC(config).eval()
+    if not path.suffix:
+        model.save_pretrained(path)
+        Wav2Vec2FeatureExtractor(do_normalize=True).save_pretrained(path)
+        return path
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(tmp) / "model.safetensors", path)
+    return path
+
+
+def save_module(module: torch.nn.Module, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(path))
+    return path
