@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .rope import apply_rotary
+
 
 @dataclass(frozen=True)
 class CachePolicy:
@@ -114,3 +116,13 @@ class KVCache:
             values[:, dst : dst + length] = v[:, src : src + length]
         n = self._attended_tokens
         return keys[:, :n], values[:, :n]
+
+    def rotate_sink_keys(self, layer: int, rotation: torch.Tensor) -> None:
+        """Rotate ``layer``'s cached sink keys in place by ``rotation`` (complex, broadcast as in
+        :func:`~.rope.apply_rotary`), re-rounding to the cache dtype.
+
+        RealVideo advances its reference frame's temporal RoPE position this way once per block
+        late in a session; repeating the in-place rounding is part of upstream's numbers.
+        """
+        sink = self.keys[layer][:, : self.policy.sink_frames * self.frame_tokens]
+        sink.copy_(apply_rotary(sink, rotation))

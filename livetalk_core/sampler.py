@@ -32,6 +32,7 @@ def denoise_block(
     renoise: Callable[[int], torch.Tensor],
     before_step: Callable[[torch.Tensor], None] | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    x0_from_timestep: bool = False,
 ) -> torch.Tensor:
     """Run the few-step sampler on one block.
 
@@ -40,25 +41,30 @@ def denoise_block(
         x: the block's starting noise in the run dtype, ``[B, 16, F, h, w]``.
         renoise: step index -> float32 noise shaped like ``x``.
         before_step: may edit ``x`` in place before each prediction (e.g. pin the reference frame).
+        x0_from_timestep: Self-Forcing's wrapper rule (RealVideo): feed the float32 timestep and
+            form ``x0 = x_t - (t/1000) * v`` in float32, keeping x0 in float32 until it is returned.
     Returns:
         x0 of the last step, in the run dtype.
     """
     dtype = x.dtype
-    timesteps = schedule.model_timesteps(dtype)
+    timesteps = schedule.model_timesteps(torch.float32 if x0_from_timestep else dtype)
     x0 = x
     for i, t in enumerate(timesteps):
         if before_step is not None:
             before_step(x)
         v = predict(x, t.to(x.device))
-        # float64 x0 and float32 re-noise, then the run dtype: upstream's precision, kept for parity.
-        x0 = (x.double() - schedule.sigmas[i] * v.double()).to(dtype)
+        if x0_from_timestep:
+            x0 = x.float() - (t.to(x.device) / 1000) * v.float()
+        else:
+            # float64 x0 and float32 re-noise, then the run dtype: upstream's precision, kept for parity.
+            x0 = (x.double() - schedule.sigmas[i] * v.double()).to(dtype)
         if on_step is not None:
             on_step(i, x0)
         if i + 1 < len(schedule):
             sigma = torch.tensor(schedule.sigmas[i + 1], dtype=torch.float32)
             noise = renoise(i).to(x.device, torch.float32)
             x = ((1 - sigma) * x0.float() + sigma * noise).to(dtype)
-    return x0
+    return x0.to(dtype)
 
 
 def reference_conditioning(ref_latent: torch.Tensor, start_frame: int, num_frames: int) -> torch.Tensor:

@@ -63,9 +63,9 @@ class LoadLiveTalkModel(io.ComfyNode):
                                "is a slow reference."),
             ],
             outputs=[
-                LiveTalkModel.Output("model", tooltip="The DiT, managed by ComfyUI's model memory management."),
-                LiveTalkVAE.Output("vae", tooltip="The Wan2.1 VAE with LiveTalk's latent normalisation."),
-                LiveTalkAudioEncoder.Output("audio_encoder", tooltip="The wav2vec2 encoder."),
+                LiveTalkModel.Output("model", display_name="model", tooltip="The DiT, managed by ComfyUI's model memory management."),
+                LiveTalkVAE.Output("vae", display_name="vae", tooltip="The Wan2.1 VAE with LiveTalk's latent normalisation."),
+                LiveTalkAudioEncoder.Output("audio_encoder", display_name="audio_encoder", tooltip="The wav2vec2 encoder."),
             ],
         )
 

@@ -75,7 +75,7 @@ class LiveTalkCausalDiTSampler(io.ComfyNode):
                              tooltip="Latent frames each block attends to, sink frames included (upstream: 15). "
                              "Memory grows with it."),
             ],
-            outputs=[LatentBlocks.Output("latent_blocks", tooltip="The clean latent blocks, for Decode Blocks.")],
+            outputs=[LatentBlocks.Output("latent_blocks", display_name="latent_blocks", tooltip="The clean latent blocks, for Decode Blocks.")],
         )
 
     @classmethod
@@ -133,8 +133,8 @@ class LiveTalkDecodeBlocks(io.ComfyNode):
                 LatentBlocks.Input("latent_blocks", tooltip="From Causal DiT Sampler."),
             ],
             outputs=[
-                io.Image.Output("frames", tooltip="The video frames as an IMAGE batch."),
-                io.Float.Output("fps", tooltip=f"The frame rate the model generates at ({VIDEO_FPS})."),
+                io.Image.Output("frames", display_name="frames", tooltip="The video frames as an IMAGE batch."),
+                io.Float.Output("fps", display_name="fps", tooltip=f"The frame rate the model generates at ({VIDEO_FPS})."),
             ],
         )
 

@@ -1,0 +1,44 @@
+"""The CLI as a new user meets it: the smoke mode end to end, and the offline message."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from livetalk_core.video_io import read_video_info
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "livetalk_core", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_smoke_mode_writes_a_video_of_the_audio_length(tmp_path):
+    out = tmp_path / "smoke.mp4"
+    result = run_cli("--smoke", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    info = read_video_info(out)
+    # the shipped clip is 5.97 s: floor(16 * 5.97) + 1 frames at 16 fps, with the speech muxed in
+    assert info["frames"] == 96 and info["fps"] == 16 and info["has_audio"]
+    assert abs(info["audio_duration"] - info["frames"] / 16) < 0.1
+
+
+def test_offline_run_says_which_files_go_where(tmp_path):
+    result = run_cli("--models-dir", str(tmp_path), "--output", str(tmp_path / "x.mp4"), env_extra={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    for expected in ("LiveTalk-1.3B-V0.1/model.safetensors", "Wan2.1-T2V-1.3B/Wan2.1_VAE.pth", "wav2vec2-base-960h/model.safetensors"):
+        assert str(tmp_path / expected) in result.stderr
+    assert "huggingface.co/GAIR/LiveTalk-1.3B-V0.1" in result.stderr
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    text = tmp_path / "notes.wav"
+    text.write_text("not audio")
+    result = run_cli("--smoke", "--audio", str(text), "--output", str(tmp_path / "x.mp4"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "notes.wav" in result.stderr
+    result = run_cli("--smoke", "--fps", "25", "--output", str(tmp_path / "x.mp4"))
+    assert result.returncode == 2 and "16 fps" in result.stderr
