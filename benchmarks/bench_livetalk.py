@@ -1,0 +1,154 @@
+"""LiveTalk 1.3B speed and memory at full size with random weights (run on a GPU).
+
+    python benchmarks/bench_livetalk.py --blocks 12 --json bench.json
+
+Builds the real geometry (DiT dim 1536 x 30 layers, Wan2.1 VAE, wav2vec2-base) with random bf16
+weights, runs the shipped pipeline at 512x512 and prints a table: DiT ms per block (4 denoising
+forwards + the refresh pass), VAE ms per block, steady FPS serial and pipelined (DiT and VAE
+overlapped: max of the two), first-frame latency (image + audio + context in -> first decoded frame
+out, encoders included), peak GPU memory, GPU and torch version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from livetalk_core.audio import AudioEncoder  # noqa: E402
+from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT  # noqa: E402
+from livetalk_core.pipeline import LiveTalkPipeline  # noqa: E402
+from livetalk_core.vae import VAEConfig, WanVAE  # noqa: E402
+from livetalk_core.wan_dit import WanCoreConfig  # noqa: E402
+
+FULL_DIT = WanCoreConfig(dim=1536, in_dim=33, out_dim=16, ffn_dim=8960, num_layers=30, text_dim=4096)
+
+
+def random_init_(module: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for p in module.parameters():
+        fan_in = p.shape[1] if p.ndim > 1 else p.shape[0]
+        values = torch.randn(p.shape, generator=g) / max(fan_in, 1) ** 0.5
+        p.data.copy_(values.to(p.dtype))
+
+
+def build(device: torch.device, dtype: torch.dtype) -> LiveTalkPipeline:
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    dit = LiveTalkDiT(LiveTalkConfig(core=FULL_DIT, audio_features=14 * 768)).to(device, dtype)
+    random_init_(dit)
+    vae = WanVAE(VAEConfig()).to(device, dtype)
+    random_init_(vae, 1)
+    w2v = Wav2Vec2Model(Wav2Vec2Config()).to(device, dtype).eval()
+    return LiveTalkPipeline(dit.eval().requires_grad_(False), vae.eval().requires_grad_(False),
+                            AudioEncoder(w2v, do_normalize=True, source=Path("random")))
+
+
+def cuda_ms(fn):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, (time.perf_counter() - start) * 1e3
+
+
+@torch.no_grad()
+def run(args) -> dict:
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    t0 = time.perf_counter()
+    pipe = build(device, dtype)
+    pipe.dit.attention_backend = args.attention
+    build_s = time.perf_counter() - t0
+    image = torch.randint(0, 255, (1024, 1024, 3), dtype=torch.uint8)
+    seconds = args.blocks * 0.75
+    waveform = torch.randn(int(seconds * 16000)) * 0.1
+    context = torch.randn(1, 512, 4096, device=device, dtype=dtype)
+
+    # warm-up (compile, cuDNN autotune, allocator)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        ref = pipe.encode_reference(image)
+        audio = pipe.encode_audio(waveform[: 16000 * 2])
+        blocks = pipe.sample(ref, audio, context, 0)
+        dec = pipe.vae.stream_decoder()
+        for b in blocks:
+            dec.decode(b)
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+
+    # first-frame latency: inputs in -> first decoded frames out
+    torch.cuda.synchronize()
+    t_start = time.perf_counter()
+    ref, enc_ref_ms = cuda_ms(lambda: pipe.encode_reference(image))
+    audio, enc_audio_ms = cuda_ms(lambda: pipe.encode_audio(waveform))
+    gen = pipe.sample(ref, audio, context, 0)
+    decoder = pipe.vae.stream_decoder()
+    block0, dit0_ms = cuda_ms(lambda: next(gen))
+    _, vae0_ms = cuda_ms(lambda: decoder.decode(block0))
+    first_frame_s = time.perf_counter() - t_start
+
+    dit_ms, vae_ms = [], []
+    while True:
+        block, ms = cuda_ms(lambda: next(gen, None))
+        if block is None:
+            break
+        dit_ms.append(ms)
+        _, ms = cuda_ms(lambda: decoder.decode(block))
+        vae_ms.append(ms)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    steady_dit = sorted(dit_ms)[len(dit_ms) // 2]
+    steady_vae = sorted(vae_ms)[len(vae_ms) // 2]
+    frames = 12
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "attention": args.attention,
+        "blocks": args.blocks,
+        "dit_ms_per_block_median": steady_dit,
+        "vae_ms_per_block_median": steady_vae,
+        "fps_serial": frames / ((steady_dit + steady_vae) / 1e3),
+        "fps_pipelined_bound": frames / (max(steady_dit, steady_vae) / 1e3),
+        "first_frame_latency_s": first_frame_s,
+        "first_frame_parts_ms": {"encode_image": enc_ref_ms, "encode_audio": enc_audio_ms, "dit_block0": dit0_ms, "vae_block0": vae0_ms},
+        "peak_gib": peak,
+        "warmup_s": warmup_s,
+        "build_s": build_s,
+        "dit_ms_per_block": dit_ms,
+        "vae_ms_per_block": vae_ms,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--blocks", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--attention", default="sdpa")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    result = run(args)
+    rows = [
+        ("GPU", result["gpu"]), ("torch", result["torch"]), ("attention", result["attention"]),
+        ("DiT ms/block (4 steps + refresh)", f"{result['dit_ms_per_block_median']:.1f}"),
+        ("VAE ms/block (12 frames)", f"{result['vae_ms_per_block_median']:.1f}"),
+        ("FPS serial", f"{result['fps_serial']:.1f}"),
+        ("FPS pipelined (bound)", f"{result['fps_pipelined_bound']:.1f}"),
+        ("first-frame latency s", f"{result['first_frame_latency_s']:.3f}"),
+        ("  parts ms", json.dumps({k: round(v, 1) for k, v in result["first_frame_parts_ms"].items()})),
+        ("peak GPU memory GiB", f"{result['peak_gib']:.2f}"),
+        ("warm-up s", f"{result['warmup_s']:.1f}"),
+    ]
+    for k, v in rows:
+        print(f"{k:<34} {v}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
