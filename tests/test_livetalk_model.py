@@ -1,0 +1,128 @@
+"""LiveTalk DiT loading (config from shapes, strict keys, clear errors) and pipeline frame arithmetic."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from golden import golden_cases
+from livetalk_core.errors import CheckpointError
+from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT, load_livetalk_dit
+from livetalk_core.pipeline import fit_waveform, video_frames_for_duration
+from livetalk_core.audio import pad_waveform_to_blocks
+from livetalk_core.wan_dit import WanCoreConfig
+
+CASES = [c for c in golden_cases("livetalk") if c.model == "livetalk"]
+
+
+@pytest.fixture(scope="module")
+def tiny_state_dict() -> dict[str, torch.Tensor]:
+    core = WanCoreConfig(dim=128, in_dim=33, out_dim=16, ffn_dim=32, num_layers=6, text_dim=16)
+    return {k: v.clone() for k, v in LiveTalkDiT(LiveTalkConfig(core=core, audio_features=24)).state_dict().items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_config_is_inferred_from_the_golden_weights(case):
+    model = load_livetalk_dit(case.file(case.manifest["weights"]["dit"]), "fp32")
+    want = case.manifest["dit_config"]
+    cfg = model.livetalk_config
+    assert (cfg.core.dim, cfg.core.num_heads, cfg.core.num_layers, cfg.core.ffn_dim) == (
+        want["dim"], want["num_heads"], want["num_layers"], want["ffn_dim"])
+    assert (cfg.core.text_dim, cfg.core.in_dim, cfg.audio_features, cfg.num_audio_layers) == (
+        want["text_dim"], want["in_dim"], want["audio_input_dim"], want["num_audio_cond_projs"])
+    assert [i for i in range(cfg.core.num_layers) if cfg.audio_layer(i) is not None] == want["audio_injection_layers"]
+
+
+def test_real_geometry_matches_the_release_key_list():
+    import json
+
+    keys = json.loads((Path(__file__).resolve().parents[2] / "shared" / "spec" / "livetalk_keys.json").read_text())
+    dit_keys = keys.get("dit") or keys.get("causal_dit") or next(v for v in keys.values() if isinstance(v, dict) and "patch_embedding.weight" in v)
+    core = WanCoreConfig(dim=1536, in_dim=33, out_dim=16, ffn_dim=8960, num_layers=30, text_dim=4096)
+    shapes = LiveTalkConfig(core=core, audio_features=10752).expected_shapes()
+    assert {k: list(v) for k, v in shapes.items()} == {k: list(v) for k, v in dit_keys.items()}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_prefixed_and_cast_files_load(tmp_path, tiny_state_dict, dtype):
+    path = tmp_path / "dit.safetensors"
+    save_file({f"model.diffusion_model.{k}": v.half() for k, v in tiny_state_dict.items()}, str(path))
+    model = load_livetalk_dit(path, dtype)
+    assert model.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    assert model.livetalk_config.core.num_layers == 6
+
+
+def test_missing_key_is_named(tmp_path, tiny_state_dict):
+    sd = dict(tiny_state_dict)
+    del sd["blocks.3.cross_attn.norm_k.weight"]
+    save_file(sd, str(tmp_path / "dit.safetensors"))
+    with pytest.raises(CheckpointError, match=r"blocks\.3\.cross_attn\.norm_k\.weight") as err:
+        load_livetalk_dit(tmp_path / "dit.safetensors")
+    assert "dit.safetensors" in str(err.value) and "LiveTalk" in str(err.value)
+
+
+def test_wan_t2v_without_audio_is_rejected(tmp_path, tiny_state_dict):
+    sd = {k: v for k, v in tiny_state_dict.items() if not k.startswith("audio_")}
+    save_file(sd, str(tmp_path / "wan_t2v.safetensors"))
+    with pytest.raises(CheckpointError, match="without an audio branch"):
+        load_livetalk_dit(tmp_path / "wan_t2v.safetensors")
+
+
+def test_sdxl_like_file_is_rejected(tmp_path):
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4)}, str(tmp_path / "sdxl.safetensors"))
+    with pytest.raises(CheckpointError, match="Stable Diffusion"):
+        load_livetalk_dit(tmp_path / "sdxl.safetensors")
+
+
+def test_wrong_input_channels_are_explained(tmp_path, tiny_state_dict):
+    sd = dict(tiny_state_dict)
+    sd["patch_embedding.weight"] = torch.zeros(128, 16, 1, 2, 2)
+    save_file(sd, str(tmp_path / "dit.safetensors"))
+    with pytest.raises(CheckpointError, match="33 input channels"):
+        load_livetalk_dit(tmp_path / "dit.safetensors")
+
+
+def test_truncated_and_missing_files(tmp_path, tiny_state_dict):
+    path = tmp_path / "dit.safetensors"
+    save_file(tiny_state_dict, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_livetalk_dit(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_livetalk_dit(tmp_path / "nope.safetensors")
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"weights": Payload()}, path, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(CheckpointError, match="refuses"):
+        load_livetalk_dit(path)
+
+
+@pytest.mark.parametrize(
+    "seconds, frames, latents",
+    [(1.0, 17, 6), (5.0, 81, 21), (7.3, 117, 33), (8.0, 129, 33), (0.2, 4, 3)],
+)
+def test_frame_arithmetic_for_any_duration(seconds, frames, latents):
+    """Video frames kept = floor(16 s) + 1; latents = the smallest multiple of 3 whose span covers all the audio."""
+    waveform = torch.zeros(int(round(seconds * 16000)))
+    padded, num_latents = pad_waveform_to_blocks(waveform)
+    assert video_frames_for_duration(seconds) == frames
+    assert num_latents == latents and 4 * num_latents - 3 >= frames
+    assert padded.shape[0] >= waveform.shape[0]
+
+
+def test_fit_waveform_trims_and_pads():
+    wave = torch.ones(16000)
+    assert fit_waveform(wave, 0.5).shape[0] == 8000
+    padded = fit_waveform(wave, 2.0)
+    assert padded.shape[0] == 32000 and padded[16000:].abs().sum() == 0
+    assert fit_waveform(wave, None) is wave
