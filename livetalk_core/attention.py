@@ -18,6 +18,13 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
+try:  # cuDNN's fused attention is about 2x FlashAttention-2 on Hopper for these shapes (benchmarks/attention_kernels.py)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    _GPU_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+except ImportError:  # older torch: its default order
+    sdpa_kernel = None
+
 ATTENTION_BACKENDS = ("sdpa", "math", "flash", "sage")
 _warned: set[str] = set()
 
@@ -65,7 +72,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * (1.0 / math.sqrt(d))
         probs = scores.float().softmax(dim=-1).to(v.dtype)
         out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    elif q.is_cuda and sdpa_kernel is not None:
+        with sdpa_kernel(_GPU_SDPA_ORDER, set_priority=True):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     else:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        out = out.transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     return out.reshape(b, sq, h * d)
