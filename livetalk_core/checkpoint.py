@@ -164,7 +164,10 @@ def check_shapes(
         )
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {
+    "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+}
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:

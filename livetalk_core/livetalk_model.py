@@ -107,6 +107,8 @@ class LiveTalkDiT(WanDiTCore):
         features = features.to(self.dtype)
         padded = torch.cat([features[:, :1].expand(-1, VIDEO_FRAMES_PER_LATENT - 1, -1), features], dim=1)
         packed = self.audio_proj(padded)
+        if not len(self.audio_cond_projs):  # fewer than 4 layers: nothing is injected
+            return packed.new_zeros(packed.shape[0], 0, packed.shape[1], self.config.dim)
         return torch.stack([proj(packed) for proj in self.audio_cond_projs], dim=1)
 
     def forward(

@@ -192,7 +192,9 @@ class ResidualBlock(nn.Module):
             "3": RMSNorm(out_channels, spatial_dims=3),
             "6": CausalConv3d(out_channels, out_channels, 3),
         })
-        self.shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.shortcut = (
+            nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         layers = self.residual
@@ -225,7 +227,9 @@ class MiddleBlock(nn.ModuleList):
     """Residual block, attention, residual block, at the lowest resolution (shape kept)."""
 
     def __init__(self, channels: int) -> None:
-        super().__init__([ResidualBlock(channels, channels), AttentionBlock(channels), ResidualBlock(channels, channels)])
+        super().__init__(
+            [ResidualBlock(channels, channels), AttentionBlock(channels), ResidualBlock(channels, channels)]
+        )
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         first, attention, second = self
@@ -236,7 +240,9 @@ class Head(nn.ModuleDict):
     """RMS norm, SiLU, causal 3x3x3 conv to ``out_channels`` (keys "0" and "2" as in the checkpoint)."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__({"0": RMSNorm(in_channels, spatial_dims=3), "2": CausalConv3d(in_channels, out_channels, 3)})
+        super().__init__(
+            {"0": RMSNorm(in_channels, spatial_dims=3), "2": CausalConv3d(in_channels, out_channels, 3)}
+        )
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         return self["2"](F.silu(self["0"](x)), cache)
@@ -357,7 +363,9 @@ class WanVAE(nn.Module):
     def __init__(self, config: VAEConfig = VAEConfig()) -> None:
         super().__init__()
         if config.z_dim != LATENT_CHANNELS:
-            raise ValueError(f"The Wan2.1 latent statistics have {LATENT_CHANNELS} channels, not {config.z_dim}.")
+            raise ValueError(
+                f"The Wan2.1 latent statistics have {LATENT_CHANNELS} channels, not {config.z_dim}."
+            )
         self.config = config
         self.encoder = Encoder(config)
         self.conv1 = nn.Conv3d(2 * config.z_dim, 2 * config.z_dim, 1)
@@ -379,9 +387,8 @@ class WanVAE(nn.Module):
     def _latent_scale(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean, 1/std)`` as ``[1,z,1,1,1]`` in ``like``'s dtype.
 
-        The reciprocal is taken in that dtype (so rounded to bf16 in a bf16 model) and decoding
-        divides by it rather than multiplying by std: both as upstream, which the golden data
-        pins down to the last bit.
+        As upstream: the reciprocal is taken in that dtype (so it is rounded to bf16 in a bf16
+        model) and decoding divides by it instead of multiplying by std; both matter at bf16 precision.
         """
         mean = self.latent_mean.to(device=like.device, dtype=like.dtype)
         inv_std = 1.0 / self.latent_std.to(device=like.device, dtype=like.dtype)
@@ -424,12 +431,19 @@ class WanVAE(nn.Module):
     def _check_pixels(self, pixels: torch.Tensor) -> None:
         step, factor = self.config.temporal_factor, self.config.spatial_factor
         if pixels.ndim != 5 or pixels.shape[1] != 3:
-            raise InputError(f"The VAE encodes video as [batch, 3, frames, height, width]; got shape {tuple(pixels.shape)}.")
+            raise InputError(
+                f"The VAE encodes video as [batch, 3, frames, height, width]; got shape {tuple(pixels.shape)}."
+            )
         t, h, w = pixels.shape[2:]
         if (t - 1) % step:
-            raise InputError(f"The VAE encodes 1 + {step}k frames (1, {1 + step}, {1 + 2 * step}, ...); got {t}.")
+            raise InputError(
+                f"The VAE encodes 1 + {step}k frames (1, {1 + step}, {1 + 2 * step}, ...); got {t}."
+            )
         if h % factor or w % factor or h == 0 or w == 0:
-            raise InputError(f"Image height and width must be positive multiples of {factor}; got {h}x{w}. Resize or crop the image first.")
+            raise InputError(
+                f"Image height and width must be positive multiples of {factor}; got {h}x{w}. "
+                "Resize or crop the image first."
+            )
 
 
 class StreamDecoder:
@@ -474,7 +488,9 @@ def frames_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     Maps to [0, 1], clamps, scales by 255 and truncates (as upstream's ``astype(np.uint8)``), in float32.
     """
     if pixels.ndim != 5 or pixels.shape[1] != 3:
-        raise InputError(f"Expected decoded video [batch, 3, frames, height, width]; got {tuple(pixels.shape)}.")
+        raise InputError(
+            f"Expected decoded video [batch, 3, frames, height, width]; got {tuple(pixels.shape)}."
+        )
     values = (pixels.float() * 0.5 + 0.5).clamp(0, 1) * 255
     return values.to(torch.uint8).permute(0, 2, 3, 4, 1).flatten(0, 1)
 
@@ -502,7 +518,8 @@ def load_vae(
         model = WanVAE(config)
     expected = model.state_dict()
     check_keys(state_dict, expected, path=path, model_name=MODEL_NAME)
-    check_shapes(state_dict, {k: tuple(v.shape) for k, v in expected.items()}, path=path, model_name=MODEL_NAME)
+    shapes = {k: tuple(v.shape) for k, v in expected.items()}
+    check_shapes(state_dict, shapes, path=path, model_name=MODEL_NAME)
     model.load_state_dict(
         {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, strict=True, assign=True
     )

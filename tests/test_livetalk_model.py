@@ -126,3 +126,34 @@ def test_fit_waveform_trims_and_pads():
     padded = fit_waveform(wave, 2.0)
     assert padded.shape[0] == 32000 and padded[16000:].abs().sum() == 0
     assert fit_waveform(wave, None) is wave
+
+
+def test_sampling_runs_past_1024_latent_frames_with_a_fixed_cache():
+    """Upstream's RoPE table stops at 1024 latent frames; the port keeps going with bounded memory."""
+    from livetalk_core.kv_cache import KVCache
+    from livetalk_core.noise import SeededNoise
+    from livetalk_core.sampler import sample_livetalk
+
+    torch.manual_seed(0)
+    core = WanCoreConfig(dim=128, in_dim=33, out_dim=16, ffn_dim=32, num_layers=4, text_dim=16)
+    model = LiveTalkDiT(LiveTalkConfig(core=core, audio_features=8)).eval()
+    blocks = 345  # 1035 latent frames
+    audio = model.embed_audio(torch.randn(1, 4 * 3 * blocks - 3, 8))
+    sizes = []
+    original = KVCache.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        sizes.append(self.num_bytes)
+
+    KVCache.__init__ = spy
+    try:
+        last = None
+        for i, block in enumerate(sample_livetalk(model, ref_latent=torch.randn(1, 16, 1, 2, 2), audio_embeds=audio,
+                                                  context=torch.randn(1, 4, 16), num_blocks=blocks, noise=SeededNoise(0))):
+            assert torch.isfinite(block).all(), i
+            last = i
+    finally:
+        KVCache.__init__ = original
+    assert last == blocks - 1
+    assert len(sizes) == 1 and sizes[0] == 4 * 2 * 15 * 1 * 128 * 4  # layers x (k, v) x window x tokens x dim x fp32

@@ -262,7 +262,8 @@ def test_load_truncated_file(tiny_vae_file, tmp_path):
 
 def test_load_rejects_a_dit_checkpoint(tmp_path):
     path = tmp_path / "model.safetensors"
-    save_file({"blocks.0.self_attn.q.weight": torch.zeros(4, 4), "patch_embedding.weight": torch.zeros(4, 33, 1, 2, 2)}, path)
+    dit = {"blocks.0.self_attn.q.weight": torch.zeros(4, 4), "patch_embedding.weight": torch.zeros(4, 33, 1, 2, 2)}
+    save_file(dit, path)
     with pytest.raises(CheckpointError, match="not a Wan2.1 VAE checkpoint.*Missing 194 keys"):
         load_vae(path)
 
