@@ -128,8 +128,8 @@ def gated(y: torch.Tensor, gate: torch.Tensor, num_frames: int) -> torch.Tensor:
     return (y.unflatten(1, (num_frames, -1)) * gate).flatten(1, 2)
 
 
-class SelfAttention(nn.Module):
-    """Self-attention with q/k RMSNorm over the full width, 3-axis RoPE, and an optional KV cache."""
+class QKNormAttention(nn.Module):
+    """The q/k/v/o projections with q/k RMSNorm over the full width that every Wan attention has."""
 
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
@@ -137,6 +137,10 @@ class SelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
+
+
+class SelfAttention(QKNormAttention):
+    """Self-attention with 3-axis RoPE and an optional KV cache."""
 
     def forward(
         self,
@@ -156,15 +160,8 @@ class SelfAttention(nn.Module):
         return self.o(attention(q, k, v, backend))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(QKNormAttention):
     """Attention from video tokens to a fixed context whose K/V are projected once per run."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
 
     def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """context ``[B, L, C]`` -> keys, values ``[B, L, H, D]``."""
