@@ -23,6 +23,7 @@ per video frame is ``cat(last_hidden_state, h0, ..., hL)``: ``(L + 2) * hidden``
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -463,19 +464,34 @@ def normalize_waveform(waveform: torch.Tensor | np.ndarray) -> torch.Tensor:
     return torch.from_numpy((x - x.mean()) / np.sqrt(x.var() + NORMALIZE_EPS))
 
 
+# Clips up to this length go through wav2vec2 in one pass, exactly as upstream (whose examples are
+# 5-20 s). Longer clips are encoded in windows so memory and time grow linearly with the length.
+WHOLE_CLIP_MAX_SECONDS = 60.0
+WINDOW_SECONDS = 30.0
+WINDOW_CONTEXT_SECONDS = 10.0
+_CNN_CHUNK_FRAMES = 4096
+
+
 @torch.no_grad()
-def hidden_states(encoder: AudioEncoder, input_values: torch.Tensor, num_frames: int) -> list[torch.Tensor]:
+def hidden_states(
+    encoder: AudioEncoder,
+    input_values: torch.Tensor,
+    num_frames: int,
+    *,
+    whole_clip_max_seconds: float = WHOLE_CLIP_MAX_SECONDS,
+) -> list[torch.Tensor]:
     """wav2vec2 hidden states with the CNN features interpolated to ``num_frames``.
 
     Args:
         input_values: ``[1, N]`` (already normalised if the encoder expects it).
         num_frames: output length (LiveTalk: the number of video frames, ``4F - 3``).
+        whole_clip_max_seconds: clips up to this length run in one pass (upstream's exact features);
+            longer ones take :func:`windowed_hidden_states`.
     Returns:
         ``L + 1`` tensors ``[1, num_frames, hidden]`` in the encoder dtype: ``h0`` = encoder input
         (after the positional conv, and after the LayerNorm in post-LN models), ``h_i`` = output of
         layer ``i``; for stable-layer-norm models ``h_L`` is taken after the final LayerNorm.
     """
-    model, config = encoder.model, encoder.config
     if input_values.ndim != 2 or input_values.shape[0] != 1:
         raise InputError(f"Expected audio input values [1, N], got shape {tuple(input_values.shape)}.")
     if input_values.shape[1] < encoder.receptive_field:
@@ -485,11 +501,16 @@ def hidden_states(encoder: AudioEncoder, input_values: torch.Tensor, num_frames:
         )
     if num_frames < 1:
         raise InputError(f"The number of audio feature frames must be positive, got {num_frames}.")
-    x = input_values.to(encoder.device, encoder.dtype)
-    cnn = model.feature_extractor(x)  # [1, C, T_cnn]
-    cnn = F.interpolate(cnn, size=num_frames, mode="linear", align_corners=True)
-    h, _ = model.feature_projection(cnn.transpose(1, 2))  # [1, num_frames, hidden]
+    if input_values.shape[1] > whole_clip_max_seconds * SAMPLE_RATE:
+        return windowed_hidden_states(encoder, input_values, num_frames)
+    cnn = encoder.model.feature_extractor(input_values.to(encoder.device, encoder.dtype))  # [1, C, T_cnn]
+    return _transformer_states(encoder, F.interpolate(cnn, size=num_frames, mode="linear", align_corners=True))
 
+
+def _transformer_states(encoder: AudioEncoder, cnn: torch.Tensor) -> list[torch.Tensor]:
+    """Feature projection, positional conv and layers over CNN features ``[1, C, T]`` (already at the output rate)."""
+    model, config = encoder.model, encoder.config
+    h, _ = model.feature_projection(cnn.transpose(1, 2))  # [1, T, hidden]
     encoder_module = model.encoder
     h = h + encoder_module.pos_conv_embed(h)
     if not config.do_stable_layer_norm:
@@ -502,6 +523,89 @@ def hidden_states(encoder: AudioEncoder, input_values: torch.Tensor, num_frames:
         h = encoder_module.layer_norm(h)
     states.append(h)
     return states
+
+
+def _cnn_frames(encoder: AudioEncoder, num_samples: int) -> int:
+    """Number of CNN frames wav2vec2 gives for ``num_samples`` samples."""
+    frames = num_samples
+    for kernel, stride in zip(encoder.config.conv_kernel, encoder.config.conv_stride):
+        frames = (frames - kernel) // stride + 1
+    return frames
+
+
+def _cnn_stride(encoder: AudioEncoder) -> int:
+    return math.prod(encoder.config.conv_stride)
+
+
+def chunked_cnn_features(encoder: AudioEncoder, input_values: torch.Tensor) -> torch.Tensor:
+    """The CNN features of a long clip, ``[1, C, T_cnn]``, computed a few thousand frames at a time.
+
+    Equal to the one-pass CNN: every conv is local, and the per-channel GroupNorm of the first layer
+    (wav2vec2-base) is applied with statistics gathered over the whole clip in a first pass.
+    """
+    layers = encoder.model.feature_extractor.conv_layers
+    first = layers[0]
+    x = input_values.to(encoder.device, encoder.dtype)
+    stride, field = _cnn_stride(encoder), encoder.receptive_field
+    total = _cnn_frames(encoder, x.shape[1])
+    stats = None
+    if isinstance(getattr(first, "layer_norm", None), torch.nn.GroupNorm):
+        stats = _first_conv_statistics(first.conv, x)
+    chunks = []
+    for k0 in range(0, total, _CNN_CHUNK_FRAMES):
+        k1 = min(total, k0 + _CNN_CHUNK_FRAMES)
+        h = x[:, None, k0 * stride : (k1 - 1) * stride + field]
+        for i, layer in enumerate(layers):
+            if i == 0 and stats is not None:
+                mean, inv_std = stats
+                norm = first.layer_norm
+                h = first.conv(h)
+                h = ((h.double() - mean) * inv_std).to(h.dtype) * norm.weight[:, None] + norm.bias[:, None]
+                h = first.activation(h)
+            else:
+                h = layer(h)
+        chunks.append(h)
+    return torch.cat(chunks, dim=2)
+
+
+def _first_conv_statistics(conv: torch.nn.Conv1d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and 1/std (GroupNorm's biased variance + eps) of ``conv(x)`` over time, in chunks."""
+    kernel, stride = conv.kernel_size[0], conv.stride[0]
+    frames = (x.shape[1] - kernel) // stride + 1
+    total = torch.zeros(conv.out_channels, dtype=torch.float64, device=x.device)
+    squares = torch.zeros_like(total)
+    step = _CNN_CHUNK_FRAMES * 64
+    for m0 in range(0, frames, step):
+        m1 = min(frames, m0 + step)
+        h = conv(x[:, None, m0 * stride : (m1 - 1) * stride + kernel]).double()[0]
+        total += h.sum(dim=1)
+        squares += h.pow(2).sum(dim=1)
+    mean = total / frames
+    var = (squares / frames - mean.pow(2)).clamp_min(0)
+    eps = 1e-5
+    return mean[:, None], torch.rsqrt(var + eps)[:, None]
+
+
+def windowed_hidden_states(encoder: AudioEncoder, input_values: torch.Tensor, num_frames: int) -> list[torch.Tensor]:
+    """Hidden states of a long clip with bounded memory.
+
+    The CNN, the interpolation to ``num_frames``, the feature projection and the positional conv are
+    computed exactly as in one pass (see :func:`chunked_cnn_features`); only self-attention is
+    limited to windows of :data:`WINDOW_SECONDS` plus :data:`WINDOW_CONTEXT_SECONDS` of context on each
+    side, of which the centre is kept.
+    """
+    cnn = chunked_cnn_features(encoder, input_values)
+    cnn = F.interpolate(cnn, size=num_frames, mode="linear", align_corners=True)
+    frames_per_second = (num_frames - 1) / (input_values.shape[1] / SAMPLE_RATE)
+    core = max(1, int(WINDOW_SECONDS * frames_per_second))
+    context = int(WINDOW_CONTEXT_SECONDS * frames_per_second)
+    pieces: list[list[torch.Tensor]] = []
+    for start in range(0, num_frames, core):
+        stop = min(num_frames, start + core)
+        lo, hi = max(0, start - context), min(num_frames, stop + context)
+        states = _transformer_states(encoder, cnn[:, :, lo:hi])
+        pieces.append([s[:, start - lo : stop - lo] for s in states])
+    return [torch.cat(parts, dim=1) for parts in zip(*pieces)]
 
 
 def _encoder_layer(layer: torch.nn.Module, h: torch.Tensor, num_heads: int, *, pre_norm: bool) -> torch.Tensor:
