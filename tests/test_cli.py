@@ -42,3 +42,40 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr and "notes.wav" in result.stderr
     result = run_cli("--smoke", "--fps", "25", "--output", str(tmp_path / "x.mp4"))
     assert result.returncode == 2 and "16 fps" in result.stderr
+
+
+def test_ctrl_c_keeps_a_playable_partial_video(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "partial.mp4"
+    proc = subprocess.Popen([sys.executable, "-m", "livetalk_core", "--smoke", "--output", str(out)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(tmp_path.glob(".partial.mp4.*")):
+        time.sleep(0.1)
+    time.sleep(1.0)  # let a block or two be written
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    info = read_video_info(out)
+    assert 0 < info["frames"] <= 96
+
+
+def test_same_seed_same_video_bit_identical(tmp_path):
+    import torch
+
+    from livetalk_core.audio import load_audio, load_audio_encoder
+    from livetalk_core.image import load_image
+    from livetalk_core.livetalk_model import load_livetalk_dit
+    from livetalk_core.pipeline import LiveTalkPipeline
+    from livetalk_core.smoke import build_tiny_weights, load_context
+    from livetalk_core.vae import load_vae
+
+    w = build_tiny_weights(tmp_path / "w")
+    pipe = LiveTalkPipeline(load_livetalk_dit(w.dit, "fp32"), load_vae(w.vae, "fp32"), load_audio_encoder(w.wav2vec2, torch.float32))
+    image, wave, ctx = load_image(str(REPO / "assets" / "portrait.jpg")), load_audio(REPO / "assets" / "speech.flac")[:24000], load_context(w.context)
+    runs = [torch.cat(list(pipe.generate(image, wave, ctx, seed=seed, height=64, width=64))) for seed in (7, 7, 8)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
