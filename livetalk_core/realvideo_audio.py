@@ -13,6 +13,9 @@ cuts the 16 kHz waveform into segments of at most 5 s and handles each one on it
 The result per segment is ``[1, 25, A, F]`` (A = wav2vec2 width, F video frames), which the DiT's
 causal audio encoder turns into ``F // 4`` latent frames. Segments do not share context: each gets
 its own normalisation and, in the DiT, its own causal-conv warm-up.
+
+Load the encoder (``jonatasgrosman/wav2vec2-large-xlsr-53-english``) in float32, as upstream runs
+it; only the final features are cast to the DiT's dtype.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ SEGMENT_SAMPLES = SEGMENT_SECONDS * SAMPLE_RATE
 CNN_FPS = 50
 INTERPOLATED_FPS = 30
 VIDEO_FPS = 16
-VIDEO_FRAMES_PER_LATENT = 4
 # One block of two latent frames = 8 video frames = 0.5 s: the shortest segment the DiT can use.
 MIN_SEGMENT_SAMPLES = SAMPLE_RATE // 2
 
@@ -112,8 +114,3 @@ def realvideo_audio_features(
 ) -> list[torch.Tensor]:
     """A whole clip ``[N]`` at 16 kHz -> the audio input of every <= 5 s segment (see module doc)."""
     return [segment_features(encoder, segment, dtype) for segment in split_segments(waveform_16k)]
-
-
-def latent_frames(features: torch.Tensor) -> int:
-    """Latent frames a segment's audio input covers (upstream ``audio_input.shape[-1] // 4``)."""
-    return features.shape[-1] // VIDEO_FRAMES_PER_LATENT

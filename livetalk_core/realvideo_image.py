@@ -9,7 +9,9 @@ along the snapped side, and centre-cropped (zero-padded, i.e. black, where the r
 PIL is not a dependency of this pack, so :func:`pil_bicubic_resize` re-implements Pillow's
 ``Image.resize(..., BICUBIC)`` for 8-bit images bit for bit: the same separable filter (a = -0.5,
 support widened by the downscale factor), the same 22-bit fixed-point coefficients, horizontal pass
-first with the intermediate rounded to uint8, then the vertical pass.
+first with the intermediate rounded to uint8, then the vertical pass, except where Pillow 13 runs the
+vertical pass first (see :func:`pil_bicubic_resize`). Older Pillow versions always go horizontal
+first, so for those inputs they differ from Pillow 13 by a level in some pixels.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ def plan_image(width: int, height: int, area: int = DEFAULT_AREA) -> ImagePlan:
         raise InputError(f"The reference image is {width}x{height} pixels; it must not be empty.")
     scale = math.sqrt(area / (width * height))
     w, h = round(width * scale), round(height * scale)
+    if min(w, h) == 0:
+        raise _too_elongated(width, height)
     if h < w:
         ratio = closest_aspect_ratio(w / h)
         target_h = nearest_multiple(h)
@@ -83,11 +87,15 @@ def plan_image(width: int, height: int, area: int = DEFAULT_AREA) -> ImagePlan:
         else:
             resize = (target_h, int(w / h * target_h))
     if min(target_h, target_w) < SIDE_MULTIPLE or min(resize) < 1:
-        raise InputError(
-            f"A {width}x{height} image gives an output of {target_w}x{target_h}; the area {area} is too small "
-            f"for an image this elongated. Use an area of at least {SIDE_MULTIPLE * SIDE_MULTIPLE * 4}."
-        )
+        raise _too_elongated(width, height)
     return ImagePlan(resize_hw=resize, target_hw=(target_h, target_w))
+
+
+def _too_elongated(width: int, height: int) -> InputError:
+    return InputError(
+        f"The reference image is {width}x{height} pixels, too elongated for RealVideo's sizes (16:9, 4:3 or 1:1, "
+        f"sides multiples of {SIDE_MULTIPLE}). Crop it closer to one of those shapes first."
+    )
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -98,32 +106,42 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-def _fixed_point_weights(in_size: int, out_size: int) -> np.ndarray:
-    """Pillow's ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` as a dense ``[out, in]`` int64 matrix."""
+def _fixed_point_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's ``precompute_coeffs`` + ``normalize_coeffs_8bpc``: per output pixel the first input
+    pixel ``[out]`` and the 22-bit fixed-point taps ``[out, ksize]`` (zero past the window)."""
     scale = in_size / out_size
     filter_scale = max(scale, 1.0)
     support = _BICUBIC_SUPPORT * filter_scale
-    weights = np.zeros((out_size, in_size), dtype=np.int64)
+    ksize = int(math.ceil(support)) * 2 + 1
+    firsts = np.zeros(out_size, dtype=np.int64)
+    taps = np.zeros((out_size, ksize), dtype=np.int32)
     for out in range(out_size):
         center = (out + 0.5) * scale
         first = max(int(center - support + 0.5), 0)
         last = min(int(center + support + 0.5), in_size)
-        taps = _bicubic((np.arange(first, last) - center + 0.5) * (1.0 / filter_scale))
+        weights = _bicubic((np.arange(first, last) - center + 0.5) * (1.0 / filter_scale))
         total = 0.0
-        for tap in taps.tolist():  # sequential, as Pillow sums (numpy's pairwise sum rounds differently)
-            total += tap
+        for w in weights.tolist():  # sequential, as Pillow sums (numpy's pairwise sum rounds differently)
+            total += w
         if total != 0.0:
-            taps = taps / total
+            weights = weights / total
         # C's (int) cast truncates towards zero after adding +-0.5: round half away from zero.
-        fixed = np.trunc(taps * (1 << _PRECISION_BITS) + np.where(taps < 0, -0.5, 0.5))
-        weights[out, first:last] = fixed.astype(np.int64)
-    return weights
+        fixed = np.trunc(weights * (1 << _PRECISION_BITS) + np.where(weights < 0, -0.5, 0.5))
+        firsts[out] = first
+        taps[out, : last - first] = fixed.astype(np.int32)
+    return firsts, taps
 
 
-def _resample_axis(pixels: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
+def _resample_axis(pixels: np.ndarray, in_size: int, out_size: int, axis: int) -> np.ndarray:
     """One separable pass over ``axis`` of a uint8 ``[H, W, C]`` array, rounded and clipped to uint8."""
-    moved = np.moveaxis(pixels.astype(np.int64), axis, 0)
-    acc = np.tensordot(weights, moved, axes=([1], [0])) + (1 << (_PRECISION_BITS - 1))
+    firsts, taps = _fixed_point_taps(in_size, out_size)
+    # int32 like Pillow's accumulator: 255 * 2^22 per tap leaves room for the filter's lobes.
+    source = np.moveaxis(pixels, axis, 0).astype(np.int32)
+    acc = np.full((out_size, *source.shape[1:]), 1 << (_PRECISION_BITS - 1), dtype=np.int32)
+    extra = (slice(None),) + (None,) * (source.ndim - 1)
+    for k in range(taps.shape[1]):
+        # Taps past a window are zero, so clamping their index to the image is harmless.
+        acc += source[np.minimum(firsts + k, in_size - 1)] * taps[:, k][extra]
     out = np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
     return np.moveaxis(out, 0, axis)
 
@@ -133,11 +151,15 @@ def pil_bicubic_resize(pixels: np.ndarray, height: int, width: int) -> np.ndarra
     if pixels.dtype != np.uint8 or pixels.ndim != 3:
         raise InputError(f"Expected a uint8 image [H, W, C]; got {pixels.dtype} {pixels.shape}.")
     in_h, in_w = pixels.shape[:2]
+    passes = [(in_w, width, 1), (in_h, height, 0)]
+    # Pillow >= 13 (python-pillow/Pillow#9549) shrinks the height first when it loses more than twice
+    # as many pixels as the width; the order changes the rounding of the uint8 intermediate.
+    if height < in_h and in_h - height > 2 * (in_w - width):
+        passes.reverse()
     out = pixels
-    if width != in_w:
-        out = _resample_axis(out, _fixed_point_weights(in_w, width), axis=1)
-    if height != in_h:
-        out = _resample_axis(out, _fixed_point_weights(in_h, height), axis=0)
+    for in_size, out_size, axis in passes:
+        if out_size != in_size:
+            out = _resample_axis(out, in_size, out_size, axis)
     return out
 
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
 from .checkpoint import check_keys, check_shapes, read_state_dict, resolve_dtype, strip_prefix
 from .errors import CheckpointError
 from .kv_cache import KVCache
@@ -60,7 +59,7 @@ class S2VConfig:
     audio_tokens: int
     inject_layers: tuple[int, ...]
     cond_dim: int
-    has_frame_packer: bool = field(default=True)
+    has_frame_packer: bool = True
 
     def injector_for_layer(self, layer: int) -> int | None:
         """Index of the audio injector that runs after ``layer``, or None."""
@@ -259,6 +258,20 @@ class FramePacker(nn.Module):
             setattr(self, name, nn.Conv3d(in_dim, dim, kernel_size=kernel, stride=kernel))
 
 
+def shard_rotations(
+    frame_positions: torch.Tensor, grid: tuple[int, int, int], grid_offset: tuple[int, int] = (0, 0)
+) -> torch.Tensor:
+    """RoPE rotations of a ``grid`` = (frames, h, w) token grid whose patch rows and columns start at
+    ``grid_offset`` in the full latent (non-zero for a shard under sequence parallelism).
+
+    Returns complex ``[frames*h*w, 1, D/2]`` on ``frame_positions``' device.
+    """
+    f, gh, gw = grid
+    oh, ow = grid_offset
+    full = grid_rotations(frame_positions, oh + gh, ow + gw, HEAD_DIM)
+    return full.view(f, oh + gh, ow + gw, 1, -1)[:, oh:, ow:].reshape(f * gh * gw, 1, -1)
+
+
 @dataclass(frozen=True)
 class AudioTokens:
     """The DiT-side audio of one segment, warm-up dropped: per latent frame one global vector and
@@ -281,7 +294,9 @@ class S2VDiT(WanDiTCore):
         c = config.core
         self.s2v_config = config
         self.trainable_cond_mask = nn.Embedding(NUM_TOKEN_KINDS, c.dim)
-        self.casual_audio_encoder = CausalAudioEncoder(config.audio_dim, config.audio_layers, c.dim, config.audio_tokens)
+        self.casual_audio_encoder = CausalAudioEncoder(
+            config.audio_dim, config.audio_layers, c.dim, config.audio_tokens
+        )
         self.audio_injector = AudioInjector(c.dim, c.num_heads, len(config.inject_layers), c.eps)
         if config.cond_dim:
             self.cond_encoder = nn.Conv3d(config.cond_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
@@ -300,16 +315,6 @@ class S2VDiT(WanDiTCore):
         keep = slice(AUDIO_WARMUP_LATENTS, None)
         return AudioTokens(glob[:, keep].to(self.dtype), local[:, keep].to(self.dtype))
 
-    def token_rotations(
-        self, frame_positions: torch.Tensor, grid: tuple[int, int, int], grid_offset: tuple[int, int]
-    ) -> torch.Tensor:
-        """RoPE rotations of a token grid whose (h, w) patch indices start at ``grid_offset`` (non-zero
-        for a shard of the latent under sequence parallelism). -> complex ``[F*h*w, 1, D/2]``."""
-        f, gh, gw = grid
-        oh, ow = grid_offset
-        full = grid_rotations(frame_positions.to(self.device), oh + gh, ow + gw, HEAD_DIM)
-        return full.view(f, oh + gh, ow + gw, 1, -1)[:, oh:, ow:].reshape(f * gh * gw, 1, -1)
-
     def _run(
         self,
         latents: torch.Tensor,
@@ -326,7 +331,7 @@ class S2VDiT(WanDiTCore):
         tokens = tokens + self.trainable_cond_mask.weight[kind].to(tokens.dtype)
         # One timestep for all tokens: a single modulation row broadcast over frames.
         t_emb, t_mod = self.embed_time(t.reshape(1, 1))
-        rotations = self.token_rotations(frame_positions, grid, grid_offset)
+        rotations = shard_rotations(frame_positions.to(self.device), grid, grid_offset)
         cache.set_block(start_frame, grid[0])
         for layer, block in enumerate(self.blocks):
             tokens = block(tokens, t_mod, rotations, context_kv[layer], cache, layer, self.attention_backend)
@@ -377,7 +382,9 @@ class S2VDiT(WanDiTCore):
         if audio.num_frames != f:
             raise ValueError(f"the block has {f} latent frames but its audio window has {audio.num_frames}")
         positions = torch.arange(start_frame, start_frame + f)
-        tokens, t_emb, grid = self._run(x, VIDEO_TOKEN, t, positions, context_kv, cache, start_frame, audio, grid_offset)
+        tokens, t_emb, grid = self._run(
+            x, VIDEO_TOKEN, t, positions, context_kv, cache, start_frame, audio, grid_offset
+        )
         if not compute_output:
             return None
         return self.unpatchify(self.head(tokens, t_emb), grid)
@@ -387,10 +394,17 @@ def s2v_config_from_state_dict(
     sd: dict[str, torch.Tensor], path: str | os.PathLike, inject_layers: Sequence[int] | None = None
 ) -> S2VConfig:
     """Infer the config, then check every key and shape; one clear error if the file is not an S2V DiT."""
-    needed = ("patch_embedding.weight", "head.head.weight", "blocks.0.ffn.0.weight", "text_embedding.0.weight",
-              "time_embedding.0.weight", "casual_audio_encoder.weights",
-              "casual_audio_encoder.encoder.conv1_local.conv.weight",
-              "casual_audio_encoder.encoder.conv1_global.conv.weight", "audio_injector.injector_adain_layers.0.linear.weight")
+    needed = (
+        "patch_embedding.weight",
+        "head.head.weight",
+        "blocks.0.ffn.0.weight",
+        "text_embedding.0.weight",
+        "time_embedding.0.weight",
+        "casual_audio_encoder.weights",
+        "casual_audio_encoder.encoder.conv1_local.conv.weight",
+        "casual_audio_encoder.encoder.conv1_global.conv.weight",
+        "audio_injector.injector_adain_layers.0.linear.weight",
+    )
     if any(k not in sd for k in needed):
         check_keys(sd.keys(), needed, path=path, model_name=MODEL_NAME)
     config = S2VConfig.from_state_dict(sd, inject_layers)

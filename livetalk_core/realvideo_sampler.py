@@ -1,0 +1,210 @@
+"""RealVideo's streaming sampler: reference prefill, then blocks of 2 latent frames.
+
+One session (upstream ``StreamCausalInferencePipeline`` driven as spec §2.6 describes):
+
+1. **Prefill**: the reference latent runs once at t = 0 under the *idle* prompt ("looking at the
+   camera") with RoPE frame 30; its keys/values become the cache's permanent sink (stream frame 0).
+2. **Blocks** k = 0, 1, ...: stream frames ``1 + 2k`` and ``2 + 2k`` (also their RoPE positions),
+   under the *talking* prompt. Fresh noise, 2 or 4 denoising forwards (Self-Forcing's warped steps
+   with shift 3), then a refresh forward of the clean result at t = 0 that leaves its keys/values in
+   the cache. A block attends to the reference, the previous block and itself (a 5-frame cache).
+3. **Audio**: each <= 5 s segment gives ``L`` latent frames; block windows advance by 2 and are
+   clamped to ``[L-2, L)``, so a segment lasts ``ceil(L/2)`` blocks and blocks after the last
+   segment repeat its final window (upstream's idle behaviour).
+4. **Sink drift**: from the first block whose first frame is past 20, every block first advances
+   the cached reference keys by one temporal RoPE step (upstream rotates them in place once per
+   block). Without it blocks >= 10 differ from upstream by 1-3 %.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+from .kv_cache import CachePolicy, KVCache
+from .noise import NoiseSource
+from .rope import grid_rotations
+from .s2v_model import LATENT_CHANNELS, AudioTokens, S2VDiT
+from .sampler import StepHook, denoise_block
+from .scheduler import StepSchedule, warped_schedule
+from .wan_dit import HEAD_DIM
+
+FRAMES_PER_BLOCK = 2
+VIDEO_FRAMES_PER_LATENT = 4
+REALVIDEO_CACHE = CachePolicy(window_frames=1 + 2 * FRAMES_PER_BLOCK, sink_frames=1)
+REFERENCE_ROPE_POSITION = 30
+SINK_DRIFT_AFTER_FRAME = 20
+TEXT_LEN = 512
+SCHEDULE_SHIFT = 3.0
+STEP_LISTS = {2: (1000, 500), 4: (1000, 750, 500, 250)}
+
+
+def latent_frames(features: torch.Tensor) -> int:
+    """Latent frames a segment's audio input ``[1, layers, A, F]`` covers (upstream ``F // 4``)."""
+    return features.shape[-1] // VIDEO_FRAMES_PER_LATENT
+
+
+def realvideo_schedule(num_steps: int = 4) -> StepSchedule:
+    """Upstream's step tables: 4 steps (the default) -> t = 1000/900/750/500, 2 steps -> 1000/750."""
+    if num_steps not in STEP_LISTS:
+        raise InputError(f"RealVideo samples with 2 or 4 steps, not {num_steps}.")
+    return warped_schedule(list(STEP_LISTS[num_steps]), shift=SCHEDULE_SHIFT)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """What one block is conditioned on."""
+
+    segment: int  # index of the audio segment
+    audio_ptr: int  # first latent audio frame of the block's 2-frame window
+    talking: bool = True  # talking prompt (else the idle prompt)
+
+
+def plan_blocks(segment_frames: Sequence[int], num_blocks: int | None = None) -> list[BlockPlan]:
+    """Segments back to back under the talking prompt (spec §2.6); with ``num_blocks`` larger than
+    the audio needs, the extra blocks repeat the last window; smaller, the plan is cut short."""
+    if not segment_frames:
+        raise InputError("RealVideo needs at least one audio segment.")
+    plan = []
+    for index, frames in enumerate(segment_frames):
+        if frames < FRAMES_PER_BLOCK:
+            raise InputError(
+                f"Audio segment {index} covers {frames} latent frame(s); a block needs {FRAMES_PER_BLOCK} "
+                "(0.5 s of audio)."
+            )
+        plan += [BlockPlan(index, min(ptr, frames - FRAMES_PER_BLOCK)) for ptr in range(0, frames, FRAMES_PER_BLOCK)]
+    if num_blocks is not None:
+        if num_blocks < 1:
+            raise InputError(f"The number of blocks must be at least 1, got {num_blocks}.")
+        plan = plan[:num_blocks] + [plan[-1]] * max(num_blocks - len(plan), 0)
+    return plan
+
+
+def pad_context(context: torch.Tensor, text_dim: int) -> torch.Tensor:
+    """A prompt embedding ``[1, L, text_dim]`` (L <= 512) zero-padded to 512 rows.
+
+    Padding rows are attended, unmasked, as upstream does, so the padding is part of the prompt.
+    """
+    if context.ndim == 2:
+        context = context.unsqueeze(0)
+    if context.ndim != 3 or context.shape[0] != 1 or context.shape[2] != text_dim or context.shape[1] > TEXT_LEN:
+        raise InputError(
+            f"A prompt embedding must be [1, <= {TEXT_LEN}, {text_dim}] (umT5 output); got {tuple(context.shape)}."
+        )
+    return torch.nn.functional.pad(context, (0, 0, 0, TEXT_LEN - context.shape[1]))
+
+
+def _check_reference(ref_latent: torch.Tensor, patch: tuple[int, int, int]) -> None:
+    if ref_latent.ndim != 5 or ref_latent.shape[:3] != (1, LATENT_CHANNELS, 1):
+        raise InputError(
+            f"The reference latent must be [1, {LATENT_CHANNELS}, 1, h, w]; got {tuple(ref_latent.shape)}."
+        )
+    h, w = ref_latent.shape[3:]
+    if h % patch[1] or w % patch[2]:
+        raise InputError(f"The reference latent's size {h}x{w} must be a multiple of {patch[1]}x{patch[2]}.")
+
+
+def _check_audio(audio_features: Sequence[torch.Tensor], layers: int, width: int) -> None:
+    for i, f in enumerate(audio_features):
+        if f.ndim != 4 or f.shape[0] != 1 or tuple(f.shape[1:3]) != (layers, width):
+            raise InputError(
+                f"Audio segment {i} has features of shape {tuple(f.shape)}; this DiT expects [1, {layers}, {width}, "
+                f"frames]: {layers} hidden states of a {width}-wide wav2vec2 (wav2vec2-large-xlsr-53-english for "
+                "the release)."
+            )
+
+
+@torch.no_grad()
+def sample_realvideo(
+    model: S2VDiT,
+    *,
+    ref_latent: torch.Tensor,
+    idle_context: torch.Tensor,
+    talking_context: torch.Tensor,
+    audio_features: Sequence[torch.Tensor],
+    noise: NoiseSource,
+    plan: Sequence[BlockPlan] | None = None,
+    num_blocks: int | None = None,
+    schedule: StepSchedule | None = None,
+    on_step: StepHook | None = None,
+    grid_offset: tuple[int, int] = (0, 0),
+) -> Iterator[torch.Tensor]:
+    """Generate RealVideo latents block by block (see the module doc).
+
+    Args:
+        ref_latent: normalised VAE latent of the reference image ``[1, 16, 1, h, w]``.
+        idle_context, talking_context: umT5 embeddings ``[1, <=512, text_dim]`` of
+            "A character is looking at the camera." (prefill) and "A character is talking."
+        audio_features: per segment :func:`~.realvideo_audio.segment_features` ``[1, 25, A, F]``.
+        noise: initial draws are requested as ``[1, 2, 16, h, w]`` and re-noise draws as
+            ``[2, 16, h, w]`` (upstream's layouts, so recorded noise replays as is).
+        plan: per-block conditioning; default :func:`plan_blocks` over the segments (``num_blocks``).
+        schedule: default :func:`realvideo_schedule` (4 steps).
+        grid_offset: (h, w) patch offset of this latent shard under sequence parallelism.
+    Yields:
+        clean latents per block ``[1, 16, 2, h, w]`` in the model dtype.
+    The KV cache lives only as long as this generator; closing it early frees it.
+    """
+    core = model.config
+    _check_reference(ref_latent, core.patch_size)
+    _check_audio(audio_features, model.s2v_config.audio_layers, model.s2v_config.audio_dim)
+    schedule = schedule or realvideo_schedule()
+    plan = list(plan) if plan is not None else plan_blocks([latent_frames(f) for f in audio_features], num_blocks)
+    for b in plan:
+        if not (0 <= b.segment < len(audio_features)) or not (
+            0 <= b.audio_ptr <= latent_frames(audio_features[b.segment]) - FRAMES_PER_BLOCK
+        ):
+            raise InputError(f"Block plan entry {b} does not fit the {len(audio_features)} audio segment(s) given.")
+    device, dtype = model.device, model.dtype
+    _, _, _, h, w = ref_latent.shape
+    cache = KVCache(
+        REALVIDEO_CACHE,
+        num_layers=core.num_layers,
+        frame_tokens=(h // core.patch_size[1]) * (w // core.patch_size[2]),
+        num_heads=core.num_heads,
+        head_dim=HEAD_DIM,
+        dtype=dtype,
+        device=device,
+    )
+    context_kv = {
+        talking: model.project_context(pad_context(ctx, core.text_dim).to(device))
+        for talking, ctx in ((False, idle_context), (True, talking_context))
+    }
+    audio: dict[int, AudioTokens] = {}
+    # One temporal RoPE step, spatial pairs untouched (identity): the per-block sink drift.
+    drift = grid_rotations(torch.tensor([1]), 1, 1, HEAD_DIM).to(device)
+    model.prefill(ref_latent.to(device), context_kv[False], cache, REFERENCE_ROPE_POSITION, grid_offset)
+    try:
+        for block, entry in enumerate(plan):
+            start = REALVIDEO_CACHE.sink_frames + FRAMES_PER_BLOCK * block
+            if entry.segment not in audio:
+                audio = {entry.segment: model.encode_audio(audio_features[entry.segment])}
+            window = audio[entry.segment].window(entry.audio_ptr, FRAMES_PER_BLOCK)
+            kv = context_kv[entry.talking]
+            if start > SINK_DRIFT_AFTER_FRAME:
+                for layer in range(core.num_layers):
+                    cache.rotate_sink_keys(layer, drift)
+
+            def predict(x: torch.Tensor, t: torch.Tensor, compute_output: bool = True) -> torch.Tensor | None:
+                # float64 so the sinusoid sees the float32 timestep without a second rounding.
+                return model(x, t.double(), window, kv, cache, start, compute_output, grid_offset)
+
+            x = noise.initial(block, (1, FRAMES_PER_BLOCK, LATENT_CHANNELS, h, w)).to(device, dtype).transpose(1, 2)
+            x0 = denoise_block(
+                predict,
+                x,
+                schedule,
+                renoise=lambda step: noise.renoise(block, step, (FRAMES_PER_BLOCK, LATENT_CHANNELS, h, w))
+                .transpose(0, 1)
+                .unsqueeze(0),
+                on_step=None if on_step is None else (lambda step, x0: on_step(block, step, x0)),
+                x0_from_timestep=True,
+            )
+            yield x0
+            if block + 1 < len(plan):
+                predict(x0, torch.zeros((), device=device), compute_output=False)
+    finally:
+        del cache, context_kv, audio
