@@ -131,19 +131,60 @@ class LiveTalkPipeline:
             on_step=on_step,
         )
 
-    def decode(self, blocks: Iterator[torch.Tensor], num_video_frames: int | None = None) -> Iterator[torch.Tensor]:
-        """Stream-decode latent blocks to uint8 frames ``[T, H, W, 3]``, stopping at ``num_video_frames``."""
+    def decode(
+        self, blocks: Iterator[torch.Tensor], num_video_frames: int | None = None, overlap: bool = True
+    ) -> Iterator[torch.Tensor]:
+        """Stream-decode latent blocks to uint8 frames ``[T, H, W, 3]``, stopping at ``num_video_frames``.
+
+        On a GPU with ``overlap``, block k is decoded on a second CUDA stream while the DiT samples
+        block k+1, and its frames come out once the next block has been launched; block 0 is
+        returned as soon as it is decoded, so the first frame is not delayed.
+        """
         decoder = self.vae.stream_decoder()
-        emitted = 0
-        for block in blocks:
+        side = torch.cuda.Stream(self.vae.device) if overlap and self.vae.device.type == "cuda" else None
+        emitted, pending = 0, None
+
+        def finished(decoded: tuple[torch.Tensor, torch.cuda.Event | None]) -> torch.Tensor:
+            frames, ready = decoded
+            if ready is not None:
+                ready.synchronize()
+            return frames if num_video_frames is None else frames[: max(0, num_video_frames - emitted)]
+
+        try:
+            for index, block in enumerate(blocks):
+                decoded = self._decode_block(decoder, block, side)
+                if side is not None and index > 0:  # hand out the previous block; this one overlaps the next
+                    decoded, pending = pending, decoded
+                    if decoded is None:
+                        continue
+                frames = finished(decoded)
+                emitted += frames.shape[0]
+                if frames.shape[0]:
+                    yield frames
+                if num_video_frames is not None and emitted >= num_video_frames:
+                    return
+            if pending is not None and (frames := finished(pending)).shape[0]:
+                yield frames
+        finally:
+            close = getattr(blocks, "close", None)
+            if close is not None:
+                close()  # frees the sampler's KV cache when decoding stops early
+
+    def _decode_block(
+        self, decoder, block: torch.Tensor, side: torch.cuda.Stream | None
+    ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Decode one block to host uint8 frames; on ``side`` the work is queued and an event returned."""
+        if side is None:
+            return frames_to_uint8(decoder.decode(block.to(self.vae.device, self.vae.dtype))).cpu(), None
+        side.wait_stream(torch.cuda.current_stream(self.vae.device))
+        with torch.cuda.stream(side):
             frames = frames_to_uint8(decoder.decode(block.to(self.vae.device, self.vae.dtype)))
-            if num_video_frames is not None:
-                frames = frames[: max(0, num_video_frames - emitted)]
-            emitted += frames.shape[0]
-            if frames.shape[0]:
-                yield frames.cpu()
-            if num_video_frames is not None and emitted >= num_video_frames:
-                return
+            host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+            host.copy_(frames, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        block.record_stream(side)
+        return host, ready
 
     def generate(
         self,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import sequence_parallel
 from .errors import InputError
 from .kv_cache import CachePolicy, KVCache
 from .noise import NoiseSource
@@ -160,11 +161,13 @@ def sample_realvideo(
             raise InputError(f"Block plan entry {b} does not fit the {len(audio_features)} audio segment(s) given.")
     device, dtype = model.device, model.dtype
     _, _, _, h, w = ref_latent.shape
+    # Under sequence parallelism each rank caches every token of its share of the heads.
+    ranks = 1 if (sp := sequence_parallel.attached(model)) is None else sp.world_size
     cache = KVCache(
         REALVIDEO_CACHE,
         num_layers=core.num_layers,
-        frame_tokens=(h // core.patch_size[1]) * (w // core.patch_size[2]),
-        num_heads=core.num_heads,
+        frame_tokens=(h // core.patch_size[1]) * (w // core.patch_size[2]) * ranks,
+        num_heads=core.num_heads // ranks,
         head_dim=HEAD_DIM,
         dtype=dtype,
         device=device,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -19,6 +20,9 @@ import torch.nn.functional as F
 from .attention import attention
 from .kv_cache import KVCache
 from .rope import apply_rotary
+
+if TYPE_CHECKING:
+    from .sequence_parallel import SequenceParallel
 
 HEAD_DIM = 128
 
@@ -140,7 +144,13 @@ class QKNormAttention(nn.Module):
 
 
 class SelfAttention(QKNormAttention):
-    """Self-attention with 3-axis RoPE and an optional KV cache."""
+    """Self-attention with 3-axis RoPE and an optional KV cache.
+
+    With a sequence-parallel group attached (:func:`~.sequence_parallel.attach`), ``x`` holds this
+    rank's tokens; attention and the cache then work on all tokens of this rank's heads.
+    """
+
+    sp: SequenceParallel | None = None
 
     def forward(
         self,
@@ -155,9 +165,14 @@ class SelfAttention(QKNormAttention):
         q = apply_rotary(self.norm_q(self.q(x)).unflatten(2, heads), rotations)
         k = apply_rotary(self.norm_k(self.k(x)).unflatten(2, heads), rotations)
         v = self.v(x).unflatten(2, heads)
+        if self.sp is not None:
+            q, k, v = self.sp.heads_from_sequence(q, k, v)
         if cache is not None:
             k, v = cache.update_and_get(layer, k, v)
-        return self.o(attention(q, k, v, backend))
+        out = attention(q, k, v, backend)
+        if self.sp is not None:
+            out = self.sp.sequence_from_heads(out.unflatten(2, (q.shape[2], -1))).flatten(2)
+        return self.o(out)
 
 
 class CrossAttention(QKNormAttention):

@@ -104,7 +104,11 @@ class Managed:
 
 
 def on_device(*models: Managed):
-    """Load ``models`` onto their compute device together (evicting others if needed); returns their engines."""
-    mm.load_models_gpu([m.patcher for m in models])
+    """Load ``models`` onto their compute device together (evicting others if needed); returns their engines.
+
+    Always whole: ComfyUI's partial (lowvram) loading only works for its own cast-on-the-fly layers
+    and skips parameters that sit next to submodules (e.g. a block's ``modulation``).
+    """
+    mm.load_models_gpu([m.patcher for m in models], force_full_load=True)
     engines = tuple(m.engine for m in models)
     return engines[0] if len(engines) == 1 else engines

@@ -32,7 +32,8 @@ class LiveTalkEncodeAudioWav2Vec(io.ComfyNode):
                 io.Audio.Input("audio", tooltip="Speech, e.g. from Load Audio: any sample rate, mono or stereo "
                                "(channels are averaged, then resampled to 16 kHz)."),
             ],
-            outputs=[AudioEmbeds.Output("audio_embeds", display_name="audio_embeds", tooltip="Per-frame audio conditioning for the sampler.")],
+            outputs=[AudioEmbeds.Output("audio_embeds", display_name="audio_embeds",
+                                        tooltip="Per-frame audio conditioning for the sampler.")],
         )
 
     @classmethod
@@ -73,7 +74,8 @@ class LiveTalkEncodeReferenceVAE(io.ComfyNode):
                                tooltip="center: scale to cover the size, then crop the middle (as upstream). "
                                "stretch: resize to the size, changing the aspect ratio."),
             ],
-            outputs=[Reference.Output("reference", display_name="reference", tooltip="The reference latent the sampler starts every video from.")],
+            outputs=[Reference.Output("reference", display_name="reference",
+                                      tooltip="The reference latent the sampler starts every video from.")],
         )
 
     @classmethod

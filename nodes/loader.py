@@ -26,7 +26,9 @@ from .pack_types import CATEGORY, LiveTalkAudioEncoder, LiveTalkModel, LiveTalkV
 
 def _resolve(kind: str, name: str, path: str | None, folders: str) -> str:
     if path is None:
-        raise MissingWeightsError(f"The {kind} '{name}' was not found in {folders}. Put the file there and refresh, or pick another.")
+        raise MissingWeightsError(
+            f"The {kind} '{name}' was not found in {folders}. Put the file there and refresh, or pick another."
+        )
     return path
 
 
@@ -63,7 +65,8 @@ class LoadLiveTalkModel(io.ComfyNode):
                                "is a slow reference."),
             ],
             outputs=[
-                LiveTalkModel.Output("model", display_name="model", tooltip="The DiT, managed by ComfyUI's model memory management."),
+                LiveTalkModel.Output("model", display_name="model",
+                                     tooltip="The DiT, managed by ComfyUI's model memory management."),
                 LiveTalkVAE.Output("vae", display_name="vae", tooltip="The Wan2.1 VAE with LiveTalk's latent normalisation."),
                 LiveTalkAudioEncoder.Output("audio_encoder", display_name="audio_encoder", tooltip="The wav2vec2 encoder."),
             ],

@@ -103,12 +103,6 @@ def detect_family(shapes: Shapes, path: str | os.PathLike) -> ModelFamily:
     )
 
 
-def family_of_file(path: str | os.PathLike) -> ModelFamily | None:
-    """The file's family from its header; None when the format cannot be inspected (a pickle)."""
-    shapes = tensor_shapes(path)
-    return None if shapes is None else detect_family(shapes, path)
-
-
 def audio_encoder_features(path: str | os.PathLike) -> int | None:
     """Features per video frame the wav2vec2 encoder at ``path`` gives, ``(layers + 2) * hidden``.
 

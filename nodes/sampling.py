@@ -75,7 +75,8 @@ class LiveTalkCausalDiTSampler(io.ComfyNode):
                              tooltip="Latent frames each block attends to, sink frames included (upstream: 15). "
                              "Memory grows with it."),
             ],
-            outputs=[LatentBlocks.Output("latent_blocks", display_name="latent_blocks", tooltip="The clean latent blocks, for Decode Blocks.")],
+            outputs=[LatentBlocks.Output("latent_blocks", display_name="latent_blocks",
+                                         tooltip="The clean latent blocks, for Decode Blocks.")],
         )
 
     @classmethod

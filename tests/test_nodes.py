@@ -1,0 +1,122 @@
+"""The pack's ComfyUI-independent parts: the version gate and the header-only file checks behind the
+loader's validation (nodes/model_files.py). The nodes themselves run in test_comfy_server.py."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from comfy_env import REPO
+from tiny_weights import AUDIO_FEATURES, save_module, save_tiny_wav2vec2, tiny_dit, tiny_vae
+
+PACKAGE = "livetalk_pack_under_test"
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """The pack imported the way ComfyUI does (a package from its folder), without ComfyUI."""
+    spec = importlib.util.spec_from_file_location(PACKAGE, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = module
+    spec.loader.exec_module(module)
+    yield module
+    for name in [n for n in sys.modules if n == PACKAGE or n.startswith(PACKAGE + ".")]:
+        del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def files(pack):
+    return importlib.import_module(f"{PACKAGE}.nodes.model_files")
+
+
+@pytest.fixture(scope="module")
+def errors(pack):
+    return importlib.import_module(f"{PACKAGE}.livetalk_core.errors")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    return {
+        "dit": save_module(tiny_dit(text_dim=16), folder / "dit.safetensors"),
+        "vae": save_module(tiny_vae(), folder / "vae.safetensors"),
+        "w2v_file": save_tiny_wav2vec2(folder / "w2v.safetensors"),
+        "w2v_folder": save_tiny_wav2vec2(folder / "w2v"),
+    }
+
+
+def test_without_comfy_api_the_pack_logs_one_line_and_registers_nothing():
+    script = (
+        "import importlib.util, logging, sys\n"
+        "logging.basicConfig(format='%(levelname)s %(message)s')\n"
+        f"spec = importlib.util.spec_from_file_location('pack', {str(REPO / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(REPO)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "print(m.NODE_CLASS_MAPPINGS, hasattr(m, 'comfy_entrypoint'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "{} False"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ComfyUI 0.3.75 or newer" in lines[0], result.stderr
+
+
+def test_tensor_shapes_reads_safetensors_headers_only(files, weights, tmp_path, errors):
+    shapes = files.tensor_shapes(weights["dit"])
+    assert shapes["audio_proj.proj.weight"] == (32, 4 * AUDIO_FEATURES)
+    torch.save({"a": torch.zeros(1)}, tmp_path / "x.pth")
+    assert files.tensor_shapes(tmp_path / "x.pth") is None
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(struct.pack("<Q", 10) + b"not json!!")
+    with pytest.raises(errors.CheckpointError, match="download it again|Download it again"):
+        files.tensor_shapes(broken)
+
+
+def test_detect_family(files, weights, errors, tmp_path):
+    assert files.detect_family(files.tensor_shapes(weights["dit"]), weights["dit"]) is files.LIVETALK_13B
+    prefixed = {f"model.diffusion_model.{k}": v for k, v in files.tensor_shapes(weights["dit"]).items()}
+    assert files.detect_family(prefixed, "x.safetensors") is files.LIVETALK_13B
+    with pytest.raises(errors.CheckpointError, match=r"not a LiveTalk model: it looks like a Wan VAE.*LiveTalk-1\.3B"):
+        files.detect_family(files.tensor_shapes(weights["vae"]), weights["vae"])
+
+
+def test_audio_encoder_features_from_a_file_or_a_folder(files, weights, errors):
+    assert files.audio_encoder_features(weights["w2v_file"]) == AUDIO_FEATURES
+    assert files.audio_encoder_features(weights["w2v_folder"]) == AUDIO_FEATURES
+    with pytest.raises(errors.CheckpointError, match="not a wav2vec2 audio encoder"):
+        files.audio_encoder_features(weights["vae"])
+
+
+def test_mismatched_audio_encoder_names_the_right_one(files, weights, errors):
+    shapes = files.tensor_shapes(weights["dit"])
+    files.check_audio_encoder_fits(files.LIVETALK_13B, shapes, AUDIO_FEATURES, "w2v")
+    with pytest.raises(errors.InputError, match=r"gives 10752 features.*expects 256.*wav2vec2-base-960h"):
+        files.check_audio_encoder_fits(files.LIVETALK_13B, shapes, 10752, "wav2vec2-large")
+
+
+def test_vae_check(files, weights, errors):
+    files.check_vae_fits(files.tensor_shapes(weights["vae"]), "vae")
+    wan22 = {**files.tensor_shapes(weights["vae"]), "conv2.weight": (48, 48, 1, 1, 1)}
+    with pytest.raises(errors.CheckpointError, match="48 latent channels"):
+        files.check_vae_fits(wan22, "wan2.2_vae")
+    with pytest.raises(errors.CheckpointError, match="not a Wan VAE"):
+        files.check_vae_fits(files.tensor_shapes(weights["dit"]), "dit")
+
+
+def test_text_context_pads_with_zero_rows_and_trims(files, errors):
+    cond = torch.randn(1, 7, 16)
+    context = files.text_context([[cond, {}]], text_dim=16)
+    assert context.shape == (1, 512, 16)
+    assert torch.equal(context[:, :7], cond) and not context[:, 7:].any()
+    assert files.text_context([[torch.randn(1, 600, 16), {}]], 16).shape == (1, 512, 16)
+    with pytest.raises(errors.InputError, match="CLIPLoader"):
+        files.text_context([[torch.randn(1, 7, 768), {}]], text_dim=16)
+    with pytest.raises(errors.InputError, match="empty"):
+        files.text_context([], text_dim=16)
+
