@@ -21,14 +21,14 @@ class LiveTalkEncodeAudioWav2Vec(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LiveTalkEncodeAudioWav2Vec",
-            display_name="Encode Audio (wav2vec2)",
+            display_name="EncodeAudioWav2Vec",
             category=CATEGORY,
             description="Turns speech into the model's audio embeddings. The video is as long as the audio "
             "(16 frames per second).",
             inputs=[
-                LiveTalkModel.Input("model", tooltip="The LiveTalk model from Load LiveTalk Model; its audio "
+                LiveTalkModel.Input("model", tooltip="The LiveTalk model from LoadLiveTalkModel; its audio "
                                     "projection is applied here."),
-                LiveTalkAudioEncoder.Input("audio_encoder", tooltip="The wav2vec2 encoder from Load LiveTalk Model."),
+                LiveTalkAudioEncoder.Input("audio_encoder", tooltip="The wav2vec2 encoder from LoadLiveTalkModel."),
                 io.Audio.Input("audio", tooltip="Speech, e.g. from Load Audio: any sample rate, mono or stereo "
                                "(channels are averaged, then resampled to 16 kHz)."),
             ],
@@ -59,12 +59,12 @@ class LiveTalkEncodeReferenceVAE(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LiveTalkEncodeReferenceVAE",
-            display_name="Encode Reference (VAE)",
+            display_name="EncodeReferenceVAE",
             category=CATEGORY,
             description="Fits the reference portrait to the video size and encodes it with the VAE. The video "
             "has this size.",
             inputs=[
-                LiveTalkVAE.Input("vae", tooltip="The VAE from Load LiveTalk Model."),
+                LiveTalkVAE.Input("vae", tooltip="The VAE from LoadLiveTalkModel."),
                 io.Image.Input("image", tooltip="The face to animate; the first image of a batch is used."),
                 io.Int.Input("width", default=512, min=64, max=2048, step=16,
                              tooltip="Video width in pixels (a multiple of 16). LiveTalk was trained at 512x512."),

@@ -45,7 +45,7 @@ class LoadLiveTalkModel(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoadLiveTalkModel",
-            display_name="Load LiveTalk Model",
+            display_name="LoadLiveTalkModel",
             category=CATEGORY,
             description="Loads a LiveTalk DiT with the VAE and the wav2vec2 audio encoder it needs. The "
             "model family is detected from the DiT file.",

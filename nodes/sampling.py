@@ -53,17 +53,17 @@ class LiveTalkCausalDiTSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LiveTalkCausalDiTSampler",
-            display_name="Causal DiT Sampler (LiveTalk)",
+            display_name="CausalDiTSampler",
             category=CATEGORY,
             description="Generates the video latents block by block (3 latent frames each), attending to "
             "earlier blocks through a KV cache. One progress step per block.",
             inputs=[
-                LiveTalkModel.Input("model", tooltip="The LiveTalk model from Load LiveTalk Model."),
+                LiveTalkModel.Input("model", tooltip="The LiveTalk model from LoadLiveTalkModel."),
                 io.Conditioning.Input("conditioning", tooltip="The prompt, from CLIPTextEncode with a CLIPLoader "
                                       "of type 'wan' (umt5_xxl)."),
-                Reference.Input("reference", tooltip="The reference latent from Encode Reference (VAE); it sets "
+                Reference.Input("reference", tooltip="The reference latent from EncodeReferenceVAE; it sets "
                                 "the video size."),
-                AudioEmbeds.Input("audio_embeds", tooltip="From Encode Audio (wav2vec2); it sets the video length."),
+                AudioEmbeds.Input("audio_embeds", tooltip="From EncodeAudioWav2Vec; it sets the video length."),
                 io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                              tooltip="Seed of the sampling noise; the same seed gives the same video."),
                 io.Int.Input("steps", default=LIVETALK_STEPS, min=1, max=50,
@@ -125,12 +125,12 @@ class LiveTalkDecodeBlocks(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LiveTalkDecodeBlocks",
-            display_name="Decode Blocks (LiveTalk)",
+            display_name="DecodeBlocks",
             category=CATEGORY,
             description="Decodes the latent blocks one after another with the streaming VAE decoder and trims "
             "the video to the audio length. Finish with CreateVideo (same audio, fps from here) and SaveVideo.",
             inputs=[
-                LiveTalkVAE.Input("vae", tooltip="The VAE from Load LiveTalk Model."),
+                LiveTalkVAE.Input("vae", tooltip="The VAE from LoadLiveTalkModel."),
                 LatentBlocks.Input("latent_blocks", tooltip="From Causal DiT Sampler."),
             ],
             outputs=[
