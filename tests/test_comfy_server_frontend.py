@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_env import REPO, free_port, livetalk_server
+from comfy_env import REPO, REQUIRE_ENV, free_port, livetalk_server
 
 UI_FILES = sorted((REPO / "example_workflows").glob("*.json"))
 BROWSERS = ("chromium", "chromium-headless-shell", "google-chrome", "chrome")
@@ -82,7 +82,10 @@ class DevTools:
 def browser_port(tmp_path_factory):
     browser = _browser()
     if browser is None:
-        pytest.skip("no Chromium installed (apt-get install chromium)")
+        message = "no Chromium installed (apt-get install chromium)"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(message)
+        pytest.skip(message)
     port = free_port()
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
     process = subprocess.Popen(
