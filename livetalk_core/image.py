@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 TRAINED_SIZE = (512, 512)
 SIZE_MULTIPLE = 16
 MIN_SIDE = 64
+# Sources more than this many times larger than the target are box-averaged first (leaving a 2x
+# resize), a band of rows at a time, so an 8K photo never exists as a float image. Up to this factor (e.g. upstream's 2048px
+# example for 512px) the result is upstream's exactly.
+PRE_REDUCE_ABOVE = 8
+_PRE_REDUCE_BAND_ROWS = 256
 
 
 def to_float_image(image: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -59,9 +64,32 @@ def check_target_size(height: int, width: int) -> None:
         log.info("LiveTalk was trained at 512x512; %dx%d works but may look worse", width, height)
 
 
+def box_reduce(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average ``factor x factor`` pixel boxes of ``[H, W, C]`` (uint8 or float) -> float32 in [0, 1].
+
+    Works on bands of rows so memory stays near the size of the result.
+    """
+    h, w = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
+    scale = 255.0 if image.dtype == torch.uint8 else 1.0
+    band = max(1, _PRE_REDUCE_BAND_ROWS // factor) * factor
+    out = torch.empty(h // factor, w // factor, image.shape[2], dtype=torch.float32)
+    for top in range(0, h, band):
+        chunk = image[top : min(h, top + band), :w].to(torch.float32).div_(scale)
+        pooled = F.avg_pool2d(chunk.permute(2, 0, 1).unsqueeze(0), factor).squeeze(0).permute(1, 2, 0)
+        out[top // factor : top // factor + pooled.shape[0]] = pooled
+    return out
+
+
 def cover_and_crop(image: torch.Tensor | np.ndarray, height: int = 512, width: int = 512) -> torch.Tensor:
     """Reference image -> model input ``[1, 3, 1, height, width]`` float32 in [-1, 1]."""
     check_target_size(height, width)
+    image = torch.as_tensor(image)
+    if image.ndim >= 3 and image.shape[-1] in (1, 3, 4):
+        h, w = image.shape[-3:-1]
+        ratio = min(h / height, w / width)
+        if ratio > PRE_REDUCE_ABOVE:  # keep at least a 2x antialiased resize after the box average
+            factor = int(ratio // 2)
+            image = box_reduce(image[0] if image.ndim == 4 else image, factor)
     pixels = to_float_image(image)
     h, w = pixels.shape[:2]
     if min(h, w) < MIN_SIDE:
