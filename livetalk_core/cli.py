@@ -150,6 +150,12 @@ def run(args: argparse.Namespace) -> Path:
     return output
 
 
+OUT_OF_MEMORY_HELP = (
+    "The GPU ran out of memory. Options: a smaller --size (e.g. 384), --precision bf16 (not fp32), "
+    "close other programs using the GPU, or run on a GPU with more memory (see the VRAM table in the README)."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
@@ -158,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     except LiveTalkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        print(f"error: {OUT_OF_MEMORY_HELP}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
     return 0

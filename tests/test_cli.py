@@ -79,3 +79,18 @@ def test_same_seed_same_video_bit_identical(tmp_path):
     runs = [torch.cat(list(pipe.generate(image, wave, ctx, seed=seed, height=64, width=64))) for seed in (7, 7, 8)]
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])
+
+
+def test_out_of_memory_gives_the_options(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from livetalk_core import cli, pipeline
+
+    def fake_oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(pipeline.LiveTalkPipeline, "sample", fake_oom)
+    code = cli.main(["--smoke", "--output", str(tmp_path / "x.mp4")])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "ran out of memory" in err and "--size" in err and "Traceback" not in err
