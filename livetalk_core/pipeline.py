@@ -71,18 +71,43 @@ def fit_waveform(waveform: torch.Tensor, duration: float | None) -> torch.Tensor
     return F.pad(waveform, (0, samples - waveform.shape[0])) if samples > waveform.shape[0] else waveform[:samples]
 
 
+def check_audio_encoder(dit: LiveTalkDiT, audio_encoder: AudioEncoder) -> None:
+    """The DiT's audio projection takes ``(layers + 2) x hidden`` features per frame; refuse a mismatch."""
+    expected = dit.livetalk_config.audio_features
+    if audio_encoder.features_per_frame != expected:
+        raise InputError(
+            f"The audio encoder gives {audio_encoder.features_per_frame} features per frame, but this "
+            f"DiT expects {expected}: LiveTalk needs facebook/wav2vec2-base-960h "
+            f"({expected} = (layers + 2) x hidden)."
+        )
+
+
+@torch.no_grad()
+def encode_audio(
+    dit: LiveTalkDiT, audio_encoder: AudioEncoder, waveform_16k: torch.Tensor, duration: float | None = None
+) -> AudioConditioning:
+    """Mono 16 kHz speech ``[N]`` -> :class:`AudioConditioning` (``duration`` trims or pads, in s)."""
+    check_audio_encoder(dit, audio_encoder)
+    waveform = fit_waveform(torch.as_tensor(waveform_16k, dtype=torch.float32).flatten(), duration)
+    seconds = waveform.shape[0] / SAMPLE_RATE
+    if seconds < MIN_AUDIO_SECONDS:
+        raise InputError(
+            f"The audio is {seconds:.3f} s long; at least {MIN_AUDIO_SECONDS} s is needed. Check the file or the duration."
+        )
+    padded, num_latent_frames = pad_waveform_to_blocks(waveform, LIVETALK_FRAMES_PER_BLOCK)
+    features = livetalk_audio_features(
+        audio_encoder, padded.to(audio_encoder.device), video_frames_for_latents(num_latent_frames)
+    )
+    embeds = dit.embed_audio(features.to(dit.device))
+    return AudioConditioning(embeds=embeds, num_video_frames=video_frames_for_duration(seconds))
+
+
 class LiveTalkPipeline:
     """The loaded LiveTalk models and the steps that connect them (no ComfyUI import)."""
 
     def __init__(self, dit: LiveTalkDiT, vae: WanVAE, audio_encoder: AudioEncoder) -> None:
+        check_audio_encoder(dit, audio_encoder)
         self.dit, self.vae, self.audio_encoder = dit, vae, audio_encoder
-        expected = dit.livetalk_config.audio_features
-        if audio_encoder.features_per_frame != expected:
-            raise InputError(
-                f"The audio encoder gives {audio_encoder.features_per_frame} features per frame, but this "
-                f"DiT expects {expected}: LiveTalk needs facebook/wav2vec2-base-960h "
-                f"({expected} = (layers + 2) x hidden)."
-            )
 
     @torch.no_grad()
     def encode_reference(self, image: torch.Tensor | np.ndarray, height: int = 512, width: int = 512) -> torch.Tensor:
@@ -90,21 +115,9 @@ class LiveTalkPipeline:
         pixels = cover_and_crop(image, height, width)
         return self.vae.encode(pixels.to(self.vae.device, self.vae.dtype))
 
-    @torch.no_grad()
     def encode_audio(self, waveform_16k: torch.Tensor, duration: float | None = None) -> AudioConditioning:
-        """Mono 16 kHz speech ``[N]`` -> :class:`AudioConditioning` (``duration`` trims or pads, in s)."""
-        waveform = fit_waveform(torch.as_tensor(waveform_16k, dtype=torch.float32).flatten(), duration)
-        seconds = waveform.shape[0] / SAMPLE_RATE
-        if seconds < MIN_AUDIO_SECONDS:
-            raise InputError(
-                f"The audio is {seconds:.3f} s long; at least {MIN_AUDIO_SECONDS} s is needed. Check the file or the duration."
-            )
-        padded, num_latent_frames = pad_waveform_to_blocks(waveform, LIVETALK_FRAMES_PER_BLOCK)
-        features = livetalk_audio_features(
-            self.audio_encoder, padded.to(self.audio_encoder.device), video_frames_for_latents(num_latent_frames)
-        )
-        embeds = self.dit.embed_audio(features.to(self.dit.device))
-        return AudioConditioning(embeds=embeds, num_video_frames=video_frames_for_duration(seconds))
+        """See :func:`encode_audio`."""
+        return encode_audio(self.dit, self.audio_encoder, waveform_16k, duration)
 
     def sample(
         self,
