@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 from . import sequence_parallel
 from .errors import LiveTalkError
 from .noise import NoiseSource, SeededNoise
-from .realvideo_sampler import sample_realvideo
+from .realvideo_sampler import FRAMES_PER_BLOCK, REALVIDEO_CACHE, sample_realvideo
 from .s2v_model import S2VDiT
 from .sequence_parallel import LatentShard, SequenceParallel, ShardedNoise, pick_split_axis
 
@@ -53,6 +53,7 @@ def sample_realvideo_parallel(
     if sp is None or sp.world_size == 1:
         yield from sample_realvideo(model, ref_latent=ref_latent, noise=noise, **kwargs)
         return
+    sequence_parallel.check_cache_policy(REALVIDEO_CACHE, FRAMES_PER_BLOCK, first_frame=REALVIDEO_CACHE.sink_frames)
     sequence_parallel.attach(model, sp)
     try:
         h, w = ref_latent.shape[-2:]
@@ -93,6 +94,8 @@ def _worker_main(
     world = len(devices)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     os.environ["LOCAL_RANK"] = str(device.index or 0)
+    if device.type == "cpu":  # CPU ranks share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         sp = sequence_parallel.init_from_env("nccl" if device.type == "cuda" else "gloo")
         model = load_model(device=device)

@@ -5,7 +5,8 @@
 * Wan-AI/Wan2.2-S2V-14B diffusers shards: ``diffusion_pytorch_model-0000x-of-0000y.safetensors``
   named by ``diffusion_pytorch_model.safetensors.index.json`` (pass the index or its folder).
 * Comfy-Org ``*_fp8_scaled.safetensors``: float8_e4m3fn weights, each with a ``scale_weight``
-  (or ``weight_scale``) tensor; dequantised here to the compute dtype (``weight * scale``).
+  (or ``weight_scale``) tensor; dequantised tensor by tensor to the compute dtype
+  (``weight * scale``), or kept in fp8 (:mod:`.fp8_weights`).
 
 ``model.pt`` may be **complete** (upstream loads it strictly as the whole DiT, ~33 GB in bf16) or a
 **partial fine-tune** (a subset of the tensors, e.g. the ~2 GB figure quoted for the release): a
@@ -19,13 +20,13 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import read_state_dict, strip_prefix
+from .checkpoint import guess_model_family, read_state_dict, strip_prefix
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class CheckpointInfo:
     def describe(self) -> str:
         text = f"{self.path}: {self.kind} ({self.tensors_in_file} tensors"
         text += f" over {self.base})" if self.base else ")"
-        return text + (", fp8-scaled weights dequantised" if self.fp8_scaled else "")
+        return text + (", fp8-scaled weights" if self.fp8_scaled else "")
 
 
 def _shard_index(path: Path) -> Path | None:
@@ -86,41 +87,39 @@ def _read_shards(index: Path, what: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def dequantize_fp8_scaled(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
-    """Comfy fp8-scaled tensors -> float32 ``weight.float() * scale``; other tensors unchanged.
+def split_fp8_scales(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate Comfy fp8-scaled weights from their scales.
 
-    Returns the state dict without the scale / marker entries, and whether any fp8 weight was found.
+    Returns the model tensors (fp8 ones as stored, scale / marker entries removed) and
+    ``{weight key: float32 scale}`` for every fp8 tensor; :func:`~.fp8_weights.dequantize` turns a
+    pair back into ``weight * scale`` one tensor at a time, so no full-size float32 copy exists.
     """
-    scales = {k[: -len(s)]: v for k, v in state.items() for s in FP8_SCALE_SUFFIXES if k.endswith(s)}
-    out: dict[str, torch.Tensor] = {}
-    found = False
+    scale_of = {k[: -len(s)]: v for k, v in state.items() for s in FP8_SCALE_SUFFIXES if k.endswith(s)}
+    tensors: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         if key in FP8_MARKERS or key.endswith(FP8_SCALE_SUFFIXES + FP8_EXTRA_SUFFIXES):
             continue
         if tensor.dtype in FP8_DTYPES:
-            found = True
             module = key.rsplit(".", 1)[0]
-            scale = scales.get(module)
-            if scale is None:
+            if module not in scale_of:
                 raise CheckpointError(
                     f"{key} is stored in {tensor.dtype} without a {module}.scale_weight: this is not a Comfy "
                     "fp8_scaled file this loader knows. Use the bf16 file instead."
                 )
-            scale = scale.float()
-            if scale.numel() > 1:  # per output channel
-                scale = scale.reshape(-1, *([1] * (tensor.ndim - 1)))
-            tensor = tensor.float() * scale
-        out[key] = tensor
-    return out, found
+            scales[key] = scale_of[module].float()
+        tensors[key] = tensor
+    return tensors, scales
 
 
-def read_dit_file(path: str | os.PathLike, prefixes: tuple[str, ...], what: str) -> tuple[dict[str, torch.Tensor], bool]:
-    """One checkpoint in any supported layout -> bare-key state dict (fp8 dequantised to float32),
-    and whether it was fp8-scaled."""
+def read_dit_file(
+    path: str | os.PathLike, prefixes: tuple[str, ...], what: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One checkpoint in any supported layout -> bare-key tensors and fp8 scales (:func:`split_fp8_scales`)."""
     path = Path(path)
     index = _shard_index(path)
     state = _read_shards(index, what) if index is not None else read_state_dict(path, what=what)
-    return dequantize_fp8_scaled(strip_prefix(state, prefixes))
+    return split_fp8_scales(strip_prefix(state, prefixes))
 
 
 def _layout_pattern(key: str) -> str:
@@ -134,39 +133,49 @@ def read_s2v_checkpoint(
     prefixes: tuple[str, ...],
     what: str,
     known_keys: frozenset[str],
-    is_complete: callable,
-) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    missing_keys: Callable[[Mapping[str, torch.Tensor]], list[str] | None],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], CheckpointInfo]:
     """Read ``path`` (complete, or partial over ``base``) into one bare-key state dict.
 
-    ``known_keys``: key names of the S2V layout (any depth: numbers are ignored) to recognise a
-    partial file; ``is_complete(state)`` says whether a state dict has every tensor of its model.
+    Returns the tensors, the fp8 scales of those stored in fp8 (:func:`split_fp8_scales`) and what
+    was found. ``known_keys``: key names of the S2V layout (block and injector numbers are ignored) to recognise
+    a partial file. ``missing_keys(state)``: the tensors ``state`` lacks for the model its shapes
+    describe, or None when they do not describe one (too few tensors to tell).
+    A file that is neither complete nor recognisably partial is returned as is, for the caller's
+    strict key check to explain.
     """
-    state, fp8 = read_dit_file(path, prefixes, what)
-    if is_complete(state):
+    state, scales = read_dit_file(path, prefixes, what)
+    missing = missing_keys(state)
+    if missing == []:
         if base is not None:
             log.info("%s is a complete %s; the base checkpoint %s is not needed and was not read", path, what, base)
-        info = CheckpointInfo(COMPLETE, str(path), None, len(state), fp8)
+        info = CheckpointInfo(COMPLETE, str(path), None, len(state), bool(scales))
         log.info("RealVideo DiT: %s", info.describe())
-        return state, info
+        return state, scales, info
     patterns = {_layout_pattern(k) for k in known_keys}
-    partial = bool(state) and all(_layout_pattern(k) in patterns for k in state)
+    in_layout = bool(state) and all(_layout_pattern(k) in patterns for k in state)
     if base is None:
-        if partial:
+        looks_s2v = missing is not None or guess_model_family(state) == guess_model_family(known_keys)
+        if in_layout and looks_s2v:
+            listed = "" if missing is None else f" Missing {len(missing)} keys: {', '.join(missing[:6])}."
             raise CheckpointError(
                 f"{path} holds {len(state)} tensors of the {what} but not the whole model: it is a partial "
-                "fine-tune (or a truncated file). Give the base Wan2.2-S2V-14B checkpoint as well (the diffusers "
-                f"folder with {SHARD_INDEX}, or Comfy-Org's wan2.2_s2v_14B_bf16 / _fp8_scaled .safetensors) and "
-                "the file is applied over it."
+                f"fine-tune (or a truncated file).{listed} Give the base Wan2.2-S2V-14B checkpoint as well (the "
+                f"diffusers folder with {SHARD_INDEX}, or Comfy-Org's wan2.2_s2v_14B_bf16 / _fp8_scaled "
+                ".safetensors) and the file is applied over it."
             )
-        return state, CheckpointInfo(COMPLETE, str(path), None, len(state), fp8)  # the caller's key check explains
-    if not partial:
+        return state, scales, CheckpointInfo(COMPLETE, str(path), None, len(state), bool(scales))
+    if not in_layout:
         strangers = sorted(k for k in state if _layout_pattern(k) not in patterns)
         raise CheckpointError(
             f"{path} is neither a complete {what} nor a partial fine-tune of one: {len(strangers)} of its keys "
             f"are not in the S2V layout (e.g. {', '.join(strangers[:4])})."
         )
-    merged, base_fp8 = read_dit_file(base, prefixes, what + " base")
+    merged, merged_scales = read_dit_file(base, prefixes, what + " base")
+    for key in state:  # a fine-tuned tensor replaces the base one, and its base scale with it
+        merged_scales.pop(key, None)
     merged.update(state)
-    info = CheckpointInfo(PARTIAL, str(path), str(base), len(state), fp8 or base_fp8)
+    merged_scales.update(scales)
+    info = CheckpointInfo(PARTIAL, str(path), str(base), len(state), bool(merged_scales))
     log.info("RealVideo DiT: %s", info.describe())
-    return merged, info
+    return merged, merged_scales, info

@@ -22,14 +22,14 @@ latent frame, T' latent audio steps of a segment.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import check_keys, check_shapes, read_state_dict, resolve_dtype, strip_prefix
+from .checkpoint import check_keys, check_shapes, resolve_dtype
 from .errors import CheckpointError
 from .kv_cache import KVCache
 from .rope import grid_rotations
@@ -419,24 +419,86 @@ def s2v_config_from_state_dict(
     return config
 
 
+def _layout_keys() -> frozenset[str]:
+    """Key names of the S2V layout (a one-layer instance: numbers are ignored when matching)."""
+    core = WanCoreConfig(dim=HEAD_DIM, in_dim=LATENT_CHANNELS, out_dim=LATENT_CHANNELS, ffn_dim=1, num_layers=1, text_dim=1)
+    config = S2VConfig(core=core, audio_dim=1, audio_layers=1, audio_tokens=1, inject_layers=(0,), cond_dim=1)
+    return frozenset(config.expected_shapes())
+
+
+def _missing_keys(sd: Mapping[str, torch.Tensor], inject_layers: Sequence[int] | None) -> list[str] | None:
+    """Tensors ``sd`` lacks for the model its shapes describe; None if they describe none; [] when
+    complete or when the strict check of :func:`s2v_config_from_state_dict` should explain."""
+    try:
+        config = S2VConfig.from_state_dict(sd, inject_layers)
+    except KeyError:
+        return None
+    except CheckpointError:
+        return []
+    return sorted(set(config.expected_shapes()) - set(sd))
+
+
+def fp8_linear_layers(model: S2VDiT) -> dict[str, nn.Linear]:
+    """The Linear layers worth keeping in fp8: those of the blocks and the audio injectors (~14 of
+    the 16.3 B parameters of the 14B model), by weight key."""
+    return {
+        f"{prefix}.{name}.weight": module
+        for prefix, parent in (("blocks", model.blocks), ("audio_injector", model.audio_injector))
+        for name, module in parent.named_modules()
+        if isinstance(module, nn.Linear)
+    }
+
+
 def load_s2v_dit(
     path: str | os.PathLike,
     dtype: torch.dtype | str = torch.bfloat16,
     device: torch.device | str = "cpu",
     *,
     audio_inject_layers: Sequence[int] | None = None,
+    base: str | os.PathLike | None = None,
+    fp8_weights: bool = False,
 ) -> S2VDiT:
-    """Load RealVideo's ``model.pt`` (``{"generator": {"model.<name>": ...}}``) or a bare-key
-    ``diffusion_model.safetensors`` (Comfy-Org / Wan2.2-S2V layout), float32 or bfloat16.
+    """Load an S2V DiT in any layout of :mod:`.s2v_checkpoint`: RealVideo's ``model.pt``
+    (``{"generator": {"model.<name>": ...}}``), a bare-key ``diffusion_model.safetensors``
+    (Comfy-Org bf16 or ``_fp8_scaled``), or the Wan2.2-S2V-14B diffusers shards (index or folder).
 
-    The pickle is memory-mapped and every tensor goes straight to ``device`` in ``dtype``, so no
-    full-size float32 copy is ever made. ``audio_inject_layers`` is only needed for non-release
-    depths (see :meth:`S2VConfig.from_state_dict`).
+    ``path`` may be complete, or a partial fine-tune applied over ``base`` (any layout); the model's
+    ``checkpoint_info`` (:class:`~.s2v_checkpoint.CheckpointInfo`) says which was found. Tensors go
+    to ``device`` in ``dtype`` one at a time (pickles are memory-mapped), so no full-size float32
+    copy is ever made. ``fp8_weights`` keeps the block and injector Linear weights in float8 with a
+    per-tensor scale (:mod:`.fp8_weights`; the file's own fp8 values when it is fp8-scaled), about
+    halving the weight memory. ``audio_inject_layers`` is only needed for non-release depths (see
+    :meth:`S2VConfig.from_state_dict`).
     """
+    from .fp8_weights import FP8, dequantize, quantize, to_fp8_linear
+    from .s2v_checkpoint import read_s2v_checkpoint
+
     dtype = resolve_dtype(dtype)
-    sd = strip_prefix(read_state_dict(path, what=MODEL_NAME), CHECKPOINT_PREFIXES)
-    config = s2v_config_from_state_dict(sd, path, audio_inject_layers)
+    sd, scales, info = read_s2v_checkpoint(
+        path,
+        base,
+        prefixes=CHECKPOINT_PREFIXES,
+        what=MODEL_NAME,
+        known_keys=_layout_keys(),
+        missing_keys=lambda state: _missing_keys(state, audio_inject_layers),
+    )
+    config = s2v_config_from_state_dict(sd, path if base is None else f"{base} + {path}", audio_inject_layers)
     with torch.device("meta"):
         model = S2VDiT(config)
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+    fp8_layers = fp8_linear_layers(model) if fp8_weights else {}
+    fp8_scales: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        value = value.to(device)
+        if key in fp8_layers:
+            if key in scales and value.dtype == FP8:
+                tensors[key], fp8_scales[key] = value, scales[key]
+            else:
+                tensors[key], fp8_scales[key] = quantize(dequantize(value, scales[key], dtype) if key in scales else value)
+        else:
+            tensors[key] = dequantize(value, scales[key], dtype) if key in scales else value.to(dtype)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    for key, module in fp8_layers.items():
+        to_fp8_linear(module, fp8_scales[key])
+    model.checkpoint_info = info
     return model.eval().requires_grad_(False)

@@ -1,0 +1,244 @@
+"""RealVideo (Wan2.2-S2V-14B, causal) from the command line, on one GPU or several.
+
+One GPU::
+
+    python -m livetalk_core.realvideo_cli --dit model.pt --base Wan2.2-S2V-14B/ --vae Wan2.1_VAE.pth \\
+        --wav2vec2 wav2vec2-large-xlsr-53-english/ --contexts prompts.safetensors \\
+        --image face.jpg --audio speech.wav --output out.mp4
+
+Several GPUs (Ulysses sequence parallelism, one process per GPU; same video as one GPU)::
+
+    torchrun --standalone --nproc_per_node=2 -m livetalk_core.realvideo_cli ...same arguments...
+
+Every rank loads the full DiT; rank 0 prepares the inputs (image, audio, prompts), broadcasts
+them, decodes the blocks with the VAE and writes the mp4. ``--contexts`` is a safetensors file with
+the umT5 embeddings ``idle`` ("A character is looking at the camera.") and ``talking`` ("A
+character is talking."); without it, ``--text-encoder`` / ``--tokenizer`` compute them once and save
+them next to the output. ``--smoke`` runs the whole path with tiny random weights on the CPU (gloo
+under torchrun) to check an installation or a launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import sequence_parallel
+from .errors import InputError, LiveTalkError
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+IDLE_PROMPT = "A character is looking at the camera."
+TALKING_PROMPT = "A character is talking."
+VIDEO_FPS = 16
+BLOCK_SECONDS = 0.5
+SMOKE_AREA = 128 * 64
+log = logging.getLogger("livetalk.realvideo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="realvideo", description="RealVideo talking-avatar video (Wan2.2-S2V-14B, causal).")
+    p.add_argument("--image", default=str(ASSETS / "portrait.jpg"), help="reference face image")
+    p.add_argument("--audio", default=str(ASSETS / "speech.flac"), help="speech audio, any format/rate")
+    p.add_argument("--output", default="realvideo.mp4", help="mp4 to write (rank 0)")
+    p.add_argument("--dit", type=Path, help="model.pt (complete or partial fine-tune), a .safetensors, or the diffusers folder")
+    p.add_argument("--base", type=Path, default=None, help="base S2V checkpoint a partial --dit file is applied over")
+    p.add_argument("--dit-config", type=Path, default=None,
+                   help="the DiT's config.json, read for audio_inject_layers (default: config.json next to --dit, if any; "
+                   "only needed for non-release depths)")
+    p.add_argument("--fp8", action="store_true", help="keep the DiT's Linear weights in fp8 (about half the weight memory)")
+    p.add_argument("--vae", type=Path, help="Wan2.1_VAE.pth")
+    p.add_argument("--wav2vec2", type=Path, help="wav2vec2-large-xlsr-53-english folder")
+    p.add_argument("--contexts", type=Path, default=None, help="safetensors with 'idle' and 'talking' umT5 embeddings")
+    p.add_argument("--text-encoder", type=Path, default=None, help="umT5 .pth, used when --contexts is not given")
+    p.add_argument("--tokenizer", type=Path, default=None, help="umT5 tokenizer folder, with --text-encoder")
+    p.add_argument("--steps", type=int, default=4, choices=(2, 4), help="denoising steps per block (upstream default 4)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video on any number of GPUs")
+    p.add_argument("--duration", type=float, default=None, help="seconds of video (default: the audio's; longer idles on the last audio)")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "math", "flash", "sage"), help="attention kernel")
+    p.add_argument("--latents-out", type=Path, default=None, help="also save the blocks' latents (safetensors, rank 0)")
+    p.add_argument("--smoke", action="store_true", help="tiny random weights on the CPU: checks the install or the launch")
+    return p
+
+
+def _device(smoke: bool) -> torch.device:
+    if smoke or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _smoke_models(folder: Path, dtype: torch.dtype, device: torch.device):
+    """Tiny random S2V DiT (2 heads, so 2 ranks can split it) and VAE, seeded: identical on every rank."""
+    from safetensors.torch import save_file
+
+    from .s2v_model import S2VConfig, S2VDiT, load_s2v_dit
+    from .vae import VAEConfig, WanVAE
+    from .wan_dit import HEAD_DIM, WanCoreConfig
+
+    torch.manual_seed(0)
+    core = WanCoreConfig(dim=2 * HEAD_DIM, in_dim=16, out_dim=16, ffn_dim=64, num_layers=2, text_dim=32)
+    dit = S2VDiT(S2VConfig(core=core, audio_dim=8, audio_layers=25, audio_tokens=4, inject_layers=(0, 1), cond_dim=16))
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    path = folder / "s2v_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()}, str(path))
+    vae = WanVAE(VAEConfig(dim=4)).to(device, dtype).eval()
+    return load_s2v_dit(path, dtype, device, audio_inject_layers=(0, 1)), vae
+
+
+def _inject_layers(args: argparse.Namespace) -> list[int] | None:
+    """``audio_inject_layers`` from the DiT's config.json (upstream's ``from_config`` file), if there is one."""
+    import json
+
+    config = args.dit_config or (args.dit if args.dit.is_dir() else args.dit.parent) / "config.json"
+    if not config.is_file():
+        if args.dit_config is not None:
+            raise InputError(f"--dit-config {config} does not exist.")
+        return None
+    try:
+        return json.loads(config.read_text()).get("audio_inject_layers")
+    except ValueError as exc:
+        raise InputError(f"{config} is not valid JSON ({exc}).") from None
+
+
+def _contexts(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    from safetensors.torch import load_file, save_file
+
+    if args.contexts is not None:
+        if not args.contexts.is_file():
+            raise InputError(f"--contexts {args.contexts} does not exist.")
+        saved = load_file(str(args.contexts))
+        if not {"idle", "talking"} <= saved.keys():
+            raise InputError(f"{args.contexts} must hold the tensors 'idle' and 'talking' (umT5 embeddings).")
+        return saved["idle"], saved["talking"]
+    if args.text_encoder is None or args.tokenizer is None:
+        raise InputError("Give --contexts, or --text-encoder and --tokenizer to compute the two prompt embeddings.")
+    from .text_encoder import encode_prompt, load_text_encoder, release_text_encoder
+
+    encoder = load_text_encoder(args.text_encoder, dtype=dtype, device=device)
+    idle, talking = (encode_prompt(p, encoder, args.tokenizer).cpu() for p in (IDLE_PROMPT, TALKING_PROMPT))
+    release_text_encoder(encoder)
+    saved = Path(args.output).with_suffix(".contexts.safetensors")
+    save_file({"idle": idle.contiguous(), "talking": talking.contiguous()}, str(saved))
+    log.info("saved the prompt embeddings to %s (pass --contexts next time)", saved)
+    return idle, talking
+
+
+def prepare_inputs(args: argparse.Namespace, vae, device: torch.device, dtype: torch.dtype) -> dict:
+    """Reference latent, prompt embeddings, per-segment audio features and the waveform (rank 0)."""
+    from .audio import load_audio
+    from .image import load_image
+    from .realvideo_image import DEFAULT_AREA, preprocess_reference
+
+    pixels, plan = preprocess_reference(load_image(args.image), SMOKE_AREA if args.smoke else DEFAULT_AREA)
+    log.info("reference image -> %dx%d (W x H)", pixels.shape[-1], pixels.shape[-2])
+    ref_latent = vae.encode(pixels.to(device, dtype).unsqueeze(2)).to(dtype).cpu()
+    waveform = load_audio(args.audio)
+    if args.smoke:
+        from .realvideo_audio import split_segments
+
+        generator = torch.Generator().manual_seed(0)
+        features = [torch.randn(1, 25, 8, s.numel() // 1000, generator=generator) for s in split_segments(waveform)]
+        idle, talking = torch.randn(2, 1, 16, 32, generator=generator)
+    else:
+        from .audio import load_audio_encoder
+        from .realvideo_audio import realvideo_audio_features
+
+        encoder = load_audio_encoder(args.wav2vec2, torch.float32, device)
+        features = [f.cpu() for f in realvideo_audio_features(encoder, waveform.to(device), dtype)]
+        del encoder
+        idle, talking = _contexts(args, device, dtype)
+    return dict(ref_latent=ref_latent, idle_context=idle, talking_context=talking, audio_features=features, waveform=waveform)
+
+
+def run(args: argparse.Namespace) -> Path | None:
+    from .attention import resolve_backend
+    from .noise import SeededNoise
+    from .realvideo_sampler import realvideo_schedule
+    from .realvideo_worker import sample_realvideo_parallel
+    from .vae import load_vae
+
+    sp = sequence_parallel.init_from_env("gloo" if args.smoke else None)
+    rank = 0 if sp is None else sp.rank
+    device = _device(args.smoke)
+    dtype = torch.float32 if args.smoke else {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    if args.smoke:
+        dit, vae = _smoke_models(Path(tempfile.mkdtemp(prefix="realvideo-smoke-")), dtype, device)
+    else:
+        from .s2v_model import load_s2v_dit
+
+        missing = [name for name in ("dit", "vae", "wav2vec2") if getattr(args, name) is None]
+        if missing:
+            raise InputError(f"Give --{' --'.join(missing)} (or --smoke for a check with tiny random weights).")
+        dit = load_s2v_dit(
+            args.dit, dtype, device, base=args.base, fp8_weights=args.fp8, audio_inject_layers=_inject_layers(args)
+        )
+        vae = load_vae(args.vae, dtype, device) if rank == 0 else None
+    dit.attention_backend = resolve_backend(args.attention)
+
+    inputs = [prepare_inputs(args, vae, device, dtype) if rank == 0 else None]
+    if sp is not None:
+        dist.broadcast_object_list(inputs, src=0)
+    inputs = inputs[0]
+    waveform = inputs.pop("waveform")
+    num_blocks = None if args.duration is None else max(1, math.ceil(args.duration / BLOCK_SECONDS))
+    blocks = sample_realvideo_parallel(
+        dit, sp, noise=SeededNoise(args.seed), schedule=realvideo_schedule(args.steps), num_blocks=num_blocks, **inputs
+    )
+    if rank != 0:
+        for _ in blocks:
+            pass
+        return None
+    return _write(args, blocks, vae, waveform)
+
+
+def _write(args: argparse.Namespace, blocks, vae, waveform: torch.Tensor) -> Path:
+    """Decode each block as it comes and stream it into the mp4 (rank 0)."""
+    from safetensors.torch import save_file
+
+    from .vae import StreamDecoder, frames_to_uint8
+    from .video_io import VideoWriter
+
+    decoder, latents = StreamDecoder(vae), []
+    output, frames_done, start = Path(args.output), 0, time.perf_counter()
+    with VideoWriter(output, fps=VIDEO_FPS, audio=waveform) as writer:
+        for i, block in enumerate(blocks):
+            if args.latents_out is not None:
+                latents.append(block.float().cpu())
+            frames = frames_to_uint8(decoder.decode(block.to(vae.dtype)))
+            writer.write(frames)
+            frames_done += frames.shape[0]
+            log.info("block %d: %d frames, %.2f s elapsed", i, frames.shape[0], time.perf_counter() - start)
+    if args.latents_out is not None:
+        save_file({"latents": torch.cat(latents, dim=2).contiguous()}, str(args.latents_out))
+    print(f"wrote {output} ({frames_done} frames, {frames_done / VIDEO_FPS:.2f} s)", file=sys.stderr)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except LiveTalkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
