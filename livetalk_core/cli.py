@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="model precision")
     p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "math", "flash", "sage"), help="attention kernel")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the DiT blocks (default: on for GPUs, about 30%% faster)")
     p.add_argument("--smoke", action="store_true", help="tiny random weights on the CPU: checks the install, makes noise")
     return p
 
@@ -110,6 +112,10 @@ def load_pipeline(args: argparse.Namespace, device: torch.device):
         load_livetalk_dit(dit, dtype, device), load_vae(vae, dtype, device), load_audio_encoder(wav2vec2, dtype, device)
     )
     pipeline.dit.attention_backend = args.attention
+    if args.compile if args.compile is not None else device.type == "cuda":
+        from .compile import compile_blocks
+
+        compile_blocks(pipeline.dit)
     return pipeline, context
 
 

@@ -118,7 +118,7 @@ class KVCache:
         return keys[:, :n], values[:, :n]
 
     def rotate_sink_keys(self, layer: int, rotation: torch.Tensor) -> None:
-        """Rotate ``layer``'s cached sink keys in place by ``rotation`` (complex, broadcast as in
+        """Rotate ``layer``'s cached sink keys in place by ``rotation`` ((cos, sin) pairs, broadcast as in
         :func:`~.rope.apply_rotary`), re-rounding to the cache dtype.
 
         RealVideo advances its reference frame's temporal RoPE position this way once per block

@@ -3,7 +3,8 @@
 The head dimension (128 in every released Wan model) is split into temporal / height / width parts
 of ``d - 2*(d//3)`` / ``d//3`` / ``d//3`` channels (44/42/42), each rotated by its own frequency table
 with base 10000. Channels are paired *interleaved* ((0,1), (2,3), ...) and the rotation is done in
-float64, as upstream does, then cast back.
+float64, as upstream does, then cast back. Rotations are kept as real (cos, sin) pairs rather than
+complex numbers: the same float64 values and products, in a form ``torch.compile`` can fuse.
 
 Upstream precomputes a 1024-position table, which caps a video at 1024 latent frames. The angles
 here are computed for whatever positions are asked for, with the same float64 arithmetic
@@ -30,9 +31,9 @@ def inverse_frequencies(axis_dim: int, theta: float = ROPE_THETA) -> torch.Tenso
 
 
 def axis_rotations(positions: torch.Tensor, axis_dim: int) -> torch.Tensor:
-    """Unit complex rotations ``exp(i * p * inv_freq)``: complex128 ``[len(positions), axis_dim//2]``."""
+    """``(cos, sin)`` of ``p * inv_freq``: float64 ``[len(positions), axis_dim//2, 2]``."""
     angles = torch.outer(positions.to(torch.float64), inverse_frequencies(axis_dim).to(positions.device))
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
 def grid_rotations(
@@ -44,7 +45,7 @@ def grid_rotations(
         frame_positions: temporal position of each latent frame, ``[f]`` (int or float).
         height, width: token grid size (latent size / patch size).
     Returns:
-        complex128 ``[f*height*width, 1, head_dim//2]`` (the 1 broadcasts over heads).
+        float64 ``[f*height*width, 1, head_dim//2, 2]`` (cos, sin); the 1 broadcasts over heads.
     """
     dt, dh, dw = axis_splits(head_dim)
     device = frame_positions.device
@@ -54,19 +55,21 @@ def grid_rotations(
     rw = axis_rotations(torch.arange(width, device=device), dw)
     grid = torch.cat(
         [
-            rt.view(f, 1, 1, -1).expand(f, height, width, -1),
-            rh.view(1, height, 1, -1).expand(f, height, width, -1),
-            rw.view(1, 1, width, -1).expand(f, height, width, -1),
+            rt.view(f, 1, 1, -1, 2).expand(f, height, width, -1, 2),
+            rh.view(1, height, 1, -1, 2).expand(f, height, width, -1, 2),
+            rw.view(1, 1, width, -1, 2).expand(f, height, width, -1, 2),
         ],
-        dim=-1,
+        dim=-2,
     )
-    return grid.reshape(f * height * width, 1, -1)
+    return grid.reshape(f * height * width, 1, -1, 2)
 
 
 def apply_rotary(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of ``x`` ``[B, S, H, D]`` by ``rotations`` ``[S, 1, D/2]``.
+    """Rotate interleaved channel pairs of ``x`` ``[B, S, H, D]`` by ``rotations`` ``[S, 1, D/2, 2]``.
 
-    The product is formed in complex128 and cast back to ``x.dtype``.
+    ``(re + i im)(cos + i sin)`` is formed in float64 and cast back to ``x.dtype``.
     """
-    pairs = torch.view_as_complex(x.to(torch.float64).reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
+    pairs = x.to(torch.float64).unflatten(-1, (-1, 2))
+    re, im = pairs[..., 0], pairs[..., 1]
+    cos, sin = rotations[..., 0], rotations[..., 1]
+    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).to(x.dtype)

@@ -264,12 +264,12 @@ def shard_rotations(
     """RoPE rotations of a ``grid`` = (frames, h, w) token grid whose patch rows and columns start at
     ``grid_offset`` in the full latent (non-zero for a shard under sequence parallelism).
 
-    Returns complex ``[frames*h*w, 1, D/2]`` on ``frame_positions``' device.
+    Returns float64 ``[frames*h*w, 1, D/2, 2]`` (cos, sin) on ``frame_positions``' device.
     """
     f, gh, gw = grid
     oh, ow = grid_offset
     full = grid_rotations(frame_positions, oh + gh, ow + gw, HEAD_DIM)
-    return full.view(f, oh + gh, ow + gw, 1, -1)[:, oh:, ow:].reshape(f * gh * gw, 1, -1)
+    return full.unflatten(0, (f, oh + gh, ow + gw))[:, oh:, ow:].flatten(0, 2)
 
 
 @dataclass(frozen=True)

@@ -152,19 +152,17 @@ class SelfAttention(QKNormAttention):
 
     sp: SequenceParallel | None = None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rotations: torch.Tensor,
-        cache: KVCache | None,
-        layer: int,
-        backend: str,
-    ) -> torch.Tensor:
-        """x ``[B, S, C]``, rotations complex ``[S, 1, D/2]`` -> ``[B, S, C]``."""
+    def project(self, x: torch.Tensor, rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x ``[B, S, C]``, rotations ``[S, 1, D/2, 2]`` -> rotated q, k and v ``[B, S, H, D]``."""
         heads = (self.num_heads, -1)
         q = apply_rotary(self.norm_q(self.q(x)).unflatten(2, heads), rotations)
         k = apply_rotary(self.norm_k(self.k(x)).unflatten(2, heads), rotations)
-        v = self.v(x).unflatten(2, heads)
+        return q, k, self.v(x).unflatten(2, heads)
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, layer: int, backend: str
+    ) -> torch.Tensor:
+        """Write k, v to the cache and attend over it -> ``[B, S, H*D]`` (before the output projection)."""
         if self.sp is not None:
             q, k, v = self.sp.heads_from_sequence(q, k, v)
         if cache is not None:
@@ -172,7 +170,7 @@ class SelfAttention(QKNormAttention):
         out = attention(q, k, v, backend)
         if self.sp is not None:
             out = self.sp.sequence_from_heads(out.unflatten(2, (q.shape[2], -1))).flatten(2)
-        return self.o(out)
+        return out
 
 
 class CrossAttention(QKNormAttention):
@@ -210,14 +208,37 @@ class WanBlock(nn.Module):
         layer: int,
         backend: str,
     ) -> torch.Tensor:
-        """x ``[B, S, C]``; t_mod ``[B, F, 6, C]`` (one modulation per latent frame) -> ``[B, S, C]``."""
-        f = t_mod.shape[1]
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(1) + t_mod).chunk(6, dim=2)
-        c = x.shape[-1]
-        h = modulate(F.layer_norm(x, (c,), eps=self.eps), shift_sa, scale_sa, f)
-        x = x + gated(self.self_attn(h, rotations, cache, layer, backend), gate_sa, f)
+        """x ``[B, S, C]``; t_mod ``[B, F, 6, C]`` (one modulation per latent frame) -> ``[B, S, C]``.
+
+        The work before and after the cached attention is in :meth:`attention_inputs` and
+        :meth:`attention_outputs`, plain tensor functions that :func:`~.compile.compile_blocks`
+        compiles once for all layers; the cache write and the attention kernel stay outside.
+        """
+        modulation = self.modulation.unsqueeze(1) + t_mod
+        q, k, v = self.attention_inputs(x, modulation, rotations)
+        attended = self.self_attn.attend(q, k, v, cache, layer, backend)
+        return self.attention_outputs(x, attended, modulation, context_kv, backend)
+
+    def attention_inputs(
+        self, x: torch.Tensor, modulation: torch.Tensor, rotations: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shift, scale = modulation[:, :, 0:1], modulation[:, :, 1:2]
+        h = modulate(F.layer_norm(x, (x.shape[-1],), eps=self.eps), shift, scale, modulation.shape[1])
+        return self.self_attn.project(h, rotations)
+
+    def attention_outputs(
+        self,
+        x: torch.Tensor,
+        attended: torch.Tensor,
+        modulation: torch.Tensor,
+        context_kv: tuple[torch.Tensor, torch.Tensor],
+        backend: str,
+    ) -> torch.Tensor:
+        f = modulation.shape[1]
+        gate_sa, shift_ff, scale_ff, gate_ff = (modulation[:, :, i : i + 1] for i in range(2, 6))
+        x = x + gated(self.self_attn.o(attended), gate_sa, f)
         x = x + self.cross_attn(self.norm3(x), context_kv, backend)
-        h = modulate(F.layer_norm(x, (c,), eps=self.eps), shift_ff, scale_ff, f)
+        h = modulate(F.layer_norm(x, (x.shape[-1],), eps=self.eps), shift_ff, scale_ff, f)
         return x + gated(self.ffn(h), gate_ff, f)
 
 

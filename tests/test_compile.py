@@ -1,0 +1,54 @@
+"""Regional compilation: one graph for all layers, same numbers, and a soft fall-back."""
+
+import torch
+
+from livetalk_core.compile import compile_blocks
+from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT
+from livetalk_core.noise import SeededNoise
+from livetalk_core.sampler import sample_livetalk
+from livetalk_core.wan_dit import WanCoreConfig
+
+
+def tiny_model() -> LiveTalkDiT:
+    torch.manual_seed(0)
+    core = WanCoreConfig(dim=128, in_dim=33, out_dim=16, ffn_dim=64, num_layers=4, text_dim=16)
+    model = LiveTalkDiT(LiveTalkConfig(core=core, audio_features=8)).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    return model
+
+
+def run(model, blocks=6):
+    audio = model.embed_audio(torch.randn(1, 4 * 3 * blocks - 3, 8, generator=torch.Generator().manual_seed(1)))
+    return torch.cat(list(sample_livetalk(model, ref_latent=torch.ones(1, 16, 1, 4, 4), audio_embeds=audio,
+                                          context=torch.ones(1, 4, 16), num_blocks=blocks, noise=SeededNoise(0))), 2)
+
+
+def test_all_layers_share_one_compiled_graph_and_match_eager():
+    import torch._dynamo.utils as dynamo_utils
+
+    model = tiny_model()
+    eager = run(model)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    compile_blocks(model)
+    compiled = run(model)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    # two functions per block, 4 layers, 6 blocks with a growing then rolling cache: still 2 graphs
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 2
+
+
+def test_compiler_failure_falls_back_to_eager(monkeypatch, caplog):
+    model = tiny_model()
+    eager = run(model, blocks=2)
+
+    def broken(*args, **kwargs):
+        def fn(*a, **k):
+            raise RuntimeError("Cannot find a working triton installation. Either the package is not installed or it is too old.")
+        return fn
+
+    monkeypatch.setattr(torch, "compile", broken)
+    compile_blocks(model)
+    with caplog.at_level("WARNING"):
+        assert torch.equal(run(model, blocks=2), eager)
+    assert "runs eager" in caplog.text
