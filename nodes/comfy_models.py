@@ -93,12 +93,14 @@ class Managed:
     """An engine object whose weights ComfyUI's memory manager moves between devices.
 
     ``engine`` is what the nodes call (a DiT, a VAE, an AudioEncoder); ``module`` the nn.Module that
-    holds its weights. Call :func:`on_device` before using ``engine``.
+    holds its weights; ``family`` the DiT family the three were loaded for. Call :func:`on_device`
+    before using ``engine``.
     """
 
     def __init__(self, engine, module: torch.nn.Module, load_device: torch.device, offload_device: torch.device,
                  family: ModelFamily | None = None) -> None:
         self.engine = engine
+        self.module = module
         self.family = family
         self.patcher = comfy.model_patcher.ModelPatcher(_Shell(module), load_device=load_device, offload_device=offload_device)
 

@@ -1,4 +1,9 @@
-"""LiveTalkEncodeAudioWav2Vec and LiveTalkEncodeReferenceVAE: native AUDIO / IMAGE to model inputs."""
+"""LiveTalkEncodeAudioWav2Vec and LiveTalkEncodeReferenceVAE: native AUDIO / IMAGE to model inputs.
+
+Both prepare their input the way the loaded family was trained: LiveTalk 1.3B's interpolated
+wav2vec2-base features and a fixed video size, or RealVideo 14B's bucketed wav2vec2-large features
+per 5 s segment and its own size rule (an area, the aspect ratio snapped from the image).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,23 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
-from ..livetalk_core.audio import prepare_waveform
+from ..livetalk_core.audio import SAMPLE_RATE, prepare_waveform
+from ..livetalk_core.errors import InputError
 from ..livetalk_core.image import check_target_size, cover_and_crop, to_float_image
-from ..livetalk_core.pipeline import AudioConditioning, LiveTalkPipeline
-from .comfy_models import on_device
-from .pack_types import CATEGORY, AudioEmbeds, LiveTalkAudioEncoder, LiveTalkModel, LiveTalkVAE, Reference
+from ..livetalk_core.pipeline import AudioConditioning, LiveTalkPipeline, video_frames_for_duration
+from ..livetalk_core.realvideo_audio import realvideo_audio_features
+from ..livetalk_core.realvideo_image import preprocess_reference
+from .comfy_models import Managed, on_device
+from .model_files import REALVIDEO_14B, EncoderSize, check_audio_encoder_fits
+from .pack_types import (
+    CATEGORY,
+    AudioEmbeds,
+    LiveTalkAudioEncoder,
+    LiveTalkModel,
+    LiveTalkVAE,
+    RealVideoAudio,
+    Reference,
+)
 
 CROP_MODES = ("center", "stretch")
 
@@ -24,11 +41,14 @@ class LiveTalkEncodeAudioWav2Vec(io.ComfyNode):
             display_name="EncodeAudioWav2Vec",
             category=CATEGORY,
             description="Turns speech into the model's audio embeddings. The video is as long as the audio "
-            "(16 frames per second).",
+            "(16 frames per second). LiveTalk 1.3B takes wav2vec2-base, RealVideo 14B wav2vec2-large "
+            "(run in fp32, in 5 s segments).",
             inputs=[
-                LiveTalkModel.Input("model", tooltip="The LiveTalk model from LoadLiveTalkModel; its audio "
-                                    "projection is applied here."),
-                LiveTalkAudioEncoder.Input("audio_encoder", tooltip="The wav2vec2 encoder from LoadLiveTalkModel."),
+                LiveTalkModel.Input("model", tooltip="The model from LoadLiveTalkModel. LiveTalk 1.3B: its audio "
+                                    "projection is applied here. RealVideo 14B: it only picks the pipeline (its "
+                                    "DiT takes the features per block, so it is not loaded here)."),
+                LiveTalkAudioEncoder.Input("audio_encoder", tooltip="The wav2vec2 encoder from LoadLiveTalkModel "
+                                           "(wav2vec2-base for LiveTalk 1.3B, wav2vec2-large for RealVideo 14B)."),
                 io.Audio.Input("audio", tooltip="Speech, e.g. from Load Audio: any sample rate, mono or stereo "
                                "(channels are averaged, then resampled to 16 kHz)."),
             ],
@@ -37,13 +57,37 @@ class LiveTalkEncodeAudioWav2Vec(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, audio_encoder, audio: dict) -> io.NodeOutput:
+    def execute(cls, model: Managed, audio_encoder: Managed, audio: dict) -> io.NodeOutput:
         waveform = prepare_waveform(audio["waveform"], audio["sample_rate"])
+        _check_encoder_fits(model, audio_encoder)
+        if model.family is REALVIDEO_14B:
+            return io.NodeOutput(_realvideo_audio(model, audio_encoder, waveform))
         dit, encoder = on_device(model, audio_encoder)
         # The VAE plays no part in this step.
         conditioning = LiveTalkPipeline(dit, None, encoder).encode_audio(waveform)
         embeds = conditioning.embeds.to(mm.intermediate_device())
         return io.NodeOutput(AudioConditioning(embeds=embeds, num_video_frames=conditioning.num_video_frames))
+
+
+def _check_encoder_fits(model: Managed, audio_encoder: Managed) -> None:
+    """The loader's check, again on the loaded models: pickled checkpoints skip it at validation."""
+    dit_shapes = {k: tuple(v.shape) for k, v in model.module.state_dict().items()}
+    encoder = audio_encoder.engine
+    size = EncoderSize(encoder.num_layers, encoder.hidden_size)
+    check_audio_encoder_fits(model.family, dit_shapes, size, str(encoder.source.name))
+
+
+def _realvideo_audio(model: Managed, audio_encoder: Managed, waveform: torch.Tensor) -> RealVideoAudio:
+    """RealVideo's features per 5 s segment; only the encoder is loaded (the DiT applies its audio
+    front end per block)."""
+    if waveform.numel() == 0:
+        raise InputError("The audio is empty (0 samples). Connect a clip with speech.")
+    encoder = on_device(audio_encoder)
+    segments = realvideo_audio_features(encoder, waveform.to(encoder.device), model.engine.dtype)
+    return RealVideoAudio(
+        features=[f.to(mm.intermediate_device()) for f in segments],
+        num_video_frames=video_frames_for_duration(waveform.numel() / SAMPLE_RATE),
+    )
 
 
 def _stretch(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -62,26 +106,36 @@ class LiveTalkEncodeReferenceVAE(io.ComfyNode):
             display_name="EncodeReferenceVAE",
             category=CATEGORY,
             description="Fits the reference portrait to the video size and encodes it with the VAE. The video "
-            "has this size.",
+            "has this size. For RealVideo 14B the size follows RealVideo's rule instead (see width).",
             inputs=[
                 LiveTalkVAE.Input("vae", tooltip="The VAE from LoadLiveTalkModel."),
                 io.Image.Input("image", tooltip="The face to animate; the first image of a batch is used."),
                 io.Int.Input("width", default=512, min=64, max=2048, step=16,
-                             tooltip="Video width in pixels (a multiple of 16). LiveTalk was trained at 512x512."),
+                             tooltip="Video width in pixels (a multiple of 16). LiveTalk was trained at 512x512. "
+                             "RealVideo 14B: width x height is only the video's area (upstream: 512x512); the "
+                             "aspect ratio is the image's, snapped to 16:9, 4:3 or 1:1, sides multiples of 64 "
+                             "(a 3:4 portrait gives 448x576)."),
                 io.Int.Input("height", default=512, min=64, max=2048, step=16,
-                             tooltip="Video height in pixels (a multiple of 16). LiveTalk was trained at 512x512."),
+                             tooltip="Video height in pixels (a multiple of 16). LiveTalk was trained at 512x512. "
+                             "RealVideo 14B: see width (an area, not a height)."),
                 io.Combo.Input("crop", options=list(CROP_MODES), default="center",
                                tooltip="center: scale to cover the size, then crop the middle (as upstream). "
-                               "stretch: resize to the size, changing the aspect ratio."),
+                               "stretch: resize to the size, changing the aspect ratio. RealVideo 14B always "
+                               "scales and crops the middle as upstream (padding black past a 16:9 edge)."),
             ],
             outputs=[Reference.Output("reference", display_name="reference",
                                       tooltip="The reference latent the sampler starts every video from.")],
         )
 
     @classmethod
-    def execute(cls, vae, image: torch.Tensor, width: int, height: int, crop: str) -> io.NodeOutput:
+    def execute(cls, vae: Managed, image: torch.Tensor, width: int, height: int, crop: str) -> io.NodeOutput:
         first = image[0]
-        pixels = cover_and_crop(first, height, width) if crop == "center" else _stretch(first, height, width)
+        if vae.family is REALVIDEO_14B:
+            pixels = preprocess_reference(first, area=width * height)[0].unsqueeze(2)
+        elif crop == "center":
+            pixels = cover_and_crop(first, height, width)
+        else:
+            pixels = _stretch(first, height, width)
         model = on_device(vae)
         latent = model.encode(pixels.to(model.device, model.dtype))
         return io.NodeOutput(latent.to(mm.intermediate_device()))

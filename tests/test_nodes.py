@@ -11,9 +11,20 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from comfy_env import REPO
-from tiny_weights import AUDIO_FEATURES, save_module, save_tiny_wav2vec2, tiny_dit, tiny_vae
+from tiny_weights import (
+    AUDIO_FEATURES,
+    WAV2VEC2_HIDDEN,
+    WAV2VEC2_LARGE_LAYERS,
+    WAV2VEC2_LAYERS,
+    save_module,
+    save_tiny_wav2vec2,
+    tiny_dit,
+    tiny_s2v_dit,
+    tiny_vae,
+)
 
 PACKAGE = "livetalk_pack_under_test"
 
@@ -45,9 +56,11 @@ def weights(tmp_path_factory):
     folder = tmp_path_factory.mktemp("weights")
     return {
         "dit": save_module(tiny_dit(text_dim=16), folder / "dit.safetensors"),
+        "s2v": save_module(tiny_s2v_dit(text_dim=16), folder / "s2v.safetensors", dtype=torch.bfloat16),
         "vae": save_module(tiny_vae(), folder / "vae.safetensors"),
         "w2v_file": save_tiny_wav2vec2(folder / "w2v.safetensors"),
         "w2v_folder": save_tiny_wav2vec2(folder / "w2v"),
+        "w2v_large": save_tiny_wav2vec2(folder / "w2v_large.safetensors", large=True),
     }
 
 
@@ -82,22 +95,40 @@ def test_detect_family(files, weights, errors, tmp_path):
     assert files.detect_family(files.tensor_shapes(weights["dit"]), weights["dit"]) is files.LIVETALK_13B
     prefixed = {f"model.diffusion_model.{k}": v for k, v in files.tensor_shapes(weights["dit"]).items()}
     assert files.detect_family(prefixed, "x.safetensors") is files.LIVETALK_13B
-    with pytest.raises(errors.CheckpointError, match=r"not a LiveTalk model: it looks like a Wan VAE.*LiveTalk-1\.3B"):
+    refused = r"not a LiveTalk model: it looks like a Wan VAE.*LiveTalk-1\.3B.*wan2\.2_s2v"
+    with pytest.raises(errors.CheckpointError, match=refused):
         files.detect_family(files.tensor_shapes(weights["vae"]), weights["vae"])
 
 
-def test_audio_encoder_features_from_a_file_or_a_folder(files, weights, errors):
-    assert files.audio_encoder_features(weights["w2v_file"]) == AUDIO_FEATURES
-    assert files.audio_encoder_features(weights["w2v_folder"]) == AUDIO_FEATURES
+def test_detect_realvideo_in_each_layout(files, weights, tmp_path):
+    """Comfy-Org's bare keys (header), and RealVideo's model.pt (``generator`` / ``model.`` keys,
+    a pickle: its shapes come from a memory-mapped load)."""
+    shapes = files.tensor_shapes(weights["s2v"])
+    assert files.detect_family(shapes, weights["s2v"]) is files.REALVIDEO_14B
+    model_pt = tmp_path / "model.pt"
+    torch.save({"generator": {f"model.{k}": v for k, v in load_file(weights["s2v"]).items()}}, model_pt)
+    assert files.detect_family(files.checkpoint_shapes(model_pt), model_pt) is files.REALVIDEO_14B
+
+
+def test_audio_encoder_size_from_a_file_or_a_folder(files, weights, errors):
+    base = files.EncoderSize(WAV2VEC2_LAYERS, WAV2VEC2_HIDDEN)
+    assert files.audio_encoder_size(weights["w2v_file"]) == base
+    assert files.audio_encoder_size(weights["w2v_folder"]) == base
+    assert files.audio_encoder_size(weights["w2v_large"]) == files.EncoderSize(WAV2VEC2_LARGE_LAYERS, WAV2VEC2_HIDDEN)
     with pytest.raises(errors.CheckpointError, match="not a wav2vec2 audio encoder"):
-        files.audio_encoder_features(weights["vae"])
+        files.audio_encoder_size(weights["vae"])
 
 
 def test_mismatched_audio_encoder_names_the_right_one(files, weights, errors):
-    shapes = files.tensor_shapes(weights["dit"])
-    files.check_audio_encoder_fits(files.LIVETALK_13B, shapes, AUDIO_FEATURES, "w2v")
-    with pytest.raises(errors.InputError, match=r"gives 10752 features.*expects 256.*wav2vec2-base-960h"):
-        files.check_audio_encoder_fits(files.LIVETALK_13B, shapes, 10752, "wav2vec2-large")
+    livetalk, s2v = files.tensor_shapes(weights["dit"]), files.tensor_shapes(weights["s2v"])
+    base = files.audio_encoder_size(weights["w2v_file"])
+    large = files.audio_encoder_size(weights["w2v_large"])
+    files.check_audio_encoder_fits(files.LIVETALK_13B, livetalk, base, "w2v")
+    files.check_audio_encoder_fits(files.REALVIDEO_14B, s2v, large, "w2v_large")
+    with pytest.raises(errors.InputError, match=r"gives 1664 features.*1\.3B model expects 256.*wav2vec2-base-960h"):
+        files.check_audio_encoder_fits(files.LIVETALK_13B, livetalk, large, "wav2vec2-large")
+    with pytest.raises(errors.InputError, match=r"gives 192 features.*14B model expects 1600.*wav2vec2_large_english"):
+        files.check_audio_encoder_fits(files.REALVIDEO_14B, s2v, base, "wav2vec2-base")
 
 
 def test_vae_check(files, weights, errors):
