@@ -164,6 +164,7 @@ def check_shapes(
         )
 
 
+PRECISIONS = ("bf16", "fp16", "fp32")
 DTYPES = {
     "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,

@@ -15,7 +15,7 @@ from comfy_api.latest import io
 from ..livetalk_core.audio import SAMPLE_RATE, prepare_waveform
 from ..livetalk_core.errors import InputError
 from ..livetalk_core.image import check_target_size, cover_and_crop, to_float_image
-from ..livetalk_core.pipeline import AudioConditioning, LiveTalkPipeline, video_frames_for_duration
+from ..livetalk_core.pipeline import AudioConditioning, encode_audio, video_frames_for_duration
 from ..livetalk_core.realvideo_audio import realvideo_audio_features
 from ..livetalk_core.realvideo_image import preprocess_reference
 from .comfy_models import Managed, on_device
@@ -63,8 +63,7 @@ class LiveTalkEncodeAudioWav2Vec(io.ComfyNode):
         if model.family is REALVIDEO_14B:
             return io.NodeOutput(_realvideo_audio(model, audio_encoder, waveform))
         dit, encoder = on_device(model, audio_encoder)
-        # The VAE plays no part in this step.
-        conditioning = LiveTalkPipeline(dit, None, encoder).encode_audio(waveform)
+        conditioning = encode_audio(dit, encoder, waveform)
         embeds = conditioning.embeds.to(mm.intermediate_device())
         return io.NodeOutput(AudioConditioning(embeds=embeds, num_video_frames=conditioning.num_video_frames))
 

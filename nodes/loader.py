@@ -7,7 +7,8 @@ from comfy_api.latest import io
 
 from ..livetalk_core.attention import ATTENTION_BACKENDS, resolve_backend
 from ..livetalk_core.audio import load_audio_encoder
-from ..livetalk_core.checkpoint import DTYPES, resolve_dtype
+from ..livetalk_core.checkpoint import PRECISIONS, resolve_dtype
+from ..livetalk_core.compile import compile_blocks
 from ..livetalk_core.errors import LiveTalkError, MissingWeightsError
 from ..livetalk_core.vae import load_vae
 from . import comfy_models as cm
@@ -59,7 +60,7 @@ class LoadLiveTalkModel(io.ComfyNode):
                 io.Combo.Input("audio_encoder_name", options=cm.audio_encoder_choices(),
                                tooltip=f"The audio encoder from models/audio_encoders. LiveTalk 1.3B: "
                                f"{WAV2VEC2_BASE_HINT}. RealVideo 14B: {WAV2VEC2_LARGE_HINT}."),
-                io.Combo.Input("precision", options=list(DTYPES), default="bf16",
+                io.Combo.Input("precision", options=list(PRECISIONS), default="bf16",
                                tooltip="Weight and compute precision of the models. bf16 is what LiveTalk and "
                                "RealVideo were run in upstream; fp32 is for CPUs and debugging. RealVideo's "
                                "audio encoder always runs in fp32, as upstream; fp8_scaled DiT files are "
@@ -68,6 +69,10 @@ class LoadLiveTalkModel(io.ComfyNode):
                                tooltip="Attention kernel of the DiT. sdpa is PyTorch's; flash and sage need the "
                                "flash_attn / sageattention packages and fall back to sdpa without them; math "
                                "is a slow reference."),
+                io.Boolean.Input("compile", default=True, optional=True,
+                                 tooltip="torch.compile the DiT's blocks on a GPU (about 30% faster after a few "
+                                 "seconds of compiling on the first run). Falls back to eager by itself if "
+                                 "compiling is not possible; ignored on the CPU."),
             ],
             outputs=[
                 LiveTalkModel.Output("model", display_name="model",
@@ -97,7 +102,9 @@ class LoadLiveTalkModel(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model_name: str, vae_name: str, audio_encoder_name: str, precision: str, attention: str) -> io.NodeOutput:
+    def execute(
+        cls, model_name: str, vae_name: str, audio_encoder_name: str, precision: str, attention: str, compile: bool = True
+    ) -> io.NodeOutput:
         model_path, vae_path, encoder_path = _paths(model_name, vae_name, audio_encoder_name)
         dtype = resolve_dtype(precision)
         family = detect_family(checkpoint_shapes(model_path), model_path)
@@ -105,6 +112,8 @@ class LoadLiveTalkModel(io.ComfyNode):
         offload = mm.unet_offload_device()
         dit = family.load(model_path, dtype, offload)
         dit.attention_backend = resolve_backend(attention)
+        if compile and mm.get_torch_device().type == "cuda":
+            compile_blocks(dit)
         model = cm.Managed(dit, dit, mm.get_torch_device(), offload, family=family)
 
         # The VAE and the encoder carry the family too: their nodes prepare inputs the family's way.
