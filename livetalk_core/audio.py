@@ -525,8 +525,8 @@ def _transformer_states(encoder: AudioEncoder, cnn: torch.Tensor) -> list[torch.
     return states
 
 
-def _cnn_frames(encoder: AudioEncoder, num_samples: int) -> int:
-    """Number of CNN frames wav2vec2 gives for ``num_samples`` samples."""
+def cnn_frames(encoder: AudioEncoder, num_samples: int) -> int:
+    """Frames the wav2vec2 feature extractor gives for ``num_samples`` samples (50 per second)."""
     frames = num_samples
     for kernel, stride in zip(encoder.config.conv_kernel, encoder.config.conv_stride):
         frames = (frames - kernel) // stride + 1
@@ -547,7 +547,7 @@ def chunked_cnn_features(encoder: AudioEncoder, input_values: torch.Tensor) -> t
     first = layers[0]
     x = input_values.to(encoder.device, encoder.dtype)
     stride, field = _cnn_stride(encoder), encoder.receptive_field
-    total = _cnn_frames(encoder, x.shape[1])
+    total = cnn_frames(encoder, x.shape[1])
     stats = None
     if isinstance(getattr(first, "layer_norm", None), torch.nn.GroupNorm):
         stats = _first_conv_statistics(first.conv, x)

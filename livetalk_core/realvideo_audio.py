@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audio import SAMPLE_RATE, AudioEncoder, hidden_states, normalize_waveform
+from .audio import SAMPLE_RATE, AudioEncoder, cnn_frames, hidden_states, normalize_waveform
 from .errors import InputError
 
 SEGMENT_SECONDS = 5
@@ -49,14 +49,6 @@ def split_segments(waveform: torch.Tensor, segment_samples: int = SEGMENT_SAMPLE
         padded = math.ceil(piece.numel() / SAMPLE_RATE) * SAMPLE_RATE
         segments.append(F.pad(piece, (0, padded - piece.numel())))
     return segments
-
-
-def cnn_frames(encoder: AudioEncoder, num_samples: int) -> int:
-    """Frames the wav2vec2 feature extractor gives for ``num_samples`` (49 per second + 1 per 320)."""
-    frames = num_samples
-    for kernel, stride in zip(encoder.config.conv_kernel, encoder.config.conv_stride):
-        frames = (frames - kernel) // stride + 1
-    return frames
 
 
 def wav2vec_hidden_states(encoder: AudioEncoder, segment: torch.Tensor) -> torch.Tensor:

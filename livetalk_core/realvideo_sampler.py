@@ -180,34 +180,31 @@ def sample_realvideo(
     # One temporal RoPE step, spatial pairs untouched (identity): the per-block sink drift.
     drift = grid_rotations(torch.tensor([1]), 1, 1, HEAD_DIM).to(device)
     model.prefill(ref_latent.to(device), context_kv[False], cache, REFERENCE_ROPE_POSITION, grid_offset)
-    try:
-        for block, entry in enumerate(plan):
-            start = REALVIDEO_CACHE.sink_frames + FRAMES_PER_BLOCK * block
-            if entry.segment not in audio:
-                audio = {entry.segment: model.encode_audio(audio_features[entry.segment])}
-            window = audio[entry.segment].window(entry.audio_ptr, FRAMES_PER_BLOCK)
-            kv = context_kv[entry.talking]
-            if start > SINK_DRIFT_AFTER_FRAME:
-                for layer in range(core.num_layers):
-                    cache.rotate_sink_keys(layer, drift)
+    for block, entry in enumerate(plan):
+        start = REALVIDEO_CACHE.sink_frames + FRAMES_PER_BLOCK * block
+        if entry.segment not in audio:
+            audio = {entry.segment: model.encode_audio(audio_features[entry.segment])}
+        window = audio[entry.segment].window(entry.audio_ptr, FRAMES_PER_BLOCK)
+        kv = context_kv[entry.talking]
+        if start > SINK_DRIFT_AFTER_FRAME:
+            for layer in range(core.num_layers):
+                cache.rotate_sink_keys(layer, drift)
 
-            def predict(x: torch.Tensor, t: torch.Tensor, compute_output: bool = True) -> torch.Tensor | None:
-                # float64 so the sinusoid sees the float32 timestep without a second rounding.
-                return model(x, t.double(), window, kv, cache, start, compute_output, grid_offset)
+        def predict(x: torch.Tensor, t: torch.Tensor, compute_output: bool = True) -> torch.Tensor | None:
+            # float64 so the sinusoid sees the float32 timestep without a second rounding.
+            return model(x, t.double(), window, kv, cache, start, compute_output, grid_offset)
 
-            x = noise.initial(block, (1, FRAMES_PER_BLOCK, LATENT_CHANNELS, h, w)).to(device, dtype).transpose(1, 2)
-            x0 = denoise_block(
-                predict,
-                x,
-                schedule,
-                renoise=lambda step: noise.renoise(block, step, (FRAMES_PER_BLOCK, LATENT_CHANNELS, h, w))
-                .transpose(0, 1)
-                .unsqueeze(0),
-                on_step=None if on_step is None else (lambda step, x0: on_step(block, step, x0)),
-                x0_from_timestep=True,
-            )
-            yield x0
-            if block + 1 < len(plan):
-                predict(x0, torch.zeros((), device=device), compute_output=False)
-    finally:
-        del cache, context_kv, audio
+        x = noise.initial(block, (1, FRAMES_PER_BLOCK, LATENT_CHANNELS, h, w)).to(device, dtype).transpose(1, 2)
+        x0 = denoise_block(
+            predict,
+            x,
+            schedule,
+            renoise=lambda step: noise.renoise(block, step, (FRAMES_PER_BLOCK, LATENT_CHANNELS, h, w))
+            .transpose(0, 1)
+            .unsqueeze(0),
+            on_step=None if on_step is None else (lambda step, x0: on_step(block, step, x0)),
+            x0_from_timestep=True,
+        )
+        yield x0
+        if block + 1 < len(plan):
+            predict(x0, torch.zeros((), device=device), compute_output=False)

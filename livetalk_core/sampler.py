@@ -103,7 +103,7 @@ def sample_livetalk(
     Yields:
         clean latents per block ``[1, 16, frames_per_block, h, w]`` in the run dtype; in block 0,
         latent frame 0 is the reference latent itself.
-    The KV cache lives only as long as this generator; closing it early frees it.
+    The KV cache lives only as long as this generator: closing it early (or dropping it) frees it.
     """
     dtype = dtype or model.dtype
     schedule = schedule or livetalk_schedule()
@@ -126,31 +126,28 @@ def sample_livetalk(
     ref = ref_latent.to(device)
     ref_in_dtype = ref[:, :, 0].to(dtype)
     shape = (1, LATENT_CHANNELS, frames_per_block, h, w)
-    try:
-        for block in range(num_blocks):
-            start = block * frames_per_block
-            reference = reference_conditioning(ref, start, frames_per_block)
-            audio = audio_embeds[:, :, start : start + frames_per_block].to(device)
+    for block in range(num_blocks):
+        start = block * frames_per_block
+        reference = reference_conditioning(ref, start, frames_per_block)
+        audio = audio_embeds[:, :, start : start + frames_per_block].to(device)
 
-            def predict(x: torch.Tensor, t: torch.Tensor, compute_output: bool = True) -> torch.Tensor:
-                t_frames = t.to(dtype).expand(1, frames_per_block)
-                return model(x, t_frames, reference, audio, context_kv, cache, start, compute_output)
+        def predict(x: torch.Tensor, t: torch.Tensor, compute_output: bool = True) -> torch.Tensor:
+            t_frames = t.to(dtype).expand(1, frames_per_block)
+            return model(x, t_frames, reference, audio, context_kv, cache, start, compute_output)
 
-            def pin_reference(x: torch.Tensor) -> None:
-                if start == 0:
-                    x[:, :, 0] = ref_in_dtype
+        def pin_reference(x: torch.Tensor) -> None:
+            if start == 0:
+                x[:, :, 0] = ref_in_dtype
 
-            x = noise.initial(block, shape).to(device, dtype)
-            x0 = denoise_block(
-                predict,
-                x,
-                schedule,
-                renoise=lambda step: noise.renoise(block, step, shape),
-                before_step=pin_reference,
-                on_step=None if on_step is None else (lambda step, x0: on_step(block, step, x0)),
-            )
-            pin_reference(x0)
-            yield x0
-            predict(x0, torch.zeros((), dtype=dtype, device=device), compute_output=False)
-    finally:
-        del cache, context_kv
+        x = noise.initial(block, shape).to(device, dtype)
+        x0 = denoise_block(
+            predict,
+            x,
+            schedule,
+            renoise=lambda step: noise.renoise(block, step, shape),
+            before_step=pin_reference,
+            on_step=None if on_step is None else (lambda step, x0: on_step(block, step, x0)),
+        )
+        pin_reference(x0)
+        yield x0
+        predict(x0, torch.zeros((), dtype=dtype, device=device), compute_output=False)

@@ -8,7 +8,6 @@ proves the installation, not the model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
