@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attention
-from .checkpoint import check_keys, check_shapes, guess_model_family, read_state_dict, strip_prefix
+from .checkpoint import check_state_dict, guess_model_family, read_state_dict, strip_prefix
 from .errors import CheckpointError, InputError, MissingWeightsError
 
 if TYPE_CHECKING:
@@ -442,8 +442,7 @@ def _build_model(config: Wav2Vec2Config, state: dict[str, torch.Tensor], path: P
         parametrize.remove_parametrizations(conv, "weight")
     expected = model.state_dict()
     try:
-        check_keys(state, expected, path=path, model_name=_MODEL_NAME)
-        check_shapes(state, {k: tuple(v.shape) for k, v in expected.items()}, path=path, model_name=_MODEL_NAME)
+        check_state_dict(state, expected, path=path, model_name=_MODEL_NAME)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}{hint}") from None
     model.load_state_dict(state, strict=True, assign=True)

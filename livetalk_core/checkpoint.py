@@ -164,6 +164,19 @@ def check_shapes(
         )
 
 
+def check_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]] | Mapping[str, torch.Tensor],
+    *,
+    path: str | os.PathLike,
+    model_name: str,
+) -> None:
+    """:func:`check_keys` then :func:`check_shapes`; ``expected`` maps names to shapes or to tensors."""
+    shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in expected.items()}
+    check_keys(state_dict.keys(), shapes.keys(), path=path, model_name=model_name)
+    check_shapes(state_dict, shapes, path=path, model_name=model_name)
+
+
 PRECISIONS = ("bf16", "fp16", "fp32")
 DTYPES = {
     "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,

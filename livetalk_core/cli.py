@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .audio import VIDEO_FPS
 from .errors import LiveTalkError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -24,21 +25,25 @@ DEFAULT_PROMPT = (
     "A person talks to the camera with a steady gaze, natural facial expressions and lip movements "
     "that follow the speech."
 )
-MODEL_FPS = 16
 log = logging.getLogger("livetalk")
+
+
+def add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """``--image`` and ``--audio``, defaulting to the shipped portrait and speech clip."""
+    p.add_argument("--image", default=str(ASSETS / "portrait.jpg"), help="reference face image (default: the shipped portrait)")
+    p.add_argument("--audio", default=str(ASSETS / "speech.flac"), help="speech audio, any format/rate (default: the shipped clip)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livetalk", description="Lip-synced talking-avatar video from a face image and speech.")
-    p.add_argument("--image", default=str(ASSETS / "portrait.jpg"), help="reference face image (default: the shipped portrait)")
-    p.add_argument("--audio", default=str(ASSETS / "speech.flac"), help="speech audio, any format/rate (default: the shipped clip)")
+    add_input_arguments(p)
     p.add_argument("--output", default="livetalk.mp4", help="mp4 to write (default: %(default)s)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text prompt")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video")
     p.add_argument("--duration", type=float, default=None, help="seconds of video (default: the audio's length; longer pads with silence)")
     p.add_argument("--size", default="512", help="output size, N or WxH, multiples of 16 (the model was trained at 512)")
     p.add_argument("--max-hw", type=int, default=None, help="upstream's option: 720 means 512x512 (upstream's only size); other values a square of that size")
-    p.add_argument("--fps", type=int, default=MODEL_FPS, help="frame rate; the model generates 16 fps only")
+    p.add_argument("--fps", type=int, default=VIDEO_FPS, help="frame rate; the model generates 16 fps only")
     p.add_argument("--models-dir", type=Path, default=None, help="where weights live / are downloaded (default: ~/.cache/livetalk)")
     p.add_argument("--skip-download", action="store_true", help="never download; fail with the list of files to put in place")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="model precision")
@@ -127,8 +132,8 @@ def run(args: argparse.Namespace) -> Path:
     from .image import load_image
     from .video_io import VideoWriter
 
-    if args.fps != MODEL_FPS:
-        raise LiveTalkError(f"LiveTalk generates {MODEL_FPS} fps video; --fps {args.fps} is not possible. Resample the mp4 afterwards if needed.")
+    if args.fps != VIDEO_FPS:
+        raise LiveTalkError(f"LiveTalk generates {VIDEO_FPS} fps video; --fps {args.fps} is not possible. Resample the mp4 afterwards if needed.")
     height, width = (64, 64) if args.smoke else parse_size(args)
     device = torch.device("cpu") if args.smoke else pick_device(args.device)
     args.attention = resolve_backend(args.attention)
@@ -141,7 +146,7 @@ def run(args: argparse.Namespace) -> Path:
     frames_done, start = 0, time.perf_counter()
     bar = tqdm(total=audio.num_blocks, unit="block", desc="generating", file=sys.stderr)
     try:
-        with VideoWriter(output, fps=MODEL_FPS, audio=waveform) as writer:
+        with VideoWriter(output, fps=VIDEO_FPS, audio=waveform) as writer:
             for frames in pipeline.decode(pipeline.sample(ref_latent, audio, context.to(device), args.seed), audio.num_video_frames):
                 writer.write(frames)
                 frames_done += frames.shape[0]
@@ -152,7 +157,7 @@ def run(args: argparse.Namespace) -> Path:
         print(f"\ninterrupted: kept {frames_done} frames in {output}", file=sys.stderr)
         raise
     bar.close()
-    print(f"wrote {output} ({frames_done} frames, {frames_done / MODEL_FPS:.2f} s)", file=sys.stderr)
+    print(f"wrote {output} ({frames_done} frames, {frames_done / VIDEO_FPS:.2f} s)", file=sys.stderr)
     return output
 
 

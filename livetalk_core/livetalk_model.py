@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .checkpoint import check_keys, check_shapes, read_state_dict, resolve_dtype, strip_prefix
+from .checkpoint import check_keys, check_state_dict, read_state_dict, resolve_dtype, strip_prefix
 from .errors import CheckpointError
 from .kv_cache import KVCache
 from .rope import grid_rotations
@@ -167,9 +167,7 @@ def livetalk_config_from_state_dict(sd: dict[str, torch.Tensor], path: str | os.
             f"a LiveTalk DiT has {expected_in} input channels (latent + reference + mask) and a width "
             f"that is a multiple of {HEAD_DIM}. Pick LiveTalk's model.safetensors."
         )
-    expected = config.expected_shapes()
-    check_keys(sd.keys(), expected.keys(), path=path, model_name=MODEL_NAME)
-    check_shapes(sd, expected, path=path, model_name=MODEL_NAME)
+    check_state_dict(sd, config.expected_shapes(), path=path, model_name=MODEL_NAME)
     return config
 
 

@@ -32,12 +32,12 @@ import torch
 import torch.distributed as dist
 
 from . import sequence_parallel
+from .audio import VIDEO_FPS
+from .cli import add_input_arguments
 from .errors import InputError, LiveTalkError
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 IDLE_PROMPT = "A character is looking at the camera."
 TALKING_PROMPT = "A character is talking."
-VIDEO_FPS = 16
 BLOCK_SECONDS = 0.5
 SMOKE_AREA = 128 * 64
 log = logging.getLogger("livetalk.realvideo")
@@ -45,8 +45,7 @@ log = logging.getLogger("livetalk.realvideo")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="realvideo", description="RealVideo talking-avatar video (Wan2.2-S2V-14B, causal).")
-    p.add_argument("--image", default=str(ASSETS / "portrait.jpg"), help="reference face image")
-    p.add_argument("--audio", default=str(ASSETS / "speech.flac"), help="speech audio, any format/rate")
+    add_input_arguments(p)
     p.add_argument("--output", default="realvideo.mp4", help="mp4 to write (rank 0)")
     p.add_argument("--dit", type=Path, help="model.pt (complete or partial fine-tune), a .safetensors, or the diffusers folder")
     p.add_argument("--base", type=Path, default=None, help="base S2V checkpoint a partial --dit file is applied over")

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import check_keys, check_shapes, resolve_dtype
+from .checkpoint import check_keys, check_state_dict, resolve_dtype
 from .errors import CheckpointError
 from .kv_cache import KVCache
 from .rope import grid_rotations
@@ -413,9 +413,7 @@ def s2v_config_from_state_dict(
             f"{path} is a DiT with {config.core.in_dim} input channels and width {config.core.dim}; the S2V DiT "
             f"has {LATENT_CHANNELS} input channels and a width that is a multiple of {HEAD_DIM}."
         )
-    expected = config.expected_shapes()
-    check_keys(sd.keys(), expected.keys(), path=path, model_name=MODEL_NAME)
-    check_shapes(sd, expected, path=path, model_name=MODEL_NAME)
+    check_state_dict(sd, config.expected_shapes(), path=path, model_name=MODEL_NAME)
     return config
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import check_keys, check_shapes, guess_model_family, read_state_dict, resolve_dtype
+from .checkpoint import check_state_dict, guess_model_family, read_state_dict, resolve_dtype
 from .errors import CheckpointError, InputError, MissingWeightsError
 
 MODEL_NAME = "umT5-XXL text encoder"
@@ -377,9 +377,7 @@ def load_text_encoder(
         )
     with torch.device("meta"):
         model = UMT5Encoder(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_keys(state, expected, path=path, model_name=MODEL_NAME)
-    check_shapes(state, expected, path=path, model_name=MODEL_NAME)
+    check_state_dict(state, model.state_dict(), path=path, model_name=MODEL_NAME)
     cast = {}
     for key in list(state):
         cast[key] = state.pop(key).to(device=device, dtype=dtype)

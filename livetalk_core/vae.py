@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import check_keys, check_shapes, read_state_dict, resolve_dtype, strip_prefix
+from .checkpoint import check_state_dict, read_state_dict, resolve_dtype, strip_prefix
 from .errors import CheckpointError, InputError
 
 # Per-channel statistics of Wan2.1 latents (Wan's published constants, not stored in the checkpoint).
@@ -516,10 +516,7 @@ def load_vae(
         config = VAEConfig()
     with torch.device("meta"):
         model = WanVAE(config)
-    expected = model.state_dict()
-    check_keys(state_dict, expected, path=path, model_name=MODEL_NAME)
-    shapes = {k: tuple(v.shape) for k, v in expected.items()}
-    check_shapes(state_dict, shapes, path=path, model_name=MODEL_NAME)
+    check_state_dict(state_dict, model.state_dict(), path=path, model_name=MODEL_NAME)
     model.load_state_dict(
         {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}, strict=True, assign=True
     )
