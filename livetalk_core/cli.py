@@ -167,11 +167,11 @@ OUT_OF_MEMORY_HELP = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
+def exit_code(run_once) -> int:
+    """Run ``run_once()`` and turn the failures a user can act on into a message and an exit code:
+    2 bad input / missing files, 3 GPU out of memory, 130 interrupted (the partial mp4 is kept)."""
     try:
-        run(args)
+        run_once()
     except LiveTalkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -182,3 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    return exit_code(lambda: run(args))

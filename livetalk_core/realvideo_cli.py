@@ -33,8 +33,8 @@ import torch.distributed as dist
 
 from . import sequence_parallel
 from .audio import VIDEO_FPS
-from .cli import add_input_arguments
-from .errors import InputError, LiveTalkError
+from .cli import add_input_arguments, exit_code
+from .errors import InputError
 
 IDLE_PROMPT = "A character is looking at the camera."
 TALKING_PROMPT = "A character is talking."
@@ -227,16 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:
-        run(args)
-    except LiveTalkError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        return exit_code(lambda: run(args))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":
