@@ -145,16 +145,21 @@ def run(args: argparse.Namespace) -> Path:
     output = Path(args.output)
     frames_done, start = 0, time.perf_counter()
     bar = tqdm(total=audio.num_blocks, unit="block", desc="generating", file=sys.stderr)
+    writer = VideoWriter(output, fps=VIDEO_FPS, audio=waveform)
     try:
-        with VideoWriter(output, fps=VIDEO_FPS, audio=waveform) as writer:
+        with writer:
             for frames in pipeline.decode(pipeline.sample(ref_latent, audio, context.to(device), args.seed), audio.num_video_frames):
                 writer.write(frames)
                 frames_done += frames.shape[0]
                 bar.set_postfix(fps=f"{frames_done / (time.perf_counter() - start):.1f}")
                 bar.update(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         bar.close()
-        print(f"\ninterrupted: kept {frames_done} frames in {output}", file=sys.stderr)
+        if writer.saved_path is not None:
+            print(f"\ninterrupted: kept {writer.frames_written} frames in {output}", file=sys.stderr)
+        else:
+            reason = " ".join(getattr(interrupt, "__notes__", [])) or "no frame had been generated yet."
+            print(f"\ninterrupted: nothing saved; {reason}", file=sys.stderr)
         raise
     bar.close()
     print(f"wrote {output} ({frames_done} frames, {frames_done / VIDEO_FPS:.2f} s)", file=sys.stderr)

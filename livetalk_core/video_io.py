@@ -15,6 +15,9 @@ File rule:
 * An exception or KeyboardInterrupt inside the ``with`` block also finalises the mp4 and renames it
   to the final name, so the frames generated before the interruption are kept as a playable video;
   the exception is then re-raised. If no frame was written, no file is left at all.
+* Ctrl-C never lands inside the encoder: while frames are being encoded and muxed (and while the
+  file is finalised) SIGINT is held back and raised once the container is consistent again, because
+  an mp4 interrupted between an encode and its mux cannot be finished.
 
 Audio length: video frames are never dropped; the audio is trimmed to the video duration
 (upstream muxes with ``-shortest`` and its video is the longer stream). Shorter audio simply ends
@@ -26,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 import uuid
 from fractions import Fraction
 from pathlib import Path
@@ -165,6 +170,25 @@ def _frame_rate(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C back for the duration of the block and raise it afterwards.
+
+    Only the main thread receives signals, and only Python's default handler is replaced (a host
+    such as ComfyUI that installs its own handler, or runs us in a worker thread, is left alone)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 class VideoWriter:
     """Write an H.264 mp4 frame batch by frame batch, optionally with an AAC audio track.
 
@@ -215,6 +239,11 @@ class VideoWriter:
         return self._frames_written
 
     @property
+    def saved_path(self) -> Path | None:
+        """The final file once the video was finalised (also after an interruption); None before or if nothing was saved."""
+        return self._saved_path
+
+    @property
     def audio_seconds_written(self) -> float:
         """Audio handed to the encoder so far; follows the video time as frames are written."""
         return self._audio_samples_written / OUTPUT_AUDIO_RATE
@@ -250,13 +279,14 @@ class VideoWriter:
                 f"All frames of a video must have the same size: first {self._input_size[0]}x"
                 f"{self._input_size[1]} (HxW), now {size[0]}x{size[1]}."
             )
-        for image in _pad_to_even(batch):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            frame.pts = self._frames_written
-            frame.time_base = 1 / self._rate
-            self._mux(self._video_stream.encode(frame))
-            self._frames_written += 1
-        self._write_audio_until_video_time()
+        with _sigint_deferred():
+            for image in _pad_to_even(batch):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+                frame.pts = self._frames_written
+                frame.time_base = 1 / self._rate
+                self._mux(self._video_stream.encode(frame))
+                self._frames_written += 1
+            self._write_audio_until_video_time()
 
     def close(self) -> Path | None:
         """Finalise the mp4 and move it to its final name; returns that path (None if nothing was written)."""
@@ -302,6 +332,10 @@ class VideoWriter:
         self._audio_samples_written += len(samples)
 
     def _finish(self) -> Path | None:
+        with _sigint_deferred():
+            return self._finish_container()
+
+    def _finish_container(self) -> Path | None:
         self._closed = True
         try:
             if self._container is None:
