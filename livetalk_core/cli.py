@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .audio import VIDEO_FPS
-from .errors import LiveTalkError
+from .errors import LiveTalkError, out_of_memory_help
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_PROMPT = (
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> Path:
     audio = pipeline.encode_audio(waveform, args.duration)
     output = Path(args.output)
     frames_done, start = 0, time.perf_counter()
-    bar = tqdm(total=audio.num_blocks, unit="block", desc="generating", file=sys.stderr)
+    bar = tqdm(total=audio.num_video_frames, unit="frame", desc="generating", file=sys.stderr)
     writer = VideoWriter(output, fps=VIDEO_FPS, audio=waveform)
     try:
         with writer:
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> Path:
                 writer.write(frames)
                 frames_done += frames.shape[0]
                 bar.set_postfix(fps=f"{frames_done / (time.perf_counter() - start):.1f}")
-                bar.update(1)
+                bar.update(frames.shape[0])
     except KeyboardInterrupt as interrupt:
         bar.close()
         if writer.saved_path is not None:
@@ -166,9 +166,9 @@ def run(args: argparse.Namespace) -> Path:
     return output
 
 
-OUT_OF_MEMORY_HELP = (
-    "The GPU ran out of memory. Options: a smaller --size (e.g. 384), --precision bf16 (not fp32), "
-    "close other programs using the GPU, or run on a GPU with more memory (see the VRAM table in the README)."
+OUT_OF_MEMORY_HELP = out_of_memory_help(
+    "--precision bf16 (not fp32); for LiveTalk a smaller --size (e.g. 384); for RealVideo 14B --fp8, or more "
+    "GPUs with torchrun"
 )
 
 

@@ -128,25 +128,21 @@ class CausalConv3d(nn.Conv3d):
     """3-D conv that pads time only in front: ``[B,C,T,H,W] -> [B,C',T,H,W]``.
 
     The ``kt - 1`` frames in front come from the stream's previous call (zeros at its start), so
-    chunked processing equals processing the whole sequence. H and W are zero-padded by ``k // 2``.
+    chunked processing equals processing the whole sequence. H and W are zero-padded by ``k // 2``
+    inside the convolution (no padded copy of the input).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int]) -> None:
-        super().__init__(in_channels, out_channels, kernel_size)
-        kt, kh, kw = self.kernel_size
+        kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
+        super().__init__(in_channels, out_channels, (kt, kh, kw), padding=(0, kh // 2, kw // 2))
         self.history_frames = kt - 1
-        self.spatial_padding = (kh // 2, kw // 2)
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        b, c, t, h, w = x.shape
-        ph, pw = self.spatial_padding
         front = self.history_frames
-        # One buffer holding history + zero border + x: a single copy of x per call.
-        padded = x.new_zeros(b, c, front + t, h + 2 * ph, w + 2 * pw)
         history = cache.history.get(self)
-        if history is not None:
-            padded[:, :, :front] = history
-        padded[:, :, front:, ph:ph + h, pw:pw + w] = x
+        if history is None:  # zeros_like keeps x's memory layout, so the concatenation does too
+            history = torch.zeros_like(x[:, :, :1]).expand(-1, -1, front, -1, -1)
+        padded = torch.cat([history, x], dim=2)
         # clone() so the cache keeps two frames alive, not the whole padded input.
         cache.history[self] = padded[:, :, -front:].clone()
         return super().forward(padded)
@@ -292,9 +288,9 @@ class Upsample(nn.Module):
                 x = self._split_into_frame_pairs(self.time_conv(x, cache))
             else:
                 cache.started.add(self)
-        frames = _per_frame(x)
-        # Upstream upsamples in float32 and casts back (values are identical: nearest copies them).
-        frames = F.interpolate(frames.float(), scale_factor=(2.0, 2.0), mode="nearest").to(x.dtype)
+        # Upstream upsamples in float32 and casts back; nearest only copies values, so doing it in
+        # the model's dtype gives the same frames without two full-size casts.
+        frames = F.interpolate(_per_frame(x), scale_factor=(2.0, 2.0), mode="nearest")
         return _from_frames(self.resample["1"](frames), x.shape[0])
 
     @staticmethod
@@ -351,9 +347,16 @@ class Decoder(nn.Module):
         self.head = Head(widths[-1], 3)
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        x = self.middle(self.conv1(x, cache), cache)
-        for layer in self.upsamples:
-            x = layer(x, cache)
+        return self._upsample_from(0, self.middle(self.conv1(x, cache), cache), cache)
+
+    def _upsample_from(self, index: int, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        """Layers ``index..`` and the head. Once a temporal upsample has made several frames, they go
+        on one at a time: every layer is causal with its history in ``cache``, so that is exact, and
+        the high-resolution levels then hold one frame's activations instead of four."""
+        for i in range(index, len(self.upsamples)):
+            x = self.upsamples[i](x, cache)
+            if x.shape[2] > 1 and i + 1 < len(self.upsamples):
+                return torch.cat([self._upsample_from(i + 1, frame, cache) for frame in x.split(1, dim=2)], dim=2)
         return self.head(x, cache)
 
 
