@@ -25,7 +25,7 @@ from livetalk_core.audio import AudioEncoder  # noqa: E402
 from livetalk_core.compile import compile_blocks  # noqa: E402
 from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT  # noqa: E402
 from livetalk_core.pipeline import LiveTalkPipeline  # noqa: E402
-from livetalk_core.vae import VAEConfig, WanVAE  # noqa: E402
+from livetalk_core.vae import VAEConfig, WanVAE, frames_to_uint8  # noqa: E402
 from livetalk_core.wan_dit import WanCoreConfig  # noqa: E402
 
 FULL_DIT = WanCoreConfig(dim=1536, in_dim=33, out_dim=16, ffn_dim=8960, num_layers=30, text_dim=4096)
@@ -103,8 +103,15 @@ def run(args) -> dict:
     gen = pipe.sample(ref, audio, context, 0)
     decoder = pipe.vae.stream_decoder()
     block0, dit0_ms = cuda_ms(lambda: next(gen))
-    _, vae0_ms = cuda_ms(lambda: decoder.decode(block0))
+    # As LiveTalkPipeline.decode hands it out: block 0's first latent frame (= the first video frame) alone.
+    _, vae0_ms = cuda_ms(lambda: frames_to_uint8(decoder.decode(block0[:, :, :1])).cpu())
     first_frame_s = time.perf_counter() - t_start
+    decoder.decode(block0[:, :, 1:])
+    if args.profile_audio:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+            pipe.encode_audio(waveform)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
 
     dit_ms, vae_ms = [], []
     while True:
@@ -130,6 +137,7 @@ def run(args) -> dict:
         end_to_end["overlap" if overlap else "serial"] = 12 / steady
         outputs[overlap] = torch.cat(chunks)
     overlap_identical = torch.equal(outputs[False], outputs[True])
+    long_run = long_video(pipe, image, context, args.long_seconds) if args.long_seconds else None
     steady_dit = sorted(dit_ms)[len(dit_ms) // 2]
     steady_vae = sorted(vae_ms)[len(vae_ms) // 2]
     frames = 12
@@ -152,8 +160,42 @@ def run(args) -> dict:
         "overlap_frames_identical": overlap_identical,
         "warmup_s": warmup_s,
         "build_s": build_s,
+        "long_run": long_run,
         "dit_ms_per_block": dit_ms,
         "vae_ms_per_block": vae_ms,
+    }
+
+
+def long_video(pipe: LiveTalkPipeline, image: torch.Tensor, context: torch.Tensor, seconds: float) -> dict:
+    """The CLI's path for a long clip: sample, decode (overlapped) and stream the mp4 to disk, while
+    GPU memory and the process's resident memory are sampled after every block."""
+    import resource
+    import tempfile
+
+    from livetalk_core.video_io import VideoWriter, read_video_info
+
+    waveform = torch.randn(int(seconds * 16000)) * 0.1
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    audio = pipe.encode_audio(waveform)
+    gpu_gib, rss_gib = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "long.mp4"
+        with VideoWriter(out, fps=16, audio=waveform) as writer:
+            for frames in pipe.decode(pipe.sample(pipe.encode_reference(image), audio, context, 0), audio.num_video_frames):
+                writer.write(frames)
+                gpu_gib.append(torch.cuda.memory_allocated() / 2**30)
+                rss_gib.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        elapsed = time.perf_counter() - start
+        info = read_video_info(out)
+    quarter = len(gpu_gib) // 4
+    return {
+        "audio_s": seconds, "frames": info["frames"], "video_s": info["frames"] / 16, "wall_s": elapsed,
+        "fps": info["frames"] / elapsed, "has_audio": info["has_audio"],
+        "gpu_allocated_gib_after_block": {"first_quarter_max": max(gpu_gib[:quarter]), "last_quarter_max": max(gpu_gib[-quarter:])},
+        "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "max_rss_gib": {"after_first_quarter": rss_gib[quarter], "at_end": rss_gib[-1]},
     }
 
 
@@ -164,6 +206,8 @@ def main() -> None:
     p.add_argument("--attention", default="sdpa")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks (livetalk_core/compile.py)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--profile-audio", action="store_true", help="print a profile of the audio encoding")
+    p.add_argument("--long-seconds", type=float, default=0, help="also run the CLI path on a clip this long, writing the mp4")
     args = p.parse_args()
     result = run(args)
     deviation = result["compiled_vs_eager_per_block"]
@@ -179,6 +223,7 @@ def main() -> None:
         ("FPS end to end, overlapped decode", f"{result['fps_end_to_end_overlapped']:.1f}"),
         ("overlapped frames == serial frames", str(result["overlap_frames_identical"])),
         ("peak GPU memory GiB", f"{result['peak_gib']:.2f}"),
+        ("long run", json.dumps(result["long_run"])),
         ("warm-up s", f"{result['warmup_s']:.1f}"),
         ("compiled vs eager, worst block", "" if deviation is None else
          f"max|d| {max(d['max_abs'] for d in deviation):.3g}, rel L2 {max(d['rel_l2'] for d in deviation):.3g}"),

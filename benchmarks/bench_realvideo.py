@@ -9,8 +9,9 @@ GPU in bf16 (seeded, so every run and every rank has the same weights; ``--fp8``
 and injector Linear weights in fp8), a 448x576 portrait latent (72x56, 1008 tokens per latent
 frame), random umT5 contexts and one 5 s audio segment, and runs the shipped sampler through
 :func:`~livetalk_core.realvideo_worker.sample_realvideo_parallel`. Per block it times the DiT
-(noise + denoising forwards + refresh pass + the all-gather of the block) with CUDA sync; the VAE
-is not included. Writes ``result.json`` (ms per block, FPS, peak memory per GPU) and the latents.
+(noise + denoising forwards + refresh pass + the all-gather of the block) with CUDA sync; with
+``--vae`` (one GPU) it also decodes every block on the same GPU and reports VAE ms, FPS with the
+decode and the first-frame latency (prefill + block 0 + its first frame's decode; encoders not included). Writes ``result.json`` (ms per block, FPS, peak memory per GPU) and the latents.
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from livetalk_core import sequence_parallel  # noqa: E402
+from livetalk_core.compile import compile_blocks  # noqa: E402
 from livetalk_core.fp8_weights import quantize, to_fp8_linear  # noqa: E402
 from livetalk_core.noise import SeededNoise  # noqa: E402
 from livetalk_core.realvideo_sampler import realvideo_schedule  # noqa: E402
 from livetalk_core.realvideo_worker import sample_realvideo_parallel  # noqa: E402
 from livetalk_core.s2v_model import RELEASE_INJECT_LAYERS, S2VConfig, S2VDiT, fp8_linear_layers  # noqa: E402
+from livetalk_core.vae import VAEConfig, WanVAE, frames_to_uint8  # noqa: E402
 from livetalk_core.wan_dit import WanCoreConfig  # noqa: E402
 
 RELEASE = S2VConfig(
@@ -67,6 +70,16 @@ def build(device: torch.device, fp8: bool, seed: int = 0) -> S2VDiT:
     return model.eval()
 
 
+def vae_decoder(device: torch.device):
+    """A random-weight Wan2.1 VAE on the same GPU (the 14B path decodes with it too)."""
+    vae = WanVAE(VAEConfig()).to(device, torch.bfloat16).eval().requires_grad_(False)
+    g = torch.Generator(device=device).manual_seed(1)
+    for p in vae.parameters():
+        fan_in = p[0].numel() if p.ndim > 1 else p.shape[-1]
+        p.copy_(torch.randn(p.shape, generator=g, device=device) / fan_in**0.5)
+    return vae.stream_decoder()
+
+
 def inputs(latent_hw: tuple[int, int], seconds: int, seed: int = 1) -> dict:
     g = torch.Generator().manual_seed(seed)
     return dict(
@@ -85,6 +98,8 @@ def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     model = build(device, args.fp8)
     model.attention_backend = args.attention
+    if args.compile:
+        compile_blocks(model)
     torch.cuda.synchronize(device)
     build_s = time.perf_counter() - start
     weights_gb = torch.cuda.memory_allocated(device) / 1e9
@@ -92,13 +107,27 @@ def run(args: argparse.Namespace) -> None:
         model, sp, noise=SeededNoise(0), schedule=realvideo_schedule(args.steps), num_blocks=args.blocks,
         **inputs((args.height, args.width), args.seconds),
     )
-    times, latents = [], []
+    if args.compile:  # compile (and autotune) outside the timed run, so block 0 is timed warm
+        for _ in sample_realvideo_parallel(model, sp, noise=SeededNoise(0), schedule=realvideo_schedule(args.steps),
+                                           num_blocks=2, **inputs((args.height, args.width), args.seconds)):
+            pass
+    decoder = vae_decoder(device) if args.vae else None
+    times, vae_times, latents, first_frame_s = [], [], [], None
+    torch.cuda.synchronize(device)
     tick = time.perf_counter()
     for block in blocks:
         torch.cuda.synchronize(device)
         now = time.perf_counter()
         times.append((now - tick) * 1000)
         latents.append(block.float().cpu())
+        if decoder is not None:
+            vae_start = time.perf_counter()
+            pieces = block.split([1, block.shape[2] - 1], dim=2) if first_frame_s is None else (block,)
+            for piece in pieces:  # as the pipeline does: the first video frame is handed out on its own
+                frames_to_uint8(decoder.decode(piece)).cpu()
+                if first_frame_s is None:
+                    first_frame_s = time.perf_counter() - tick
+            vae_times.append((time.perf_counter() - vae_start) * 1000)
         tick = time.perf_counter()
     peak_gb = torch.cuda.max_memory_allocated(device) / 1e9
     per_rank = [None] * world
@@ -124,8 +153,17 @@ def run(args: argparse.Namespace) -> None:
             "block_ms_mean": round(statistics.mean(steady), 1),
             "fps": round(VIDEO_FRAMES_PER_BLOCK * 1000 / statistics.median(steady), 2),
             "build_s": round(build_s, 1),
+            "compile": args.compile,
             "memory_per_gpu": per_rank,
         }
+        if vae_times:
+            vae_ms = statistics.median(vae_times[args.warmup:])
+            result.update({
+                "vae_ms_median": round(vae_ms, 1),
+                "fps_with_vae_serial": round(VIDEO_FRAMES_PER_BLOCK * 1000 / (result["block_ms_median"] + vae_ms), 2),
+                "first_frame_s": round(first_frame_s, 3),
+                "peak_gb_with_vae": round(torch.cuda.max_memory_allocated(device) / 1e9, 2),
+            })
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         torch.save(torch.cat(latents, dim=2), out / "latents.pt")
@@ -161,6 +199,8 @@ def main() -> None:
     p.add_argument("--seconds", type=int, default=5, help="audio segment length")
     p.add_argument("--fp8", action="store_true", help="fp8 Linear weights (per-tensor scale)")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "math", "flash", "sage"))
+    p.add_argument("--vae", action="store_true", help="also decode every block with a random Wan2.1 VAE on the same GPU (1 GPU runs)")
+    p.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare the latents of two runs")
     args = p.parse_args()
     if args.compare:

@@ -347,16 +347,9 @@ class Decoder(nn.Module):
         self.head = Head(widths[-1], 3)
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        return self._upsample_from(0, self.middle(self.conv1(x, cache), cache), cache)
-
-    def _upsample_from(self, index: int, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        """Layers ``index..`` and the head. Once a temporal upsample has made several frames, they go
-        on one at a time: every layer is causal with its history in ``cache``, so that is exact, and
-        the high-resolution levels then hold one frame's activations instead of four."""
-        for i in range(index, len(self.upsamples)):
-            x = self.upsamples[i](x, cache)
-            if x.shape[2] > 1 and i + 1 < len(self.upsamples):
-                return torch.cat([self._upsample_from(i + 1, frame, cache) for frame in x.split(1, dim=2)], dim=2)
+        x = self.middle(self.conv1(x, cache), cache)
+        for layer in self.upsamples:
+            x = layer(x, cache)
         return self.head(x, cache)
 
 

@@ -369,3 +369,23 @@ def test_too_short_audio(tmp_path):
     encoder = load_audio_encoder(_write_checkpoints(tmp_path, "base")[1], dtype=torch.float32)
     with pytest.raises(InputError, match="too short"):
         livetalk_audio_features(encoder, torch.randn(300), 5)
+
+
+@pytest.mark.parametrize("frames", [3, 256, 257, 700])
+@pytest.mark.parametrize("large", [False, True], ids=["base", "large"])
+def test_positional_conv_as_matmuls_equals_the_convolution(frames, large):
+    """The grouped 128-tap positional conv computed as chunked matmuls (cuDNN is slow for it) is the same function."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    from livetalk_core.audio import positional_conv
+
+    hidden, heads = (64, 4) if not large else (96, 4)
+    config = Wav2Vec2Config(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=1, intermediate_size=32,
+                            num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16, do_stable_layer_norm=large)
+    torch.manual_seed(frames)
+    embed = Wav2Vec2Model(config).eval().encoder.pos_conv_embed
+    h = torch.randn(1, frames, hidden)
+    with torch.no_grad():
+        expected, actual = embed(h), positional_conv(embed, h)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
