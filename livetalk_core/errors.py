@@ -19,3 +19,15 @@ class InputError(LiveTalkError):
 
 class MissingWeightsError(LiveTalkError):
     """Required weight files are not on disk and cannot be downloaded here."""
+
+
+class OutOfMemory(LiveTalkError):
+    """The GPU ran out of memory; the message lists what to change."""
+
+
+def out_of_memory_help(options: str) -> str:
+    """The message for a GPU out-of-memory failure; ``options`` are the caller's own ways to need less memory."""
+    return (
+        f"The GPU ran out of memory. Options: {options}; close other programs using the GPU, or run on a GPU "
+        "with more memory (the 'Speed and memory' table in the README gives the peak of each path)."
+    )

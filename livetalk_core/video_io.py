@@ -199,8 +199,9 @@ class VideoWriter:
                 writer.write(block)  # uint8 [T, H, W, 3]
 
     ``audio`` is a file path, or an in-memory waveform ([samples] or [channels, samples], float in
-    -1..1) at ``audio_sample_rate`` Hz. The frame size is fixed by the first ``write``. See the
-    module docstring for the temporary-file and interruption rules.
+    -1..1) at ``audio_sample_rate`` Hz. ``metadata`` are container tags (ComfyUI keeps its workflow
+    there). The frame size is fixed by the first ``write``. See the module docstring for the
+    temporary-file and interruption rules.
     """
 
     def __init__(
@@ -212,8 +213,10 @@ class VideoWriter:
         audio_sample_rate: int = 16_000,
         crf: int = 18,
         preset: str = "veryfast",
+        metadata: dict[str, str] | None = None,
     ):
         self.path = Path(path)
+        self._metadata = dict(metadata or {})
         self._rate = _frame_rate(fps)
         self._crf = crf
         self._preset = preset
@@ -300,9 +303,10 @@ class VideoWriter:
     def _open(self, height: int, width: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            container = av.open(str(self._partial_path), "w", format="mp4", options={"movflags": "+faststart"})
+            container = av.open(str(self._partial_path), "w", format="mp4", options={"movflags": "+faststart+use_metadata_tags"})
         except (av.error.FFmpegError, OSError) as err:
             raise InputError(f"Cannot create video file in {self.path.parent}: {err}. Check the folder is writable.") from err
+        container.metadata.update(self._metadata)
         video = container.add_stream("libx264", rate=self._rate)
         video.width, video.height = width + width % 2, height + height % 2
         video.pix_fmt = "yuv420p"

@@ -2,7 +2,9 @@
 
 Folders: DiTs come from the pack's ``livetalk`` folder merged with ``diffusion_models``; the VAE
 from ``vae``; the audio encoder from ``audio_encoders``, as a single file or a Hugging Face folder
-(``config.json`` + weights) anywhere under it.
+(``config.json`` + weights) anywhere under it. Each list also offers the known files
+(:data:`~.model_files.DOWNLOADABLE`) that are not there yet, as ``<name> (download)``: choosing one
+fetches it into its folder when the loader runs.
 
 Memory: each engine model is wrapped in a ``ModelPatcher`` and moved with ``load_models_gpu``, so
 ComfyUI evicts it (and other models) to make room exactly as it does for native models.
@@ -10,19 +12,27 @@ ComfyUI evicts it (and other models) to make room exactly as it does for native 
 
 from __future__ import annotations
 
+import functools
 import os
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
 import torch
 
-from .model_files import ModelFamily
+from ..livetalk_core.errors import OutOfMemory, out_of_memory_help
+from ..livetalk_core.weights import WeightFile
+from .model_files import DOWNLOADABLE, ModelFamily
 
 LIVETALK_FOLDER = "livetalk"
 MODEL_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt"}
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+DOWNLOAD_SUFFIX = " (download)"
+DIT_FOLDERS = (LIVETALK_FOLDER, "diffusion_models")
 
 
 def register_model_folders() -> None:
@@ -38,20 +48,43 @@ def register_model_folders() -> None:
     folder_paths.folder_names_and_paths[LIVETALK_FOLDER] = (paths, set(extensions) | MODEL_EXTENSIONS)
 
 
+def _with_downloads(present: list[str], folders: tuple[str, ...]) -> list[str]:
+    """``present`` plus a ``<name> (download)`` choice for each known file of ``folders`` not among them."""
+    return present + [d.name + DOWNLOAD_SUFFIX for d in DOWNLOADABLE if d.folder in folders and d.name not in present]
+
+
+def file_name(choice: str) -> str:
+    """The file a choice names: a ``(download)`` choice names the file it fetches."""
+    return choice.removesuffix(DOWNLOAD_SUFFIX)
+
+
+def download_target(choice: str) -> tuple[WeightFile, Path] | None:
+    """For a ``<name> (download)`` choice: its source and the path it is fetched to, in the folder's
+    default ``models/<folder>`` (else the folder's first path); None for any other choice."""
+    entry = next((d for d in DOWNLOADABLE if d.name + DOWNLOAD_SUFFIX == choice), None)
+    if entry is None:
+        return None
+    paths = folder_paths.get_folder_paths(entry.folder)
+    default = os.path.join(folder_paths.models_dir, entry.folder)
+    return entry.source, Path(default if default in paths else paths[0]) / entry.name
+
+
 def dit_choices() -> list[str]:
-    return sorted(set(folder_paths.get_filename_list(LIVETALK_FOLDER)) | set(folder_paths.get_filename_list("diffusion_models")))
+    present = set(folder_paths.get_filename_list(LIVETALK_FOLDER)) | set(folder_paths.get_filename_list("diffusion_models"))
+    return _with_downloads(sorted(present), DIT_FOLDERS)
 
 
 def dit_path(name: str) -> str | None:
+    name = file_name(name)
     return folder_paths.get_full_path(LIVETALK_FOLDER, name) or folder_paths.get_full_path("diffusion_models", name)
 
 
 def vae_choices() -> list[str]:
-    return folder_paths.get_filename_list("vae")
+    return _with_downloads(folder_paths.get_filename_list("vae"), ("vae",))
 
 
 def vae_path(name: str) -> str | None:
-    return folder_paths.get_full_path("vae", name)
+    return folder_paths.get_full_path("vae", file_name(name))
 
 
 def _hf_folders() -> dict[str, Path]:
@@ -72,10 +105,11 @@ def audio_encoder_choices() -> list[str]:
     """Single files plus HF folders; the weight files inside an HF folder are listed as the folder."""
     folders = _hf_folders()
     files = [f for f in folder_paths.get_filename_list("audio_encoders") if not any(f.startswith(d + "/") for d in folders)]
-    return sorted(files + list(folders))
+    return _with_downloads(sorted(files + list(folders)), ("audio_encoders",))
 
 
 def audio_encoder_path(name: str) -> str | None:
+    name = file_name(name)
     folder = _hf_folders().get(name)
     return str(folder) if folder is not None else folder_paths.get_full_path("audio_encoders", name)
 
@@ -114,3 +148,30 @@ def on_device(*models: Managed):
     mm.load_models_gpu([m.patcher for m in models], force_full_load=True)
     engines = tuple(m.engine for m in models)
     return engines[0] if len(engines) == 1 else engines
+
+
+T = TypeVar("T")
+NODE_OUT_OF_MEMORY_HELP = out_of_memory_help(
+    "precision bf16 (not fp32) in LoadLiveTalkModel; a smaller video (width and height of EncodeReferenceVAE, "
+    "e.g. 384); for RealVideo 14B, fp8_weights on in LoadLiveTalkModel, or more GPUs"
+)
+
+
+def out_of_memory_advice(execute: Callable[..., T]) -> Callable[..., T]:
+    """Wrap a node's ``execute``: a GPU out-of-memory error in it becomes :class:`OutOfMemory` with the
+    options, raised once the memory the failed run held is given back."""
+
+    @functools.wraps(execute)
+    def guarded(*args, **kwargs) -> T:
+        try:
+            return execute(*args, **kwargs)
+        except torch.cuda.OutOfMemoryError as err:
+            # The traceback's frames hold the failed forward's activations and, through the
+            # sampler's closures, its KV cache. Clearing them breaks any cycles; leaving the except
+            # block drops the error, so that memory can go before the cache is emptied.
+            traceback.clear_frames(err.__traceback__)
+        mm.unload_all_models()  # what ComfyUI does after an out-of-memory error in its own nodes
+        mm.soft_empty_cache()
+        raise OutOfMemory(NODE_OUT_OF_MEMORY_HELP)
+
+    return guarded

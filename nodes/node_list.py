@@ -3,6 +3,7 @@
 from .encoders import LiveTalkEncodeAudioWav2Vec, LiveTalkEncodeReferenceVAE
 from .loader import LoadLiveTalkModel
 from .sampling import LiveTalkCausalDiTSampler, LiveTalkDecodeBlocks
+from .save_video import LiveTalkDecodeToVideoFile
 
 NODES = (
     LoadLiveTalkModel,
@@ -10,4 +11,5 @@ NODES = (
     LiveTalkEncodeReferenceVAE,
     LiveTalkCausalDiTSampler,
     LiveTalkDecodeBlocks,
+    LiveTalkDecodeToVideoFile,
 )

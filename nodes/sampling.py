@@ -29,8 +29,9 @@ from ..livetalk_core.realvideo_sampler import realvideo_schedule, sample_realvid
 from ..livetalk_core.sampler import LIVETALK_CACHE, sample_livetalk
 from ..livetalk_core.scheduler import LIVETALK_STEPS, livetalk_schedule
 from ..livetalk_core.vae import frames_to_uint8
-from .comfy_models import Managed, on_device
+from .comfy_models import Managed, on_device, out_of_memory_advice
 from .model_files import REALVIDEO_14B, text_context
+from .multi_gpu import WorkerDiT
 from .pack_types import (
     CATEGORY,
     AudioEmbeds,
@@ -116,6 +117,7 @@ class LiveTalkCausalDiTSampler(io.ComfyNode):
         return True
 
     @classmethod
+    @out_of_memory_advice
     def execute(cls, model: Managed, conditioning, reference: torch.Tensor, audio_embeds, seed: int, steps: int,
                 sink_frames: int, window_frames: int, idle_conditioning=None) -> io.NodeOutput:
         expected = RealVideoAudio if model.family is REALVIDEO_14B else AudioConditioning
@@ -151,20 +153,21 @@ class LiveTalkCausalDiTSampler(io.ComfyNode):
 
 def _realvideo_blocks(dit, conditioning, idle_conditioning, reference: torch.Tensor, audio: RealVideoAudio,
                       seed: int, steps: int) -> Iterator[torch.Tensor]:
-    """RealVideo's block generator; without an idle prompt the talking one also fills the prefill."""
+    """RealVideo's block generator, here or on the worker processes of ``gpus`` > 1 (the same
+    blocks); without an idle prompt the talking one also fills the prefill."""
     talking = text_context(conditioning, dit.config.text_dim)
     idle = talking if idle_conditioning is None else text_context(idle_conditioning, dit.config.text_dim)
-    return sample_realvideo(
-        dit,
+    inputs = dict(
         ref_latent=reference.to(dit.dtype),
         idle_context=idle,
         talking_context=talking,
         audio_features=audio.features,
-        noise=SeededNoise(seed),
         num_blocks=audio.num_blocks,
         schedule=realvideo_schedule(steps),  # refuses anything but 2 or 4 steps
-        on_step=_between_forwards,
     )
+    if isinstance(dit, WorkerDiT):
+        return dit.generate(seed=seed, **inputs)
+    return sample_realvideo(dit, noise=SeededNoise(seed), on_step=_between_forwards, **inputs)
 
 
 def _between_forwards(block: int, step: int, x0: torch.Tensor) -> None:
@@ -192,22 +195,29 @@ class LiveTalkDecodeBlocks(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, vae, latent_blocks: LatentBlockList) -> io.NodeOutput:
-        model = on_device(vae)
-        decoder = model.stream_decoder()
-        total = latent_blocks.num_video_frames
-        progress = comfy.utils.ProgressBar(len(latent_blocks.blocks))
-        chunks: list[torch.Tensor] = []
-        kept = 0
-        for index, block in enumerate(latent_blocks.blocks):
-            mm.throw_exception_if_processing_interrupted()
-            frames = frames_to_uint8(decoder.decode(block.to(model.device, model.dtype)))[: total - kept].cpu()
-            kept += frames.shape[0]
-            if frames.shape[0]:
-                # uint8 per block keeps memory at a quarter until the single float copy below.
-                chunks.append(frames)
-                progress.update_absolute(index + 1, len(latent_blocks.blocks), frame_preview(frames[-1]))
-            if kept >= total:
-                break
+    @out_of_memory_advice
+    def execute(cls, vae: Managed, latent_blocks: LatentBlockList) -> io.NodeOutput:
+        # uint8 per block keeps memory at a quarter until the single float copy below.
+        chunks = list(decoded_blocks(vae, latent_blocks))
         images = torch.cat(chunks).to(mm.intermediate_device(), torch.float32).div_(255.0)
         return io.NodeOutput(images, float(VIDEO_FPS))
+
+
+def decoded_blocks(vae: Managed, latent_blocks: LatentBlockList) -> Iterator[torch.Tensor]:
+    """The video as uint8 frames ``[T, H, W, 3]`` on the CPU, one block at a time, trimmed to the
+    audio length. Advances the progress bar with a preview per block and checks for an interrupt
+    before each one."""
+    model = on_device(vae)
+    decoder = model.stream_decoder()
+    total = latent_blocks.num_video_frames
+    progress = comfy.utils.ProgressBar(len(latent_blocks.blocks))
+    kept = 0
+    for index, block in enumerate(latent_blocks.blocks):
+        mm.throw_exception_if_processing_interrupted()
+        frames = frames_to_uint8(decoder.decode(block.to(model.device, model.dtype)))[: total - kept].cpu()
+        kept += frames.shape[0]
+        if frames.shape[0]:
+            progress.update_absolute(index + 1, len(latent_blocks.blocks), frame_preview(frames[-1]))
+            yield frames
+        if kept >= total:
+            break

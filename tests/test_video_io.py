@@ -85,6 +85,15 @@ def test_video_without_audio(tmp_path):
     assert (info["frames"], info["fps"], info["has_audio"], info["audio_duration"]) == (10, 25, False, None)
 
 
+def test_metadata_tags_are_stored(tmp_path):
+    out = tmp_path / "clip.mp4"
+    workflow = '{"1": {"class_type": "LoadImage"}}'
+    with VideoWriter(out, metadata={"prompt": workflow}) as writer:
+        writer.write(_frames(4))
+    with av.open(str(out)) as container:
+        assert container.metadata["prompt"] == workflow
+
+
 @pytest.mark.parametrize("interruption", [KeyboardInterrupt, RuntimeError])
 def test_interruption_keeps_a_playable_partial_video(tmp_path, interruption):
     out = tmp_path / "clip.mp4"

@@ -1,0 +1,82 @@
+"""LiveTalkDecodeToVideoFile: latent blocks straight to an mp4 in ComfyUI's output folder.
+
+DecodeBlocks hands the whole video to the next node as one float32 IMAGE batch (about 3 MB per
+512x512 frame, 30 GB for ten minutes). This node decodes a block, encodes its frames (and the
+audio up to the same time) into the file and lets them go, so its memory stays flat however long
+the video is. An interrupt between blocks, or a failure, keeps a playable mp4 of the blocks
+written so far.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import folder_paths
+from comfy.cli_args import args
+from comfy_api.latest import InputImpl, io, ui
+
+from ..livetalk_core.audio import VIDEO_FPS, prepare_waveform
+from ..livetalk_core.video_io import OUTPUT_AUDIO_RATE, VideoWriter
+from .comfy_models import Managed, out_of_memory_advice
+from .pack_types import CATEGORY, LatentBlockList, LatentBlocks, LiveTalkVAE
+from .sampling import decoded_blocks
+
+
+class LiveTalkDecodeToVideoFile(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LiveTalkDecodeToVideoFile",
+            display_name="DecodeBlocks to Video File",
+            category=CATEGORY,
+            description="Decodes the latent blocks one after another and writes each block's frames straight "
+            "into an mp4 (H.264, with the audio as AAC) in the output folder, so memory stays flat however long "
+            "the video is. Use it instead of DecodeBlocks -> CreateVideo -> SaveVideo for long videos. An "
+            "interrupt keeps a playable mp4 of the blocks decoded so far.",
+            inputs=[
+                LiveTalkVAE.Input("vae", tooltip="The VAE from LoadLiveTalkModel."),
+                LatentBlocks.Input("latent_blocks", tooltip="From Causal DiT Sampler."),
+                io.String.Input("filename_prefix", default="LiveTalk/video",
+                                tooltip="Where to save in the output folder: subfolders and the start of the file "
+                                "name. It may hold %width%, %height%, %year%, %month%, %day% and the like."),
+                io.Audio.Input("audio", optional=True,
+                               tooltip="The speech to put in the video, normally the clip given to "
+                               "EncodeAudioWav2Vec. Not connected: a silent video."),
+            ],
+            outputs=[io.Video.Output("video", display_name="video",
+                                     tooltip="The saved mp4, for nodes that take a VIDEO.")],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
+            is_output_node=True,
+        )
+
+    @classmethod
+    @out_of_memory_advice
+    def execute(cls, vae: Managed, latent_blocks: LatentBlockList, filename_prefix: str,
+                audio: dict | None = None) -> io.NodeOutput:
+        factor = vae.engine.config.spatial_factor
+        height, width = (factor * side for side in latent_blocks.blocks[0].shape[-2:])
+        folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, folder_paths.get_output_directory(), width, height)
+        file = f"{name}_{counter:05}_.mp4"
+        path = os.path.join(folder, file)
+        # The writer resamples to its output rate anyway; converting here reuses the audio checks
+        # of EncodeAudioWav2Vec (one clip, not empty, finite samples).
+        waveform = None if audio is None else prepare_waveform(audio["waveform"], audio["sample_rate"],
+                                                                target_rate=OUTPUT_AUDIO_RATE)
+        with VideoWriter(path, VIDEO_FPS, audio=waveform, audio_sample_rate=OUTPUT_AUDIO_RATE,
+                         metadata=cls._workflow_metadata()) as writer:
+            for frames in decoded_blocks(vae, latent_blocks):
+                writer.write(frames)
+        preview = ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)])
+        return io.NodeOutput(InputImpl.VideoFromFile(path), ui=preview)
+
+    @classmethod
+    def _workflow_metadata(cls) -> dict[str, str]:
+        """The prompt and workflow, as SaveVideo stores them, so dropping the mp4 on ComfyUI reopens the graph."""
+        if args.disable_metadata:
+            return {}
+        metadata = dict(cls.hidden.extra_pnginfo or {})
+        if cls.hidden.prompt is not None:
+            metadata["prompt"] = cls.hidden.prompt
+        return {key: json.dumps(value) for key, value in metadata.items()}

@@ -1,0 +1,270 @@
+"""The nodes called directly inside ComfyUI (run by test_nodes_in_comfyui.py through comfy_in_process).
+
+Tiny random weights in temporary model folders, ComfyUI's output folder moved to a temporary one;
+each node runs the way ComfyUI's executor calls it (a class clone holding the hidden inputs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+import weakref
+from pathlib import Path
+from types import SimpleNamespace
+
+import av
+import comfy.model_management as mm
+import folder_paths
+import pytest
+import torch
+
+from comfy_env import REPO
+from tiny_weights import UMT5_WIDTH, save_module, save_tiny_wav2vec2, tiny_dit, tiny_s2v_dit, tiny_vae
+
+PACKAGE = "livetalk_pack_in_comfyui"
+SIZE = 32  # video side in pixels: 4x4 latents
+
+
+@pytest.fixture(scope="session")
+def pack() -> SimpleNamespace:
+    """The pack imported as ComfyUI imports it (a package from its folder), and the modules the tests use."""
+    spec = importlib.util.spec_from_file_location(PACKAGE, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACKAGE] = module
+    spec.loader.exec_module(module)
+    names = ("nodes.loader", "nodes.encoders", "nodes.sampling", "nodes.save_video", "nodes.pack_types",
+             "nodes.comfy_models", "nodes.model_files", "livetalk_core.errors", "livetalk_core.vae",
+             "livetalk_core.video_io")
+    return SimpleNamespace(**{name.split(".")[-1]: importlib.import_module(f"{PACKAGE}.{name}") for name in names})
+
+
+@pytest.fixture(scope="session")
+def model_files(tmp_path_factory) -> Path:
+    """``<root>/models/<folder>/`` with tiny weights of both families, and the same files in ``<root>/outside/``."""
+    root = tmp_path_factory.mktemp("comfy")
+    for folder in ("models/livetalk", "models/diffusion_models", "models/vae", "models/audio_encoders", "outside"):
+        (root / folder).mkdir(parents=True)
+    for base, dit_folder in ((root / "models", "livetalk"), (root, "outside")):
+        save_module(tiny_dit(), base / dit_folder / "dit.safetensors")
+    save_module(tiny_s2v_dit(), root / "models/diffusion_models/s2v.safetensors", dtype=torch.bfloat16)
+    for folder in ("models/vae", "outside"):
+        save_module(tiny_vae(), root / folder / "vae.safetensors")
+    for folder in ("models/audio_encoders", "outside"):
+        save_tiny_wav2vec2(root / folder / "w2v.safetensors")
+    save_tiny_wav2vec2(root / "models/audio_encoders/w2v_large.safetensors", large=True)
+    return root
+
+
+@pytest.fixture()
+def comfy_folders(model_files, tmp_path, monkeypatch) -> Path:
+    """ComfyUI's model folders at the tiny weights and its output folder empty; returns the output folder."""
+    for name in ("livetalk", "diffusion_models", "vae", "audio_encoders"):
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(model_files / "models" / name)], {".safetensors"}))
+    output = tmp_path / "output"
+    output.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(output))
+    return output
+
+
+def run(node, hidden: dict | None = None, **inputs):
+    """``node`` executed as ComfyUI's executor does it: on a class clone that holds the hidden inputs."""
+    return node.PREPARE_CLASS_CLONE(hidden or {}).EXECUTE_NORMALIZED(**inputs)
+
+
+def tone(seconds: float, rate: int = 44_100, channels: int = 2) -> dict:
+    """A native AUDIO: a 220 Hz tone, batch of one."""
+    t = torch.arange(int(seconds * rate)) / rate
+    return {"waveform": (0.3 * torch.sin(2 * torch.pi * 220 * t)).repeat(1, channels, 1), "sample_rate": rate}
+
+
+def load(pack, model_name: str, audio_encoder_name: str):
+    return run(pack.loader.LoadLiveTalkModel, model_name=model_name, vae_name="vae.safetensors",
+               audio_encoder_name=audio_encoder_name, precision="fp32", attention="sdpa", compile=False).result
+
+
+def latent_blocks(pack, count: int, trim: int = 0):
+    """``count`` random 1.3B-style blocks (3 latent frames: 9 video frames, then 12 each), ``trim`` frames cut."""
+    generator = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(1, 16, 3, SIZE // 8, SIZE // 8, generator=generator) for _ in range(count)]
+    return pack.pack_types.LatentBlockList(blocks=blocks, num_video_frames=9 + 12 * (count - 1) - trim)
+
+
+@pytest.fixture()
+def vae(pack, comfy_folders):
+    return load(pack, "dit.safetensors", "w2v.safetensors")[1]
+
+
+def decode_and_write_order(pack, monkeypatch) -> list[str]:
+    """Records each block decode and each frame write, in order."""
+    events: list[str] = []
+    decode, write = pack.vae.StreamDecoder.decode, pack.video_io.VideoWriter.write
+
+    def spied_decode(self, latents):
+        events.append("decode")
+        return decode(self, latents)
+
+    def spied_write(self, frames):
+        events.append(f"write {len(frames)}")
+        return write(self, frames)
+
+    monkeypatch.setattr(pack.vae.StreamDecoder, "decode", spied_decode)
+    monkeypatch.setattr(pack.video_io.VideoWriter, "write", spied_write)
+    return events
+
+
+# -- DecodeBlocks to Video File ----------------------------------------------------------------------
+
+
+def test_video_file_is_written_block_by_block_with_audio_and_workflow(pack, vae, comfy_folders, monkeypatch):
+    """Each block's frames go to the file before the next block is decoded, so the node never holds
+    more than one block of frames, however long the video."""
+    events = decode_and_write_order(pack, monkeypatch)
+    blocks = latent_blocks(pack, 3, trim=4)
+    workflow = {"nodes": [], "links": []}
+    hidden = {"PROMPT": {"1": {"class_type": "LoadImage", "inputs": {}}}, "EXTRA_PNGINFO": {"workflow": workflow}}
+    output = run(pack.save_video.LiveTalkDecodeToVideoFile, hidden, vae=vae, latent_blocks=blocks,
+                 filename_prefix="LiveTalk/video", audio=tone(5.0))
+
+    assert events == ["decode", "write 9", "decode", "write 12", "decode", "write 8"]
+    path = comfy_folders / "LiveTalk" / "video_00001_.mp4"
+    info = pack.video_io.read_video_info(path)
+    assert (info["frames"], info["fps"], info["width"], info["height"], info["has_audio"]) == (29, 16, SIZE, SIZE, True)
+    assert info["audio_duration"] == pytest.approx(29 / 16, abs=0.03)  # the 5 s of audio trimmed to the video
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no partial file left behind
+    with av.open(str(path)) as container:
+        assert json.loads(container.metadata["workflow"]) == workflow
+        assert json.loads(container.metadata["prompt"]) == hidden["PROMPT"]
+
+    assert output.ui.as_dict() == {"images": [{"filename": path.name, "subfolder": "LiveTalk", "type": "output"}],
+                                   "animated": (True,)}
+    (video,) = output.result
+    assert video.get_dimensions() == (SIZE, SIZE)
+    assert video.get_duration() == pytest.approx(29 / 16, abs=0.05)
+
+
+def test_silent_video_and_the_next_file_number(pack, vae, comfy_folders):
+    node = pack.save_video.LiveTalkDecodeToVideoFile
+    for _ in range(2):
+        run(node, vae=vae, latent_blocks=latent_blocks(pack, 1), filename_prefix="clip")
+    info = pack.video_io.read_video_info(comfy_folders / "clip_00002_.mp4")
+    assert (info["frames"], info["has_audio"]) == (9, False)
+
+
+def test_interrupt_between_blocks_keeps_a_playable_partial_video(pack, vae, comfy_folders, monkeypatch):
+    write = pack.video_io.VideoWriter.write
+
+    def write_then_interrupt_after_two_blocks(self, frames):
+        write(self, frames)
+        if self.frames_written == 21:
+            mm.interrupt_current_processing(True)  # what ComfyUI's Cancel button does
+
+    monkeypatch.setattr(pack.video_io.VideoWriter, "write", write_then_interrupt_after_two_blocks)
+    with pytest.raises(mm.InterruptProcessingException):
+        run(pack.save_video.LiveTalkDecodeToVideoFile, vae=vae, latent_blocks=latent_blocks(pack, 4),
+            filename_prefix="LiveTalk/video", audio=tone(5.0))
+    path = comfy_folders / "LiveTalk" / "video_00001_.mp4"
+    info = pack.video_io.read_video_info(path)
+    assert (info["frames"], info["has_audio"]) == (21, True)
+    assert info["audio_duration"] == pytest.approx(21 / 16, abs=0.03)
+    with av.open(str(path)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 21
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_decode_blocks_gives_the_frames_the_file_gets(pack, vae, comfy_folders, monkeypatch):
+    blocks = latent_blocks(pack, 2, trim=2)
+    frames, fps = run(pack.sampling.LiveTalkDecodeBlocks, vae=vae, latent_blocks=blocks).result
+    assert frames.shape == (19, SIZE, SIZE, 3) and frames.dtype == torch.float32 and fps == 16.0
+    written: list[torch.Tensor] = []
+    write = pack.video_io.VideoWriter.write
+    monkeypatch.setattr(pack.video_io.VideoWriter, "write", lambda self, batch: (written.append(batch), write(self, batch)))
+    run(pack.save_video.LiveTalkDecodeToVideoFile, vae=vae, latent_blocks=blocks, filename_prefix="same")
+    assert torch.equal(torch.cat(written).float() / 255, frames)
+
+
+# -- Model names that try to leave the model folders ---------------------------------------------------
+
+
+ESCAPES = {
+    "relative": "../../outside/{}",
+    "absolute": "{root}/outside/{}",
+    "windows": "..\\..\\outside\\{}",
+}
+VALID = {"model_name": "dit.safetensors", "vae_name": "vae.safetensors", "audio_encoder_name": "w2v.safetensors"}
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+@pytest.mark.parametrize("field", VALID)
+def test_names_outside_the_model_folders_are_refused(pack, comfy_folders, model_files, field, escape):
+    """``<root>/outside`` holds valid copies of the files: a name that escaped the folders would load."""
+    loader = pack.loader.LoadLiveTalkModel
+    assert loader.validate_inputs(**VALID) is True
+    name = ESCAPES[escape].format(VALID[field], root=model_files)
+    names = {**VALID, field: name}
+    message = loader.validate_inputs(**names)
+    assert isinstance(message, str) and f"'{name}' was not found in models/" in message, message
+    with pytest.raises(pack.errors.MissingWeightsError, match="was not found"):
+        run(loader, **names, precision="fp32", attention="sdpa", compile=False)
+
+
+# -- GPU out of memory -------------------------------------------------------------------------------
+
+
+def out_of_memory(*args, **kwargs):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def check_out_of_memory_message(pack, error: pytest.ExceptionInfo) -> None:
+    message = str(error.value)
+    assert message == pack.comfy_models.NODE_OUT_OF_MEMORY_HELP
+    assert "ran out of memory" in message and "fp8_weights" in message and "EncodeReferenceVAE" in message
+    assert error.value.__cause__ is None and error.value.__context__ is None  # no CUDA traceback shown
+
+
+@pytest.mark.parametrize("family", ["1.3b", "14b"])
+def test_out_of_memory_in_the_sampler_is_one_message_and_frees_the_cache(pack, comfy_folders, monkeypatch, family):
+    dit_name, encoder_name = {"1.3b": ("dit.safetensors", "w2v.safetensors"),
+                              "14b": ("s2v.safetensors", "w2v_large.safetensors")}[family]
+    model, vae, audio_encoder = load(pack, dit_name, encoder_name)
+    audio_embeds = run(pack.encoders.LiveTalkEncodeAudioWav2Vec, model=model, audio_encoder=audio_encoder,
+                       audio=tone(1.0, rate=16_000, channels=1)).result[0]
+    reference = run(pack.encoders.LiveTalkEncodeReferenceVAE, vae=vae, image=torch.rand(1, 64, 64, 3),
+                    width=64, height=64, crop="center").result[0]
+    caches: list[weakref.ref] = []
+
+    def forward_out_of_memory(self, *args, **kwargs):
+        caches.extend(weakref.ref(a) for a in args if type(a).__name__ == "KVCache")
+        out_of_memory()
+
+    monkeypatch.setattr(type(model.engine), "forward", forward_out_of_memory)
+    unloads: list[bool] = []
+    monkeypatch.setattr(mm, "unload_all_models", lambda: unloads.append(True))
+    sampler = pack.sampling.LiveTalkCausalDiTSampler
+    conditioning = [[torch.randn(1, 5, UMT5_WIDTH), {}]]
+    with pytest.raises(pack.errors.OutOfMemory) as error:
+        run(sampler, model=model, conditioning=conditioning, reference=reference, audio_embeds=audio_embeds, seed=0,
+            steps=4, sink_frames=9, window_frames=15)
+    check_out_of_memory_message(pack, error)
+    assert caches and all(cache() is None for cache in caches), "the KV cache outlived the error"
+    assert unloads == [True]
+
+
+@pytest.mark.parametrize("node", ["LiveTalkDecodeBlocks", "LiveTalkDecodeToVideoFile"])
+def test_out_of_memory_while_decoding_is_one_message(pack, vae, comfy_folders, monkeypatch, node):
+    decode = pack.vae.StreamDecoder.decode
+    calls: list[int] = []
+
+    def decode_then_out_of_memory(self, latents):
+        calls.append(1)
+        return decode(self, latents) if len(calls) == 1 else out_of_memory()
+
+    monkeypatch.setattr(pack.vae.StreamDecoder, "decode", decode_then_out_of_memory)
+    node_class = getattr(pack.sampling, node, None) or getattr(pack.save_video, node)
+    inputs = {"filename_prefix": "oom"} if node == "LiveTalkDecodeToVideoFile" else {}
+    with pytest.raises(pack.errors.OutOfMemory) as error:
+        run(node_class, vae=vae, latent_blocks=latent_blocks(pack, 2), **inputs)
+    check_out_of_memory_message(pack, error)
+    if inputs:  # the file keeps the block decoded before the failure
+        assert pack.video_io.read_video_info(comfy_folders / "oom_00001_.mp4")["frames"] == 9
