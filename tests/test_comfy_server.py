@@ -20,7 +20,7 @@ import pytest
 from comfy_env import SHIPPED_1_3B_API, SHIPPED_14B_API, livetalk_server, with_tiny_text_encoder
 
 NODE_IDS = ("LoadLiveTalkModel", "LiveTalkEncodeAudioWav2Vec", "LiveTalkEncodeReferenceVAE",
-            "LiveTalkCausalDiTSampler", "LiveTalkDecodeBlocks")
+            "LiveTalkCausalDiTSampler", "LiveTalkDecodeBlocks", "LiveTalkDecodeToVideoFile")
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,19 @@ def test_shipped_1_3b_workflow_end_to_end(comfy):
     progress = sampler_progress(comfy, prompt, history)
     assert progress and progress[-1]["value"] == progress[-1]["max"]
     assert comfy.previews - previews_before >= progress[-1]["max"]
+
+
+def test_decode_to_video_file_replaces_decode_create_save(comfy):
+    """The long-video ending: the blocks go straight into an mp4, shown in the UI as SaveVideo's is."""
+    prompt = shipped_prompt()
+    loader, sampler, audio = (node_id_of(prompt, t) for t in ("LoadLiveTalkModel", "LiveTalkCausalDiTSampler", "LoadAudio"))
+    for class_type in ("CreateVideo", "SaveVideo"):
+        del prompt[node_id_of(prompt, class_type)]
+    prompt[node_id_of(prompt, "LiveTalkDecodeBlocks")] = {"class_type": "LiveTalkDecodeToVideoFile", "inputs": {
+        "vae": [loader, 1], "latent_blocks": [sampler, 0], "filename_prefix": "LiveTalk/long", "audio": [audio, 0]}}
+    history = comfy.wait_for(comfy.queue(prompt))
+    check_saved_video(comfy, history)
+    assert saved_videos(history)[0].startswith("long_")
 
 
 def test_shipped_14b_workflow_end_to_end(comfy):
