@@ -35,7 +35,7 @@ def pack() -> SimpleNamespace:
     sys.modules[PACKAGE] = module
     spec.loader.exec_module(module)
     names = ("nodes.loader", "nodes.encoders", "nodes.sampling", "nodes.save_video", "nodes.pack_types",
-             "nodes.comfy_models", "nodes.model_files", "livetalk_core.errors", "livetalk_core.vae",
+             "nodes.comfy_models", "livetalk_core.errors", "livetalk_core.vae",
              "livetalk_core.video_io")
     return SimpleNamespace(**{name.split(".")[-1]: importlib.import_module(f"{PACKAGE}.{name}") for name in names})
 
