@@ -39,23 +39,28 @@ def random_init_(module: torch.nn.Module, seed: int = 0) -> None:
         p.data.copy_(values.to(p.dtype))
 
 
-def build(device: torch.device, dtype: torch.dtype) -> LiveTalkPipeline:
+def build(device: torch.device, dtype: torch.dtype, vae_device: torch.device | None = None) -> LiveTalkPipeline:
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
     dit = LiveTalkDiT(LiveTalkConfig(core=FULL_DIT, audio_features=14 * 768)).to(device, dtype)
     random_init_(dit)
-    vae = WanVAE(VAEConfig()).to(device, dtype)
+    vae = WanVAE(VAEConfig()).to(vae_device or device, dtype)
     random_init_(vae, 1)
     w2v = Wav2Vec2Model(Wav2Vec2Config()).to(device, dtype).eval()
     return LiveTalkPipeline(dit.eval().requires_grad_(False), vae.eval().requires_grad_(False),
                             AudioEncoder(w2v, do_normalize=True, source=Path("random")))
 
 
+def synchronize() -> None:
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(index)
+
+
 def cuda_ms(fn):
-    torch.cuda.synchronize()
+    synchronize()
     start = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    synchronize()
     return out, (time.perf_counter() - start) * 1e3
 
 
@@ -63,7 +68,7 @@ def cuda_ms(fn):
 def run(args) -> dict:
     device, dtype = torch.device("cuda"), torch.bfloat16
     t0 = time.perf_counter()
-    pipe = build(device, dtype)
+    pipe = build(device, dtype, torch.device(args.vae_device) if args.vae_device else None)
     pipe.dit.attention_backend = args.attention
     image = torch.randint(0, 255, (1024, 1024, 3), dtype=torch.uint8)
     seconds = args.blocks * 0.75
@@ -91,12 +96,12 @@ def run(args) -> dict:
         dec = pipe.vae.stream_decoder()
         for b in blocks:
             dec.decode(b)
-    torch.cuda.synchronize()
+    synchronize()
     warmup_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
 
     # first-frame latency: inputs in -> first decoded frames out
-    torch.cuda.synchronize()
+    synchronize()
     t_start = time.perf_counter()
     ref, enc_ref_ms = cuda_ms(lambda: pipe.encode_reference(image))
     audio, enc_audio_ms = cuda_ms(lambda: pipe.encode_audio(waveform))
@@ -110,7 +115,7 @@ def run(args) -> dict:
     if args.profile_audio:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
             pipe.encode_audio(waveform)
-            torch.cuda.synchronize()
+            synchronize()
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
 
     dit_ms, vae_ms = [], []
@@ -122,12 +127,13 @@ def run(args) -> dict:
         _, ms = cuda_ms(lambda: decoder.decode(block))
         vae_ms.append(ms)
     peak = torch.cuda.max_memory_allocated() / 2**30
+    peak_vae_device = torch.cuda.max_memory_allocated(pipe.vae.device) / 2**30 if pipe.vae.device != device else None
 
     # end to end as the CLI runs it: frames out per second, decode overlapped with sampling or not
     end_to_end = {}
     outputs = {}
     for overlap in (False, True):
-        torch.cuda.synchronize()
+        synchronize()
         stamps, chunks = [], []
         start = time.perf_counter()
         for frames in pipe.decode(pipe.sample(ref, audio, context, 0), audio.num_video_frames, overlap=overlap):
@@ -146,6 +152,7 @@ def run(args) -> dict:
         "torch": torch.__version__,
         "attention": args.attention,
         "compile": args.compile,
+        "vae_device": str(pipe.vae.device),
         "compiled_vs_eager_per_block": deviation,
         "blocks": args.blocks,
         "dit_ms_per_block_median": steady_dit,
@@ -155,6 +162,7 @@ def run(args) -> dict:
         "first_frame_latency_s": first_frame_s,
         "first_frame_parts_ms": {"encode_image": enc_ref_ms, "encode_audio": enc_audio_ms, "dit_block0": dit0_ms, "vae_block0": vae0_ms},
         "peak_gib": peak,
+        "peak_gib_vae_device": peak_vae_device,
         "fps_end_to_end_serial": end_to_end["serial"],
         "fps_end_to_end_overlapped": end_to_end["overlap"],
         "overlap_frames_identical": overlap_identical,
@@ -175,7 +183,7 @@ def long_video(pipe: LiveTalkPipeline, image: torch.Tensor, context: torch.Tenso
     from livetalk_core.video_io import VideoWriter, read_video_info
 
     waveform = torch.randn(int(seconds * 16000)) * 0.1
-    torch.cuda.synchronize()
+    synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     audio = pipe.encode_audio(waveform)
@@ -206,13 +214,14 @@ def main() -> None:
     p.add_argument("--attention", default="sdpa")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks (livetalk_core/compile.py)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--vae-device", default=None, help="put the VAE on another GPU, e.g. cuda:1 (default: the DiT's)")
     p.add_argument("--profile-audio", action="store_true", help="print a profile of the audio encoding")
     p.add_argument("--long-seconds", type=float, default=0, help="also run the CLI path on a clip this long, writing the mp4")
     args = p.parse_args()
     result = run(args)
     deviation = result["compiled_vs_eager_per_block"]
     rows = [
-        ("GPU", result["gpu"]), ("torch", result["torch"]), ("attention", result["attention"]), ("compile", result["compile"]),
+        ("GPU", result["gpu"]), ("torch", result["torch"]), ("attention", result["attention"]), ("compile", result["compile"]), ("VAE device", result["vae_device"]),
         ("DiT ms/block (4 steps + refresh)", f"{result['dit_ms_per_block_median']:.1f}"),
         ("VAE ms/block (12 frames)", f"{result['vae_ms_per_block_median']:.1f}"),
         ("FPS serial", f"{result['fps_serial']:.1f}"),
@@ -222,7 +231,7 @@ def main() -> None:
         ("FPS end to end, serial decode", f"{result['fps_end_to_end_serial']:.1f}"),
         ("FPS end to end, overlapped decode", f"{result['fps_end_to_end_overlapped']:.1f}"),
         ("overlapped frames == serial frames", str(result["overlap_frames_identical"])),
-        ("peak GPU memory GiB", f"{result['peak_gib']:.2f}"),
+        ("peak GPU memory GiB", f"{result['peak_gib']:.2f}" + ("" if result["peak_gib_vae_device"] is None else f" (+ VAE GPU {result['peak_gib_vae_device']:.2f})")),
         ("long run", json.dumps(result["long_run"])),
         ("warm-up s", f"{result['warmup_s']:.1f}"),
         ("compiled vs eager, worst block", "" if deviation is None else

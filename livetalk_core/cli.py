@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-download", action="store_true", help="never download; fail with the list of files to put in place")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16", help="model precision")
     p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
+    p.add_argument("--vae-device", default=None,
+                   help="run the VAE on another GPU (e.g. cuda:1), so decoding never competes with the DiT; default: --device")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "math", "flash", "sage"), help="attention kernel")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the DiT blocks (default: on for GPUs, about 30%% faster)")
@@ -114,7 +116,9 @@ def load_pipeline(args: argparse.Namespace, device: torch.device):
         context = text_context(args.prompt, models_dir, paths, device, dtype, not args.skip_download)
         dit, vae, wav2vec2 = paths.dit, paths.vae, paths.wav2vec2
     pipeline = LiveTalkPipeline(
-        load_livetalk_dit(dit, dtype, device), load_vae(vae, dtype, device), load_audio_encoder(wav2vec2, dtype, device)
+        load_livetalk_dit(dit, dtype, device),
+        load_vae(vae, dtype, device if args.smoke or args.vae_device is None else pick_device(args.vae_device)),
+        load_audio_encoder(wav2vec2, dtype, device),
     )
     pipeline.dit.attention_backend = args.attention
     if args.compile if args.compile is not None else device.type == "cuda":

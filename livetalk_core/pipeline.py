@@ -193,6 +193,8 @@ class LiveTalkPipeline:
         """Decode one block to host uint8 frames; on ``side`` the work is queued and an event returned."""
         if side is None:
             return frames_to_uint8(decoder.decode(block.to(self.vae.device, self.vae.dtype))).cpu(), None
+        if block.device != self.vae.device:  # VAE on its own GPU: the copy queues behind the DiT's work
+            block = block.to(self.vae.device, non_blocking=True)
         side.wait_stream(torch.cuda.current_stream(self.vae.device))
         with torch.cuda.stream(side):
             frames = frames_to_uint8(decoder.decode(block.to(self.vae.device, self.vae.dtype)))

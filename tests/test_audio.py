@@ -389,3 +389,24 @@ def test_positional_conv_as_matmuls_equals_the_convolution(frames, large):
         expected, actual = embed(h), positional_conv(embed, h)
     assert actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["base-groupnorm", "large-layernorm"])
+def test_feature_extractor_as_matmuls_equals_the_convolutions(large):
+    """The CNN layers run as unfold + matmul (no cuDNN plan per clip length) give the feature extractor's output."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    from livetalk_core.audio import _cnn_layer
+
+    config = Wav2Vec2Config(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=16,
+                            conv_dim=(24,) * 7, feat_extract_norm="layer" if large else "group", conv_bias=large)
+    torch.manual_seed(int(large))
+    extractor = Wav2Vec2Model(config).eval().feature_extractor
+    x = torch.randn(1, 7919)
+    with torch.no_grad():
+        expected = extractor(x)
+        actual = x[:, None]
+        for layer in extractor.conv_layers:
+            actual = _cnn_layer(layer, actual)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
