@@ -20,6 +20,7 @@ from ..livetalk_core.realvideo_audio import realvideo_audio_features
 from ..livetalk_core.realvideo_image import preprocess_reference
 from .comfy_models import Managed, on_device
 from .model_files import REALVIDEO_14B, EncoderSize, check_audio_encoder_fits
+from .multi_gpu import WorkerDiT
 from .pack_types import (
     CATEGORY,
     AudioEmbeds,
@@ -70,7 +71,10 @@ class LiveTalkEncodeAudioWav2Vec(io.ComfyNode):
 
 def _check_encoder_fits(model: Managed, audio_encoder: Managed) -> None:
     """The loader's check, again on the loaded models: pickled checkpoints skip it at validation."""
-    dit_shapes = {k: tuple(v.shape) for k, v in model.module.state_dict().items()}
+    if isinstance(model.engine, WorkerDiT):  # the weights are in the worker processes
+        dit_shapes = model.engine.weight_shapes
+    else:
+        dit_shapes = {k: tuple(v.shape) for k, v in model.module.state_dict().items()}
     encoder = audio_encoder.engine
     size = EncoderSize(encoder.num_layers, encoder.hidden_size)
     check_audio_encoder_fits(model.family, dit_shapes, size, str(encoder.source.name))

@@ -1,6 +1,15 @@
-"""LoadLiveTalkModel: the DiT, the VAE and the audio encoder, checked against each other."""
+"""LoadLiveTalkModel: the DiT, the VAE and the audio encoder, checked against each other.
+
+A ``<file> (download)`` choice is fetched from the Hugging Face hub into its ComfyUI folder when the
+node runs (not when the prompt is validated), then checked like any file. A RealVideo partial
+fine-tune (a ``model.pt`` with only some of the DiT's tensors) is applied over ``base_model_name``.
+"""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
 
 import comfy.model_management as mm
 from comfy_api.latest import io
@@ -9,13 +18,18 @@ from ..livetalk_core.attention import ATTENTION_BACKENDS, resolve_backend
 from ..livetalk_core.audio import load_audio_encoder
 from ..livetalk_core.checkpoint import PRECISIONS, resolve_dtype
 from ..livetalk_core.compile import compile_blocks
-from ..livetalk_core.errors import LiveTalkError, MissingWeightsError
+from ..livetalk_core.errors import InputError, LiveTalkError, MissingWeightsError
+from ..livetalk_core.s2v_checkpoint import COMPLETE, PARTIAL
+from ..livetalk_core.s2v_model import s2v_checkpoint_kind
 from ..livetalk_core.vae import load_vae
+from ..livetalk_core.weights import WeightFile, downloads_disabled, fetch_files
 from . import comfy_models as cm
 from .model_files import (
+    REALVIDEO_14B,
     SUPPORTED_MODELS,
     WAV2VEC2_BASE_HINT,
     WAV2VEC2_LARGE_HINT,
+    ModelFamily,
     audio_encoder_size,
     check_audio_encoder_fits,
     check_vae_fits,
@@ -23,23 +37,85 @@ from .model_files import (
     detect_family,
     tensor_shapes,
 )
+from .multi_gpu import check_gpus, load_on_workers, stop_workers
 from .pack_types import CATEGORY, LiveTalkAudioEncoder, LiveTalkModel, LiveTalkVAE
 
+log = logging.getLogger(__name__)
 
-def _resolve(kind: str, name: str, path: str | None, folders: str) -> str:
-    if path is None:
-        raise MissingWeightsError(
-            f"The {kind} '{name}' was not found in {folders}. Put the file there and refresh, or pick another."
-        )
-    return path
+NO_BASE = "none"
+S2V_BASE_FILE = "wan2.2_s2v_14B_bf16.safetensors"
+DIT_FOLDERS = "models/livetalk or models/diffusion_models"
+RETRY_DOWNLOAD = "(or queue the prompt again with network access and without HF_HUB_OFFLINE to download them)"
 
 
-def _paths(model_name: str, vae_name: str, audio_encoder_name: str) -> tuple[str, str, str]:
-    return (
-        _resolve("model", model_name, cm.dit_path(model_name), "models/livetalk or models/diffusion_models"),
-        _resolve("VAE", vae_name, cm.vae_path(vae_name), "models/vae"),
-        _resolve("audio encoder", audio_encoder_name, cm.audio_encoder_path(audio_encoder_name), "models/audio_encoders"),
-    )
+class _Files:
+    """The loader's file choices: where each file is, or where its ``(download)`` choice will put it."""
+
+    def __init__(self, model_name: str, vae_name: str, audio_encoder_name: str) -> None:
+        self.downloads: list[tuple[WeightFile, Path]] = []
+        self.model = self.locate("model", model_name, cm.dit_path, DIT_FOLDERS)
+        self.vae = self.locate("VAE", vae_name, cm.vae_path, "models/vae")
+        self.audio_encoder = self.locate("audio encoder", audio_encoder_name, cm.audio_encoder_path, "models/audio_encoders")
+
+    def locate(self, kind: str, name: str, find: Callable[[str], str | None], folders: str) -> Path:
+        path = find(name)
+        if path is not None:
+            return Path(path)
+        download = cm.download_target(name)
+        if download is None:
+            offer = name + cm.DOWNLOAD_SUFFIX
+            advice = (f"Pick '{offer}' to download it, or put the file there and refresh."
+                      if cm.download_target(offer) else "Put the file there and refresh, or pick another.")
+            raise MissingWeightsError(f"The {kind} '{name}' was not found in {folders}. {advice}")
+        self.downloads.append(download)
+        return download[1]
+
+    def on_disk(self, path: Path) -> bool:
+        return all(path != target for _, target in self.downloads)
+
+
+def _check(files: _Files, model_name: str, audio_encoder_name: str, base_model_name: str) -> tuple[ModelFamily | None, Path | None]:
+    """Catch a wrong file, a mismatched pair or a partial model without its base from the headers of
+    the files on disk; files still to be downloaded are checked once they are there.
+
+    Returns the model's family (None while it is not downloaded) and the base checkpoint to apply it
+    over (None for a complete model: ``base_model_name`` is then ignored). Safetensors are read from
+    their headers; pickles (RealVideo's model.pt) are memory-mapped, their tensors are not read.
+    """
+    if files.on_disk(files.vae):
+        vae_shapes = tensor_shapes(files.vae)
+        if vae_shapes is not None:
+            check_vae_fits(vae_shapes, files.vae.name)
+    if not files.on_disk(files.model):
+        return None, None
+    dit_shapes = checkpoint_shapes(files.model)
+    base = None
+    if s2v_checkpoint_kind(dit_shapes) == PARTIAL:
+        family = REALVIDEO_14B
+        if base_model_name == NO_BASE:
+            raise InputError(
+                f"{model_name} is a partial RealVideo fine-tune: it holds only some of the DiT's tensors. Set "
+                f"base_model_name to the Wan2.2-S2V-14B checkpoint it was tuned from ({S2V_BASE_FILE} from "
+                "Comfy-Org/Wan_2.2_ComfyUI_Repackaged, or its fp8_scaled version) and it is applied over it."
+            )
+        base = files.locate("base model", base_model_name, cm.dit_path, DIT_FOLDERS)
+        if files.on_disk(base):
+            base_shapes = checkpoint_shapes(base)
+            if s2v_checkpoint_kind(base_shapes) != COMPLETE:
+                raise InputError(
+                    f"The base model {base_model_name} is not a complete Wan2.2-S2V-14B DiT. Pick {S2V_BASE_FILE} "
+                    "(or its fp8_scaled version) as base_model_name."
+                )
+            dit_shapes = {**base_shapes, **dit_shapes}
+        else:
+            dit_shapes = None
+    else:
+        family = detect_family(dit_shapes, files.model)
+    if dit_shapes is not None and files.on_disk(files.audio_encoder):
+        encoder = audio_encoder_size(files.audio_encoder)
+        if encoder is not None:
+            check_audio_encoder_fits(family, dit_shapes, encoder, audio_encoder_name)
+    return family, base
 
 
 class LoadLiveTalkModel(io.ComfyNode):
@@ -64,7 +140,7 @@ class LoadLiveTalkModel(io.ComfyNode):
                                tooltip="Weight and compute precision of the models. bf16 is what LiveTalk and "
                                "RealVideo were run in upstream; fp32 is for CPUs and debugging. RealVideo's "
                                "audio encoder always runs in fp32, as upstream; fp8_scaled DiT files are "
-                               "expanded to this precision."),
+                               "expanded to this precision unless fp8_weights is on."),
                 io.Combo.Input("attention", options=list(ATTENTION_BACKENDS), default="sdpa",
                                tooltip="Attention kernel of the DiT. sdpa is PyTorch's; flash and sage need the "
                                "flash_attn / sageattention packages and fall back to sdpa without them; math "
@@ -73,6 +149,21 @@ class LoadLiveTalkModel(io.ComfyNode):
                                  tooltip="torch.compile the DiT's blocks on a GPU (about 30% faster after a few "
                                  "seconds of compiling on the first run). Falls back to eager by itself if "
                                  "compiling is not possible; ignored on the CPU."),
+                io.Combo.Input("base_model_name", options=[NO_BASE, *cm.dit_choices()], default=NO_BASE, optional=True,
+                               tooltip="RealVideo 14B only: the Wan2.2-S2V-14B checkpoint a partial fine-tune (a "
+                               f"model.pt holding only some of the DiT's tensors) is applied over, e.g. {S2V_BASE_FILE}. "
+                               "Ignored, and not read, for a complete model file and for LiveTalk 1.3B."),
+                io.Boolean.Input("fp8_weights", default=False, optional=True,
+                                 tooltip="RealVideo 14B only: keep the DiT's block weights in fp8 (one scale per "
+                                 "tensor, turned back into the chosen precision one layer at a time): about 22 GB "
+                                 "of GPU memory instead of 38 at the cost of fp8 rounding. An fp8_scaled file keeps "
+                                 "its own fp8 values; others are rounded to fp8 when loaded. Ignored for LiveTalk 1.3B."),
+                io.Int.Input("gpus", default=1, min=1, max=16, optional=True,
+                             tooltip="RealVideo 14B only: run the DiT sequence parallel on the first N CUDA GPUs "
+                             "(1, 2, 4 or 8; the same video as one GPU, faster). Above 1 the DiT is not loaded in "
+                             "ComfyUI's process: one worker process per GPU loads it and stays loaded between "
+                             "prompts until a loader setting changes or ComfyUI unloads models. The VAE and the "
+                             "audio encoder stay on ComfyUI's GPU."),
             ],
             outputs=[
                 LiveTalkModel.Output("model", display_name="model",
@@ -83,38 +174,50 @@ class LoadLiveTalkModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model_name: str, vae_name: str, audio_encoder_name: str) -> bool | str:
-        """Catch a wrong file or a mismatched pair before anything is loaded (headers only)."""
+    def validate_inputs(cls, model_name: str, vae_name: str, audio_encoder_name: str,
+                        base_model_name: str = NO_BASE, gpus: int = 1) -> bool | str:
+        """Catch a wrong file, a mismatched pair, a download that cannot happen or GPUs that are not
+        there before anything is loaded."""
         try:
-            model_path, vae_path, encoder_path = _paths(model_name, vae_name, audio_encoder_name)
-            vae_shapes = tensor_shapes(vae_path)
-            if vae_shapes is not None:
-                check_vae_fits(vae_shapes, vae_name)
-            dit_shapes = tensor_shapes(model_path)
-            if dit_shapes is None:
-                return True
-            family = detect_family(dit_shapes, model_path)
-            encoder = audio_encoder_size(encoder_path)
-            if encoder is not None:
-                check_audio_encoder_fits(family, dit_shapes, encoder, audio_encoder_name)
+            files = _Files(model_name, vae_name, audio_encoder_name)
+            family, _ = _check(files, model_name, audio_encoder_name, base_model_name)
+            check_gpus(gpus, family, tensor_shapes(files.model) if files.on_disk(files.model) else None)
+            if downloads_disabled():
+                fetch_files(files.downloads, retry=RETRY_DOWNLOAD)
         except LiveTalkError as exc:
             return str(exc)
         return True
 
     @classmethod
     def execute(
-        cls, model_name: str, vae_name: str, audio_encoder_name: str, precision: str, attention: str, compile: bool = True
+        cls, model_name: str, vae_name: str, audio_encoder_name: str, precision: str, attention: str, compile: bool = True,
+        base_model_name: str = NO_BASE, fp8_weights: bool = False, gpus: int = 1,
     ) -> io.NodeOutput:
-        model_path, vae_path, encoder_path = _paths(model_name, vae_name, audio_encoder_name)
+        files = _Files(model_name, vae_name, audio_encoder_name)
+        family, base = _check(files, model_name, audio_encoder_name, base_model_name)
+        if files.downloads:
+            fetch_files(files.downloads, retry=RETRY_DOWNLOAD)
+            files = _Files(model_name, vae_name, audio_encoder_name)  # now on disk: checked in full
+            family, base = _check(files, model_name, audio_encoder_name, base_model_name)
+        model_path, vae_path, encoder_path = str(files.model), str(files.vae), str(files.audio_encoder)
         dtype = resolve_dtype(precision)
-        family = detect_family(checkpoint_shapes(model_path), model_path)
+        if base is None and base_model_name != NO_BASE:
+            log.info("LiveTalk: base_model_name %s is not used: %s is a complete model", base_model_name, model_name)
+        if fp8_weights and not family.fp8_and_partial_files:
+            log.info("LiveTalk: fp8_weights is for RealVideo 14B; the %s DiT is loaded in %s", family.name, precision)
+        options = {"base": base, "fp8_weights": fp8_weights} if family.fp8_and_partial_files else {}
 
-        offload = mm.unet_offload_device()
-        dit = family.load(model_path, dtype, offload)
-        dit.attention_backend = resolve_backend(attention)
-        if compile and mm.get_torch_device().type == "cuda":
-            compile_blocks(dit)
-        model = cm.Managed(dit, dit, mm.get_torch_device(), offload, family=family)
+        if gpus > 1:
+            check_gpus(gpus, family)  # a pickled model's family is only known now
+            model = load_on_workers(family, gpus, model_path, precision, attention, compile, options)
+        else:
+            stop_workers()  # their GPU memory is needed for the DiT loaded here
+            offload = mm.unet_offload_device()
+            dit = family.load(model_path, dtype, offload, **options)
+            dit.attention_backend = resolve_backend(attention)
+            if compile and mm.get_torch_device().type == "cuda":
+                compile_blocks(dit)
+            model = cm.Managed(dit, dit, mm.get_torch_device(), offload, family=family)
 
         # The VAE and the encoder carry the family too: their nodes prepare inputs the family's way.
         vae_module = load_vae(vae_path, dtype, mm.vae_offload_device())

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from livetalk_core.errors import InputError
+from livetalk_core.errors import InputError, LiveTalkError
 from livetalk_core.kv_cache import CachePolicy
 from livetalk_core.noise import SeededNoise
 from livetalk_core.realvideo_sampler import REALVIDEO_CACHE, FRAMES_PER_BLOCK, realvideo_schedule, sample_realvideo
@@ -81,7 +83,7 @@ def sampler_inputs(latent_hw: tuple[int, int]) -> dict:
     )
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path):
+def test_two_gloo_ranks_equal_one_process(tmp_path, caplog):
     path = tmp_path / "tiny_s2v.safetensors"
     model = tiny_model()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
@@ -99,7 +101,49 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         # the group survives a rejected input and stays deterministic
         again = list(group.generate(seed=3, **{**sampler_inputs((8, 4)), "num_blocks": 2}))
         assert len(again) == 2 and all(torch.equal(a, b) for a, b in zip(again, parallel))
+        # closing the stream early stops the workers after their current block, not at the end
+        with caplog.at_level(logging.INFO, logger="livetalk_core.realvideo_worker"):
+            blocks = group.generate(seed=3, **{**sampler_inputs((8, 4)), "num_blocks": 500})
+            next(blocks)
+            blocks.close()
+        stops = [int(r.getMessage().split()[-1]) for r in caplog.records if "stopped after block" in r.getMessage()]
+        assert len(stops) == 1 and stops[0] < 100, caplog.text
+        again = list(group.generate(seed=3, **{**sampler_inputs((8, 4)), "num_blocks": 2}))
+        assert all(torch.equal(a, b) for a, b in zip(again, parallel))
+        # a worker that dies stops the group, with one message naming it
+        group._workers[1].process.kill()
+        with pytest.raises(LiveTalkError, match=r"^RealVideo worker 1 \(cpu\) failed: it exited unexpectedly"):
+            list(group.generate(seed=3, **sampler_inputs((8, 4))))
+        assert not group.alive
     assert not group.alive
+
+
+def load_running_out_of_memory_on_rank_1(path, device: torch.device) -> S2VDiT:
+    """A worker's model whose rank 1 runs out of GPU memory in its first forward."""
+    model = load_s2v_dit(path, torch.float32, device, audio_inject_layers=INJECT)
+    if os.environ["RANK"] == "1":
+        def out_of_memory(*args, **kwargs):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        model.blocks[0].forward = out_of_memory
+    return model
+
+
+def test_out_of_memory_on_one_worker_is_the_one_message(tmp_path):
+    """Rank 0 then fails too (its exchange with rank 1 breaks): the message is rank 1's reason."""
+    path = tmp_path / "tiny_s2v.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model().state_dict().items()}, path)
+    group = RealVideoWorkerGroup(functools.partial(load_running_out_of_memory_on_rank_1, path), ["cpu", "cpu"])
+    with pytest.raises(LiveTalkError, match=r"^RealVideo worker 1 \(cpu\) ran out of GPU memory \(.*OutOfMemoryError: "
+                       r"CUDA out of memory. Tried to allocate 2.00 GiB\)\. The worker group was stopped"):
+        list(group.generate(seed=3, **sampler_inputs((4, 8))))
+    assert not group.alive
+
+
+def test_a_worker_that_cannot_load_its_model_says_why(tmp_path):
+    load = functools.partial(load_s2v_dit, tmp_path / "missing.safetensors", torch.float32)
+    with pytest.raises(LiveTalkError, match="missing.safetensors"):
+        RealVideoWorkerGroup(load, ["cpu"])
 
 
 def test_cli_under_torchrun_equals_one_process(tmp_path):

@@ -44,14 +44,15 @@ def tiny_dit(text_dim: int = UMT5_WIDTH, audio_features: int = AUDIO_FEATURES, s
     return LiveTalkDiT(LiveTalkConfig(core=core, audio_features=audio_features)).eval()
 
 
-def tiny_s2v_dit(text_dim: int = UMT5_WIDTH, seed: int = 0) -> S2VDiT:
-    """A release-depth S2V DiT of width 128 (one head) for the large-style tiny wav2vec2.
+def tiny_s2v_dit(text_dim: int = UMT5_WIDTH, seed: int = 0, heads: int = 1) -> S2VDiT:
+    """A release-depth S2V DiT of width ``128 * heads`` for the large-style tiny wav2vec2 (2 heads
+    split over 2 sequence-parallel ranks).
 
     Random weights scaled by ``1 / sqrt(fan_in)`` and a positive layer mix: the default init leaves
     the mix at zero, which the encoder's normalisation turns into NaN.
     """
     torch.manual_seed(seed)
-    core = WanCoreConfig(dim=HEAD_DIM, in_dim=LATENT_CHANNELS, out_dim=LATENT_CHANNELS, ffn_dim=64,
+    core = WanCoreConfig(dim=heads * HEAD_DIM, in_dim=LATENT_CHANNELS, out_dim=LATENT_CHANNELS, ffn_dim=64,
                          num_layers=S2V_LAYERS, text_dim=text_dim)
     config = S2VConfig(core=core, audio_dim=WAV2VEC2_HIDDEN, audio_layers=WAV2VEC2_LARGE_LAYERS + 1, audio_tokens=4,
                        inject_layers=RELEASE_INJECT_LAYERS, cond_dim=16)
