@@ -126,6 +126,27 @@ def _layout_pattern(key: str) -> str:
     return re.sub(r"\.\d+\.", ".#.", key)
 
 
+def _in_layout(state: Mapping[str, torch.Tensor], known_keys: frozenset[str]) -> bool:
+    patterns = {_layout_pattern(k) for k in known_keys}
+    return bool(state) and all(_layout_pattern(k) in patterns for k in state)
+
+
+def checkpoint_kind(
+    state: Mapping[str, torch.Tensor],
+    *,
+    known_keys: frozenset[str],
+    missing_keys: Callable[[Mapping[str, torch.Tensor]], list[str] | None],
+) -> str | None:
+    """COMPLETE; PARTIAL (every tensor in the S2V layout, some missing: a fine-tune to apply over a
+    base, or a truncated file); or None (no S2V DiT). Arguments as for :func:`read_s2v_checkpoint`;
+    only names and shapes are used, so ``state`` may hold meta tensors."""
+    missing = missing_keys(state)
+    if missing == []:
+        return COMPLETE
+    looks_s2v = missing is not None or guess_model_family(state) == guess_model_family(known_keys)
+    return PARTIAL if _in_layout(state, known_keys) and looks_s2v else None
+
+
 def read_s2v_checkpoint(
     path: str | os.PathLike,
     base: str | os.PathLike | None,
@@ -152,11 +173,8 @@ def read_s2v_checkpoint(
         info = CheckpointInfo(COMPLETE, str(path), None, len(state), bool(scales))
         log.info("RealVideo DiT: %s", info.describe())
         return state, scales, info
-    patterns = {_layout_pattern(k) for k in known_keys}
-    in_layout = bool(state) and all(_layout_pattern(k) in patterns for k in state)
     if base is None:
-        looks_s2v = missing is not None or guess_model_family(state) == guess_model_family(known_keys)
-        if in_layout and looks_s2v:
+        if checkpoint_kind(state, known_keys=known_keys, missing_keys=lambda _: missing) == PARTIAL:
             listed = "" if missing is None else f" Missing {len(missing)} keys: {', '.join(missing[:6])}."
             raise CheckpointError(
                 f"{path} holds {len(state)} tensors of the {what} but not the whole model: it is a partial "
@@ -165,7 +183,8 @@ def read_s2v_checkpoint(
                 ".safetensors) and the file is applied over it."
             )
         return state, scales, CheckpointInfo(COMPLETE, str(path), None, len(state), bool(scales))
-    if not in_layout:
+    if not _in_layout(state, known_keys):
+        patterns = {_layout_pattern(k) for k in known_keys}
         strangers = sorted(k for k in state if _layout_pattern(k) not in patterns)
         raise CheckpointError(
             f"{path} is neither a complete {what} nor a partial fine-tune of one: {len(strangers)} of its keys "

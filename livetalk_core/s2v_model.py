@@ -436,6 +436,18 @@ def _missing_keys(sd: Mapping[str, torch.Tensor], inject_layers: Sequence[int] |
     return sorted(set(config.expected_shapes()) - set(sd))
 
 
+def s2v_checkpoint_kind(shapes: Mapping[str, Sequence[int]]) -> str | None:
+    """What a checkpoint is from its tensor names and shapes alone (a safetensors header): COMPLETE,
+    PARTIAL (a fine-tune that needs a base) or None (no S2V DiT), as :func:`load_s2v_dit` would find
+    it (:mod:`.s2v_checkpoint`). The release's audio-injector layers are assumed."""
+    from .checkpoint import strip_prefix
+    from .s2v_checkpoint import checkpoint_kind, split_fp8_scales
+
+    meta = {k: torch.empty(tuple(shape), device="meta") for k, shape in shapes.items()}
+    state, _ = split_fp8_scales(strip_prefix(meta, CHECKPOINT_PREFIXES))
+    return checkpoint_kind(state, known_keys=_layout_keys(), missing_keys=lambda sd: _missing_keys(sd, None))
+
+
 def fp8_linear_layers(model: S2VDiT) -> dict[str, nn.Linear]:
     """The Linear layers worth keeping in fp8: those of the blocks and the audio injectors (~14 of
     the 16.3 B parameters of the 14B model), by weight key."""

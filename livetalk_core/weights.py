@@ -1,15 +1,18 @@
 """Where the real weights come from, and fetching only the files a run needs.
 
 The CLI keeps them under one folder (default ``~/.cache/livetalk``, or ``--models-dir``) laid out as
-``<folder>/<repo name>/<file>``. Files already there are used as they are. Missing files are fetched
-with ``huggingface_hub`` (resumable, with a progress bar) unless downloads are off
-(``--skip-download`` or ``HF_HUB_OFFLINE=1``); then, or when the hub cannot be reached, the error
-lists exactly which files to put where.
+``<folder>/<repo name>/<file>``; the ComfyUI nodes keep them under ComfyUI's model folders with the
+names Comfy-Org's workflows use (:func:`fetch_files` takes any target path). Files already there are
+used as they are. Missing files are fetched with ``huggingface_hub`` (resumable, with a progress bar)
+unless downloads are off (``--skip-download`` or ``HF_HUB_OFFLINE=1``); then, or when the hub cannot
+be reached, the error lists exactly which files to put where.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,31 +76,54 @@ def downloads_disabled() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def missing_files_message(files: list[WeightFile], models_dir: Path, reason: str) -> str:
+def _missing_message(targets: Sequence[tuple[WeightFile, Path]], reason: str, retry: str) -> str:
     lines = [f"{reason} These model files are missing; put each one at the path shown:"]
-    for f in files:
-        lines.append(f"  {f.local_path(models_dir)}\n      from {f.url()}")
-    lines.append(
-        f"(or run again with network access and without --skip-download / HF_HUB_OFFLINE to fetch them into {models_dir})"
-    )
+    for f, path in targets:
+        lines.append(f"  {path}\n      from {f.url()}")
+    lines.append(retry)
     return "\n".join(lines)
 
 
 def ensure_files(files: tuple[WeightFile, ...], models_dir: Path, *, download: bool = True) -> None:
     """Make sure every file exists under ``models_dir``, downloading missing ones if allowed."""
-    missing = [f for f in files if not f.local_path(models_dir).is_file()]
+    fetch_files(
+        [(f, f.local_path(models_dir)) for f in files],
+        download=download,
+        retry=f"(or run again with network access and without --skip-download / HF_HUB_OFFLINE to fetch them into {models_dir})",
+    )
+
+
+def fetch_files(targets: Sequence[tuple[WeightFile, Path]], *, download: bool = True, retry: str) -> None:
+    """Make sure each target path exists, downloading its file from the hub to exactly that path if allowed.
+
+    Raises:
+        MissingWeightsError: one message listing every file still missing and where it goes, ending
+            with ``retry`` (how to let the download happen).
+    """
+    missing = [(f, path) for f, path in targets if not path.is_file()]
     if not missing:
         return
     if not download or downloads_disabled():
-        raise MissingWeightsError(missing_files_message(missing, models_dir, "Downloads are turned off."))
+        raise MissingWeightsError(_missing_message(missing, "Downloads are turned off.", retry))
+    for f, path in missing:
+        try:
+            download_to(f, path)
+        except Exception as exc:  # network, auth, disk: all end in the same actionable message
+            still = [(g, p) for g, p in missing if not p.is_file()]
+            reason = f"Downloading {f.filename} from {f.repo_id} failed ({type(exc).__name__}: {exc})."
+            raise MissingWeightsError(_missing_message(still, reason, retry)) from None
+
+
+def download_to(f: WeightFile, path: Path) -> None:
+    """Fetch ``f`` to ``path``. Where ``path`` is not ``<folder>/<f.filename>`` (another name, or the
+    repository's subfolders dropped), the download goes through a hidden folder next to it, where an
+    interrupted download also resumes, and is then moved into place."""
     from huggingface_hub import hf_hub_download
 
-    for f in missing:
-        target = models_dir / f.repo_id.split("/")[-1]
-        try:
-            hf_hub_download(f.repo_id, f.filename, local_dir=target)
-        except Exception as exc:  # network, auth, disk: all end in the same actionable message
-            still = [g for g in missing if not g.local_path(models_dir).is_file()]
-            raise MissingWeightsError(
-                missing_files_message(still, models_dir, f"Downloading {f.filename} from {f.repo_id} failed ({type(exc).__name__}: {exc}).")
-            ) from None
+    if path.as_posix().endswith("/" + f.filename):
+        hf_hub_download(f.repo_id, f.filename, local_dir=path.as_posix()[: -len(f.filename)])
+        return
+    staging = path.parent / f".{path.name}.download"
+    fetched = hf_hub_download(f.repo_id, f.filename, local_dir=staging)
+    os.replace(fetched, path)
+    shutil.rmtree(staging, ignore_errors=True)

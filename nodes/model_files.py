@@ -27,6 +27,7 @@ from ..livetalk_core.errors import CheckpointError, InputError
 from ..livetalk_core.livetalk_model import VIDEO_FRAMES_PER_LATENT, load_livetalk_dit
 from ..livetalk_core.s2v_model import load_s2v_dit
 from ..livetalk_core.vae import LATENT_CHANNELS, WHERE_TO_GET_IT
+from ..livetalk_core.weights import WeightFile
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -37,8 +38,34 @@ WAV2VEC2_LARGE_HINT = (
     "wav2vec2_large_english_fp16.safetensors (Comfy-Org/Wan_2.2_ComfyUI_Repackaged, split_files/audio_encoders) "
     "or the jonatasgrosman/wav2vec2-large-xlsr-53-english folder"
 )
+WAN21_REPACKAGED = "Comfy-Org/Wan_2.1_ComfyUI_repackaged"
+WAN22_REPACKAGED = "Comfy-Org/Wan_2.2_ComfyUI_Repackaged"
 # A safetensors header larger than this is not a real file (the 14B DiT's is a few MB).
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Downloadable:
+    """A file the loader can fetch: ``models/<folder>/<name>`` in ComfyUI (the name Comfy-Org's and
+    the shipped workflows use, so a downloaded file serves native nodes too) and its source."""
+
+    folder: str
+    name: str
+    source: WeightFile
+
+
+DOWNLOADABLE: tuple[Downloadable, ...] = (
+    Downloadable("livetalk", "LiveTalk-1.3B-V0.1.safetensors", WeightFile("GAIR/LiveTalk-1.3B-V0.1", "model.safetensors", "dit")),
+    Downloadable("diffusion_models", "wan2.2_s2v_14B_bf16.safetensors",
+                 WeightFile(WAN22_REPACKAGED, "split_files/diffusion_models/wan2.2_s2v_14B_bf16.safetensors", "dit")),
+    Downloadable("diffusion_models", "wan2.2_s2v_14B_fp8_scaled.safetensors",
+                 WeightFile(WAN22_REPACKAGED, "split_files/diffusion_models/wan2.2_s2v_14B_fp8_scaled.safetensors", "dit")),
+    Downloadable("vae", "wan_2.1_vae.safetensors", WeightFile(WAN21_REPACKAGED, "split_files/vae/wan_2.1_vae.safetensors", "vae")),
+    Downloadable("audio_encoders", "wav2vec2-base-960h.safetensors",
+                 WeightFile("facebook/wav2vec2-base-960h", "model.safetensors", "wav2vec2")),
+    Downloadable("audio_encoders", "wav2vec2_large_english_fp16.safetensors",
+                 WeightFile(WAN22_REPACKAGED, "split_files/audio_encoders/wav2vec2_large_english_fp16.safetensors", "wav2vec2")),
+)
 
 
 def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
@@ -86,6 +113,8 @@ class ModelFamily:
     audio-feature width per video frame the DiT expects, read from its shapes; ``encoder_features``:
     the width a wav2vec2 of ``(layers, hidden)`` gives this family's audio pipeline.
     ``audio_encoder_dtype``: the dtype its audio encoder runs in (None: the loader's precision).
+    ``fp8_and_partial_files``: whether ``load`` also takes ``base=`` (the checkpoint a partial
+    fine-tune is applied over) and ``fp8_weights=``.
     """
 
     name: str
@@ -93,8 +122,9 @@ class ModelFamily:
     audio_features: Callable[[Shapes], int]
     encoder_features: Callable[[int, int], int]
     audio_encoder_hint: str
-    load: Callable[[str, torch.dtype, torch.device], torch.nn.Module]
+    load: Callable[..., torch.nn.Module]
     audio_encoder_dtype: torch.dtype | None = None
+    fp8_and_partial_files: bool = False
 
     def matches(self, shapes: Shapes) -> bool:
         return _find(shapes, self.marker) is not None
@@ -122,9 +152,10 @@ REALVIDEO_14B = ModelFamily(
     # h0 ... hL, all of them
     encoder_features=lambda layers, hidden: (layers + 1) * hidden,
     audio_encoder_hint=WAV2VEC2_LARGE_HINT,
-    load=lambda path, dtype, device: load_s2v_dit(path, dtype, device),
+    load=load_s2v_dit,
     # Upstream runs wav2vec2 in float32 whatever the DiT's precision.
     audio_encoder_dtype=torch.float32,
+    fp8_and_partial_files=True,
 )
 FAMILIES: tuple[ModelFamily, ...] = (LIVETALK_13B, REALVIDEO_14B)
 SUPPORTED_MODELS = (

@@ -60,25 +60,6 @@ def require_comfyui() -> Path:
     return source
 
 
-def import_comfyui_in_process() -> Path:
-    """Make ComfyUI's modules (``comfy``, ``folder_paths``, ``comfy_api``) importable in this test
-    process, on the CPU; the calling test fails when ComfyUI is not installed.
-
-    The source and the deps folder go at the *end* of ``sys.path`` so that nothing the tests already
-    import is shadowed (ComfyUI's top-level ``nodes.py`` next to the pack's ``nodes`` package), and
-    torchvision's op schemas are declared as for the server.
-    """
-    source = require_comfyui()
-    for folder in (str(source), str(comfyui_deps())):
-        if folder not in sys.path:
-            sys.path.append(folder)
-    _declare_torchvision_ops()
-    from comfy.cli_args import args
-
-    args.cpu = True  # read when comfy.model_management is first imported
-    return source
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

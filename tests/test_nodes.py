@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import struct
 import subprocess
 import sys
@@ -151,3 +152,15 @@ def test_text_context_pads_with_zero_rows_and_trims(files, errors):
     with pytest.raises(errors.InputError, match="empty"):
         files.text_context([], text_dim=16)
 
+
+
+def test_the_download_catalogue_serves_the_shipped_workflows_download_hints(files):
+    """A file the front end offers to download (a workflow's ``properties.models``) is the same file,
+    from the same place, as the loader's ``(download)`` choice of that name."""
+    hints = [hint for path in sorted((REPO / "example_workflows").glob("*.json"))
+             for node in json.loads(path.read_text())["nodes"] if node["type"] == "LoadLiveTalkModel"
+             for hint in node["properties"]["models"]]
+    assert len(hints) == 6
+    catalogue = {d.name: (d.folder, d.source.url()) for d in files.DOWNLOADABLE}
+    for hint in hints:
+        assert catalogue[hint["name"]] == (hint["directory"], hint["url"]), hint["name"]

@@ -59,9 +59,11 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         values = list(node.get("widgets_values", []))
         inputs = {}
         for name in order:
-            spec, _ = _spec(info, name)
+            spec, section = _spec(info, name)
             options = spec[1] if len(spec) > 1 else {}
             if _is_widget(spec):
+                if not values and section == "optional":
+                    continue  # added after the graph was saved: the front end shows its default
                 value = values.pop(0)
                 if options.get("control_after_generate"):
                     values.pop(0)
