@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None, help="seconds of video (default: the audio's; longer idles on the last audio)")
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "math", "flash", "sage"), help="attention kernel")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the DiT blocks (default: on for GPUs; 442 -> 335 ms per 2-step block on an H200)")
     p.add_argument("--latents-out", type=Path, default=None, help="also save the blocks' latents (safetensors, rank 0)")
     p.add_argument("--smoke", action="store_true", help="tiny random weights on the CPU: checks the install or the launch")
     return p
@@ -183,6 +185,10 @@ def run(args: argparse.Namespace) -> Path | None:
         )
         vae = load_vae(args.vae, dtype, device) if rank == 0 else None
     dit.attention_backend = resolve_backend(args.attention)
+    if args.compile if args.compile is not None else device.type == "cuda":
+        from .compile import compile_blocks
+
+        compile_blocks(dit)
 
     inputs = [prepare_inputs(args, vae, device, dtype) if rank == 0 else None]
     if sp is not None:
