@@ -49,6 +49,17 @@ def comfyui_source() -> Path | None:
     return root if (root / "main.py").is_file() else None
 
 
+def import_pack(package: str):
+    """Import this checkout as the package ``package``, the way ComfyUI loads a custom-node folder."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(package, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[package] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def require_comfyui() -> Path:
     """The ComfyUI source; the calling test fails when it is not installed (``bash .ci/run`` installs it)."""
     import pytest

@@ -9,8 +9,6 @@ reused across the checks where possible (each start spawns processes that import
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import sys
 from types import SimpleNamespace
 
 import comfy.model_management as mm
@@ -19,7 +17,7 @@ import folder_paths
 import pytest
 import torch
 
-from comfy_env import REPO
+from comfy_env import REPO, import_pack
 from tiny_weights import UMT5_WIDTH, save_module, save_tiny_wav2vec2, tiny_dit, tiny_s2v_dit, tiny_vae
 
 # ComfyUI names a pack's module after its folder path (nodes.load_custom_node).
@@ -29,10 +27,7 @@ SIZE = 64  # the video side: 8x8 latents, split along W over 2 workers
 
 @pytest.fixture(scope="module")
 def pack():
-    spec = importlib.util.spec_from_file_location(PACKAGE, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
+    import_pack(PACKAGE)
     names = ("nodes.loader", "nodes.encoders", "nodes.sampling", "nodes.multi_gpu", "livetalk_core.errors")
     # The workers take a core each: one thread here keeps small CI machines from oversubscribing.
     torch.set_num_threads(1)

@@ -7,9 +7,7 @@ each node runs the way ComfyUI's executor calls it (a class clone holding the hi
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
-import sys
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +18,7 @@ import folder_paths
 import pytest
 import torch
 
-from comfy_env import REPO
+from comfy_env import import_pack
 from tiny_weights import UMT5_WIDTH, save_module, save_tiny_wav2vec2, tiny_dit, tiny_s2v_dit, tiny_vae
 
 PACKAGE = "livetalk_pack_in_comfyui"
@@ -30,10 +28,7 @@ SIZE = 32  # video side in pixels: 4x4 latents
 @pytest.fixture(scope="session")
 def pack() -> SimpleNamespace:
     """The pack imported as ComfyUI imports it (a package from its folder), and the modules the tests use."""
-    spec = importlib.util.spec_from_file_location(PACKAGE, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
+    import_pack(PACKAGE)
     names = ("nodes.loader", "nodes.encoders", "nodes.sampling", "nodes.save_video", "nodes.pack_types",
              "nodes.comfy_models", "livetalk_core.errors", "livetalk_core.vae",
              "livetalk_core.video_io")

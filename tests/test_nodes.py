@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comfy_env import REPO
+from comfy_env import REPO, import_pack
 from tiny_weights import (
     AUDIO_FEATURES,
     WAV2VEC2_HIDDEN,
@@ -33,10 +33,7 @@ PACKAGE = "livetalk_pack_under_test"
 @pytest.fixture(scope="module")
 def pack():
     """The pack imported the way ComfyUI does (a package from its folder), without ComfyUI."""
-    spec = importlib.util.spec_from_file_location(PACKAGE, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACKAGE] = module
-    spec.loader.exec_module(module)
+    module = import_pack(PACKAGE)
     yield module
     for name in [n for n in sys.modules if n == PACKAGE or n.startswith(PACKAGE + ".")]:
         del sys.modules[name]
