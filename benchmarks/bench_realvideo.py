@@ -6,7 +6,7 @@
 
 Builds the release geometry (dim 5120, 40 layers, 40 heads, 12 audio injectors) directly on each
 GPU in bf16 (seeded, so every run and every rank has the same weights; ``--fp8`` keeps the block
-and injector Linear weights in fp8), a 448x576 portrait latent (72x56, 1008 tokens per latent
+and injector Linear weights in fp8, ``--fp8-matmul`` also multiplies in fp8), a 448x576 portrait latent (72x56, 1008 tokens per latent
 frame), random umT5 contexts and one 5 s audio segment, and runs the shipped sampler through
 :func:`~livetalk_core.realvideo_worker.sample_realvideo_parallel`. Per block it times the DiT
 (noise + denoising forwards + refresh pass + the all-gather of the block) with CUDA sync; with
@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from livetalk_core import sequence_parallel  # noqa: E402
 from livetalk_core.compile import compile_blocks  # noqa: E402
-from livetalk_core.fp8_weights import quantize, to_fp8_linear  # noqa: E402
+from livetalk_core.fp8_linear import quantize, to_fp8_linear, use_fp8_matmuls  # noqa: E402
 from livetalk_core.noise import SeededNoise  # noqa: E402
 from livetalk_core.realvideo_sampler import realvideo_schedule  # noqa: E402
 from livetalk_core.realvideo_worker import sample_realvideo_parallel  # noqa: E402
-from livetalk_core.s2v_model import RELEASE_INJECT_LAYERS, S2VConfig, S2VDiT, fp8_linear_layers  # noqa: E402
+from livetalk_core.s2v_model import RELEASE_INJECT_LAYERS, S2VConfig, S2VDiT  # noqa: E402
 from livetalk_core.vae import VAEConfig, WanVAE, frames_to_uint8  # noqa: E402
 from livetalk_core.wan_dit import WanCoreConfig  # noqa: E402
 
@@ -50,7 +50,7 @@ def build(device: torch.device, fp8: bool, seed: int = 0) -> S2VDiT:
     """Random release-size DiT made on ``device`` one tensor at a time (no CPU copy, no fp32 model)."""
     with torch.device("meta"):
         model = S2VDiT(RELEASE)
-    fp8_layers = {id(m) for m in fp8_linear_layers(model).values()} if fp8 else set()
+    fp8_layers = {id(m) for m in model.heavy_linears().values()} if fp8 else set()
     g = torch.Generator(device=device).manual_seed(seed)
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> None:
     torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     model = build(device, args.fp8)
+    if args.fp8_matmul:
+        use_fp8_matmuls(model.heavy_linears().values())
+        torch.cuda.empty_cache()
     model.attention_backend = args.attention
     if args.compile:
         compile_blocks(model)
@@ -144,6 +147,7 @@ def run(args: argparse.Namespace) -> None:
             "torch": torch.__version__,
             "steps": args.steps,
             "fp8_weights": args.fp8,
+            "fp8_matmul": args.fp8_matmul,
             "attention": args.attention,
             "latent_hw": [args.height, args.width],
             "tokens_per_latent_frame": args.height * args.width // 4,
@@ -198,6 +202,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=56, help="latent width (56 = 448 px)")
     p.add_argument("--seconds", type=int, default=5, help="audio segment length")
     p.add_argument("--fp8", action="store_true", help="fp8 Linear weights (per-tensor scale)")
+    p.add_argument("--fp8-matmul", action="store_true", help="fp8 x fp8 scaled matmuls for the block and injector Linears")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "math", "flash", "sage"))
     p.add_argument("--vae", action="store_true", help="also decode every block with a random Wan2.1 VAE on the same GPU (1 GPU runs)")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks")

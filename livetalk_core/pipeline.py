@@ -144,8 +144,32 @@ class LiveTalkPipeline:
             on_step=on_step,
         )
 
+    def stream(
+        self,
+        ref_latent: torch.Tensor,
+        audio: AudioConditioning,
+        context: torch.Tensor,
+        noise: NoiseSource | int = 0,
+        overlap: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Sample and decode: uint8 frames ``[T, H, W, 3]`` as they are ready, trimmed to the audio.
+
+        The first frame comes out before the DiT has run: block 0's latent frame 0 is the reference
+        latent itself (the sampler pins it), so it is decoded straight away (see :meth:`decode`).
+        """
+        return self.decode(
+            self.sample(ref_latent, audio, context, noise),
+            audio.num_video_frames,
+            overlap=overlap,
+            first_latent_frame=ref_latent.to(self.dit.dtype),
+        )
+
     def decode(
-        self, blocks: Iterator[torch.Tensor], num_video_frames: int | None = None, overlap: bool = True
+        self,
+        blocks: Iterator[torch.Tensor],
+        num_video_frames: int | None = None,
+        overlap: bool = True,
+        first_latent_frame: torch.Tensor | None = None,
     ) -> Iterator[torch.Tensor]:
         """Stream-decode latent blocks to uint8 frames ``[T, H, W, 3]``, stopping at ``num_video_frames``.
 
@@ -154,6 +178,11 @@ class LiveTalkPipeline:
         returned as soon as it is decoded, its first latent frame (the first video frame) on its own
         before the rest, so the first frame waits for one latent frame's decode, not three. The
         decoder is causal, so the split gives the same frames.
+
+        ``first_latent_frame`` ``[1, 16, 1, h, w]``: block 0's latent frame 0 when it is known before
+        sampling (LiveTalk's reference latent, in the DiT's dtype). It is decoded and handed out
+        before the first block is asked for, and block 0's own copy is skipped: the same frames,
+        the first one without waiting for the DiT.
         """
         decoder = self.vae.stream_decoder()
         side = torch.cuda.Stream(self.vae.device) if overlap and self.vae.device.type == "cuda" else None
@@ -166,8 +195,17 @@ class LiveTalkPipeline:
             return frames if num_video_frames is None else frames[: max(0, num_video_frames - emitted)]
 
         try:
+            if first_latent_frame is not None:
+                frames = finished(self._decode_block(decoder, first_latent_frame, None))
+                emitted += frames.shape[0]
+                yield frames
             for index, block in enumerate(blocks):
-                pieces = block.split([1, block.shape[2] - 1], dim=2) if index == 0 and block.shape[2] > 1 else (block,)
+                if index == 0 and first_latent_frame is not None:
+                    pieces = (block[:, :, 1:],) if block.shape[2] > 1 else ()
+                elif index == 0 and block.shape[2] > 1:
+                    pieces = block.split([1, block.shape[2] - 1], dim=2)
+                else:
+                    pieces = (block,)
                 for piece in pieces:
                     decoded = self._decode_block(decoder, piece, side)
                     if side is not None and index > 0:  # hand out the previous block; this one overlaps the next
@@ -219,4 +257,4 @@ class LiveTalkPipeline:
         """All steps in one call: uint8 frames ``[T, H, W, 3]`` per block."""
         ref_latent = self.encode_reference(image, height, width)
         audio = self.encode_audio(waveform_16k, duration)
-        return self.decode(self.sample(ref_latent, audio, context, seed), audio.num_video_frames)
+        return self.stream(ref_latent, audio, context, seed)

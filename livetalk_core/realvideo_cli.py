@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the DiT's config.json, read for audio_inject_layers (default: config.json next to --dit, if any; "
                    "only needed for non-release depths)")
     p.add_argument("--fp8", action="store_true", help="keep the DiT's Linear weights in fp8 (about half the weight memory)")
+    p.add_argument("--fp8-matmul", action="store_true",
+                   help="fp8 weights and fp8 matmuls for the DiT's Linear layers (Ada/Hopper GPUs, bf16): faster, output moves by fp8 rounding")
     p.add_argument("--vae", type=Path, help="Wan2.1_VAE.pth")
     p.add_argument("--wav2vec2", type=Path, help="wav2vec2-large-xlsr-53-english folder")
     p.add_argument("--contexts", type=Path, default=None, help="safetensors with 'idle' and 'talking' umT5 embeddings")
@@ -181,7 +183,8 @@ def run(args: argparse.Namespace) -> Path | None:
         if missing:
             raise InputError(f"Give --{' --'.join(missing)} (or --smoke for a check with tiny random weights).")
         dit = load_s2v_dit(
-            args.dit, dtype, device, base=args.base, fp8_weights=args.fp8, audio_inject_layers=_inject_layers(args)
+            args.dit, dtype, device, base=args.base, fp8_weights=args.fp8, fp8_matmul=args.fp8_matmul,
+            audio_inject_layers=_inject_layers(args),
         )
         vae = load_vae(args.vae, dtype, device) if rank == 0 else None
     dit.attention_backend = resolve_backend(args.attention)

@@ -6,7 +6,7 @@
   named by ``diffusion_pytorch_model.safetensors.index.json`` (pass the index or its folder).
 * Comfy-Org ``*_fp8_scaled.safetensors``: float8_e4m3fn weights, each with a ``scale_weight``
   (or ``weight_scale``) tensor; dequantised tensor by tensor to the compute dtype
-  (``weight * scale``), or kept in fp8 (:mod:`.fp8_weights`).
+  (``weight * scale``), or kept in fp8 (:mod:`.fp8_linear`).
 
 ``model.pt`` may be **complete** (upstream loads it strictly as the whole DiT, ~33 GB in bf16) or a
 **partial fine-tune** (a subset of the tensors, e.g. the ~2 GB figure quoted for the release): a
@@ -91,7 +91,7 @@ def split_fp8_scales(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch
     """Separate Comfy fp8-scaled weights from their scales.
 
     Returns the model tensors (fp8 ones as stored, scale / marker entries removed) and
-    ``{weight key: float32 scale}`` for every fp8 tensor; :func:`~.fp8_weights.dequantize` turns a
+    ``{weight key: float32 scale}`` for every fp8 tensor; :func:`~.fp8_linear.dequantize` turns a
     pair back into ``weight * scale`` one tensor at a time, so no full-size float32 copy exists.
     """
     scale_of = {k[: -len(s)]: v for k, v in state.items() for s in FP8_SCALE_SUFFIXES if k.endswith(s)}

@@ -303,6 +303,15 @@ class S2VDiT(WanDiTCore):
         if config.has_frame_packer:
             self.frame_packer = FramePacker(c.dim, c.in_dim)
 
+    def heavy_linears(self) -> dict[str, nn.Linear]:
+        """The blocks' and the audio injectors' Linear layers (~14 of the 16.3 B parameters of the 14B)."""
+        injector = {
+            f"audio_injector.{name}.weight": module
+            for name, module in self.audio_injector.named_modules()
+            if isinstance(module, nn.Linear)
+        }
+        return {**super().heavy_linears(), **injector}
+
     def encode_audio(self, features: torch.Tensor) -> AudioTokens:
         """One segment's audio input ``[1, layers, A, F]`` -> :class:`AudioTokens` of ``F // 4`` frames.
 
@@ -448,17 +457,6 @@ def s2v_checkpoint_kind(shapes: Mapping[str, Sequence[int]]) -> str | None:
     return checkpoint_kind(state, known_keys=_layout_keys(), missing_keys=lambda sd: _missing_keys(sd, None))
 
 
-def fp8_linear_layers(model: S2VDiT) -> dict[str, nn.Linear]:
-    """The Linear layers worth keeping in fp8: those of the blocks and the audio injectors (~14 of
-    the 16.3 B parameters of the 14B model), by weight key."""
-    return {
-        f"{prefix}.{name}.weight": module
-        for prefix, parent in (("blocks", model.blocks), ("audio_injector", model.audio_injector))
-        for name, module in parent.named_modules()
-        if isinstance(module, nn.Linear)
-    }
-
-
 def load_s2v_dit(
     path: str | os.PathLike,
     dtype: torch.dtype | str = torch.bfloat16,
@@ -467,6 +465,7 @@ def load_s2v_dit(
     audio_inject_layers: Sequence[int] | None = None,
     base: str | os.PathLike | None = None,
     fp8_weights: bool = False,
+    fp8_matmul: bool = False,
 ) -> S2VDiT:
     """Load an S2V DiT in any layout of :mod:`.s2v_checkpoint`: RealVideo's ``model.pt``
     (``{"generator": {"model.<name>": ...}}``), a bare-key ``diffusion_model.safetensors``
@@ -476,11 +475,13 @@ def load_s2v_dit(
     ``checkpoint_info`` (:class:`~.s2v_checkpoint.CheckpointInfo`) says which was found. Tensors go
     to ``device`` in ``dtype`` one at a time (pickles are memory-mapped), so no full-size float32
     copy is ever made. ``fp8_weights`` keeps the block and injector Linear weights in float8 with a
-    per-tensor scale (:mod:`.fp8_weights`; the file's own fp8 values when it is fp8-scaled), about
-    halving the weight memory. ``audio_inject_layers`` is only needed for non-release depths (see
+    per-tensor scale (:mod:`.fp8_linear`; the file's own fp8 values when it is fp8-scaled), about
+    halving the weight memory. ``fp8_matmul`` also keeps them in fp8 (one scale per output channel
+    when rounded here) and runs them as fp8 matmuls (:class:`~.fp8_linear.FP8MatmulLinear`; on a GPU
+    without fp8 tensor cores they stay fp8 weights). ``audio_inject_layers`` is only needed for non-release depths (see
     :meth:`S2VConfig.from_state_dict`).
     """
-    from .fp8_weights import FP8, dequantize, quantize, to_fp8_linear
+    from .fp8_linear import FP8, dequantize, quantize, to_fp8_linear, use_fp8_matmuls
     from .s2v_checkpoint import read_s2v_checkpoint
 
     dtype = resolve_dtype(dtype)
@@ -495,7 +496,7 @@ def load_s2v_dit(
     config = s2v_config_from_state_dict(sd, path if base is None else f"{base} + {path}", audio_inject_layers)
     with torch.device("meta"):
         model = S2VDiT(config)
-    fp8_layers = fp8_linear_layers(model) if fp8_weights else {}
+    fp8_layers = model.heavy_linears() if fp8_weights or fp8_matmul else {}
     fp8_scales: dict[str, torch.Tensor] = {}
     tensors: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
@@ -504,11 +505,14 @@ def load_s2v_dit(
             if key in scales and value.dtype == FP8:
                 tensors[key], fp8_scales[key] = value, scales[key]
             else:
-                tensors[key], fp8_scales[key] = quantize(dequantize(value, scales[key], dtype) if key in scales else value)
+                weight = dequantize(value, scales[key], dtype) if key in scales else value
+                tensors[key], fp8_scales[key] = quantize(weight, per_row=fp8_matmul)
         else:
             tensors[key] = dequantize(value, scales[key], dtype) if key in scales else value.to(dtype)
     model.load_state_dict(tensors, strict=True, assign=True)
     for key, module in fp8_layers.items():
         to_fp8_linear(module, fp8_scales[key])
+    if fp8_matmul:
+        use_fp8_matmuls(fp8_layers.values())
     model.checkpoint_info = info
     return model.eval().requires_grad_(False)

@@ -283,6 +283,13 @@ class WanDiTCore(nn.Module):
     def device(self) -> torch.device:
         return self.patch_embedding.weight.device
 
+    def heavy_linears(self) -> dict[str, nn.Linear]:
+        """The Linear layers that carry nearly all of the model's matmul work (those of the blocks),
+        by weight key; what ``fp8_weights`` / ``fp8_matmul`` convert."""
+        return {
+            f"blocks.{name}.weight": module for name, module in self.blocks.named_modules() if isinstance(module, nn.Linear)
+        }
+
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t ``[B, F]`` -> time embedding ``[B, F, C]`` and block modulation ``[B, F, 6, C]``."""
         sin = sinusoidal_embedding(self.config.freq_dim, t.flatten()).to(self.dtype)

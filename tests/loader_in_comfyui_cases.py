@@ -38,7 +38,7 @@ def module(name: str):
 def lt(pack) -> SimpleNamespace:
     """The pack's modules these cases use."""
     names = ("nodes.loader", "nodes.encoders", "nodes.sampling", "nodes.comfy_models", "nodes.model_files",
-             "livetalk_core.errors", "livetalk_core.fp8_weights", "livetalk_core.s2v_checkpoint")
+             "livetalk_core.errors", "livetalk_core.fp8_linear", "livetalk_core.s2v_checkpoint")
     return SimpleNamespace(**{name.split(".")[-1]: module(name) for name in names})
 
 
@@ -292,7 +292,7 @@ def test_fp8_weights_are_stored_in_fp8_and_give_nearly_the_same_video(lt, realvi
     names = {**realvideo, "model_name": "s2v_base.safetensors"}
     exact = load(lt, **names)
     compact = load(lt, **names, fp8_weights=True)
-    fp8_linear = lt.fp8_weights.FP8Linear
+    fp8_linear = lt.fp8_linear.FP8Linear
     dit = compact[0].engine
     linears = [m for m in dit.blocks.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(isinstance(m, fp8_linear) and m.weight.dtype == FP8 for m in linears)
@@ -313,3 +313,29 @@ def test_fp8_weights_are_ignored_for_livetalk(lt, realvideo, caplog):
         model = load(lt, **names, fp8_weights=True)[0]
     assert all(p.dtype == torch.float32 for p in model.engine.parameters())
     assert "fp8_weights is for RealVideo 14B" in caplog.text
+
+
+# -- fp8 matmuls ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_name, encoder", [("s2v_base.safetensors", "w2v_large.safetensors"),
+                                                 ("dit.safetensors", "w2v.safetensors")])
+def test_fp8_matmul_runs_the_blocks_in_fp8_for_both_families(lt, realvideo, model_name, encoder):
+    names = {**realvideo, "model_name": model_name, "audio_encoder_name": encoder, "precision": "bf16"}
+    exact = load(lt, **names)
+    fast = load(lt, **names, fp8_matmul=True)
+    dit = fast[0].engine
+    linears = list(dit.heavy_linears().values())
+    assert linears and all(isinstance(m, lt.fp8_linear.FP8MatmulLinear) and m.weight.dtype == FP8 for m in linears)
+    assert not any(isinstance(m, lt.fp8_linear.FP8MatmulLinear) for m in exact[0].engine.modules())
+    reference, ours = sample(lt, *exact), sample(lt, *fast)
+    assert not torch.equal(reference, ours)
+    assert ((ours - reference).norm() / reference.norm()).item() < 0.1
+
+
+def test_fp8_matmul_needs_bf16_before_anything_loads(lt, realvideo):
+    names = {**realvideo, "model_name": "dit.safetensors", "audio_encoder_name": "w2v.safetensors"}
+    message = validate(lt, **names, precision="fp32", fp8_matmul=True)
+    assert message == ("fp8_matmul runs with bf16 activations, but precision is fp32: set precision to bf16, "
+                       "or turn fp8_matmul off.")
+    assert validate(lt, **names, precision="bf16", fp8_matmul=True) is True

@@ -94,3 +94,15 @@ def test_out_of_memory_gives_the_options(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 3
     assert "ran out of memory" in err and "--size" in err and "Traceback" not in err
+
+
+def test_fp8_matmul_option_runs_the_dit_in_fp8(tmp_path, monkeypatch):
+    from livetalk_core import cli, fp8_linear
+
+    converted = []
+    real = fp8_linear.use_fp8_matmuls
+    monkeypatch.setattr(fp8_linear, "use_fp8_matmuls", lambda layers: converted.append(real(layers)) or converted[-1])
+    out = tmp_path / "fp8.mp4"
+    assert cli.main(["--smoke", "--fp8-matmul", "--duration", "1", "--output", str(out)]) == 0
+    assert converted and converted[0] > 0
+    assert read_video_info(out)["frames"] == 17

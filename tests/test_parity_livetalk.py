@@ -83,6 +83,8 @@ def run_case(case: GoldenCase) -> dict[str, torch.Tensor]:
         blocks.append(block)
     out["latents"] = frame_major(torch.cat(blocks, dim=2))
     out["frames_uint8"] = torch.cat(list(pipeline.decode(iter(blocks), audio.num_video_frames)))
+    streamed = pipeline.stream(ref_latent, audio, inputs["text_context"], replayed_noise(inputs, fpb))
+    out["frames_streamed"] = torch.cat(list(streamed))
     return out
 
 
@@ -102,3 +104,32 @@ def test_livetalk_matches_upstream(case: GoldenCase):
         except AssertionError as exc:
             failures.append(str(exc))
     assert not failures, f"{case.name}: " + "; ".join(failures)
+    # stream() decodes the pinned reference frame before sampling: the same video, bit for bit
+    assert torch.equal(ours["frames_streamed"], ours["frames_uint8"]), f"{case.name}: stream() changed the frames"
+
+
+def test_stream_hands_out_the_first_frame_before_the_dit_runs(monkeypatch):
+    case = CASES[0]
+    m, inputs = case.manifest, case.load("inputs.safetensors")
+    dtype = DTYPES[m["dtype"]]
+    pipeline = LiveTalkPipeline(
+        load_livetalk_dit(case.file(m["weights"]["dit"]), dtype),
+        load_vae(case.file(m["weights"]["vae"]), dtype),
+        load_audio_encoder(case.file(m["weights"]["wav2vec2"]), dtype),
+    )
+    ref_latent = pipeline.encode_reference(inputs["image_uint8"], *m["image"]["target_hw"])
+    audio = pipeline.encode_audio(inputs["audio_16k"][: samples_for_latents(m["sampler"]["num_latent_frames"])])
+    events = []
+    real_sample = pipeline.sample
+
+    def recorded_sample(*args, **kwargs):
+        for block in real_sample(*args, **kwargs):
+            events.append("block")
+            yield block
+
+    monkeypatch.setattr(pipeline, "sample", recorded_sample)
+    frames = pipeline.stream(ref_latent, audio, inputs["text_context"], 0)
+    first = next(frames)
+    assert first.shape[0] == 1 and events == [], "the first frame waited for the sampler"
+    rest = list(frames)
+    assert events and sum(f.shape[0] for f in [first, *rest]) == audio.num_video_frames

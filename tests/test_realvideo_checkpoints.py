@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from livetalk_core.errors import CheckpointError
-from livetalk_core.fp8_weights import FP8, FP8Linear, dequantize, quantize
+from livetalk_core.fp8_linear import FP8, FP8Linear, dequantize, quantize
 from livetalk_core.realvideo_sampler import realvideo_schedule
 from livetalk_core.s2v_checkpoint import COMPLETE, PARTIAL, SHARD_INDEX
 from livetalk_core.s2v_model import load_s2v_dit
