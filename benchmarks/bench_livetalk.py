@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from livetalk_core.audio import AudioEncoder  # noqa: E402
 from livetalk_core.compile import compile_blocks  # noqa: E402
+from livetalk_core.fp8_linear import use_fp8_matmuls  # noqa: E402
 from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT  # noqa: E402
 from livetalk_core.pipeline import LiveTalkPipeline  # noqa: E402
 from livetalk_core.vae import VAEConfig, WanVAE, frames_to_uint8  # noqa: E402
@@ -75,16 +76,20 @@ def run(args) -> dict:
     waveform = torch.randn(int(seconds * 16000)) * 0.1
     context = torch.randn(1, 512, 4096, device=device, dtype=dtype)
     deviation = None
-    if args.compile:
+    if args.compile or args.fp8_matmul:  # the optimised path against the plain eager bf16 one, at full size
         ref, audio = pipe.encode_reference(image), pipe.encode_audio(waveform[: 16000 * 5])
         eager = list(pipe.sample(ref, audio, context, 0))
-        compile_blocks(pipe.dit)
-        compiled = list(pipe.sample(ref, audio, context, 0))
+        if args.fp8_matmul:
+            use_fp8_matmuls(pipe.dit.heavy_linears().values())
+        if args.compile:
+            compile_blocks(pipe.dit)
+        optimised = list(pipe.sample(ref, audio, context, 0))
         deviation = [
             {"max_abs": (a.double() - b.double()).abs().max().item(),
              "rel_l2": ((a.double() - b.double()).norm() / b.double().norm()).item()}
-            for a, b in zip(compiled, eager)
+            for a, b in zip(optimised, eager)
         ]
+        del eager, optimised
     build_s = time.perf_counter() - t0
 
     # warm-up (compile, cuDNN autotune, allocator)
@@ -92,31 +97,52 @@ def run(args) -> dict:
     for _ in range(args.warmup):
         ref = pipe.encode_reference(image)
         audio = pipe.encode_audio(waveform[: 16000 * 2])
-        blocks = pipe.sample(ref, audio, context, 0)
-        dec = pipe.vae.stream_decoder()
-        for b in blocks:
-            dec.decode(b)
+        for _ in pipe.stream(ref, audio, context, 0):
+            pass
     synchronize()
     warmup_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
 
-    # first-frame latency: inputs in -> first decoded frames out
+    # first-frame latency as the CLI sees it: image + audio in -> frames out of LiveTalkPipeline.stream
+    # (first: the pinned reference frame, decoded before the DiT runs; then block 0's first latent frame)
+    stamps = []
     synchronize()
     t_start = time.perf_counter()
+    ref = pipe.encode_reference(image)
+    audio = pipe.encode_audio(waveform[: 16000 * 11])  # a clip length not seen before: a cold audio encode
+    stream = pipe.stream(ref, audio, context, 0)
+    for _ in range(2):
+        next(stream)
+        stamps.append(time.perf_counter() - t_start)
+    stream.close()
+    first_frame_s, first_generated_s = stamps
+    # the same steps one at a time, with a sync after each, for the breakdown
+    synchronize()
     ref, enc_ref_ms = cuda_ms(lambda: pipe.encode_reference(image))
     audio, enc_audio_ms = cuda_ms(lambda: pipe.encode_audio(waveform))
-    gen = pipe.sample(ref, audio, context, 0)
     decoder = pipe.vae.stream_decoder()
+    _, ref_frame_ms = cuda_ms(lambda: frames_to_uint8(decoder.decode(ref.to(pipe.dit.dtype))).cpu())
+    gen = pipe.sample(ref, audio, context, 0)
     block0, dit0_ms = cuda_ms(lambda: next(gen))
-    # As LiveTalkPipeline.decode hands it out: block 0's first latent frame (= the first video frame) alone.
-    _, vae0_ms = cuda_ms(lambda: frames_to_uint8(decoder.decode(block0[:, :, :1])).cpu())
-    first_frame_s = time.perf_counter() - t_start
-    decoder.decode(block0[:, :, 1:])
+    _, generated_frames_ms = cuda_ms(lambda: frames_to_uint8(decoder.decode(block0[:, :, 1:2])).cpu())
+    decoder.decode(block0[:, :, 2:])
     if args.profile_audio:
+        cold = waveform[: 16000 * 10 + 1234]  # a new length again
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-            pipe.encode_audio(waveform)
+            pipe.encode_audio(cold)
             synchronize()
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70))
+        _, warm_ms = cuda_ms(lambda: pipe.encode_audio(cold))
+        print(f"audio encode of that clip again (warm): {warm_ms:.1f} ms")
+        from livetalk_core import attention as attention_module
+
+        order = attention_module._GPU_SDPA_ORDER
+        for name, first in (("cudnn first", order), ("flash first", [order[1], order[2], order[0], order[3]])):
+            attention_module._GPU_SDPA_ORDER = first
+            for extra in (2345, 3456):
+                _, ms = cuda_ms(lambda: pipe.encode_audio(waveform[: 16000 * 9 + extra + (0 if name == "cudnn first" else 5000)]))
+                print(f"audio encode, new length, {name}: {ms:.1f} ms")
+        attention_module._GPU_SDPA_ORDER = order
 
     dit_ms, vae_ms = [], []
     while True:
@@ -136,11 +162,12 @@ def run(args) -> dict:
         synchronize()
         stamps, chunks = [], []
         start = time.perf_counter()
-        for frames in pipe.decode(pipe.sample(ref, audio, context, 0), audio.num_video_frames, overlap=overlap):
+        for frames in pipe.stream(ref, audio, context, 0, overlap=overlap):
             stamps.append(time.perf_counter())
             chunks.append(frames)
-        steady = (stamps[-1] - stamps[2]) / (len(stamps) - 3)  # skip block 0/1 (shorter, pipeline fill)
-        end_to_end["overlap" if overlap else "serial"] = 12 / steady
+        # skip block 0 (handed out in three pieces) and block 1 (pipeline fill): frames per second after that
+        fill = 4
+        end_to_end["overlap" if overlap else "serial"] = sum(c.shape[0] for c in chunks[fill + 1 :]) / (stamps[-1] - stamps[fill])
         outputs[overlap] = torch.cat(chunks)
     overlap_identical = torch.equal(outputs[False], outputs[True])
     long_run = long_video(pipe, image, context, args.long_seconds) if args.long_seconds else None
@@ -153,14 +180,17 @@ def run(args) -> dict:
         "attention": args.attention,
         "compile": args.compile,
         "vae_device": str(pipe.vae.device),
-        "compiled_vs_eager_per_block": deviation,
+        "fp8_matmul": args.fp8_matmul,
+        "optimised_vs_eager_bf16_per_block": deviation,
         "blocks": args.blocks,
         "dit_ms_per_block_median": steady_dit,
         "vae_ms_per_block_median": steady_vae,
         "fps_serial": frames / ((steady_dit + steady_vae) / 1e3),
         "fps_pipelined_bound": frames / (max(steady_dit, steady_vae) / 1e3),
         "first_frame_latency_s": first_frame_s,
-        "first_frame_parts_ms": {"encode_image": enc_ref_ms, "encode_audio": enc_audio_ms, "dit_block0": dit0_ms, "vae_block0": vae0_ms},
+        "first_generated_frame_latency_s": first_generated_s,
+        "first_frame_parts_ms": {"encode_image": enc_ref_ms, "encode_audio_warm": enc_audio_ms, "decode_reference_frame": ref_frame_ms,
+                                 "dit_block0": dit0_ms, "decode_first_generated_latent_frame": generated_frames_ms},
         "peak_gib": peak,
         "peak_gib_vae_device": peak_vae_device,
         "fps_end_to_end_serial": end_to_end["serial"],
@@ -191,7 +221,7 @@ def long_video(pipe: LiveTalkPipeline, image: torch.Tensor, context: torch.Tenso
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "long.mp4"
         with VideoWriter(out, fps=16, audio=waveform) as writer:
-            for frames in pipe.decode(pipe.sample(pipe.encode_reference(image), audio, context, 0), audio.num_video_frames):
+            for frames in pipe.stream(pipe.encode_reference(image), audio, context, 0):
                 writer.write(frames)
                 gpu_gib.append(torch.cuda.memory_allocated() / 2**30)
                 rss_gib.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
@@ -213,20 +243,22 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--attention", default="sdpa")
     p.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks (livetalk_core/compile.py)")
+    p.add_argument("--fp8-matmul", action="store_true", help="fp8 x fp8 matmuls for the DiT's block Linears (livetalk_core/fp8_linear.py)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--vae-device", default=None, help="put the VAE on another GPU, e.g. cuda:1 (default: the DiT's)")
     p.add_argument("--profile-audio", action="store_true", help="print a profile of the audio encoding")
     p.add_argument("--long-seconds", type=float, default=0, help="also run the CLI path on a clip this long, writing the mp4")
     args = p.parse_args()
     result = run(args)
-    deviation = result["compiled_vs_eager_per_block"]
+    deviation = result["optimised_vs_eager_bf16_per_block"]
     rows = [
-        ("GPU", result["gpu"]), ("torch", result["torch"]), ("attention", result["attention"]), ("compile", result["compile"]), ("VAE device", result["vae_device"]),
+        ("GPU", result["gpu"]), ("torch", result["torch"]), ("attention", result["attention"]), ("compile", result["compile"]), ("fp8 matmul", result["fp8_matmul"]), ("VAE device", result["vae_device"]),
         ("DiT ms/block (4 steps + refresh)", f"{result['dit_ms_per_block_median']:.1f}"),
         ("VAE ms/block (12 frames)", f"{result['vae_ms_per_block_median']:.1f}"),
         ("FPS serial", f"{result['fps_serial']:.1f}"),
         ("FPS pipelined (bound)", f"{result['fps_pipelined_bound']:.1f}"),
         ("first-frame latency s", f"{result['first_frame_latency_s']:.3f}"),
+        ("first generated frame s", f"{result['first_generated_frame_latency_s']:.3f}"),
         ("  parts ms", json.dumps({k: round(v, 1) for k, v in result["first_frame_parts_ms"].items()})),
         ("FPS end to end, serial decode", f"{result['fps_end_to_end_serial']:.1f}"),
         ("FPS end to end, overlapped decode", f"{result['fps_end_to_end_overlapped']:.1f}"),
@@ -234,7 +266,7 @@ def main() -> None:
         ("peak GPU memory GiB", f"{result['peak_gib']:.2f}" + ("" if result["peak_gib_vae_device"] is None else f" (+ VAE GPU {result['peak_gib_vae_device']:.2f})")),
         ("long run", json.dumps(result["long_run"])),
         ("warm-up s", f"{result['warmup_s']:.1f}"),
-        ("compiled vs eager, worst block", "" if deviation is None else
+        ("optimised vs eager bf16, worst block", "" if deviation is None else
          f"max|d| {max(d['max_abs'] for d in deviation):.3g}, rel L2 {max(d['rel_l2'] for d in deviation):.3g}"),
     ]
     for k, v in rows:

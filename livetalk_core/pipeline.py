@@ -175,9 +175,9 @@ class LiveTalkPipeline:
 
         On a GPU with ``overlap``, block k is decoded on a second CUDA stream while the DiT samples
         block k+1, and its frames come out once the next block has been launched. Block 0 is
-        returned as soon as it is decoded, its first latent frame (the first video frame) on its own
-        before the rest, so the first frame waits for one latent frame's decode, not three. The
-        decoder is causal, so the split gives the same frames.
+        decoded and handed out one latent frame at a time (1, then 4 and 4 video frames), so its
+        first frames wait for one latent frame's decode, not three. The decoder is causal, so the
+        split gives the same frames.
 
         ``first_latent_frame`` ``[1, 16, 1, h, w]``: block 0's latent frame 0 when it is known before
         sampling (LiveTalk's reference latent, in the DiT's dtype). It is decoded and handed out
@@ -200,10 +200,8 @@ class LiveTalkPipeline:
                 emitted += frames.shape[0]
                 yield frames
             for index, block in enumerate(blocks):
-                if index == 0 and first_latent_frame is not None:
-                    pieces = (block[:, :, 1:],) if block.shape[2] > 1 else ()
-                elif index == 0 and block.shape[2] > 1:
-                    pieces = block.split([1, block.shape[2] - 1], dim=2)
+                if index == 0:  # one latent frame at a time: the first frames out wait for one frame's decode
+                    pieces = block.split(1, dim=2)[1 if first_latent_frame is not None else 0 :]
                 else:
                     pieces = (block,)
                 for piece in pieces:
