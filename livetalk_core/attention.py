@@ -22,6 +22,8 @@ try:  # cuDNN's fused attention is about 2x FlashAttention-2 on Hopper for these
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     _GPU_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    # cuDNN builds a plan per new shape (~40 ms of CPU on an H100): not worth it for shapes seen once.
+    _GPU_SDPA_ORDER_VARYING = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
 except ImportError:  # older torch: its default order
     sdpa_kernel = None
 
@@ -51,11 +53,16 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa", varying_shapes: bool = False
+) -> torch.Tensor:
     """Unmasked multi-head attention with scale ``1/sqrt(D)``.
 
     Args:
         q: ``[B, Sq, H, D]``; k, v: ``[B, Sk, H, D]`` (any strides with a contiguous last dim).
+        varying_shapes: the sequence lengths change from call to call (e.g. one per audio clip), so
+            ``sdpa`` on a GPU tries FlashAttention first instead of cuDNN, whose per-shape plan
+            costs more than the kernel.
     Returns:
         ``[B, Sq, H*D]``.
     """
@@ -73,7 +80,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         probs = scores.float().softmax(dim=-1).to(v.dtype)
         out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     elif q.is_cuda and sdpa_kernel is not None:
-        with sdpa_kernel(_GPU_SDPA_ORDER, set_priority=True):
+        with sdpa_kernel(_GPU_SDPA_ORDER_VARYING if varying_shapes else _GPU_SDPA_ORDER, set_priority=True):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     else:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)

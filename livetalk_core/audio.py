@@ -676,7 +676,7 @@ def _self_attention(module: torch.nn.Module, h: torch.Tensor, num_heads: int) ->
     transformers' ``sdpa`` implementation does). ``[B, T, C]`` -> ``[B, T, C]``."""
     b, t, c = h.shape
     q, k, v = (proj(h).view(b, t, num_heads, c // num_heads) for proj in (module.q_proj, module.k_proj, module.v_proj))
-    return module.out_proj(attention(q, k, v))
+    return module.out_proj(attention(q, k, v, varying_shapes=True))  # one sequence length per clip
 
 
 def livetalk_audio_features(
