@@ -6,7 +6,6 @@
 2. The causal 3x3x3 conv of each decoder level timed as it runs now (cuDNN conv3d on the
    history-padded input) and as 2-D convolutions over frames (the three temporal taps stacked
    into the channels of one conv2d, or three conv2d summed), channels-last; outputs compared.
-3. The whole decode with each RMSNorm + SiLU pair fused by torch.compile.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from livetalk_core import vae as vae_module  # noqa: E402
 from livetalk_core.vae import VAEConfig, WanVAE  # noqa: E402
 
 DEVICE, DTYPE = torch.device("cuda"), torch.bfloat16
@@ -135,40 +133,12 @@ def conv_variants() -> None:
         print(f"  {c:>4} {t:>3} {hw:>4}x{hw:<3} | {cells} | {max(diffs):.2e}")
 
 
-def fused_norm_silu(vae: WanVAE) -> None:
-    one = steady_decode(vae)
-    eager_ms = timed(one, 5)
-
-    def norm_silu(x, gamma, scale: float):
-        return F.silu(F.normalize(x, dim=1) * scale * gamma)
-
-    compiled = torch.compile(norm_silu, dynamic=False)
-
-    def residual_forward(self, x, cache):
-        layers = self.residual
-        h = layers["2"](compiled(x, layers["0"].gamma, layers["0"].scale), cache)
-        h = layers["6"](compiled(h, layers["3"].gamma, layers["3"].scale), cache)
-        return h + self.shortcut(x)
-
-    original = vae_module.ResidualBlock.forward
-    vae_module.ResidualBlock.forward = residual_forward
-    try:
-        one = steady_decode(vae)
-        for _ in range(3):
-            one()
-        fused_ms = timed(one, 5)
-    finally:
-        vae_module.ResidualBlock.forward = original
-    print(f"\n== whole steady decode: eager {eager_ms:.1f} ms, RMSNorm+SiLU fused by torch.compile {fused_ms:.1f} ms ==")
-
-
 def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__)
     vae = build()
     start = time.perf_counter()
     profile(vae)
     conv_variants()
-    fused_norm_silu(vae)
     print(f"\n({time.perf_counter() - start:.0f} s)")
 
 
