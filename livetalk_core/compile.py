@@ -1,4 +1,4 @@
-"""Regional ``torch.compile`` of the DiT: the layer's work around the cached attention.
+"""Regional ``torch.compile``: the DiT's work around the cached attention, and the VAE's norms.
 
 Each :class:`~.wan_dit.WanBlock` runs :meth:`attention_inputs` (norm, modulation, q/k/v, RMSNorm,
 RoPE) and :meth:`attention_outputs` (output projection, gates, cross-attention, FFN) as plain tensor
@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 
+from .vae import WanVAE, norm_silu
 from .wan_dit import WanDiTCore
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,28 @@ def compile_blocks(model: WanDiTCore, mode: str | None = None) -> WanDiTCore:
             eager = getattr(block, name)
             setattr(block, name, _fail_soft(torch.compile(eager, dynamic=False, mode=mode), eager, state))
     return model
+
+
+def compile_vae(vae: WanVAE) -> WanVAE:
+    """Fuse each RMSNorm + SiLU of the VAE's residual blocks and heads into one kernel (in place;
+    returns ``vae``). Eager, these are five memory-bound passes over the largest activations, a
+    quarter of the decode's GPU time. One graph with dynamic shapes serves every level; the result
+    differs from eager only by bf16 rounding (the fused kernel rounds once). Fails soft like
+    :func:`compile_blocks`.
+    """
+    if not hasattr(torch, "compile"):
+        log.warning("torch.compile is not available in this torch; the VAE runs eager")
+        return vae
+    fused = torch.compile(_fused_norm_silu, dynamic=True)
+    compiled = _fail_soft(lambda norm, x: fused(x, norm.gamma * norm.scale), norm_silu, {"compiled": True})
+    for module in vae.modules():
+        if getattr(module, "norm_silu", None) is norm_silu:
+            module.norm_silu = compiled
+    return vae
+
+
+def _fused_norm_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.silu(F.normalize(x, dim=1) * weight)
 
 
 def _fail_soft(compiled, eager, state: dict):

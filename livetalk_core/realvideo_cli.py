@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "math", "flash", "sage"), help="attention kernel")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the DiT blocks (default: on for GPUs; 442 -> 335 ms per 2-step block on an H200)")
+                   help="torch.compile the DiT blocks and the VAE's norms (default: on for GPUs; 442 -> 335 ms per 2-step block on an H200)")
     p.add_argument("--latents-out", type=Path, default=None, help="also save the blocks' latents (safetensors, rank 0)")
     p.add_argument("--smoke", action="store_true", help="tiny random weights on the CPU: checks the install or the launch")
     return p
@@ -189,9 +189,11 @@ def run(args: argparse.Namespace) -> Path | None:
         vae = load_vae(args.vae, dtype, device) if rank == 0 else None
     dit.attention_backend = resolve_backend(args.attention)
     if args.compile if args.compile is not None else device.type == "cuda":
-        from .compile import compile_blocks
+        from .compile import compile_blocks, compile_vae
 
         compile_blocks(dit)
+        if vae is not None:
+            compile_vae(vae)
 
     inputs = [prepare_inputs(args, vae, device, dtype) if rank == 0 else None]
     if sp is not None:

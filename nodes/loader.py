@@ -18,7 +18,7 @@ from comfy_api.latest import io
 from ..livetalk_core.attention import ATTENTION_BACKENDS, resolve_backend
 from ..livetalk_core.audio import load_audio_encoder
 from ..livetalk_core.checkpoint import PRECISIONS, resolve_dtype
-from ..livetalk_core.compile import compile_blocks
+from ..livetalk_core.compile import compile_blocks, compile_vae
 from ..livetalk_core.errors import InputError, LiveTalkError, MissingWeightsError
 from ..livetalk_core.fp8_linear import fp8_matmul_supported, use_fp8_matmuls
 from ..livetalk_core.s2v_checkpoint import COMPLETE, PARTIAL
@@ -148,8 +148,8 @@ class LoadLiveTalkModel(io.ComfyNode):
                                "flash_attn / sageattention packages and fall back to sdpa without them; math "
                                "is a slow reference."),
                 io.Boolean.Input("compile", default=True, optional=True,
-                                 tooltip="torch.compile the DiT's blocks on a GPU (about 30% faster after a few "
-                                 "seconds of compiling on the first run). Falls back to eager by itself if "
+                                 tooltip="torch.compile the DiT's blocks and the VAE's norms on a GPU (about 30% "
+                                 "faster after a few seconds of compiling on the first run). Falls back to eager by itself if "
                                  "compiling is not possible; ignored on the CPU."),
                 io.Combo.Input("base_model_name", options=[NO_BASE, *cm.dit_choices()], default=NO_BASE, optional=True,
                                tooltip="RealVideo 14B only: the Wan2.2-S2V-14B checkpoint a partial fine-tune (a "
@@ -233,6 +233,8 @@ class LoadLiveTalkModel(io.ComfyNode):
 
         # The VAE and the encoder carry the family too: their nodes prepare inputs the family's way.
         vae_module = load_vae(vae_path, dtype, mm.vae_offload_device())
+        if compile and mm.vae_device().type == "cuda":
+            compile_vae(vae_module)
         vae = cm.Managed(vae_module, vae_module, mm.vae_device(), mm.vae_offload_device(), family=family)
 
         encoder_dtype = family.audio_encoder_dtype or dtype

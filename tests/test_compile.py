@@ -52,3 +52,26 @@ def test_compiler_failure_falls_back_to_eager(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert torch.equal(run(model, blocks=2), eager)
     assert "runs eager" in caplog.text
+
+
+def test_vae_norms_fused_by_compile_match_eager():
+    from livetalk_core.compile import compile_vae
+    from livetalk_core.vae import Head, ResidualBlock, VAEConfig, WanVAE, norm_silu
+
+    torch.manual_seed(0)
+    vae = WanVAE(VAEConfig(dim=8)).eval().requires_grad_(False)
+    for p in vae.parameters():
+        p.data.normal_(0, 0.2)
+    latents = torch.randn(1, 16, 4, 4, 4)
+
+    def decode_in_two_calls():
+        decoder = vae.stream_decoder()
+        return torch.cat([decoder.decode(latents[:, :, :1]), decoder.decode(latents[:, :, 1:])], 2)
+
+    eager = decode_in_two_calls()
+    torch._dynamo.reset()
+    compile_vae(vae)
+    fused = [m for m in vae.modules() if hasattr(m, "norm_silu")]
+    # every residual block and head of both halves: encoder 4x2 + 2 middle + head, decoder 4x3 + 2 middle + head
+    assert len(fused) == 11 + 15 and all(isinstance(m, (ResidualBlock, Head)) and m.norm_silu is not norm_silu for m in fused)
+    torch.testing.assert_close(decode_in_two_calls(), eager, atol=1e-4, rtol=1e-4)
