@@ -12,6 +12,7 @@ out, encoders included), peak GPU memory, GPU and torch version.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from livetalk_core.audio import AudioEncoder  # noqa: E402
 from livetalk_core.compile import compile_blocks, compile_vae  # noqa: E402
+from livetalk_core.decode_stream import decode_blocks  # noqa: E402
 from livetalk_core.fp8_linear import use_fp8_matmuls  # noqa: E402
 from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT  # noqa: E402
 from livetalk_core.pipeline import LiveTalkPipeline  # noqa: E402
@@ -82,6 +84,9 @@ def run(args) -> dict:
         if args.fp8_matmul:
             use_fp8_matmuls(pipe.dit.heavy_linears().values())
         eager_frames = torch.cat(list(pipe.decode(iter(eager[:3]))))
+        vae32 = copy.deepcopy(pipe.vae).float()  # the yardstick: bf16 eager against float32
+        fp32_frames = torch.cat(list(decode_blocks(vae32, iter(eager[:3]))))
+        del vae32
         if args.compile:
             compile_blocks(pipe.dit)
             compile_vae(pipe.vae)
@@ -93,7 +98,10 @@ def run(args) -> dict:
         ]
         # the VAE on the same latents, compiled vs eager: uint8 frames
         difference = (torch.cat(list(pipe.decode(iter(eager[:3])))).int() - eager_frames.int()).abs()
-        vae_deviation = {"max_abs_uint8": difference.max().item(), "mean_abs_uint8": difference.float().mean().item()}
+        yardstick = (eager_frames.int() - fp32_frames.int()).abs()
+        vae_deviation = {"max_abs_uint8": difference.max().item(), "mean_abs_uint8": difference.float().mean().item(),
+                         "eager_bf16_vs_fp32_max_abs_uint8": yardstick.max().item(),
+                         "eager_bf16_vs_fp32_mean_abs_uint8": yardstick.float().mean().item()}
         del eager, optimised
     build_s = time.perf_counter() - t0
 

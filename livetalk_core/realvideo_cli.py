@@ -212,22 +212,26 @@ def run(args: argparse.Namespace) -> Path | None:
 
 
 def _write(args: argparse.Namespace, blocks, vae, waveform: torch.Tensor) -> Path:
-    """Decode each block as it comes and stream it into the mp4 (rank 0)."""
+    """Decode each block as it comes (overlapping the next block's sampling on a GPU) and stream it
+    into the mp4 (rank 0)."""
     from safetensors.torch import save_file
 
-    from .vae import StreamDecoder, frames_to_uint8
+    from .decode_stream import decode_blocks
     from .video_io import VideoWriter
 
-    decoder, latents = StreamDecoder(vae), []
+    latents = []
+
+    def kept(blocks):
+        for block in blocks:
+            latents.append(block.float().cpu())
+            yield block
+
     output, frames_done, start = Path(args.output), 0, time.perf_counter()
     with VideoWriter(output, fps=VIDEO_FPS, audio=waveform) as writer:
-        for i, block in enumerate(blocks):
-            if args.latents_out is not None:
-                latents.append(block.float().cpu())
-            frames = frames_to_uint8(decoder.decode(block.to(vae.dtype)))
+        for frames in decode_blocks(vae, kept(blocks) if args.latents_out is not None else blocks):
             writer.write(frames)
             frames_done += frames.shape[0]
-            log.info("block %d: %d frames, %.2f s elapsed", i, frames.shape[0], time.perf_counter() - start)
+            log.info("%d frames, %.2f s elapsed", frames_done, time.perf_counter() - start)
     if args.latents_out is not None:
         save_file({"latents": torch.cat(latents, dim=2).contiguous()}, str(args.latents_out))
     print(f"wrote {output} ({frames_done} frames, {frames_done / VIDEO_FPS:.2f} s)", file=sys.stderr)
