@@ -20,22 +20,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from attention_kernels import bench  # noqa: E402  (this folder is on the path when run as a script)
 from livetalk_core.vae import VAEConfig, WanVAE  # noqa: E402
 
 DEVICE, DTYPE = torch.device("cuda"), torch.bfloat16
-
-
-def timed(fn, repeat: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeat
 
 
 def build() -> WanVAE:
@@ -128,7 +116,7 @@ def conv_variants() -> None:
 
         ref = now()[0].transpose(0, 1).float()
         diffs = [((f().float() - ref).norm() / ref.norm()).item() for f in (stacked, three)]
-        times = [timed(f) for f in (now, stacked, three)]
+        times = [bench(f, iters=10) for f in (now, stacked, three)]
         cells = " ".join(f"{ms:7.2f} ({flops / ms / 1e9:4.0f})" for ms in times)
         print(f"  {c:>4} {t:>3} {hw:>4}x{hw:<3} | {cells} | {max(diffs):.2e}")
 

@@ -129,17 +129,33 @@ FRAMES_LAST = torch.channels_last_3d
 as ``[B][T][H][W][C]``, so that the frames of a video are a channels-last batch of images."""
 
 
-def conv_by_frames(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding_hw: tuple[int, int]) -> torch.Tensor:
+def tap_major(weight: nn.Parameter) -> torch.Tensor:
+    """A 3-D conv weight ``[C',C,kt,kh,kw]`` as its temporal taps ``[kt,C',C,kh,kw]``, each tap a
+    channels-last 2-D conv weight.
+
+    The first call re-stores the parameter in that memory order (same values, same shape and
+    state-dict entry; ``.to()`` keeps the order), so later calls are a view and no weight is copied
+    per forward.
+    """
+    taps = weight.permute(2, 0, 3, 4, 1)  # [kt, C', kh, kw, C]
+    if not taps.is_contiguous():
+        weight.data = weight.data.permute(2, 0, 3, 4, 1).contiguous().permute(1, 4, 0, 2, 3)
+        taps = weight.permute(2, 0, 3, 4, 1)
+    return taps.permute(0, 1, 4, 2, 3)
+
+
+def conv_by_frames(
+    x: torch.Tensor, tap_weights: torch.Tensor, bias: torch.Tensor | None, padding_hw: tuple[int, int]
+) -> torch.Tensor:
     """An unpadded-in-time 3-D convolution as one 2-D convolution per temporal tap, summed.
 
-    ``x`` ``[B,C,T,H,W]`` (:data:`FRAMES_LAST`), ``weight`` ``[C',C,kt,kh,kw]`` -> ``[B,C',T-kt+1,H,W]``
-    (:data:`FRAMES_LAST`). cuDNN's channels-last 2-D kernels run these shapes at up to twice the speed
-    of its 3-D ones, which also convert every input and output between layouts (docs/performance.md).
+    ``x`` ``[B,C,T,H,W]`` (:data:`FRAMES_LAST`), ``tap_weights`` ``[kt,C',C,kh,kw]`` (:func:`tap_major`)
+    -> ``[B,C',T-kt+1,H,W]`` (:data:`FRAMES_LAST`). cuDNN's channels-last 2-D kernels run these shapes
+    at up to twice the speed of its 3-D ones, which also convert every input and output between
+    layouts (docs/performance.md).
     """
-    taps = weight.shape[2]
+    taps = tap_weights.shape[0]
     frames_out = x.shape[2] - taps + 1
-    # [kt][C'][kh][kw][C]: each tap is a channels-last [C', C, kh, kw] weight.
-    tap_weights = weight.permute(2, 0, 3, 4, 1).contiguous().permute(0, 1, 4, 2, 3)
     outputs = []
     for video in x.unbind(0):
         frames = video.transpose(0, 1)  # [T, C, H, W], a channels-last view
@@ -175,7 +191,7 @@ class CausalConv3d(nn.Conv3d):
         padded[:, :, front:] = x
         # clone() so the cache keeps two frames alive, not the whole padded input.
         cache.history[self] = padded[:, :, -front:].clone()
-        return conv_by_frames(padded, self.weight, self.bias, self.padding[1:])
+        return conv_by_frames(padded, tap_major(self.weight), self.bias, self.padding[1:])
 
 
 class RMSNorm(nn.Module):
@@ -234,7 +250,7 @@ class ResidualBlock(nn.Module):
         h = layers["2"](self.norm_silu(layers["0"], x), cache)
         h = layers["6"](self.norm_silu(layers["3"], h), cache)
         if isinstance(self.shortcut, nn.Conv3d):
-            return h.add_(conv_by_frames(x, self.shortcut.weight, self.shortcut.bias, (0, 0)))
+            return h.add_(conv_by_frames(x, tap_major(self.shortcut.weight), self.shortcut.bias, (0, 0)))
         return h.add_(x)
 
 

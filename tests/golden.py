@@ -34,6 +34,11 @@ class GoldenCase:
     def model(self) -> str:
         return self.manifest.get("model", "")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The run dtype the case was recorded in (its manifest's ``dtype``)."""
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.manifest["dtype"]]
+
     def file(self, relative: str) -> Path:
         return (self.path / relative).resolve()
 

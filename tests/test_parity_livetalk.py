@@ -25,7 +25,6 @@ from livetalk_core.noise import ReplayNoise
 from livetalk_core.pipeline import LiveTalkPipeline
 from livetalk_core.vae import load_vae
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CASES = [c for c in golden_cases("livetalk") if c.model == "livetalk"]
 
 
@@ -51,7 +50,7 @@ def replayed_noise(inputs: dict[str, torch.Tensor], frames_per_block: int) -> Re
 def run_case(case: GoldenCase) -> dict[str, torch.Tensor]:
     """Run the port on a case; returns our version of every tensor the case lists."""
     m = case.manifest
-    dtype = DTYPES[m["dtype"]]
+    dtype = case.dtype
     weights = m["weights"]
     inputs = case.load("inputs.safetensors")
     pipeline = LiveTalkPipeline(
@@ -111,7 +110,7 @@ def test_livetalk_matches_upstream(case: GoldenCase):
 def test_stream_hands_out_the_first_frame_before_the_dit_runs(monkeypatch):
     case = CASES[0]
     m, inputs = case.manifest, case.load("inputs.safetensors")
-    dtype = DTYPES[m["dtype"]]
+    dtype = case.dtype
     pipeline = LiveTalkPipeline(
         load_livetalk_dit(case.file(m["weights"]["dit"]), dtype),
         load_vae(case.file(m["weights"]["vae"]), dtype),

@@ -32,7 +32,6 @@ from livetalk_core.s2v_model import AUDIO_WARMUP_LATENTS, S2VDiT, load_s2v_dit
 from livetalk_core.scheduler import warped_schedule
 from livetalk_core.vae import frames_to_uint8, load_vae
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CASES = [c for c in golden_cases("realvideo") if c.model == "realvideo"]
 IDS = [c.name for c in CASES]
 LAYOUTS = ("model.pt", "diffusion_model.safetensors")
@@ -110,7 +109,7 @@ def tensors(case: GoldenCase, which: str) -> dict[str, torch.Tensor]:
 
 
 def dtype_of(case: GoldenCase) -> torch.dtype:
-    return DTYPES[case.manifest["dtype"]]
+    return case.dtype
 
 
 def segment_sources(case: GoldenCase) -> list[str]:

@@ -15,7 +15,7 @@ from livetalk_core.kv_cache import CachePolicy
 from livetalk_core.noise import SeededNoise
 from livetalk_core.realvideo_sampler import REALVIDEO_CACHE, FRAMES_PER_BLOCK, realvideo_schedule, sample_realvideo
 from livetalk_core.realvideo_worker import RealVideoWorkerGroup
-from livetalk_core.s2v_model import S2VConfig, S2VDiT, load_s2v_dit
+from livetalk_core.s2v_model import S2VDiT, load_s2v_dit
 from livetalk_core.sequence_parallel import (
     LatentShard,
     SequenceParallel,
@@ -24,20 +24,15 @@ from livetalk_core.sequence_parallel import (
     check_cache_policy,
     pick_split_axis,
 )
-from livetalk_core.wan_dit import HEAD_DIM, WanCoreConfig
+from test_realvideo import AUDIO_DIM, TEXT_DIM
+from test_realvideo import tiny_model as realvideo_tiny_model
 
-TEXT_DIM, AUDIO_DIM, INJECT = 32, 8, (0, 2)
+INJECT = (0, 2)
 
 
 def tiny_model(heads: int = 2) -> S2VDiT:
-    torch.manual_seed(0)
-    core = WanCoreConfig(dim=heads * HEAD_DIM, in_dim=16, out_dim=16, ffn_dim=64, num_layers=3, text_dim=TEXT_DIM)
-    model = S2VDiT(S2VConfig(core=core, audio_dim=AUDIO_DIM, audio_layers=25, audio_tokens=4,
-                             inject_layers=INJECT, cond_dim=16))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
-    return model.eval().requires_grad_(False)
+    """3 layers, audio injected at 0 and 2, two heads so that two ranks can split them."""
+    return realvideo_tiny_model(num_layers=3, inject=INJECT, heads=heads)
 
 
 def test_split_axis_follows_upstream_and_falls_back():
