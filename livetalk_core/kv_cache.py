@@ -16,6 +16,10 @@ this equals upstream's shift-left cache, while copying nothing and keeping memor
 the window whatever the video length.
 
 Keys are stored after RoPE (absolute positions), exactly as upstream does.
+
+With ``fp8=True`` (opt-in, to fit a smaller GPU) keys and values are stored in float8 e4m3 with
+one scale per token and head, halving the cache; attention still runs in the model dtype on the
+dequantised window, so outputs move by fp8 rounding.
 """
 
 from __future__ import annotations
@@ -25,6 +29,22 @@ from dataclasses import dataclass
 import torch
 
 from .rope import apply_rotary
+
+FP8_KV = torch.float8_e4m3fn
+_FP8_MAX = torch.finfo(FP8_KV).max
+
+
+def quantize_fp8(x: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ``[..., D]`` -> float8 e4m3 values ``[..., D]`` and scales ``[..., 1]`` (one per row, in
+    ``scale_dtype``) with ``values * scales ~ x``."""
+    scales = (x.abs().amax(-1, keepdim=True).float() / _FP8_MAX).clamp_min(1e-12).to(scale_dtype)
+    # The scale is rounded first so that dequantising with it stays inside fp8's range.
+    return (x.float() / scales.float()).clamp(-_FP8_MAX, _FP8_MAX).to(FP8_KV), scales
+
+
+def dequantize_fp8(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_fp8`, in the scales' dtype."""
+    return values.to(scales.dtype).mul_(scales)
 
 
 @dataclass(frozen=True)
@@ -63,7 +83,8 @@ class KVCache:
     """Preallocated K/V buffers ``[B, window*frame_tokens, H, D]`` per layer.
 
     Call :meth:`set_block` once per forward with the block's first stream frame and length; every
-    layer then calls :meth:`update_and_get` with its new keys and values.
+    layer then calls :meth:`update_and_get` with its new keys and values. ``dtype`` is what
+    attention sees; ``fp8`` stores in float8 e4m3 plus ``[B, window*frame_tokens, H, 1]`` scales.
     """
 
     def __init__(
@@ -77,18 +98,28 @@ class KVCache:
         batch: int = 1,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        fp8: bool = False,
     ) -> None:
         self.policy = policy
         self.frame_tokens = frame_tokens
+        self.dtype = dtype
+        self.fp8 = fp8
         shape = (batch, policy.window_frames * frame_tokens, num_heads, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        storage = FP8_KV if fp8 else dtype
+        self.keys = [torch.zeros(shape, dtype=storage, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=storage, device=device) for _ in range(num_layers)]
+        scale_shape = (*shape[:-1], 1)
+        self.key_scales = [torch.ones(scale_shape, dtype=dtype, device=device) for _ in range(num_layers if fp8 else 0)]
+        self.value_scales = [torch.ones(scale_shape, dtype=dtype, device=device) for _ in range(num_layers if fp8 else 0)]
+        # fp8 sink keys are rotated when read: re-rounding them to fp8 at every rotation would drift.
+        self._sink_turns: list[torch.Tensor | None] = [None] * num_layers
         self._write: list[tuple[int, int, int]] = []
         self._attended_tokens = 0
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        tensors = self.keys + self.values + self.key_scales + self.value_scales
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def set_block(self, start_frame: int, num_frames: int) -> None:
         """Prepare the slot mapping for a block of ``num_frames`` stream frames from ``start_frame``.
@@ -109,20 +140,52 @@ class KVCache:
     def update_and_get(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the block's ``k``, ``v`` ``[B, S, H, D]`` and return the attended keys and values."""
-        keys, values = self.keys[layer], self.values[layer]
-        for src, dst, length in self._write:
-            keys[:, dst : dst + length] = k[:, src : src + length]
-            values[:, dst : dst + length] = v[:, src : src + length]
+        """Store the block's ``k``, ``v`` ``[B, S, H, D]`` and return the attended keys and values
+        (in ``dtype``)."""
         n = self._attended_tokens
-        return keys[:, :n], values[:, :n]
+        if not self.fp8:
+            self._store(self.keys[layer], k)
+            self._store(self.values[layer], v)
+            return self.keys[layer][:, :n], self.values[layer][:, :n]
+        attended = []
+        for store, scales, new in ((self.keys, self.key_scales, k), (self.values, self.value_scales, v)):
+            new_values, new_scales = quantize_fp8(new, self.dtype)
+            self._store(store[layer], new_values)
+            self._store(scales[layer], new_scales)
+            attended.append(dequantize_fp8(store[layer][:, :n], scales[layer][:, :n]))
+        keys, turn = attended[0], self._sink_turns[layer]
+        if turn is not None:
+            if self._write[0][1] < self._sink_tokens:
+                raise RuntimeError("an fp8 cache cannot take new sink keys after its sinks were rotated")
+            keys[:, : self._sink_tokens] = apply_rotary(keys[:, : self._sink_tokens], turn)
+        return keys, attended[1]
+
+    @property
+    def _sink_tokens(self) -> int:
+        return self.policy.sink_frames * self.frame_tokens
+
+    def _store(self, buffer: torch.Tensor, block: torch.Tensor) -> None:
+        for src, dst, length in self._write:
+            buffer[:, dst : dst + length] = block[:, src : src + length]
 
     def rotate_sink_keys(self, layer: int, rotation: torch.Tensor) -> None:
         """Rotate ``layer``'s cached sink keys in place by ``rotation`` ((cos, sin) pairs, broadcast as in
         :func:`~.rope.apply_rotary`), re-rounding to the cache dtype.
 
         RealVideo advances its reference frame's temporal RoPE position this way once per block
-        late in a session; repeating the in-place rounding is part of upstream's numbers.
+        late in a session; repeating the in-place rounding is part of upstream's numbers. An fp8 cache
+        keeps its sink keys as written and composes the rotations (float64), applied when the keys
+        are read.
         """
-        sink = self.keys[layer][:, : self.policy.sink_frames * self.frame_tokens]
+        if self.fp8:
+            turn = self._sink_turns[layer]
+            self._sink_turns[layer] = rotation.double() if turn is None else _compose(turn, rotation.double())
+            return
+        sink = self.keys[layer][:, : self._sink_tokens]
         sink.copy_(apply_rotary(sink, rotation))
+
+
+def _compose(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+    """The rotation ``then`` after ``first``, both ``[..., 2]`` (cos, sin) pairs."""
+    c1, s1, c2, s2 = first[..., 0], first[..., 1], then[..., 0], then[..., 1]
+    return torch.stack([c1 * c2 - s1 * s2, s1 * c2 + c1 * s2], dim=-1)

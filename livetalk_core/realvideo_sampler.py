@@ -171,6 +171,7 @@ def sample_realvideo(
         head_dim=HEAD_DIM,
         dtype=dtype,
         device=device,
+        fp8=model.fp8_kv_cache,
     )
     context_kv = {
         talking: model.project_context(pad_context(ctx, core.text_dim).to(device))

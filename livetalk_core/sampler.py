@@ -121,6 +121,7 @@ def sample_livetalk(
         head_dim=model.config.dim // model.config.num_heads,
         dtype=model.dtype,
         device=device,
+        fp8=model.fp8_kv_cache,
     )
     context_kv = model.project_context(context.to(device))
     ref = ref_latent.to(device)

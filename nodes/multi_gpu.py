@@ -145,7 +145,7 @@ def load_on_workers(family: ModelFamily, gpus: int, model_path: str, precision: 
                     load_options: Mapping[str, Any]) -> Managed:
     """The loader's model output for ``gpus`` > 1: workers on the first ``gpus`` devices are started
     (or reused) now, and ComfyUI manages an empty stand-in whose unloading closes them.
-    ``load_options``: ``load_s2v_dit``'s keyword arguments (base, fp8_weights)."""
+    ``load_options``: :func:`load_realvideo_dit`'s keyword arguments (base, fp8_weights, fp8_kv_cache, ...)."""
     settings = WorkerSettings(model_path, precision, attention, compile, tuple(parallel_devices()[:gpus]),
                               tuple(sorted(load_options.items())))
     group = worker_group(settings)

@@ -333,6 +333,17 @@ def test_fp8_matmul_runs_the_blocks_in_fp8_for_both_families(lt, realvideo, mode
     assert ((ours - reference).norm() / reference.norm()).item() < 0.1
 
 
+@pytest.mark.parametrize("model_name, encoder", [("s2v_base.safetensors", "w2v_large.safetensors"),
+                                                 ("dit.safetensors", "w2v.safetensors")])
+def test_fp8_kv_cache_is_set_on_the_dit_for_both_families(lt, realvideo, model_name, encoder):
+    names = {**realvideo, "model_name": model_name, "audio_encoder_name": encoder}
+    exact, small = load(lt, **names), load(lt, **names, fp8_kv_cache=True)
+    assert small[0].engine.fp8_kv_cache and not exact[0].engine.fp8_kv_cache
+    reference, ours = sample(lt, *exact), sample(lt, *small)
+    assert not torch.equal(reference, ours)  # block 0 attends its own keys through the cache
+    assert ((ours - reference).norm() / reference.norm()).item() < 0.1
+
+
 def test_fp8_matmul_needs_bf16_before_anything_loads(lt, realvideo):
     names = {**realvideo, "model_name": "dit.safetensors", "audio_encoder_name": "w2v.safetensors"}
     message = validate(lt, **names, precision="fp32", fp8_matmul=True)
