@@ -1,0 +1,80 @@
+"""Timing, memory and random-weight helpers shared by the benchmarks.
+
+GPU work is timed with CUDA events on the device's current stream; on a CPU (``bench.py --tiny``,
+the dry run that checks the scripts) the same helpers fall back to the wall clock.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def synchronize() -> None:
+    for index in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(index)
+
+
+def gpu_ms(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    """``fn()`` and the GPU time it took on ``device`` (CUDA events; wall clock on a CPU)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        return fn(), (time.perf_counter() - start) * 1e3
+    with torch.cuda.device(device):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+    return out, start.elapsed_time(end)
+
+
+def wall_ms(fn: Callable[[], T]) -> tuple[T, float]:
+    """``fn()`` and its wall time, every GPU synchronised before and after."""
+    synchronize()
+    start = time.perf_counter()
+    out = fn()
+    synchronize()
+    return out, (time.perf_counter() - start) * 1e3
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
+@torch.no_grad()
+def random_init_(module: torch.nn.Module, seed: int) -> None:
+    """Seeded random weights in place, drawn on the module's device: ~N(0, 1/fan_in), norm gains
+    around 1, small modulations (so activations stay in range through every layer)."""
+    for index, (name, p) in enumerate(module.named_parameters()):
+        g = torch.Generator(device=p.device).manual_seed(seed * 100_003 + index)
+        fan_in = p[0].numel() if p.ndim > 1 else p.shape[-1]
+        value = torch.randn(p.shape, generator=g, device=p.device) / fan_in**0.5
+        if "norm" in name:
+            value = 1 + 0.1 * value
+        elif name.endswith("modulation"):
+            value = 0.1 * value
+        p.copy_(value)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
