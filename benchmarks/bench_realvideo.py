@@ -34,7 +34,7 @@ from livetalk_core.sequence_parallel import SequenceParallel
 from livetalk_core.smoke import TINY_WAV2VEC_HIDDEN, TINY_WAV2VEC_LAYERS
 from livetalk_core.vae import VAEConfig, WanVAE, frames_to_uint8
 from livetalk_core.wan_dit import HEAD_DIM, WanCoreConfig
-from timing import gpu_ms, gpu_name, median, peak_gib, random_init_, rel_l2, reset_peak, synchronize
+from timing import gpu_ms, gpu_name, median, peak_gib, random_init_, rel_l2, reset_peak, synchronize, wall_ms
 
 RELEASE = S2VConfig(
     core=WanCoreConfig(dim=5120, in_dim=16, out_dim=16, ffn_dim=13824, num_layers=40, text_dim=4096),
@@ -83,13 +83,17 @@ def build_encoders(device: torch.device, dtype: torch.dtype, tiny: bool) -> tupl
     return vae, AudioEncoder(Wav2Vec2Model(large).to(device).eval(), do_normalize=True, source=Path("random"))
 
 
+def encode_image(vae: WanVAE, image: torch.Tensor, area: int, dtype: torch.dtype) -> torch.Tensor:
+    pixels, _ = preprocess_reference(image, area, vae.device)
+    return vae.encode(pixels.to(dtype).unsqueeze(2)).to(dtype)
+
+
 def encode_inputs(vae: WanVAE, encoder: AudioEncoder, image: torch.Tensor, waveform: torch.Tensor, contexts,
                   area: int, dtype: torch.dtype) -> dict:
     """What rank 0 prepares from the user's image, audio and prompt embeddings (as the CLI does)."""
-    pixels, _ = preprocess_reference(image, area)
-    ref_latent = vae.encode(pixels.to(vae.device, dtype).unsqueeze(2)).to(dtype)
     features = realvideo_audio_features(encoder, waveform.to(encoder.device), dtype)
-    return dict(ref_latent=ref_latent, idle_context=contexts[0], talking_context=contexts[1], audio_features=features)
+    return dict(ref_latent=encode_image(vae, image, area, dtype), idle_context=contexts[0], talking_context=contexts[1],
+                audio_features=features)
 
 
 def shared_inputs(sp: SequenceParallel | None, make) -> dict:
@@ -164,6 +168,18 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
         t0 = time.perf_counter()
         stamps, counts = _decode_all(vae, blocks(steps, shared_inputs(sp, make_inputs)), rank, t0)
 
+        # the first frame's parts one at a time
+        parts = {}
+        if rank == 0:
+            parts["encode_image"] = wall_ms(lambda: encode_image(vae, image, size * size, dtype))[1]
+            parts["encode_audio"] = wall_ms(lambda: realvideo_audio_features(encoder, waveform.to(device), dtype))[1]
+        first = blocks(steps, shared_inputs(sp, make_inputs), 1)
+        block0, parts["dit_block0_with_prefill"] = wall_ms(lambda: next(first))
+        if rank == 0:
+            decoder = vae.stream_decoder()
+            parts["decode_first_latent_frame"] = wall_ms(lambda: frames_to_uint8(decoder.decode(block0[:, :, :1])).cpu())[1]
+        first.close()
+
         # each stage on its own: DiT per block (CUDA events; denoising + the previous block's refresh
         # + the all-gather), then the VAE on the same GPU
         inputs = shared_inputs(sp, make_inputs)
@@ -206,6 +222,7 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
             "fps_end_to_end_pipelined": sum(counts[fill + 1:]) / (stamps[-1] - stamps[fill]),
             "first_frame_s": stamps[0],
             "first_generated_frame_s": stamps[0],
+            "first_frame_parts_ms": parts,
             "peak_gib": None if None in peaks else max(peaks),
             "peak_gib_per_gpu": peaks,
             "build_s": build_s,

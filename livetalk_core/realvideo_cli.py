@@ -144,7 +144,7 @@ def prepare_inputs(args: argparse.Namespace, vae, device: torch.device, dtype: t
     from .image import load_image
     from .realvideo_image import DEFAULT_AREA, preprocess_reference
 
-    pixels, plan = preprocess_reference(load_image(args.image), SMOKE_AREA if args.smoke else DEFAULT_AREA)
+    pixels, plan = preprocess_reference(load_image(args.image), SMOKE_AREA if args.smoke else DEFAULT_AREA, device)
     log.info("reference image -> %dx%d (W x H)", pixels.shape[-1], pixels.shape[-2])
     ref_latent = vae.encode(pixels.to(device, dtype).unsqueeze(2)).to(dtype).cpu()
     waveform = load_audio(args.audio)

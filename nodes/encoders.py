@@ -133,12 +133,12 @@ class LiveTalkEncodeReferenceVAE(io.ComfyNode):
     @classmethod
     def execute(cls, vae: Managed, image: torch.Tensor, width: int, height: int, crop: str) -> io.NodeOutput:
         first = image[0]
+        model = on_device(vae)
         if vae.family is REALVIDEO_14B:
-            pixels = preprocess_reference(first, area=width * height)[0].unsqueeze(2)
+            pixels = preprocess_reference(first, area=width * height, device=model.device)[0].unsqueeze(2)
         elif crop == "center":
             pixels = cover_and_crop(first, height, width)
         else:
             pixels = _stretch(first, height, width)
-        model = on_device(vae)
         latent = model.encode(pixels.to(model.device, model.dtype))
         return io.NodeOutput(latent.to(mm.intermediate_device()))
