@@ -16,6 +16,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .kv_cache import FP8Codec, dequantize_fp8, quantize_fp8
 from .vae import WanVAE, norm_silu
 from .wan_dit import WanDiTCore
 
@@ -36,6 +37,12 @@ def compile_blocks(model: WanDiTCore, mode: str | None = None) -> WanDiTCore:
         for name in ("attention_inputs", "attention_outputs"):
             eager = getattr(block, name)
             setattr(block, name, _fail_soft(torch.compile(eager, dynamic=False, mode=mode), eager, state))
+    # The fp8 cache's (de)quantisation, one fused kernel each; the window grows over the first
+    # blocks, so these may see a few lengths (dynamic shapes after the second).
+    model.kv_codec = FP8Codec(
+        quantize=_fail_soft(torch.compile(quantize_fp8), quantize_fp8, state),
+        dequantize=_fail_soft(torch.compile(dequantize_fp8), dequantize_fp8, state),
+    )
     return model
 
 

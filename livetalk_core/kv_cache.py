@@ -24,6 +24,7 @@ dequantised window, so outputs move by fp8 rounding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,19 @@ def quantize_fp8(x: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tenso
 
 def dequantize_fp8(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`quantize_fp8`, in the scales' dtype."""
-    return values.to(scales.dtype).mul_(scales)
+    return values.to(scales.dtype) * scales
+
+
+@dataclass(frozen=True)
+class FP8Codec:
+    """The two functions an fp8 cache runs on every layer (:func:`~.compile.compile_blocks` swaps in
+    fused, compiled ones: eager, they are a dozen element-wise kernels per layer)."""
+
+    quantize: Callable[[torch.Tensor, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = quantize_fp8
+    dequantize: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = dequantize_fp8
+
+
+EAGER_FP8 = FP8Codec()
 
 
 @dataclass(frozen=True)
@@ -99,11 +112,13 @@ class KVCache:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         fp8: bool = False,
+        codec: FP8Codec = EAGER_FP8,
     ) -> None:
         self.policy = policy
         self.frame_tokens = frame_tokens
         self.dtype = dtype
         self.fp8 = fp8
+        self.codec = codec
         shape = (batch, policy.window_frames * frame_tokens, num_heads, head_dim)
         storage = FP8_KV if fp8 else dtype
         self.keys = [torch.zeros(shape, dtype=storage, device=device) for _ in range(num_layers)]
@@ -149,10 +164,10 @@ class KVCache:
             return self.keys[layer][:, :n], self.values[layer][:, :n]
         attended = []
         for store, scales, new in ((self.keys, self.key_scales, k), (self.values, self.value_scales, v)):
-            new_values, new_scales = quantize_fp8(new, self.dtype)
+            new_values, new_scales = self.codec.quantize(new, self.dtype)
             self._store(store[layer], new_values)
             self._store(scales[layer], new_scales)
-            attended.append(dequantize_fp8(store[layer][:, :n], scales[layer][:, :n]))
+            attended.append(self.codec.dequantize(store[layer][:, :n], scales[layer][:, :n]))
         keys, turn = attended[0], self._sink_turns[layer]
         if turn is not None:
             if self._write[0][1] < self._sink_tokens:

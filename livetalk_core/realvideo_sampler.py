@@ -172,6 +172,7 @@ def sample_realvideo(
         dtype=dtype,
         device=device,
         fp8=model.fp8_kv_cache,
+        codec=model.kv_codec,
     )
     context_kv = {
         talking: model.project_context(pad_context(ctx, core.text_dim).to(device))

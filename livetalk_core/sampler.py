@@ -122,6 +122,7 @@ def sample_livetalk(
         dtype=model.dtype,
         device=device,
         fp8=model.fp8_kv_cache,
+        codec=model.kv_codec,
     )
     context_kv = model.project_context(context.to(device))
     ref = ref_latent.to(device)

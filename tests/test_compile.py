@@ -75,3 +75,15 @@ def test_vae_norms_fused_by_compile_match_eager():
     # every residual block and head of both halves: encoder 4x2 + 2 middle + head, decoder 4x3 + 2 middle + head
     assert len(fused) == 11 + 15 and all(isinstance(m, (ResidualBlock, Head)) and m.norm_silu is not norm_silu for m in fused)
     torch.testing.assert_close(decode_in_two_calls(), eager, atol=1e-4, rtol=1e-4)
+
+
+def test_fp8_cache_codec_compiled_matches_eager():
+    model = tiny_model()
+    model.fp8_kv_cache = True
+    eager = run(model)
+    torch._dynamo.reset()
+    compile_blocks(model)
+    assert model.kv_codec.quantize is not None and model.kv_codec != type(model.kv_codec)()
+    compiled = run(model)
+    # the same fp8 values and scales (the fused kernel rounds as eager does), up to float32 reassociation
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
