@@ -34,7 +34,7 @@ from livetalk_core.sequence_parallel import SequenceParallel
 from livetalk_core.smoke import TINY_WAV2VEC_HIDDEN, TINY_WAV2VEC_LAYERS
 from livetalk_core.vae import VAEConfig, WanVAE, frames_to_uint8
 from livetalk_core.wan_dit import HEAD_DIM, WanCoreConfig
-from timing import gpu_ms, gpu_name, median, peak_gib, random_init_, rel_l2, reset_peak, synchronize, wall_ms
+from timing import gpu_ms, gpu_name, median, peak_gib, random_init_, random_value, rel_l2, reset_peak, synchronize, wall_ms
 
 RELEASE = S2VConfig(
     core=WanCoreConfig(dim=5120, in_dim=16, out_dim=16, ffn_dim=13824, num_layers=40, text_dim=4096),
@@ -55,12 +55,7 @@ def build_dit(config: S2VConfig, device: torch.device, dtype: torch.dtype, seed:
     g = torch.Generator(device=device).manual_seed(seed)
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
-            fan_in = p[0].numel() if p.ndim > 1 else p.shape[-1]
-            value = torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) / fan_in**0.5
-            if "norm" in name:
-                value = 1 + 0.1 * value
-            if name == "modulation":
-                value = 0.1 * value
+            value = random_value(name, p.shape, g)
             setattr(module, name, torch.nn.Parameter(value.to(dtype), requires_grad=False))
             del value
     return model.eval()

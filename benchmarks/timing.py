@@ -6,6 +6,7 @@ the dry run that checks the scripts) the same helpers fall back to the wall cloc
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -61,19 +62,23 @@ def gpu_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
+def random_value(name: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """A seeded random float32 parameter on the generator's device: ~N(0, 1/fan_in), norm gains
+    around 1, small modulations (so activations stay in range through every layer)."""
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[-1]
+    value = torch.randn(shape, generator=generator, device=generator.device) / fan_in**0.5
+    if "norm" in name:
+        return 1 + 0.1 * value
+    if name.endswith("modulation"):
+        return 0.1 * value
+    return value
+
+
 @torch.no_grad()
 def random_init_(module: torch.nn.Module, seed: int) -> None:
-    """Seeded random weights in place, drawn on the module's device: ~N(0, 1/fan_in), norm gains
-    around 1, small modulations (so activations stay in range through every layer)."""
+    """:func:`random_value` for every parameter of ``module``, in place, drawn on its device."""
     for index, (name, p) in enumerate(module.named_parameters()):
-        g = torch.Generator(device=p.device).manual_seed(seed * 100_003 + index)
-        fan_in = p[0].numel() if p.ndim > 1 else p.shape[-1]
-        value = torch.randn(p.shape, generator=g, device=p.device) / fan_in**0.5
-        if "norm" in name:
-            value = 1 + 0.1 * value
-        elif name.endswith("modulation"):
-            value = 0.1 * value
-        p.copy_(value)
+        p.copy_(random_value(name, p.shape, torch.Generator(device=p.device).manual_seed(seed * 100_003 + index)))
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

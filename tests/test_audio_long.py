@@ -1,20 +1,17 @@
 """Long audio: the CNN is chunked exactly, attention is windowed, memory stays bounded."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from fresh_process import last_printed_int
 from livetalk_core.audio import (
     AudioEncoder,
     chunked_cnn_features,
     hidden_states,
     normalize_waveform,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_encoder(norm: str) -> AudioEncoder:
@@ -70,7 +67,5 @@ def test_thirty_minutes_of_audio_encode_in_bounded_memory():
         "assert states[-1].shape == (1, 28801, 32)\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    peak_kib = int(result.stdout.strip().splitlines()[-1])
+    peak_kib = last_printed_int(code, timeout=300)
     assert peak_kib < 2_000_000, f"peak RSS {peak_kib / 1e6:.2f} GB"
