@@ -207,11 +207,17 @@ def run(args: argparse.Namespace) -> Path | None:
     blocks = sample_realvideo_parallel(
         dit, sp, noise=SeededNoise(args.seed), schedule=realvideo_schedule(args.steps), num_blocks=num_blocks, **inputs
     )
-    if rank != 0:
+    written = None
+    if rank == 0:
+        written = _write(args, blocks, vae, waveform)
+    else:
         for _ in blocks:
             pass
-        return None
-    return _write(args, blocks, vae, waveform)
+    if sp is not None:
+        # Ranks leave together: a gloo rank that tears its group down while rank 0 still writes can
+        # abort in the group's destructor.
+        dist.barrier()
+    return written
 
 
 def _write(args: argparse.Namespace, blocks, vae, waveform: torch.Tensor) -> Path:
