@@ -54,3 +54,11 @@ class ReplayNoise:
         if tuple(noise.shape) != tuple(shape):
             raise ValueError(f"replayed noise has shape {tuple(noise.shape)}, the sampler needs {tuple(shape)}")
         return noise
+
+
+def to_device(noise: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``noise`` on ``device`` without stalling the CPU: a plain copy from pageable memory waits for
+    every kernel queued before it, so a GPU copy goes through pinned memory, asynchronously."""
+    if device.type != "cuda" or noise.device.type != "cpu":
+        return noise.to(device)
+    return noise.pin_memory().to(device, non_blocking=True)

@@ -25,8 +25,8 @@ import torch
 
 from . import sequence_parallel
 from .errors import InputError
-from .kv_cache import CachePolicy, KVCache
-from .noise import NoiseSource
+from .kv_cache import CachePolicy
+from .noise import NoiseSource, to_device
 from .rope import grid_rotations
 from .s2v_model import LATENT_CHANNELS, AudioTokens, S2VDiT
 from .sampler import StepHook, denoise_block
@@ -163,16 +163,10 @@ def sample_realvideo(
     _, _, _, h, w = ref_latent.shape
     # Under sequence parallelism each rank caches every token of its share of the heads.
     ranks = 1 if (sp := sequence_parallel.attached(model)) is None else sp.world_size
-    cache = KVCache(
+    cache = model.new_kv_cache(
         REALVIDEO_CACHE,
-        num_layers=core.num_layers,
         frame_tokens=(h // core.patch_size[1]) * (w // core.patch_size[2]) * ranks,
         num_heads=core.num_heads // ranks,
-        head_dim=HEAD_DIM,
-        dtype=dtype,
-        device=device,
-        fp8=model.fp8_kv_cache,
-        codec=model.kv_codec,
     )
     context_kv = {
         talking: model.project_context(pad_context(ctx, core.text_dim).to(device))
@@ -196,7 +190,7 @@ def sample_realvideo(
             # float64 so the sinusoid sees the float32 timestep without a second rounding.
             return model(x, t.double(), window, kv, cache, start, compute_output, grid_offset)
 
-        x = noise.initial(block, (1, FRAMES_PER_BLOCK, LATENT_CHANNELS, h, w)).to(device, dtype).transpose(1, 2)
+        x = to_device(noise.initial(block, (1, FRAMES_PER_BLOCK, LATENT_CHANNELS, h, w)), device).to(dtype).transpose(1, 2)
         x0 = denoise_block(
             predict,
             x,

@@ -14,6 +14,8 @@ working after them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 ROPE_THETA = 10000.0
@@ -30,9 +32,16 @@ def inverse_frequencies(axis_dim: int, theta: float = ROPE_THETA) -> torch.Tenso
     return 1.0 / (theta**exponents)
 
 
+@functools.lru_cache(maxsize=16)
+def _inverse_frequencies_on(axis_dim: int, device: torch.device) -> torch.Tensor:
+    # Computed on the CPU (bit-for-bit upstream's table) and copied once per device: a copy in every
+    # forward would make the CPU wait for the GPU's queue.
+    return inverse_frequencies(axis_dim).to(device)
+
+
 def axis_rotations(positions: torch.Tensor, axis_dim: int) -> torch.Tensor:
     """``(cos, sin)`` of ``p * inv_freq``: float64 ``[len(positions), axis_dim//2, 2]``."""
-    angles = torch.outer(positions.to(torch.float64), inverse_frequencies(axis_dim).to(positions.device))
+    angles = torch.outer(positions.to(torch.float64), _inverse_frequencies_on(axis_dim, positions.device))
     return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 

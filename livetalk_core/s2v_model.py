@@ -340,14 +340,30 @@ class S2VDiT(WanDiTCore):
         tokens = tokens + self.trainable_cond_mask.weight[kind].to(tokens.dtype)
         # One timestep for all tokens: a single modulation row broadcast over frames.
         t_emb, t_mod = self.embed_time(t.reshape(1, 1))
-        rotations = shard_rotations(frame_positions.to(self.device), grid, grid_offset)
+        rotations = shard_rotations(frame_positions, grid, grid_offset)
         cache.set_block(start_frame, grid[0])
+        audio_global, audio_local = (None, None) if audio is None else (audio.global_, audio.local)
+        tokens = self.run_layers(self._layers, cache, tokens, t_mod, rotations, context_kv, audio_global, audio_local)
+        return tokens, t_emb, grid
+
+    def _layers(
+        self,
+        tokens: torch.Tensor,
+        t_mod: torch.Tensor,
+        rotations: torch.Tensor,
+        context_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        audio_global: torch.Tensor | None,
+        audio_local: torch.Tensor | None,
+        *,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        """The layer stack with the audio injections (none without audio): tokens ``[1, F*N, C]``."""
         for layer, block in enumerate(self.blocks):
             tokens = block(tokens, t_mod, rotations, context_kv[layer], cache, layer, self.attention_backend)
             j = self.s2v_config.injector_for_layer(layer)
-            if audio is not None and j is not None:
-                tokens = self.audio_injector(j, tokens, audio.global_, audio.local, self.attention_backend)
-        return tokens, t_emb, grid
+            if audio_global is not None and j is not None:
+                tokens = self.audio_injector(j, tokens, audio_global, audio_local, self.attention_backend)
+        return tokens
 
     def prefill(
         self,
@@ -359,7 +375,7 @@ class S2VDiT(WanDiTCore):
     ) -> None:
         """Write the reference latent ``[1, 16, 1, h, w]`` (t = 0, no audio) into cache frame 0."""
         t = torch.zeros((), dtype=torch.float64, device=self.device)
-        positions = torch.tensor([rope_position])
+        positions = torch.tensor([rope_position], device=self.device)
         self._run(ref_latent, REFERENCE_TOKEN, t, positions, context_kv, cache, 0, None, grid_offset)
 
     def forward(
@@ -390,7 +406,7 @@ class S2VDiT(WanDiTCore):
         f = x.shape[2]
         if audio.num_frames != f:
             raise ValueError(f"the block has {f} latent frames but its audio window has {audio.num_frames}")
-        positions = torch.arange(start_frame, start_frame + f)
+        positions = torch.arange(start_frame, start_frame + f, device=self.device)
         tokens, t_emb, grid = self._run(
             x, VIDEO_TOKEN, t, positions, context_kv, cache, start_frame, audio, grid_offset
         )

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .kv_cache import CachePolicy, KVCache
+from .kv_cache import CachePolicy
 from .livetalk_model import LATENT_CHANNELS, LiveTalkDiT
-from .noise import NoiseSource
+from .noise import NoiseSource, to_device
 from .scheduler import StepSchedule, livetalk_schedule
 
 StepHook = Callable[[int, int, torch.Tensor], None]
@@ -47,14 +47,15 @@ def denoise_block(
         x0 of the last step, in the run dtype.
     """
     dtype = x.dtype
-    timesteps = schedule.model_timesteps(torch.float32 if x0_from_timestep else dtype)
+    # One copy to the device per block: a blocking copy per step would stall the CPU on the GPU.
+    timesteps = torch.stack(schedule.model_timesteps(torch.float32 if x0_from_timestep else dtype)).to(x.device)
     x0 = x
     for i, t in enumerate(timesteps):
         if before_step is not None:
             before_step(x)
-        v = predict(x, t.to(x.device))
+        v = predict(x, t)
         if x0_from_timestep:
-            x0 = x.float() - (t.to(x.device) / 1000) * v.float()
+            x0 = x.float() - (t / 1000) * v.float()
         else:
             # float64 x0 and float32 re-noise, then the run dtype: upstream's precision, kept for parity.
             x0 = (x.double() - schedule.sigmas[i] * v.double()).to(dtype)
@@ -62,7 +63,7 @@ def denoise_block(
             on_step(i, x0)
         if i + 1 < len(schedule):
             sigma = torch.tensor(schedule.sigmas[i + 1], dtype=torch.float32)
-            noise = renoise(i).to(x.device, torch.float32)
+            noise = to_device(renoise(i).float(), x.device)
             x = ((1 - sigma) * x0.float() + sigma * noise).to(dtype)
     return x0.to(dtype)
 
@@ -113,17 +114,7 @@ def sample_livetalk(
     if audio_embeds.shape[2] < needed:
         raise ValueError(f"audio embeddings cover {audio_embeds.shape[2]} latent frames, {needed} are needed")
     ph, pw = model.config.patch_size[1:]
-    cache = KVCache(
-        cache_policy,
-        num_layers=model.config.num_layers,
-        frame_tokens=(h // ph) * (w // pw),
-        num_heads=model.config.num_heads,
-        head_dim=model.config.dim // model.config.num_heads,
-        dtype=model.dtype,
-        device=device,
-        fp8=model.fp8_kv_cache,
-        codec=model.kv_codec,
-    )
+    cache = model.new_kv_cache(cache_policy, frame_tokens=(h // ph) * (w // pw), num_heads=model.config.num_heads)
     context_kv = model.project_context(context.to(device))
     ref = ref_latent.to(device)
     ref_in_dtype = ref[:, :, 0].to(dtype)
@@ -141,7 +132,7 @@ def sample_livetalk(
             if start == 0:
                 x[:, :, 0] = ref_in_dtype
 
-        x = noise.initial(block, shape).to(device, dtype)
+        x = to_device(noise.initial(block, shape), device).to(dtype)
         x0 = denoise_block(
             predict,
             x,
