@@ -9,8 +9,9 @@ layer stack, cache writes, attention and sequence-parallel exchanges included, a
 A graph bakes in the address of every tensor it touches, which sets the rules here:
 
 * **one graph per KV-cache signature** (which slots a block writes, how many it attends): LiveTalk
-  has five start-up signatures and two that alternate after them, RealVideo a few more; the graphs
-  are captured the first time a signature comes and kept for every later video;
+  has four start-up signatures and two that alternate after them, RealVideo a prefill, two start-up
+  and two alternating; the graphs are captured the first time a signature comes and kept for every
+  later video;
 * **the KV cache belongs to the graphs**: each run gets a fresh view of the same buffers
   (:meth:`LayerGraphs.kv_cache`), and only the newest run may use them;
 * **inputs are copied into static buffers** before a replay (skipped when the same unchanged tensor
@@ -91,17 +92,20 @@ class LayerGraphs:
                 "close one video's sampling before starting the next on the same model."
             )
         signature = cache.graph_signature()
-        if self.failed or signature is None:
+        if self.failed or signature is None or not cache.keys[0].is_cuda:
             return layers(*inputs, cache=cache)
         flat, spec = tree_flatten(list(inputs))
-        slots = [(i, tuple(x.shape), x.dtype, x.device) for i, x in enumerate(flat)]
+        # tensors go through static buffers; anything else (None) is part of the key
+        slots = [(i, tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x for i, x in enumerate(flat)]
         key = (getattr(layers, "__func__", layers), variant, signature, str(spec), tuple(slots))
         for slot, x in zip(slots, flat):
-            self._fill(slot, x)
+            if isinstance(x, torch.Tensor):
+                self._fill(slot, x)
         entry = self._graphs.get(key)
         if entry is None:
+            statics = [self._statics[s] if isinstance(x, torch.Tensor) else x for s, x in zip(slots, flat)]
             try:
-                entry = self._capture(layers, cache, tree_unflatten([self._statics[s] for s in slots], spec))
+                entry = self._capture(layers, cache, tree_unflatten(statics, spec))
             except Exception as exc:  # noqa: BLE001 - any capture failure means: launch as before
                 self.failed = True
                 log.warning("CUDA graph capture failed (%s); the DiT runs without graphs",
@@ -132,7 +136,7 @@ class LayerGraphs:
             layers(*inputs, cache=cache)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             output = layers(*inputs, cache=cache)
         self._pool = graph.pool()
         return graph, output
@@ -145,7 +149,8 @@ class LayerGraphs:
 def use_cuda_graphs(model: torch.nn.Module) -> torch.nn.Module:
     """Replay ``model``'s layer stack as CUDA graphs from now on (in place; returns ``model``).
 
-    Only CUDA runs use them; CPU runs are unchanged. Best after :func:`~.compile.compile_blocks`.
+    Only CUDA runs replay graphs; on the CPU the stack runs as before (the cache is still the
+    model's). Best after :func:`~.compile.compile_blocks`.
     """
     model.layer_graphs = LayerGraphs(model)
     return model

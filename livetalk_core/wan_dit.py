@@ -309,8 +309,8 @@ class WanDiTCore(nn.Module):
         return self.layer_graphs.kv_cache((policy, frame_tokens, num_heads, self.dtype, self.fp8_kv_cache), make)
 
     def run_layers(self, layers: Callable[..., torch.Tensor], cache: KVCache | None, *inputs: Any) -> torch.Tensor:
-        """``layers(*inputs, cache=cache)``, replayed as a CUDA graph when they are on (CUDA, with a cache)."""
-        if self.layer_graphs is None or cache is None or self.device.type != "cuda":
+        """``layers(*inputs, cache=cache)``, replayed as a CUDA graph when they are on (with a cache)."""
+        if self.layer_graphs is None or cache is None:
             return layers(*inputs, cache=cache)
         return self.layer_graphs.run(layers, cache, *inputs, variant=(self.attention_backend, self.kv_codec))
 
