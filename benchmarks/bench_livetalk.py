@@ -17,7 +17,6 @@ import torch
 
 from livetalk_core.audio import AudioEncoder, load_audio_encoder
 from livetalk_core.compile import compile_blocks, compile_vae
-from livetalk_core.cuda_graphs import use_cuda_graphs
 from livetalk_core.decode_stream import decode_blocks
 from livetalk_core.fp8_linear import use_fp8_matmuls
 from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT, load_livetalk_dit
@@ -60,8 +59,6 @@ def optimise(pipe: LiveTalkPipeline, options: Namespace) -> None:
     if options.compile:
         compile_blocks(pipe.dit)
         compile_vae(pipe.vae)
-    if options.cuda_graphs and pipe.dit.device.type == "cuda":
-        use_cuda_graphs(pipe.dit)
 
 
 def check_against_eager(pipe: LiveTalkPipeline, image, waveform, context, options: Namespace) -> dict:
@@ -105,10 +102,9 @@ def run(options: Namespace) -> dict:
     synchronize()
     build_s = time.perf_counter() - start
 
-    # warm-up: compile, cuDNN plans, the CUDA graphs of all 7 cache signatures, the allocator (a clip
-    # of another length than the timed ones)
+    # warm-up: compile, cuDNN plans, the allocator (a clip of another length than the timed ones)
     start = time.perf_counter()
-    for _ in pipe.stream(pipe.encode_reference(image, options.size, options.size), pipe.encode_audio(waveform[: 16000 * 4]), context, 0):
+    for _ in pipe.stream(pipe.encode_reference(image, options.size, options.size), pipe.encode_audio(waveform[: 16000 * 2]), context, 0):
         pass
     synchronize()
     warmup_s = time.perf_counter() - start
@@ -164,7 +160,6 @@ def run(options: Namespace) -> dict:
         "gpu": gpu_name(device),
         "torch": torch.__version__,
         "compile": options.compile,
-        "cuda_graphs": options.cuda_graphs,
         "fp8_matmul": options.fp8_matmul,
         "fp8_kv_cache": options.fp8_kv_cache,
         "vae_device": str(vae_device),

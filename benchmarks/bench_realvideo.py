@@ -22,7 +22,6 @@ import torch.distributed as dist
 
 from livetalk_core.audio import AudioEncoder, load_audio_encoder
 from livetalk_core.compile import compile_blocks, compile_vae
-from livetalk_core.cuda_graphs import use_cuda_graphs
 from livetalk_core.decode_stream import decode_blocks
 from livetalk_core.fp8_linear import use_fp8_matmuls
 from livetalk_core.noise import SeededNoise
@@ -141,8 +140,6 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
         compile_blocks(model)
         if vae is not None:
             compile_vae(vae)
-    if options.cuda_graphs and device.type == "cuda":
-        use_cuda_graphs(model)
     if options.check:
         for steps in options.steps:
             ours = [b.float().cpu() for b in blocks(steps, inputs, 3)]
@@ -153,10 +150,9 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
 
     results = []
     for steps in options.steps:
-        # warm-up: compile (first configuration only), cuDNN plans, the CUDA graphs of every cache
-        # signature (the prefill and 4 blocks), the allocator
+        # warm-up: compile (first configuration only), cuDNN plans, the allocator
         start = time.perf_counter()
-        _decode_all(vae, blocks(steps, shared_inputs(sp, make_inputs), 4), rank)
+        _decode_all(vae, blocks(steps, shared_inputs(sp, make_inputs), 3), rank)
         synchronize()
         warmup_s = time.perf_counter() - start
         reset_peak(device)
@@ -209,7 +205,6 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
             "gpu": gpu_name(device),
             "torch": torch.__version__,
             "compile": options.compile,
-            "cuda_graphs": options.cuda_graphs,
             "fp8_matmul": options.fp8_matmul,
             "fp8_kv_cache": options.fp8_kv_cache,
             "vae_device": f"{device} (rank 0)",

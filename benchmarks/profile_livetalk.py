@@ -1,7 +1,7 @@
 """Where LiveTalk's block time goes: torch profiler tables of block 0 (what the first generated frame
 waits for) and of a steady block (full size, random weights).
 
-    python benchmarks/profile_livetalk.py [--compile] [--cuda-graphs]
+    python benchmarks/profile_livetalk.py [--compile]
 
 Also prints how much of each block's wall time the GPU was busy: the rest is launch gaps.
 """
@@ -18,7 +18,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_livetalk import build  # noqa: E402
 
 from livetalk_core.compile import compile_blocks  # noqa: E402
-from livetalk_core.cuda_graphs import use_cuda_graphs  # noqa: E402
 
 
 def profiled(label: str, step) -> None:
@@ -41,17 +40,14 @@ def profiled(label: str, step) -> None:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--compile", action="store_true", help="profile the regionally compiled DiT")
-    parser.add_argument("--cuda-graphs", action="store_true", help="with the layer stack replayed as CUDA graphs")
     args = parser.parse_args()
     device = torch.device("cuda")
     pipe, context = build(device, torch.bfloat16, device, tiny=False)
     if args.compile:
         compile_blocks(pipe.dit)
-    if args.cuda_graphs:
-        use_cuda_graphs(pipe.dit)
     ref = pipe.encode_reference(torch.randint(0, 255, (512, 512, 3), dtype=torch.uint8))
     audio = pipe.encode_audio(torch.randn(16000 * 6) * 0.1)
-    for _ in pipe.sample(ref, audio, context, 0):  # warm-up (and every CUDA graph)
+    for _ in pipe.sample(ref, audio, context, 0):  # warm-up
         pass
     profiled("block 0 (4 denoising forwards, short cache)", lambda: next(pipe.sample(ref, audio, context, 0)))
     gen = pipe.sample(ref, audio, context, 0)

@@ -24,7 +24,6 @@ dequantised window, so outputs move by fp8 rounding.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -175,22 +174,6 @@ class KVCache:
                 raise RuntimeError("an fp8 cache cannot take new sink keys after its sinks were rotated")
             keys[:, : self._sink_tokens] = apply_rotary(keys[:, : self._sink_tokens], turn)
         return keys, attended[1]
-
-    def restarted(self) -> "KVCache":
-        """A cache for a new run on the same buffers (nothing is cleared: a run writes every slot
-        before it attends it)."""
-        fresh = copy.copy(self)
-        fresh._sink_turns = [None] * len(self.keys)
-        fresh._write, fresh._attended_tokens = [], 0
-        return fresh
-
-    def graph_signature(self) -> tuple | None:
-        """What a captured forward depends on besides its inputs: the current block's slot writes
-        and attended length; None when it cannot be captured (an fp8 cache whose sinks were rotated
-        composes its rotations in new tensors)."""
-        if any(turn is not None for turn in self._sink_turns):
-            return None
-        return tuple(self._write), self._attended_tokens
 
     @property
     def _sink_tokens(self) -> int:

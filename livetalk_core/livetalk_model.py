@@ -143,29 +143,14 @@ class LiveTalkDiT(WanDiTCore):
         rotations = grid_rotations(positions, gh, gw, HEAD_DIM)
         if cache is not None:
             cache.set_block(start_frame, f)
-        tokens = self.run_layers(self._layers, cache, tokens, t_mod, rotations, audio, context_kv)
-        if not compute_output:
-            return None
-        return self.unpatchify(self.head(tokens, t_emb), grid)
-
-    def _layers(
-        self,
-        tokens: torch.Tensor,
-        t_mod: torch.Tensor,
-        rotations: torch.Tensor,
-        audio: torch.Tensor,
-        context_kv: list[tuple[torch.Tensor, torch.Tensor]],
-        *,
-        cache: KVCache | None,
-    ) -> torch.Tensor:
-        """The layer stack with the audio residuals: tokens ``[B, F*N, C]`` -> ``[B, F*N, C]``."""
-        frame_tokens = tokens.shape[1] // t_mod.shape[1]
         for layer, block in enumerate(self.blocks):
             j = self.livetalk_config.audio_layer(layer)
             if j is not None:
-                tokens = tokens + audio[:, j].unsqueeze(2).expand(-1, -1, frame_tokens, -1).flatten(1, 2)
+                tokens = tokens + audio[:, j].unsqueeze(2).expand(-1, -1, gh * gw, -1).flatten(1, 2)
             tokens = block(tokens, t_mod, rotations, context_kv[layer], cache, layer, self.attention_backend)
-        return tokens
+        if not compute_output:
+            return None
+        return self.unpatchify(self.head(tokens, t_emb), grid)
 
 
 def livetalk_config_from_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> LiveTalkConfig:

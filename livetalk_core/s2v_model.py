@@ -342,28 +342,12 @@ class S2VDiT(WanDiTCore):
         t_emb, t_mod = self.embed_time(t.reshape(1, 1))
         rotations = shard_rotations(frame_positions, grid, grid_offset)
         cache.set_block(start_frame, grid[0])
-        audio_global, audio_local = (None, None) if audio is None else (audio.global_, audio.local)
-        tokens = self.run_layers(self._layers, cache, tokens, t_mod, rotations, context_kv, audio_global, audio_local)
-        return tokens, t_emb, grid
-
-    def _layers(
-        self,
-        tokens: torch.Tensor,
-        t_mod: torch.Tensor,
-        rotations: torch.Tensor,
-        context_kv: list[tuple[torch.Tensor, torch.Tensor]],
-        audio_global: torch.Tensor | None,
-        audio_local: torch.Tensor | None,
-        *,
-        cache: KVCache,
-    ) -> torch.Tensor:
-        """The layer stack with the audio injections (none without audio): tokens ``[1, F*N, C]``."""
         for layer, block in enumerate(self.blocks):
             tokens = block(tokens, t_mod, rotations, context_kv[layer], cache, layer, self.attention_backend)
             j = self.s2v_config.injector_for_layer(layer)
-            if audio_global is not None and j is not None:
-                tokens = self.audio_injector(j, tokens, audio_global, audio_local, self.attention_backend)
-        return tokens
+            if audio is not None and j is not None:
+                tokens = self.audio_injector(j, tokens, audio.global_, audio.local, self.attention_backend)
+        return tokens, t_emb, grid
 
     def prefill(
         self,

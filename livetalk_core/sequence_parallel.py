@@ -52,20 +52,27 @@ class SequenceParallel:
     group: dist.ProcessGroup | None = None
 
     def heads_from_sequence(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Local tokens, all heads ``[B, s, H, D]`` -> all tokens, this rank's heads ``[B, s*P, H/P, D]``."""
-        return [self._exchange(t, scatter_dim=2, gather_dim=1) for t in tensors]
+        """Local tokens, all heads ``[B, s, H, D]`` (any number of same-shape tensors, exchanged in one
+        all-to-all) -> all tokens, this rank's heads ``[B, s*P, H/P, D]`` each."""
+        t, p = len(tensors), self.world_size
+        b, s, h, d = tensors[0].shape
+        # [T, B, s, H, D] -> [P, T, B, s, H/P, D]: head chunk i goes to rank i.
+        send = torch.stack(tensors).view(t, b, s, p, h // p, d).permute(3, 0, 1, 2, 4, 5).contiguous()
+        received = self._all_to_all(send)  # chunk i now holds rank i's tokens
+        return list(received.permute(1, 2, 0, 3, 4, 5).reshape(t, b, p * s, h // p, d).unbind(0))
 
     def sequence_from_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`heads_from_sequence`: ``[B, s*P, H/P, D]`` -> ``[B, s, H, D]``."""
-        return self._exchange(x, scatter_dim=1, gather_dim=2)
-
-    def _exchange(self, x: torch.Tensor, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+        """Inverse of :meth:`heads_from_sequence` for one tensor: ``[B, s*P, H/P, D]`` -> ``[B, s, H, D]``."""
         p = self.world_size
-        # Chunk i of the scattered dim goes to rank i; what rank i sends lands in chunk i of the gathered dim.
-        send = torch.stack(x.chunk(p, dim=scatter_dim)).contiguous()
+        b, n, hp, d = x.shape
+        send = x.view(b, p, n // p, hp, d).movedim(1, 0).contiguous()  # token chunk i goes to rank i
+        received = self._all_to_all(send)  # chunk i now holds rank i's heads
+        return received.permute(1, 2, 0, 3, 4).reshape(b, n // p, p * hp, d)
+
+    def _all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         received = torch.empty_like(send)
         dist.all_to_all_single(received, send, group=self.group)
-        return torch.cat(received.unbind(0), dim=gather_dim)
+        return received
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate every rank's ``x`` along ``dim`` (rank order)."""

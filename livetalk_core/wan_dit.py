@@ -10,9 +10,8 @@ C model width, H heads, D = C/H = 128 head width, L text tokens.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -23,7 +22,6 @@ from .kv_cache import EAGER_FP8, CachePolicy, KVCache
 from .rope import apply_rotary
 
 if TYPE_CHECKING:
-    from .cuda_graphs import LayerGraphs
     from .sequence_parallel import SequenceParallel
 
 HEAD_DIM = 128
@@ -270,7 +268,6 @@ class WanDiTCore(nn.Module):
         self.attention_backend = "sdpa"
         self.fp8_kv_cache = False  # store the samplers' KV cache in fp8 (kv_cache.KVCache)
         self.kv_codec = EAGER_FP8  # how that cache quantises (compile.compile_blocks fuses it)
-        self.layer_graphs: LayerGraphs | None = None  # CUDA graphs of the layer stack (cuda_graphs.use_cuda_graphs)
         self.patch_embedding = nn.Conv3d(config.in_dim, c, kernel_size=config.patch_size, stride=config.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, c), nn.GELU(approximate="tanh"), nn.Linear(c, c))
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, c), nn.SiLU(), nn.Linear(c, c))
@@ -296,23 +293,11 @@ class WanDiTCore(nn.Module):
         }
 
     def new_kv_cache(self, policy: CachePolicy, *, frame_tokens: int, num_heads: int) -> KVCache:
-        """The KV cache of one sampling run (``frame_tokens`` per latent frame, ``num_heads`` of this
-        process); with CUDA graphs on, a fresh view of the graphs' own buffers."""
-
-        def make() -> KVCache:
-            return KVCache(policy, num_layers=self.config.num_layers, frame_tokens=frame_tokens, num_heads=num_heads,
-                           head_dim=HEAD_DIM, dtype=self.dtype, device=self.device, fp8=self.fp8_kv_cache,
-                           codec=self.kv_codec)
-
-        if self.layer_graphs is None:
-            return make()
-        return self.layer_graphs.kv_cache((policy, frame_tokens, num_heads, self.dtype, self.fp8_kv_cache), make)
-
-    def run_layers(self, layers: Callable[..., torch.Tensor], cache: KVCache | None, *inputs: Any) -> torch.Tensor:
-        """``layers(*inputs, cache=cache)``, replayed as a CUDA graph when they are on (with a cache)."""
-        if self.layer_graphs is None or cache is None:
-            return layers(*inputs, cache=cache)
-        return self.layer_graphs.run(layers, cache, *inputs, variant=(self.attention_backend, self.kv_codec))
+        """A KV cache for one sampling run: ``frame_tokens`` per latent frame, ``num_heads`` of this
+        process, in the model's dtype (fp8 storage when :attr:`fp8_kv_cache` is set)."""
+        return KVCache(policy, num_layers=self.config.num_layers, frame_tokens=frame_tokens, num_heads=num_heads,
+                       head_dim=HEAD_DIM, dtype=self.dtype, device=self.device, fp8=self.fp8_kv_cache,
+                       codec=self.kv_codec)
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t ``[B, F]`` -> time embedding ``[B, F, C]`` and block modulation ``[B, F, 6, C]``."""
