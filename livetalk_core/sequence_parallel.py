@@ -180,9 +180,12 @@ def init_from_env(backend: str | None = None) -> SequenceParallel | None:
     rank = int(os.environ["RANK"])
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    options = None
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+        # Rank 0 also decodes the video on a side stream; the exchanges every rank waits for go first.
+        options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        dist.init_process_group(backend, rank=rank, world_size=world, pg_options=options)
     log.info("sequence parallel: rank %d of %d (%s)", rank, world, backend)
     return SequenceParallel(rank=rank, world_size=world)
