@@ -65,6 +65,36 @@ def test_heads_must_divide_over_ranks():
         attach(tiny_model(), SequenceParallel(rank=0, world_size=4))
 
 
+def _exchange_on_rank(rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        sp = SequenceParallel(rank=rank, world_size=world)
+        full = [torch.randn(1, 3 * world, 4, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        mine = [t.chunk(world, dim=1)[rank] for t in full]  # this rank's tokens, all heads
+        q, k, v = sp.heads_from_sequence(*mine)
+        heads = slice(rank * 4 // world, (rank + 1) * 4 // world)
+        for got, want in zip((q, k, v), full):
+            assert torch.equal(got, want[:, :, heads]), rank  # every token, this rank's heads, in order
+        assert torch.equal(sp.sequence_from_heads(k * 2), mine[1] * 2), rank
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_exchanges_move_tokens_and_heads_to_the_right_ranks():
+    """q, k and v cross in one all-to-all: each rank gets all tokens of its own heads, and the
+    inverse exchange gives back its own tokens (4 heads over 2 gloo processes)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_exchange_on_rank, args=(2, port), nprocs=2)
+
+
 def sampler_inputs(latent_hw: tuple[int, int]) -> dict:
     torch.manual_seed(1)
     return dict(
