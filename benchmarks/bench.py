@@ -101,7 +101,7 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
     if sp is not None:
-        torch.distributed.barrier()  # leave together (see realvideo_cli): rank 0 may still be printing
+        sequence_parallel.leave_together(sp)
         torch.distributed.destroy_process_group()
 
 

@@ -213,10 +213,7 @@ def run(args: argparse.Namespace) -> Path | None:
     else:
         for _ in blocks:
             pass
-    if sp is not None:
-        # Ranks leave together: a gloo rank that tears its group down while rank 0 still writes can
-        # abort in the group's destructor.
-        dist.barrier()
+    sequence_parallel.leave_together(sp)
     return written
 
 

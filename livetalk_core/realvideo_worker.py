@@ -227,7 +227,7 @@ def _serve(rank: int, device: torch.device, sp: SequenceParallel | None, model: 
     while True:
         message = pickle.loads(conn.recv_bytes())
         if message is None:
-            _leave_together(sp)
+            sequence_parallel.leave_together(sp)
             return
         kind, request = message[0], message[1]
         if kind != "generate":  # a stop for a generation that has already ended
@@ -246,18 +246,6 @@ def _serve(rank: int, device: torch.device, sp: SequenceParallel | None, model: 
             return
         if rank == 0:
             send(outcome)
-
-
-def _leave_together(sp: SequenceParallel | None) -> None:
-    """Wait for every rank before the group is torn down: a gloo rank that destroys its group while
-    a peer still holds it can abort in the group's destructor. A peer that is already gone ends the
-    wait at once (the parent kills any worker that does not exit in time)."""
-    if sp is None or sp.world_size == 1:
-        return
-    try:
-        dist.barrier(group=sp.group)
-    except RuntimeError:
-        pass
 
 
 def _generate(rank: int, device: torch.device, sp: SequenceParallel | None, model: S2VDiT, conn: Connection,

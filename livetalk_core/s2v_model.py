@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import check_keys, check_state_dict, resolve_dtype
+from .checkpoint import check_keys, check_state_dict, resolve_dtype, strip_prefix
 from .errors import CheckpointError
 from .kv_cache import KVCache
 from .rope import grid_rotations
@@ -449,7 +449,6 @@ def s2v_checkpoint_kind(shapes: Mapping[str, Sequence[int]]) -> str | None:
     """What a checkpoint is from its tensor names and shapes alone (a safetensors header): COMPLETE,
     PARTIAL (a fine-tune that needs a base) or None (no S2V DiT), as :func:`load_s2v_dit` would find
     it (:mod:`.s2v_checkpoint`). The release's audio-injector layers are assumed."""
-    from .checkpoint import strip_prefix
     from .s2v_checkpoint import checkpoint_kind, split_fp8_scales
 
     meta = {k: torch.empty(tuple(shape), device="meta") for k, shape in shapes.items()}

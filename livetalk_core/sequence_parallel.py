@@ -81,6 +81,18 @@ class SequenceParallel:
         return torch.cat(parts, dim=dim)
 
 
+def leave_together(sp: SequenceParallel | None) -> None:
+    """Wait for every rank of ``sp``'s group before the group is torn down: a gloo rank that destroys
+    its group while a peer still uses it (rank 0 writing the video, say) can abort in the group's
+    destructor. A peer that is already gone ends the wait at once."""
+    if sp is None or sp.world_size == 1:
+        return
+    try:
+        dist.barrier(group=sp.group)
+    except RuntimeError:
+        pass
+
+
 def attach(model: nn.Module, sp: SequenceParallel | None) -> None:
     """Make every self-attention of ``model`` (a :class:`~.wan_dit.WanDiTCore`) use ``sp``; None detaches."""
     if sp is not None and model.config.num_heads % sp.world_size:
