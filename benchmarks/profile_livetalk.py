@@ -1,9 +1,10 @@
 """Where LiveTalk's block time goes: torch profiler tables of block 0 (what the first generated frame
-waits for) and of a steady block (full size, random weights).
+waits for), of a steady block and of the VAE decode of a steady block (full size, random weights).
 
     python benchmarks/profile_livetalk.py [--compile]
 
-Also prints how much of each block's wall time the GPU was busy: the rest is launch gaps.
+Also prints how much of each block's wall time the GPU was busy (the rest is launch gaps) and the
+GPU time per kind of kernel (GEMMs, attention, fused element-wise, other).
 """
 
 import argparse
@@ -17,7 +18,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_livetalk import build  # noqa: E402
 
-from livetalk_core.compile import compile_blocks  # noqa: E402
+from livetalk_core.compile import compile_blocks, compile_vae  # noqa: E402
+
+KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
+    ("attention", ("cudnn", "flash", "fmha", "attention", "sdpa")),
+    ("GEMM / conv", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "conv", "implicit")),
+    ("fused element-wise (triton)", ("triton",)),
+    ("copies", ("copy", "memcpy", "memset", "cat")),
+)
+
+
+def kernel_kinds(events) -> dict[str, float]:
+    """GPU milliseconds per kind of kernel (names matched by :data:`KERNEL_KINDS`, else "other")."""
+    kinds: dict[str, float] = {}
+    for event in events:
+        if event.self_device_time_total <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.key.lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in name for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + event.self_device_time_total / 1e3
+    return kinds
 
 
 def profiled(label: str, step) -> None:
@@ -34,6 +54,7 @@ def profiled(label: str, step) -> None:
     print(events.table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
     busy_ms = sum(e.self_device_time_total for e in events) / 1e3
     print(f"{label}: wall {wall_ms:.1f} ms (unprofiled), GPU kernels {busy_ms:.1f} ms: {wall_ms - busy_ms:.1f} ms of gaps")
+    print(f"{label}: GPU ms by kind:", {k: round(v, 1) for k, v in sorted(kernel_kinds(events).items())})
 
 
 @torch.no_grad()
@@ -45,6 +66,7 @@ def main():
     pipe, context = build(device, torch.bfloat16, device, tiny=False)
     if args.compile:
         compile_blocks(pipe.dit)
+        compile_vae(pipe.vae)
     ref = pipe.encode_reference(torch.randint(0, 255, (512, 512, 3), dtype=torch.uint8))
     audio = pipe.encode_audio(torch.randn(16000 * 6) * 0.1)
     for _ in pipe.sample(ref, audio, context, 0):  # warm-up
@@ -54,6 +76,9 @@ def main():
     for _ in range(6):  # fill the window so the profiled block attends all 15 frames
         next(gen)
     profiled("steady block (previous refresh + 4 forwards, full window)", lambda: next(gen))
+    block, decoder = next(gen), pipe.vae.stream_decoder()
+    decoder.decode(block)  # the first call starts the stream (1 video frame for its first latent frame)
+    profiled("VAE decode of a steady block (12 frames)", lambda: decoder.decode(block))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Regional ``torch.compile``: the DiT's work around the cached attention, and the VAE's norms.
+"""Regional ``torch.compile``: the DiT's work around the cached attention, and the VAE's conv steps.
 
 Each :class:`~.wan_dit.WanBlock` runs :meth:`attention_inputs` (norm, modulation, q/k/v, RMSNorm,
 RoPE) and :meth:`attention_outputs` (output projection, gates, cross-attention, FFN) as plain tensor
@@ -14,10 +14,9 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
 from .kv_cache import FP8Codec, dequantize_fp8, quantize_fp8
-from .vae import WanVAE, norm_silu
+from .vae import CausalConv3d, WanVAE, causal_conv_step
 from .wan_dit import WanDiTCore
 
 log = logging.getLogger(__name__)
@@ -47,35 +46,33 @@ def compile_blocks(model: WanDiTCore, mode: str | None = None) -> WanDiTCore:
 
 
 def compile_vae(vae: WanVAE) -> WanVAE:
-    """Fuse each RMSNorm + SiLU of the VAE's residual blocks and heads into one kernel (in place;
-    returns ``vae``). Eager, these are five memory-bound passes over the largest activations, a
-    quarter of the decode's GPU time. One static graph per activation shape; the result
-    differs from eager only by bf16 rounding (the fused kernel rounds once). Fails soft like
-    :func:`compile_blocks`.
+    """Compile every causal conv step of the VAE (:func:`~.vae.causal_conv_step`) in place; returns
+    ``vae``. Eager, the RMSNorm + SiLU before each conv, the history concatenation, the sum of the
+    three temporal taps and the residual add are a dozen memory-bound passes over the largest
+    activations, about half the decode's GPU time; compiled, they are two fused kernels around
+    cuDNN's convs (docs/performance.md). One static graph per activation shape; the result differs
+    from eager by bf16 rounding only (the fused kernels round once, which is closer to float32).
+    Fails soft like :func:`compile_blocks`.
     """
     if not hasattr(torch, "compile"):
         log.warning("torch.compile is not available in this torch; the VAE runs eager")
         return vae
-    fused = torch.compile(_fused_norm_silu, dynamic=False)
+    fused = torch.compile(causal_conv_step, dynamic=False)
 
-    def fused_norm_silu(norm, x):
-        # One static graph per activation shape (a dozen across the levels, first and later calls):
-        # generic dynamic-shape kernels were no faster than eager here.
+    def fused_step(*args):
+        # One static graph per activation shape (a few dozen across the levels of both halves,
+        # first and later calls): generic dynamic-shape kernels were no faster than eager here.
         with torch._dynamo.config.patch(recompile_limit=_VAE_GRAPHS):
-            return fused(x, norm.gamma, norm.scale)  # scale = sqrt(C) is fixed by the shape: no extra graphs
+            return fused(*args)
 
-    compiled = _fail_soft(fused_norm_silu, norm_silu, {"compiled": True})
+    compiled = _fail_soft(fused_step, causal_conv_step, {"compiled": True})
     for module in vae.modules():
-        if getattr(module, "norm_silu", None) is norm_silu:
-            module.norm_silu = compiled
+        if isinstance(module, CausalConv3d):
+            module.step = compiled
     return vae
 
 
-_VAE_GRAPHS = 64
-
-
-def _fused_norm_silu(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
-    return F.silu(F.normalize(x, dim=1) * scale * gamma)
+_VAE_GRAPHS = 128
 
 
 def _fail_soft(compiled, eager, state: dict):

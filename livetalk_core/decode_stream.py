@@ -4,6 +4,10 @@
 as it arrives (on a second CUDA stream, so the decode of block k overlaps the sampling of block
 k+1) and hands out host uint8 frames, block 0 one latent frame at a time for a short first-frame
 latency.
+
+When the decode shares the DiT's GPU, the DiT samples on a high-priority stream: the decode's
+kernels then take the SMs the DiT leaves idle (short GEMMs' last wave, waits on a sequence-parallel
+exchange) instead of delaying the DiT, which under sequence parallelism every other rank waits for.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ from collections.abc import Iterator
 import torch
 
 from .vae import StreamDecoder, WanVAE, frames_to_uint8
+
+SAMPLING_STREAM_PRIORITY = -1
+"""CUDA priority of the DiT's stream while a decode overlaps it (lower is more urgent; the decode's
+side stream has the default, 0, the lowest)."""
 
 
 def decode_blocks(
@@ -38,6 +46,8 @@ def decode_blocks(
     """
     decoder = vae.stream_decoder()
     side = torch.cuda.Stream(vae.device) if overlap and vae.device.type == "cuda" else None
+    shares_gpu = side is not None and vae.device.index == torch.cuda.current_device()
+    sampling = torch.cuda.Stream(vae.device, priority=SAMPLING_STREAM_PRIORITY) if shares_gpu else None
     emitted, pending = 0, None
 
     def finished(decoded: tuple[torch.Tensor, torch.cuda.Event | None]) -> torch.Tensor:
@@ -51,7 +61,7 @@ def decode_blocks(
             frames = finished(_decode_block(vae, decoder, first_latent_frame, None))
             emitted += frames.shape[0]
             yield frames
-        for index, block in enumerate(blocks):
+        for index, block in enumerate(_sampled_on(sampling, blocks)):
             if index == 0:  # one latent frame at a time: the first frames out wait for one frame's decode
                 pieces = block.split(1, dim=2)[1 if first_latent_frame is not None else 0 :]
             else:
@@ -74,6 +84,24 @@ def decode_blocks(
         close = getattr(blocks, "close", None)
         if close is not None:
             close()  # frees the sampler's KV cache when decoding stops early
+
+
+def _sampled_on(stream: torch.cuda.Stream | None, blocks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``blocks``, each sampled with ``stream`` as the current stream (None: as they come). The
+    caller's stream waits for every block, so what it queues afterwards (the side stream's decode
+    included, through ``wait_stream``) is ordered after the sampling."""
+    if stream is None:
+        yield from blocks
+        return
+    caller, iterator = torch.cuda.current_stream(stream.device), iter(blocks)
+    while True:
+        stream.wait_stream(caller)  # inputs queued on the caller's stream come first
+        with torch.cuda.stream(stream):
+            block = next(iterator, None)
+        caller.wait_stream(stream)
+        if block is None:
+            return
+        yield block
 
 
 def _decode_block(

@@ -166,32 +166,64 @@ def conv_by_frames(
     return outputs[0].unsqueeze(0) if len(outputs) == 1 else torch.stack(outputs).contiguous(memory_format=FRAMES_LAST)
 
 
+def causal_conv_step(
+    x: torch.Tensor,
+    history: torch.Tensor,
+    tap_weights: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding_hw: tuple[int, int],
+    gamma: torch.Tensor | None = None,
+    scale: float = 1.0,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One call of a causal conv in a stream: ``x`` ``[B,C,T,H,W]`` -> ``[B,C',T,H,W]``, and the last
+    ``kt - 1`` input frames, the next call's ``history`` (all :data:`FRAMES_LAST`).
+
+    ``history`` ``[B,C,kt-1,H,W]``: the input frames in front of ``x`` (zeros at a stream's start).
+    With ``gamma`` the conv's input is ``silu(rms_norm(x) * scale * gamma)``, the step before every
+    conv of the residual blocks and heads; ``residual`` is added to the output. Eager, each of these
+    is its own pass over the activations; :func:`~.compile.compile_vae` fuses the norm with the
+    history concatenation and the taps' sum with the bias and the residual, around cuDNN's convs.
+    """
+    if gamma is not None:
+        x = F.silu(F.normalize(x, dim=1) * scale * gamma)
+    padded = torch.cat([history, x], dim=2)
+    out = conv_by_frames(padded, tap_weights, bias, padding_hw)
+    if residual is not None:
+        out = out.add_(residual)
+    # clone() so the cache keeps kt - 1 frames alive, not the whole padded input.
+    return out, padded[:, :, -history.shape[2]:].clone()
+
+
 class CausalConv3d(nn.Conv3d):
     """3-D conv that pads time only in front: ``[B,C,T,H,W] -> [B,C',T,H,W]`` (:data:`FRAMES_LAST`).
 
     The ``kt - 1`` frames in front come from the stream's previous call (zeros at its start), so
     chunked processing equals processing the whole sequence. H and W are zero-padded by ``k // 2``
-    inside the convolution (no padded copy of the input).
+    inside the convolution (no padded copy of the input). :attr:`step` is
+    :func:`causal_conv_step`, or its compiled form once :func:`~.compile.compile_vae` swapped it in.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int, int]) -> None:
         kt, kh, kw = (kernel_size,) * 3 if isinstance(kernel_size, int) else kernel_size
         super().__init__(in_channels, out_channels, (kt, kh, kw), padding=(0, kh // 2, kw // 2))
         self.history_frames = kt - 1
+        self.step = causal_conv_step
 
-    def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        front = self.history_frames
-        b, c, t, h, w = x.shape
-        padded = torch.empty((b, c, front + t, h, w), dtype=x.dtype, device=x.device, memory_format=FRAMES_LAST)
+    def forward(
+        self, x: torch.Tensor, cache: FeatureCache, norm: RMSNorm | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x`` or, with ``norm``, ``silu(norm(x))`` convolved; plus ``residual`` when given."""
         history = cache.history.get(self)
         if history is None:
-            padded[:, :, :front].zero_()
-        else:
-            padded[:, :, :front] = history
-        padded[:, :, front:] = x
-        # clone() so the cache keeps two frames alive, not the whole padded input.
-        cache.history[self] = padded[:, :, -front:].clone()
-        return conv_by_frames(padded, tap_major(self.weight), self.bias, self.padding[1:])
+            b, c, _, h, w = x.shape
+            shape = (b, c, self.history_frames, h, w)
+            history = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=FRAMES_LAST).zero_()
+        gamma, scale = (None, 1.0) if norm is None else (norm.gamma, norm.scale)
+        out, cache.history[self] = self.step(
+            x, history, tap_major(self.weight), self.bias, self.padding[1:], gamma, scale, residual
+        )
+        return out
 
 
 class RMSNorm(nn.Module):
@@ -204,12 +236,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=1) * self.scale * self.gamma
-
-
-def norm_silu(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """``silu(norm(x))``, the step before every causal conv of the residual blocks and heads
-    (:func:`~.compile.compile_vae` swaps in one fused kernel per call)."""
-    return F.silu(norm(x))
 
 
 def _per_frame(x: torch.Tensor) -> torch.Tensor:
@@ -243,15 +269,13 @@ class ResidualBlock(nn.Module):
         self.shortcut = (
             nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
         )
-        self.norm_silu = norm_silu
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         layers = self.residual
-        h = layers["2"](self.norm_silu(layers["0"], x), cache)
-        h = layers["6"](self.norm_silu(layers["3"], h), cache)
+        h = layers["2"](x, cache, norm=layers["0"])
         if isinstance(self.shortcut, nn.Conv3d):
-            return h.add_(conv_by_frames(x, tap_major(self.shortcut.weight), self.shortcut.bias, (0, 0)))
-        return h.add_(x)
+            x = conv_by_frames(x, tap_major(self.shortcut.weight), self.shortcut.bias, (0, 0))
+        return layers["6"](h, cache, norm=layers["3"], residual=x)
 
 
 class AttentionBlock(nn.Module):
@@ -294,10 +318,9 @@ class Head(nn.ModuleDict):
         super().__init__(
             {"0": RMSNorm(in_channels, spatial_dims=3), "2": CausalConv3d(in_channels, out_channels, 3)}
         )
-        self.norm_silu = norm_silu
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
-        return self["2"](self.norm_silu(self["0"], x), cache)
+        return self["2"](x, cache, norm=self["0"])
 
 
 class Downsample(nn.Module):

@@ -54,9 +54,9 @@ def test_compiler_failure_falls_back_to_eager(monkeypatch, caplog):
     assert "runs eager" in caplog.text
 
 
-def test_vae_norms_fused_by_compile_match_eager():
+def test_vae_conv_steps_compiled_match_eager():
     from livetalk_core.compile import compile_vae
-    from livetalk_core.vae import Head, ResidualBlock, VAEConfig, WanVAE, norm_silu
+    from livetalk_core.vae import CausalConv3d, VAEConfig, WanVAE, causal_conv_step
 
     torch.manual_seed(0)
     vae = WanVAE(VAEConfig(dim=8)).eval().requires_grad_(False)
@@ -71,9 +71,11 @@ def test_vae_norms_fused_by_compile_match_eager():
     eager = decode_in_two_calls()
     torch._dynamo.reset()
     compile_vae(vae)
-    fused = [m for m in vae.modules() if hasattr(m, "norm_silu")]
-    # every residual block and head of both halves: encoder 4x2 + 2 middle + head, decoder 4x3 + 2 middle + head
-    assert len(fused) == 11 + 15 and all(isinstance(m, (ResidualBlock, Head)) and m.norm_silu is not norm_silu for m in fused)
+    convs = [m for m in vae.modules() if isinstance(m, CausalConv3d)]
+    # encoder: conv1, 4x2 + 2x2 residual blocks' two convs, head, one temporal downsample's conv is a
+    # plain Conv3d; decoder: conv1, (4x3 + 2) x 2, head, two temporal upsamplers' time convs
+    assert len(convs) == (1 + 2 * 10 + 1) + (1 + 2 * 14 + 1 + 2)
+    assert all(m.step is not causal_conv_step for m in convs)
     torch.testing.assert_close(decode_in_two_calls(), eager, atol=1e-4, rtol=1e-4)
 
 
