@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def compile_blocks(model: WanDiTCore, mode: str | None = None) -> WanDiTCore:
-    """Compile every block's two tensor functions in place; returns ``model``.
+    """Compile every block's two tensor functions in place, and run their FFN's GELU in the GEMM's
+    epilogue on GPUs (:meth:`~.wan_dit.WanBlock.feed_forward`); returns ``model``.
 
     Fails soft: if compiling fails at the first call (no Triton, no C++ toolchain, an unsupported
     op), a warning is logged once and every block runs eager from then on.
@@ -33,6 +34,7 @@ def compile_blocks(model: WanDiTCore, mode: str | None = None) -> WanDiTCore:
         return model
     state = {"compiled": True}
     for block in model.blocks:
+        block.gelu_in_gemm = True
         for name in ("attention_inputs", "attention_outputs"):
             eager = getattr(block, name)
             setattr(block, name, _fail_soft(torch.compile(eager, dynamic=False, mode=mode), eager, state))
