@@ -21,7 +21,7 @@ from bench_livetalk import build  # noqa: E402
 from livetalk_core.compile import compile_blocks, compile_vae  # noqa: E402
 
 KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
-    ("attention", ("cudnn", "flash", "fmha", "attention", "sdpa")),
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
     ("GEMM / conv", ("gemm", "nvjet", "cutlass", "xmma", "sm90", "conv", "implicit")),
     ("fused element-wise (triton)", ("triton",)),
     ("copies", ("copy", "memcpy", "memset", "cat")),
