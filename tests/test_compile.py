@@ -56,7 +56,7 @@ def test_compiler_failure_falls_back_to_eager(monkeypatch, caplog):
 
 def test_vae_conv_steps_compiled_match_eager():
     from livetalk_core.compile import compile_vae
-    from livetalk_core.vae import CausalConv3d, VAEConfig, WanVAE, causal_conv_step
+    from livetalk_core.vae import FRAMES_LAST, CausalConv3d, VAEConfig, WanVAE, causal_conv_step
 
     torch.manual_seed(0)
     vae = WanVAE(VAEConfig(dim=8)).eval().requires_grad_(False)
@@ -64,8 +64,8 @@ def test_vae_conv_steps_compiled_match_eager():
         p.data.normal_(0, 0.2)
     latents = torch.randn(1, 16, 4, 4, 4)
 
-    def decode_in_two_calls():
-        decoder = vae.stream_decoder()
+    def decode_in_two_calls(decoder=None):
+        decoder = decoder or vae.stream_decoder()
         return torch.cat([decoder.decode(latents[:, :, :1]), decoder.decode(latents[:, :, 1:])], 2)
 
     eager = decode_in_two_calls()
@@ -76,7 +76,11 @@ def test_vae_conv_steps_compiled_match_eager():
     # plain Conv3d; decoder: conv1, (4x3 + 2) x 2, head, two temporal upsamplers' time convs
     assert len(convs) == (1 + 2 * 10 + 1) + (1 + 2 * 14 + 1 + 2)
     assert all(m.step is not causal_conv_step for m in convs)
-    torch.testing.assert_close(decode_in_two_calls(), eager, atol=1e-4, rtol=1e-4)
+    decoder = vae.stream_decoder()
+    torch.testing.assert_close(decode_in_two_calls(decoder), eager, atol=1e-4, rtol=1e-4)
+    # the kept frames stay frame-major channels-last, the layout cuDNN's kernels take without a copy
+    histories = decoder._cache.history.values()
+    assert len(histories) == 32 and all(h.is_contiguous(memory_format=FRAMES_LAST) for h in histories)
 
 
 def test_fp8_cache_codec_compiled_matches_eager():
