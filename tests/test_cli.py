@@ -50,8 +50,11 @@ def test_ctrl_c_keeps_a_playable_partial_video(tmp_path):
 
     out = tmp_path / "partial.mp4"
     # 60 s of video (silence-padded): several seconds of work, so the signal lands mid-run
+    # The child gets Ctrl-C's default disposition even when this run was started in the background,
+    # where the shell ignores SIGINT for it (and Python would then never raise KeyboardInterrupt).
     proc = subprocess.Popen([sys.executable, "-m", "livetalk_core", "--smoke", "--duration", "60", "--output", str(out)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and not list(tmp_path.glob(".partial.mp4.*")):
         time.sleep(0.1)

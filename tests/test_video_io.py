@@ -115,25 +115,30 @@ def test_ctrl_c_in_the_middle_of_muxing_waits_for_a_consistent_file(tmp_path, mo
     import os
     import signal
 
-    out = tmp_path / "clip.mp4"
-    writer = VideoWriter(out, audio=_tone(10.0))
-    real_mux, calls = writer._mux, []
+    # Python's Ctrl-C handler, also when this run was started in the background (SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        out = tmp_path / "clip.mp4"
+        writer = VideoWriter(out, audio=_tone(10.0))
+        real_mux, calls = writer._mux, []
 
-    def mux_then_ctrl_c(packets):
-        calls.append(len(packets))
-        if len(calls) == 20:
-            os.kill(os.getpid(), signal.SIGINT)
-        real_mux(packets)
+        def mux_then_ctrl_c(packets):
+            calls.append(len(packets))
+            if len(calls) == 20:
+                os.kill(os.getpid(), signal.SIGINT)
+            real_mux(packets)
 
-    monkeypatch.setattr(writer, "_mux", mux_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        with writer:
-            writer.write(_frames(16))
-            writer.write(_frames(16, start=16))  # the signal arrives during this call
-            writer.write(_frames(16, start=32))  # never reached
-    assert writer.saved_path == out and writer.frames_written == 32
-    assert _decoded_frame_count(out) == 32
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        monkeypatch.setattr(writer, "_mux", mux_then_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            with writer:
+                writer.write(_frames(16))
+                writer.write(_frames(16, start=16))  # the signal arrives during this call
+                writer.write(_frames(16, start=32))  # never reached
+        assert writer.saved_path == out and writer.frames_written == 32
+        assert _decoded_frame_count(out) == 32
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_final_name_appears_only_when_finished(tmp_path):
