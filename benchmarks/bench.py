@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     p.add_argument("--blocks", type=int, default=12, help="blocks per timed run")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="regional torch.compile of the DiT blocks and the VAE's norms (the shipped default on GPUs)")
+                   help="regional torch.compile of the DiT blocks and the VAE's conv steps (the shipped default on GPUs)")
     p.add_argument("--fp8-matmul", action="store_true", help="fp8 x fp8 matmuls for the DiT's block Linears")
     p.add_argument("--fp8-kv-cache", action="store_true", help="the KV cache in fp8")
     p.add_argument("--check", action="store_true", help="also compare the optimised path with plain eager bf16")

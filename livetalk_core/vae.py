@@ -182,13 +182,13 @@ def causal_conv_step(
     ``kt - 1`` input frames, the next call's ``history`` (all :data:`FRAMES_LAST`).
 
     ``history`` ``[B,C,kt-1,H,W]``: the input frames in front of ``x`` (zeros at a stream's start).
-    With ``gamma`` the conv's input is ``silu(rms_norm(x) * scale * gamma)``, the step before every
+    With ``gamma`` the conv's input is ``silu(rms_norm(x, gamma, scale))``, the step before every
     conv of the residual blocks and heads; ``residual`` is added to the output. Eager, each of these
     is its own pass over the activations; :func:`~.compile.compile_vae` fuses the norm with the
     history concatenation and the taps' sum with the bias and the residual, around cuDNN's convs.
     """
     if gamma is not None:
-        x = F.silu(F.normalize(x, dim=1) * scale * gamma)
+        x = F.silu(rms_norm(x, gamma, scale))
     # The layouts are spelled out for the compiler, which would otherwise store the padded input and
     # the history in its own order and convert every frame back for cuDNN (+20 % decode time).
     padded = torch.cat([history, x], dim=2).contiguous(memory_format=FRAMES_LAST)
@@ -239,7 +239,12 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(channels, *(1,) * spatial_dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+        return rms_norm(x, self.gamma, self.scale)
+
+
+def rms_norm(x: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    """:class:`RMSNorm`'s arithmetic, as a plain function that compiled steps can take in."""
+    return F.normalize(x, dim=1) * scale * gamma
 
 
 def _per_frame(x: torch.Tensor) -> torch.Tensor:

@@ -148,7 +148,7 @@ class LoadLiveTalkModel(io.ComfyNode):
                                "flash_attn / sageattention packages and fall back to sdpa without them; math "
                                "is a slow reference."),
                 io.Boolean.Input("compile", default=True, optional=True,
-                                 tooltip="torch.compile the DiT's blocks and the VAE's norms on a GPU (about 30% "
+                                 tooltip="torch.compile the DiT's blocks and the VAE's conv steps on a GPU (about 30% "
                                  "faster after a few seconds of compiling on the first run). Falls back to eager by itself if "
                                  "compiling is not possible; ignored on the CPU."),
                 io.Combo.Input("base_model_name", options=[NO_BASE, *cm.dit_choices()], default=NO_BASE, optional=True,
@@ -163,7 +163,7 @@ class LoadLiveTalkModel(io.ComfyNode):
                 io.Boolean.Input("fp8_matmul", default=False, optional=True,
                                  tooltip="Run the DiT's block Linear layers as fp8 x fp8 matmuls (weights kept in fp8 "
                                  "with one scale per output channel, inputs scaled per row): faster on Ada/Hopper "
-                                 "GPUs (e.g. 14B 2-step blocks about 30% faster on an H100), outputs move by fp8 "
+                                 "GPUs (e.g. 14B 2-step blocks about 20% faster on an H100), outputs move by fp8 "
                                  "rounding. Needs bf16 precision; on older GPUs it logs a warning and runs bf16."),
                 io.Int.Input("gpus", default=1, min=1, max=16, optional=True,
                              tooltip="RealVideo 14B only: run the DiT sequence parallel on the first N CUDA GPUs "

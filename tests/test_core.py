@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from livetalk_core.errors import CheckpointError
 from livetalk_core.kv_cache import CachePolicy, KVCache
 from livetalk_core.rope import apply_rotary, axis_splits, grid_rotations
 from livetalk_core.sampler import LIVETALK_CACHE

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from golden import golden_cases
-from livetalk_core.kv_cache import FP8_KV, CachePolicy, KVCache
+from livetalk_core.kv_cache import FP8_KV, KVCache
 from livetalk_core.livetalk_model import load_livetalk_dit
 from livetalk_core.noise import SeededNoise
 from livetalk_core.realvideo_sampler import REALVIDEO_CACHE, realvideo_schedule
