@@ -50,7 +50,7 @@ def table(results: list[dict]) -> str:
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     first = results[0] if results else {}
-    options = ", ".join(f"{k}={first.get(k)}" for k in ("compile", "fp8_matmul", "fp8_kv_cache"))
+    options = ", ".join(f"{k}={first.get(k)}" for k in ("compile", "cuda_graphs", "fp8_matmul", "fp8_kv_cache"))
     return "\n".join([f"GPU: {first.get('gpu')}  torch {first.get('torch')}  ({options})", *lines])
 
 
@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=12, help="blocks per timed run")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="regional torch.compile of the DiT blocks and the VAE's conv steps (the shipped default on GPUs)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --compile: replay the DiT's forwards as CUDA graphs on one GPU (the shipped default)")
     p.add_argument("--fp8-matmul", action="store_true", help="fp8 x fp8 matmuls for the DiT's block Linears")
     p.add_argument("--fp8-kv-cache", action="store_true", help="the KV cache in fp8")
     p.add_argument("--check", action="store_true", help="also compare the optimised path with plain eager bf16")

@@ -45,6 +45,7 @@ TINY = S2VConfig(
     audio_dim=TINY_WAV2VEC_HIDDEN, audio_layers=TINY_WAV2VEC_LAYERS + 1, audio_tokens=4, inject_layers=(0, 1), cond_dim=16,
 )
 VIDEO_FRAMES_PER_BLOCK = 8
+CHECK_BLOCKS = 6
 
 
 @torch.no_grad()
@@ -106,7 +107,7 @@ def _to_cpu(value):
 
 @torch.no_grad()
 def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
-    """One result per entry of ``options.steps``. Options: tiny, blocks, steps, compile, fp8_matmul,
+    """One result per entry of ``options.steps``. Options: tiny, blocks, steps, compile, cuda_graphs, fp8_matmul,
     fp8_kv_cache, check, out (folder for the latents, for ``bench.py --compare``)."""
     rank, world = (0, 1) if sp is None else (sp.rank, sp.world_size)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and not options.tiny else torch.device("cpu")
@@ -129,20 +130,20 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
                                          num_blocks=num_blocks, **inputs)
 
     checks = {}
-    if options.check:  # the optimised path against plain eager bf16, 3 blocks per step count
+    if options.check:  # the optimised path against plain eager bf16 (CUDA graphs replay from block 3)
         inputs = shared_inputs(sp, make_inputs)
-        eager = {steps: [b.float().cpu() for b in blocks(steps, inputs, 3)] for steps in options.steps}
+        eager = {steps: [b.float().cpu() for b in blocks(steps, inputs, CHECK_BLOCKS)] for steps in options.steps}
     if options.fp8_matmul:
         use_fp8_matmuls(model.heavy_linears().values())
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if options.compile:
-        compile_blocks(model)
+        compile_blocks(model, cuda_graphs=options.cuda_graphs)
         if vae is not None:
             compile_vae(vae)
     if options.check:
         for steps in options.steps:
-            ours = [b.float().cpu() for b in blocks(steps, inputs, 3)]
+            ours = [b.float().cpu() for b in blocks(steps, inputs, CHECK_BLOCKS)]
             checks[steps] = [
                 {"max_abs": (a - b).abs().max().item(), "rel_l2": rel_l2(a, b)} for a, b in zip(ours, eager[steps])]
     synchronize()
@@ -205,6 +206,7 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
             "gpu": gpu_name(device),
             "torch": torch.__version__,
             "compile": options.compile,
+            "cuda_graphs": options.compile and options.cuda_graphs and world == 1,
             "fp8_matmul": options.fp8_matmul,
             "fp8_kv_cache": options.fp8_kv_cache,
             "vae_device": f"{device} (rank 0)",

@@ -152,6 +152,12 @@ class KVCache:
         self._write = runs
         self._attended_tokens = self.policy.attended_slots(start_frame + num_frames) * self.frame_tokens
 
+    @property
+    def block_layout(self) -> tuple:
+        """What :meth:`set_block` decided (slot runs, attended length), as a hashable value: two
+        forwards with equal layouts touch the same cache addresses (:mod:`.cuda_graphs`)."""
+        return tuple(self._write), self._attended_tokens
+
     def update_and_get(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import check_keys, check_state_dict, read_state_dict, resolve_dtype, strip_prefix
+from .cuda_graphs import ForwardGraphs
 from .errors import CheckpointError
 from .kv_cache import KVCache
 from .rope import grid_rotations
@@ -121,6 +122,7 @@ class LiveTalkDiT(WanDiTCore):
         cache: KVCache | None,
         start_frame: int,
         compute_output: bool = True,
+        graphs: ForwardGraphs | None = None,
     ) -> torch.Tensor | None:
         """Predict the flow ``v`` for one block.
 
@@ -133,24 +135,34 @@ class LiveTalkDiT(WanDiTCore):
             cache: the run's KV cache, or None to attend only within the block.
             start_frame: stream index of the block's first latent frame (RoPE position and cache slot).
             compute_output: False for the cache-refresh pass, whose output is never used.
+            graphs: the session's :class:`~.cuda_graphs.ForwardGraphs` to replay the forward from
+                (with a cache; the refresh pass then computes the output too: one small Linear).
         Returns:
             ``v`` ``[B, 16, F, h, w]`` in the model dtype, or None when ``compute_output`` is False.
         """
-        tokens, grid = self.patchify(torch.cat([x.to(self.dtype), reference.to(self.dtype)], dim=1))
-        f, gh, gw = grid
-        t_emb, t_mod = self.embed_time(t)
-        positions = torch.arange(start_frame, start_frame + f, device=tokens.device)
-        rotations = grid_rotations(positions, gh, gw, HEAD_DIM)
+        positions = torch.arange(start_frame, start_frame + x.shape[2], device=x.device)
         if cache is not None:
-            cache.set_block(start_frame, f)
-        for layer, block in enumerate(self.blocks):
-            j = self.livetalk_config.audio_layer(layer)
-            if j is not None:
-                tokens = tokens + audio[:, j].unsqueeze(2).expand(-1, -1, gh * gw, -1).flatten(1, 2)
-            tokens = block(tokens, t_mod, rotations, context_kv[layer], cache, layer, self.attention_backend)
-        if not compute_output:
-            return None
-        return self.unpatchify(self.head(tokens, t_emb), grid)
+            cache.set_block(start_frame, x.shape[2])
+
+        def predict(x: torch.Tensor, t: torch.Tensor, reference: torch.Tensor, audio: torch.Tensor,
+                    positions: torch.Tensor, compute_output: bool = True) -> torch.Tensor | None:
+            tokens, grid = self.patchify(torch.cat([x.to(self.dtype), reference.to(self.dtype)], dim=1))
+            _, gh, gw = grid
+            t_emb, t_mod = self.embed_time(t)
+            rotations = grid_rotations(positions, gh, gw, HEAD_DIM)
+            for layer, block in enumerate(self.blocks):
+                j = self.livetalk_config.audio_layer(layer)
+                if j is not None:
+                    tokens = tokens + audio[:, j].unsqueeze(2).expand(-1, -1, gh * gw, -1).flatten(1, 2)
+                tokens = block(tokens, t_mod, rotations, context_kv[layer], cache, layer, self.attention_backend)
+            if not compute_output:
+                return None
+            return self.unpatchify(self.head(tokens, t_emb), grid)
+
+        if graphs is not None and cache is not None:
+            v = graphs((cache.block_layout, id(context_kv)), predict, x, t, reference, audio, positions)
+            return v if compute_output else None
+        return predict(x, t, reference, audio, positions, compute_output)
 
 
 def livetalk_config_from_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> LiveTalkConfig:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from . import sequence_parallel
+from .cuda_graphs import session_graphs
 from .errors import InputError
 from .kv_cache import CachePolicy
 from .noise import NoiseSource, to_device
@@ -172,6 +173,7 @@ def sample_realvideo(
         talking: model.project_context(pad_context(ctx, core.text_dim).to(device))
         for talking, ctx in ((False, idle_context), (True, talking_context))
     }
+    graphs = session_graphs(model, cache, forwards_per_block=len(schedule) + 1)
     audio: dict[int, AudioTokens] = {}
     # One temporal RoPE step, spatial pairs untouched (identity): the per-block sink drift.
     drift = grid_rotations(torch.tensor([1]), 1, 1, HEAD_DIM).to(device)
@@ -188,7 +190,7 @@ def sample_realvideo(
 
         def predict(x: torch.Tensor, t: torch.Tensor, compute_output: bool = True) -> torch.Tensor | None:
             # float64 so the sinusoid sees the float32 timestep without a second rounding.
-            return model(x, t.double(), window, kv, cache, start, compute_output, grid_offset)
+            return model(x, t.double(), window, kv, cache, start, compute_output, grid_offset, graphs)
 
         x = to_device(noise.initial(block, (1, FRAMES_PER_BLOCK, LATENT_CHANNELS, h, w)), device).to(dtype).transpose(1, 2)
         x0 = denoise_block(

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import check_keys, check_state_dict, resolve_dtype, strip_prefix
+from .cuda_graphs import ForwardGraphs
 from .errors import CheckpointError
 from .kv_cache import KVCache
 from .rope import grid_rotations
@@ -332,16 +333,15 @@ class S2VDiT(WanDiTCore):
         frame_positions: torch.Tensor,
         context_kv: list[tuple[torch.Tensor, torch.Tensor]],
         cache: KVCache,
-        start_frame: int,
         audio: AudioTokens | None,
         grid_offset: tuple[int, int],
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+        """The layers over ``latents``; the caller has set the cache's block (:meth:`KVCache.set_block`)."""
         tokens, grid = self.patchify(latents)
         tokens = tokens + self.trainable_cond_mask.weight[kind].to(tokens.dtype)
         # One timestep for all tokens: a single modulation row broadcast over frames.
         t_emb, t_mod = self.embed_time(t.reshape(1, 1))
         rotations = shard_rotations(frame_positions, grid, grid_offset)
-        cache.set_block(start_frame, grid[0])
         for layer, block in enumerate(self.blocks):
             tokens = block(tokens, t_mod, rotations, context_kv[layer], cache, layer, self.attention_backend)
             j = self.s2v_config.injector_for_layer(layer)
@@ -360,7 +360,8 @@ class S2VDiT(WanDiTCore):
         """Write the reference latent ``[1, 16, 1, h, w]`` (t = 0, no audio) into cache frame 0."""
         t = torch.zeros((), dtype=torch.float64, device=self.device)
         positions = torch.tensor([rope_position], device=self.device)
-        self._run(ref_latent, REFERENCE_TOKEN, t, positions, context_kv, cache, 0, None, grid_offset)
+        cache.set_block(0, 1)
+        self._run(ref_latent, REFERENCE_TOKEN, t, positions, context_kv, cache, None, grid_offset)
 
     def forward(
         self,
@@ -372,6 +373,7 @@ class S2VDiT(WanDiTCore):
         start_frame: int,
         compute_output: bool = True,
         grid_offset: tuple[int, int] = (0, 0),
+        graphs: ForwardGraphs | None = None,
     ) -> torch.Tensor | None:
         """Predict the flow ``v`` of one block.
 
@@ -384,6 +386,8 @@ class S2VDiT(WanDiTCore):
                 also its RoPE position.
             compute_output: False for the cache-refresh pass, whose output is discarded.
             grid_offset: (h, w) patch offset of this latent shard (sequence parallelism).
+            graphs: the session's :class:`~.cuda_graphs.ForwardGraphs` to replay the forward from
+                (the refresh pass then computes the output too: one small Linear).
         Returns:
             ``v`` ``[1, 16, F, h, w]`` in the model dtype, or None.
         """
@@ -391,12 +395,22 @@ class S2VDiT(WanDiTCore):
         if audio.num_frames != f:
             raise ValueError(f"the block has {f} latent frames but its audio window has {audio.num_frames}")
         positions = torch.arange(start_frame, start_frame + f, device=self.device)
-        tokens, t_emb, grid = self._run(
-            x, VIDEO_TOKEN, t, positions, context_kv, cache, start_frame, audio, grid_offset
-        )
+        cache.set_block(start_frame, f)
+
+        def predict(x: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, audio_global: torch.Tensor,
+                    audio_local: torch.Tensor) -> torch.Tensor:
+            audio = AudioTokens(audio_global, audio_local)
+            tokens, t_emb, grid = self._run(x, VIDEO_TOKEN, t, positions, context_kv, cache, audio, grid_offset)
+            return self.unpatchify(self.head(tokens, t_emb), grid)
+
+        if graphs is not None:
+            key = (cache.block_layout, id(context_kv), grid_offset)
+            v = graphs(key, predict, x, t, positions, audio.global_, audio.local)
+            return v if compute_output else None
         if not compute_output:
+            self._run(x, VIDEO_TOKEN, t, positions, context_kv, cache, audio, grid_offset)
             return None
-        return self.unpatchify(self.head(tokens, t_emb), grid)
+        return predict(x, t, positions, audio.global_, audio.local)
 
 
 def s2v_config_from_state_dict(

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .cuda_graphs import session_graphs
 from .kv_cache import CachePolicy
 from .livetalk_model import LATENT_CHANNELS, LiveTalkDiT
 from .noise import NoiseSource, to_device
@@ -47,8 +48,9 @@ def denoise_block(
         x0 of the last step, in the run dtype.
     """
     dtype = x.dtype
-    # One copy to the device per block: a blocking copy per step would stall the CPU on the GPU.
-    timesteps = torch.stack(schedule.model_timesteps(torch.float32 if x0_from_timestep else dtype)).to(x.device)
+    # One copy per block, through pinned memory: a plain copy from pageable memory makes the CPU
+    # wait for the GPU's whole queue.
+    timesteps = to_device(torch.stack(schedule.model_timesteps(torch.float32 if x0_from_timestep else dtype)), x.device)
     x0 = x
     for i, t in enumerate(timesteps):
         if before_step is not None:
@@ -115,6 +117,7 @@ def sample_livetalk(
         raise ValueError(f"audio embeddings cover {audio_embeds.shape[2]} latent frames, {needed} are needed")
     ph, pw = model.config.patch_size[1:]
     cache = model.new_kv_cache(cache_policy, frame_tokens=(h // ph) * (w // pw), num_heads=model.config.num_heads)
+    graphs = session_graphs(model, cache, forwards_per_block=len(schedule) + 1)
     context_kv = model.project_context(context.to(device))
     ref = ref_latent.to(device)
     ref_in_dtype = ref[:, :, 0].to(dtype)
@@ -126,7 +129,7 @@ def sample_livetalk(
 
         def predict(x: torch.Tensor, t: torch.Tensor, compute_output: bool = True) -> torch.Tensor:
             t_frames = t.to(dtype).expand(1, frames_per_block)
-            return model(x, t_frames, reference, audio, context_kv, cache, start, compute_output)
+            return model(x, t_frames, reference, audio, context_kv, cache, start, compute_output, graphs)
 
         def pin_reference(x: torch.Tensor) -> None:
             if start == 0:

@@ -280,6 +280,7 @@ class WanDiTCore(nn.Module):
         self.attention_backend = "sdpa"
         self.fp8_kv_cache = False  # store the samplers' KV cache in fp8 (kv_cache.KVCache)
         self.kv_codec = EAGER_FP8  # how that cache quantises (compile.compile_blocks fuses it)
+        self.cuda_graphs = False  # replay the samplers' forwards as CUDA graphs (cuda_graphs.ForwardGraphs)
         self.patch_embedding = nn.Conv3d(config.in_dim, c, kernel_size=config.patch_size, stride=config.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, c), nn.GELU(approximate="tanh"), nn.Linear(c, c))
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, c), nn.SiLU(), nn.Linear(c, c))
