@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the VAE on another GPU (e.g. cuda:1), so decoding never competes with the DiT; default: --device")
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "math", "flash", "sage"), help="attention kernel")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the DiT blocks and the VAE's conv steps (default: on for GPUs, about 30%% faster)")
+                   help="torch.compile the DiT blocks and the VAE's conv steps, and replay the DiT's forwards as CUDA graphs "
+                   "(default: on for GPUs, about 30%% faster)")
     p.add_argument("--fp8-matmul", action="store_true",
                    help="run the DiT's block Linear layers as fp8 matmuls (Ada/Hopper GPUs, bf16): faster, output moves by fp8 rounding")
     p.add_argument("--fp8-kv-cache", action="store_true",
