@@ -1,10 +1,10 @@
 """Whole DiT forwards replayed as CUDA graphs.
 
-A forward of the 14B DiT launches about two thousand kernels (40 layers of compiled regions, the
-attention, the audio injectors and, under sequence parallelism, two all-to-alls per layer). On one
-GPU the GPU hides that launch work; split over 4 GPUs each rank's share of a layer takes less GPU
-time than Python takes to launch it, and every all-to-all then waits for the slowest rank's CPU
-(docs/performance.md). Replaying a captured graph launches the whole forward at once.
+A compiled forward still launches over a thousand kernels (per layer: the compiled regions, the
+cache write, the attention; the 14B's audio injectors). A fast host launches them faster than the
+GPU runs them; a slow or busy one does not, and the GPU then idles between kernels (on one H100
+whose host was slow, the 1.3B DiT took 220 ms per block launched kernel by kernel, 178 ms
+replayed: docs/performance.md). Replaying a captured graph launches the whole forward at once.
 
 What a capture bakes in, and so what keys a graph: the addresses of every tensor it reads (the
 model's weights, the session's KV cache and text K/V) and every Python value (the cache's slot
@@ -15,8 +15,8 @@ into a couple of slot mappings, so a handful of graphs serve a whole video.
 A key runs eagerly for its first ``eager_calls`` forwards, is captured at the next and replayed
 from then on. The samplers pass one block's forwards: only a slot mapping that comes back in a later
 block is captured, so block 0 (what the first frame waits for) and the cache's fill-up blocks never
-pay for a capture, and every lazy thing (cuDNN plans, cuBLAS handles, NCCL channels, compiled
-kernels) is warm before one. If a capture fails (an op that cannot be captured) the session warns
+pay for a capture, and every lazy thing (cuDNN plans, cuBLAS handles, compiled kernels) is
+warm before one. If a capture fails (an op that cannot be captured) the session warns
 once and stays eager.
 """
 
@@ -82,11 +82,13 @@ class ForwardGraphs:
 
 
 def session_graphs(model: torch.nn.Module, cache: KVCache, forwards_per_block: int) -> ForwardGraphs | None:
-    """Graphs for one session of ``model`` with ``cache`` when the model asks for them
-    (:attr:`~.wan_dit.WanDiTCore.cuda_graphs`) and can have them: on a GPU, with a bf16/fp16 cache
-    (an fp8 cache composes its sink rotations per block on the host), on one GPU: captured NCCL
-    all-to-alls hung on a 2x H200 machine (docs/performance.md), so sequence-parallel ranks stay
-    eager."""
+    """Graphs for one session of ``model`` with ``cache``, or None (eager) unless all of these hold:
+
+    * the model asks for them (:attr:`~.wan_dit.WanDiTCore.cuda_graphs`, set by ``compile_blocks``);
+    * the cache is on a GPU and not fp8 (an fp8 cache composes its sink rotations on the host);
+    * one process: NCCL all-to-alls captured in a graph hung on 2 and 4 H200s, so
+      sequence-parallel ranks stay eager.
+    """
     if not getattr(model, "cuda_graphs", False) or cache.fp8 or cache.keys[0].device.type != "cuda":
         return None
     if sequence_parallel.attached(model) is not None:
@@ -99,7 +101,7 @@ def capture_graph(body: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor,
     replays never overlap)."""
     static = tuple(x.clone() for x in inputs)
     graph = torch.cuda.CUDAGraph()
-    # thread_local: other threads (NCCL's watchdog, a preview) may query CUDA while this captures.
+    # thread_local: other threads (ComfyUI's server, a preview) may use CUDA while this captures.
     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         output = body(*static)
     return _Captured(graph, static, output)
