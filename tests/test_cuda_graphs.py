@@ -83,6 +83,15 @@ def test_a_failed_capture_warns_once_and_stays_eager(caplog):
     assert sum("CUDA graph capture failed" in r.message for r in caplog.records) == 1
 
 
+def test_compile_blocks_is_the_switch_and_both_clis_expose_it():
+    from livetalk_core import cli, realvideo_cli
+    from livetalk_core.compile import compile_blocks
+
+    assert compile_blocks(tiny_model()).cuda_graphs and not compile_blocks(tiny_model(), cuda_graphs=False).cuda_graphs
+    for parser in (cli.build_parser(), realvideo_cli.build_parser()):
+        assert parser.parse_args([]).cuda_graphs and not parser.parse_args(["--no-cuda-graphs"]).cuda_graphs
+
+
 def test_no_graphs_on_the_cpu_with_an_fp8_cache_or_when_not_asked():
     model = tiny_model()
     cache = KVCache(CachePolicy(5, 1), num_layers=2, frame_tokens=4, num_heads=1, head_dim=128)
