@@ -79,6 +79,13 @@ def build_encoders(device: torch.device, dtype: torch.dtype, tiny: bool) -> tupl
     return vae, AudioEncoder(Wav2Vec2Model(large).to(device).eval(), do_normalize=True, source=Path("random"))
 
 
+def user_inputs(config: S2VConfig, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded stand-ins for what a user gives: a ``2*size`` square image (uint8 HWC), 5 s of audio
+    (16 kHz) and the idle / talking prompt embeddings ``[2, 1, 512, text_dim]``."""
+    image, waveform, contexts = user_inputs(config, size, dtype)
+    return image, waveform, contexts
+
+
 def encode_image(vae: WanVAE, image: torch.Tensor, area: int, dtype: torch.dtype) -> torch.Tensor:
     pixels, _ = preprocess_reference(image, area, vae.device)
     return vae.encode(pixels.to(dtype).unsqueeze(2)).to(dtype)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_realvideo import RELEASE, build_dit, build_encoders, encode_inputs, shared_inputs  # noqa: E402
+from bench_realvideo import RELEASE, build_dit, build_encoders, encode_inputs, shared_inputs, user_inputs  # noqa: E402
 from profile_livetalk import kernel_kinds  # noqa: E402
 
 from livetalk_core import sequence_parallel  # noqa: E402
@@ -51,9 +51,7 @@ def main() -> None:
     dtype = torch.bfloat16
     model = build_dit(RELEASE, device, dtype)
     vae, encoder = build_encoders(device, dtype, False) if rank == 0 else (None, None)
-    image = torch.randint(0, 255, (1024, 1024, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
-    waveform = torch.randn(5 * 16000, generator=torch.Generator().manual_seed(5)) * 0.1
-    contexts = torch.randn(2, 1, 512, RELEASE.core.text_dim, generator=torch.Generator().manual_seed(3)).to(dtype)
+    image, waveform, contexts = user_inputs(RELEASE, 512, dtype)
     inputs = shared_inputs(sp, lambda: encode_inputs(vae, encoder, image, waveform, contexts, 512 * 512, dtype))
     compile_blocks(model)
 

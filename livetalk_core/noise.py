@@ -56,9 +56,10 @@ class ReplayNoise:
         return noise
 
 
-def to_device(noise: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``noise`` on ``device`` without stalling the CPU: a plain copy from pageable memory waits for
-    every kernel queued before it, so a GPU copy goes through pinned memory, asynchronously."""
-    if device.type != "cuda" or noise.device.type != "cpu":
-        return noise.to(device)
-    return noise.pin_memory().to(device, non_blocking=True)
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (the samplers' noise draws and timesteps) on ``device`` without stalling the CPU: a
+    plain copy from pageable memory waits for every kernel queued before it, so a GPU copy goes
+    through pinned memory, asynchronously."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
