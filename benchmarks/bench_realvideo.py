@@ -82,7 +82,9 @@ def build_encoders(device: torch.device, dtype: torch.dtype, tiny: bool) -> tupl
 def user_inputs(config: S2VConfig, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Seeded stand-ins for what a user gives: a ``2*size`` square image (uint8 HWC), 5 s of audio
     (16 kHz) and the idle / talking prompt embeddings ``[2, 1, 512, text_dim]``."""
-    image, waveform, contexts = user_inputs(config, size, dtype)
+    image = torch.randint(0, 255, (2 * size, 2 * size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    waveform = torch.randn(5 * 16000, generator=torch.Generator().manual_seed(5)) * 0.1
+    contexts = torch.randn(2, 1, 512, config.core.text_dim, generator=torch.Generator().manual_seed(3)).to(dtype)
     return image, waveform, contexts
 
 
@@ -125,9 +127,7 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
     model = build_dit(config, device, dtype)
     model.fp8_kv_cache = options.fp8_kv_cache
     vae, encoder = build_encoders(device, dtype, options.tiny) if rank == 0 else (None, None)
-    image = torch.randint(0, 255, (2 * size, 2 * size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
-    waveform = torch.randn(5 * 16000, generator=torch.Generator().manual_seed(5)) * 0.1
-    contexts = torch.randn(2, 1, 512, config.core.text_dim, generator=torch.Generator().manual_seed(3)).to(dtype)
+    image, waveform, contexts = user_inputs(config, size, dtype)
 
     def make_inputs() -> dict:
         return encode_inputs(vae, encoder, image, waveform, contexts, size * size, dtype)
