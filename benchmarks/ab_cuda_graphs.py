@@ -1,7 +1,9 @@
 """CUDA graphs on or off, same process, same inputs: steady DiT ms per block, the latents of both
-runs compared element by element, peak memory (full size, random weights, one GPU).
+runs compared element by element, peak memory (full size, random weights; one GPU, or the 14B
+sequence parallel under ``torchrun``, where the graphs are cut at the all-to-alls).
 
     python3 benchmarks/ab_cuda_graphs.py [--configs livetalk,realvideo-2]
+    torchrun --standalone --nproc_per_node=4 benchmarks/ab_cuda_graphs.py --configs realvideo-2
 
 Each configuration is compiled once, warmed up, then sampled four times (off, on, off, on); the
 steady time is the median over the blocks after the graphs' captures (block 8 on).
@@ -20,9 +22,11 @@ import bench_livetalk  # noqa: E402
 from bench_realvideo import RELEASE, build_dit  # noqa: E402
 from timing import gpu_ms, median, rel_l2  # noqa: E402
 
+from livetalk_core import sequence_parallel  # noqa: E402
 from livetalk_core.compile import compile_blocks  # noqa: E402
 from livetalk_core.noise import SeededNoise  # noqa: E402
-from livetalk_core.realvideo_sampler import realvideo_schedule, sample_realvideo  # noqa: E402
+from livetalk_core.realvideo_sampler import realvideo_schedule  # noqa: E402
+from livetalk_core.realvideo_worker import sample_realvideo_parallel  # noqa: E402
 
 STEADY_FROM = 8
 
@@ -37,15 +41,19 @@ def timed(blocks, device: torch.device) -> tuple[list[torch.Tensor], list[float]
         ms.append(t)
 
 
-def compare(name: str, model: torch.nn.Module, sample, device: torch.device) -> None:
+def compare(name: str, model: torch.nn.Module, sample, device: torch.device, rank: int = 0) -> None:
     runs: dict[bool, list] = {False: [], True: []}
     for graphs in (False, True, False, True):
         model.cuda_graphs = graphs
         torch.cuda.reset_peak_memory_stats(device)
         latents, ms = timed(sample(), device)
         runs[graphs].append(latents)
-        print(f"{name} cuda_graphs={graphs}: steady DiT {median(ms[STEADY_FROM:]):.1f} ms/block, "
-              f"per block {[round(x) for x in ms]}, peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB", flush=True)
+        if rank == 0:
+            print(f"{name} cuda_graphs={graphs}: steady DiT {median(ms[STEADY_FROM:]):.1f} ms/block, "
+                  f"per block {[round(x) for x in ms]}, peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB",
+                  flush=True)
+    if rank != 0:
+        return
     off, on = runs[False][0], runs[True][0]
     print(f"{name} graphs vs not, per block (max |d|, rel L2):",
           [(round((a - b).abs().max().item(), 5), round(rel_l2(a, b), 6)) for a, b in zip(on, off)], flush=True)
@@ -57,7 +65,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="livetalk,realvideo-2", help="of livetalk, realvideo-2, realvideo-4")
     configs = parser.parse_args().configs.split(",")
-    device = torch.device("cuda")
+    sp = sequence_parallel.init_from_env()
+    rank = 0 if sp is None else sp.rank
+    device = torch.device("cuda", torch.cuda.current_device())
+    if sp is not None and "livetalk" in configs:
+        raise SystemExit("the 1.3B runs on one GPU: under torchrun give --configs realvideo-2 or realvideo-4")
     if "livetalk" in configs:
         pipe, context = bench_livetalk.build(device, torch.bfloat16, device, False)
         bench_livetalk.optimise(pipe, Namespace(fp8_kv_cache=False, fp8_matmul=False, compile=True, cuda_graphs=False))
@@ -79,13 +91,15 @@ def main() -> None:
                       audio_features=[torch.randn(1, 25, 1024, 80, generator=g).bfloat16()])
 
         def sample():
-            return sample_realvideo(model, noise=SeededNoise(0), schedule=realvideo_schedule(steps), num_blocks=12, **inputs)
+            return sample_realvideo_parallel(model, sp, noise=SeededNoise(0), schedule=realvideo_schedule(steps),
+                                             num_blocks=12, **inputs)
 
         for _ in sample():
             pass
-        compare(f"realvideo-14b-{steps}step", model, sample, device)
+        compare(f"realvideo-14b-{steps}step" + (f"-{sp.world_size}gpu" if sp else ""), model, sample, device, rank)
         model = None
         torch.cuda.empty_cache()
+    sequence_parallel.leave_together(sp)
 
 
 if __name__ == "__main__":

@@ -213,7 +213,7 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
             "gpu": gpu_name(device),
             "torch": torch.__version__,
             "compile": options.compile,
-            "cuda_graphs": options.compile and options.cuda_graphs and world == 1,
+            "cuda_graphs": options.compile and options.cuda_graphs,
             "fp8_matmul": options.fp8_matmul,
             "fp8_kv_cache": options.fp8_kv_cache,
             "vae_device": f"{device} (rank 0)",

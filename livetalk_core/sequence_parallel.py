@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .cuda_graphs import outside_graph
 from .errors import InputError
 from .kv_cache import CachePolicy
 from .noise import NoiseSource
@@ -57,7 +58,7 @@ class SequenceParallel:
         t, p = len(tensors), self.world_size
         b, s, h, d = tensors[0].shape
         # [T, B, s, H, D] -> [P, T, B, s, H/P, D]: head chunk i goes to rank i.
-        send = torch.stack(tensors).view(t, b, s, p, h // p, d).permute(3, 0, 1, 2, 4, 5).contiguous()
+        send = torch.stack(tensors).view(t, b, s, p, h // p, d).permute(3, 0, 1, 2, 4, 5)
         received = self._all_to_all(send)  # chunk i now holds rank i's tokens
         return list(received.permute(1, 2, 0, 3, 4, 5).reshape(t, b, p * s, h // p, d).unbind(0))
 
@@ -65,14 +66,17 @@ class SequenceParallel:
         """Inverse of :meth:`heads_from_sequence` for one tensor: ``[B, s*P, H/P, D]`` -> ``[B, s, H, D]``."""
         p = self.world_size
         b, n, hp, d = x.shape
-        send = x.view(b, p, n // p, hp, d).movedim(1, 0).contiguous()  # token chunk i goes to rank i
+        send = x.view(b, p, n // p, hp, d).movedim(1, 0)  # token chunk i goes to rank i
         received = self._all_to_all(send)  # chunk i now holds rank i's heads
         return received.permute(1, 2, 0, 3, 4).reshape(b, n // p, p * hp, d)
 
     def _all_to_all(self, send: torch.Tensor) -> torch.Tensor:
-        received = torch.empty_like(send)
+        """Chunk i of ``send`` (split along dim 0; any strides) to rank i; a captured forward is cut
+        here, so the collective itself is never part of a CUDA graph (:mod:`.cuda_graphs`)."""
+        return outside_graph(self._exchange, send)
+
+    def _exchange(self, send: torch.Tensor, received: torch.Tensor) -> None:
         dist.all_to_all_single(received, send, group=self.group)
-        return received
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate every rank's ``x`` along ``dim`` (rank order)."""

@@ -1,21 +1,30 @@
 """The CUDA-graph replay's bookkeeping (livetalk_core/cuda_graphs.py), on the CPU.
 
-A real graph replays the kernels it captured: it reads its static input buffers and whatever the
-capture-time closure referenced, and ignores Python values passed later. ``FakeGraph`` does the
-same with the captured closure, so a sampler that forgot to route something that varies through
-the graph's inputs gives different latents here (the GPU check in benchmarks/bench.py compares the
-real graphs with plain eager at full size)."""
+``RecordingGraph`` stands in for a CUDA graph: while capturing it records every aten op with the
+tensors it touched (by identity, as a graph keeps addresses) and the Python values it was given,
+and a replay runs those ops again, writing each result where the capture's result lives. Like a
+real graph it ignores anything that changed on the Python side since the capture, so a sampler
+that forgot to route something that varies through the graph's inputs gives different latents
+here, and a forward cut at its sequence-parallel exchanges only works if the exchanges' static
+buffers connect the pieces (the GPU check in benchmarks/ compares real graphs with plain eager at
+full size).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
+from torch.utils._pytree import tree_leaves
 
 import livetalk_core.realvideo_sampler as realvideo_sampler
 import livetalk_core.sampler as livetalk_sampler
-from livetalk_core.cuda_graphs import ForwardGraphs, _Captured, session_graphs
+from livetalk_core.cuda_graphs import ForwardGraphs, outside_graph, session_graphs
 from livetalk_core.kv_cache import CachePolicy, KVCache
 from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT
 from livetalk_core.noise import SeededNoise
@@ -24,63 +33,129 @@ from livetalk_core.sampler import sample_livetalk
 from livetalk_core.wan_dit import WanCoreConfig
 from test_realvideo import run_tiny, tiny_model
 
+ALLOCATIONS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default,
+               torch.ops.aten.empty_strided.default}  # no kernel: nothing to replay
 
-class FakeGraph:
-    def __init__(self, body, static):
-        self.body, self.static, self.output, self.replays = body, static, None, 0
+
+class RecordingGraph(TorchDispatchMode):
+    def __init__(self, pool):
+        super().__init__()
+        self.pool, self.ops, self.replays = pool, [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func not in ALLOCATIONS:
+            self.ops.append((func, args, kwargs or {}, out))
+        return out
 
     def replay(self):
-        self.output.copy_(self.body(*self.static))
+        for func, args, kwargs, out in self.ops:
+            fresh = func(*args, **kwargs)
+            for old, new in zip(tree_leaves(out), tree_leaves(fresh)):
+                # a view or an in-place op already wrote where the capture's result lives
+                if isinstance(old, torch.Tensor) and old.untyped_storage().data_ptr() != new.untyped_storage().data_ptr():
+                    old.copy_(new)
         self.replays += 1
 
-    def pool(self):
-        return "pool"
 
+class RecordingMaker:
+    """A :class:`~livetalk_core.cuda_graphs.GraphMaker` of :class:`RecordingGraph`; ``fail_at``: the
+    number of the graph whose capture fails (an op that cannot be captured)."""
 
-class FakeCapture:
-    def __init__(self, fail: bool = False):
-        self.fail, self.graphs, self.pools = fail, [], []
+    def __init__(self, fail_at: int | None = None):
+        self.fail_at, self.graphs, self.pools = fail_at, [], []
 
-    def __call__(self, body, inputs, pool):
-        if self.fail:
+    def new_pool(self):
+        return object()
+
+    def capturing(self):
+        return contextlib.nullcontext()
+
+    def begin(self, pool):
+        if len(self.graphs) == self.fail_at:
             raise RuntimeError("operation not permitted when stream is capturing")
-        self.pools.append(pool)
-        static = tuple(x.clone() for x in inputs)
-        graph = FakeGraph(body, static)
-        graph.output = torch.full_like(body(*static), float("nan"))  # a capture computes nothing
+        graph = RecordingGraph(pool)
+        graph.__enter__()
         self.graphs.append(graph)
-        return _Captured(graph, static, graph.output)
+        self.pools.append(pool)
+        return graph
+
+    def end(self, graph):
+        graph.__exit__(None, None, None)
 
 
 def test_eager_until_the_key_recurs_then_captured_once_and_replayed():
-    capture, calls = FakeCapture(), []
+    maker, calls = RecordingMaker(), []
 
     def body(x, y):
         calls.append(1)
         return x * 2 + y
 
-    graphs = ForwardGraphs(eager_calls=2, capture=capture)
+    graphs = ForwardGraphs(eager_calls=2, maker=maker)
     for i in range(2):
         assert torch.equal(graphs("a", body, torch.full((3,), float(i)), torch.ones(3)), torch.full((3,), 2.0 * i + 1))
-    assert not capture.graphs and len(calls) == 2
+    assert not maker.graphs and len(calls) == 2
     outputs = [graphs("a", body, torch.full((3,), float(i)), torch.ones(3)) for i in range(2, 5)]
     assert [o.tolist() for o in outputs] == [[2.0 * i + 1] * 3 for i in range(2, 5)]
-    assert len(capture.graphs) == 1 and capture.graphs[0].replays == 3
+    assert len(maker.graphs) == 1 and maker.graphs[0].replays == 3 and len(calls) == 3  # Python ran once more
     # the caller gets its own tensor: the next replay must not change an earlier result
-    assert outputs[0].data_ptr() != capture.graphs[0].output.data_ptr()
-    graphs("b", body, torch.zeros(3), torch.zeros(3))
-    graphs("b", body, torch.zeros(3), torch.zeros(3))
-    graphs("b", body, torch.zeros(3), torch.zeros(3))
-    assert graphs.num_graphs == 2 and capture.pools == [None, "pool"]  # one memory pool per session
+    assert outputs[0].data_ptr() != graphs.captured[0].output.data_ptr()
+    for _ in range(3):
+        graphs("b", body, torch.zeros(3), torch.zeros(3))
+    assert graphs.num_graphs == 2 and len(set(map(id, maker.pools))) == 1  # one memory pool per session
 
 
-def test_a_failed_capture_warns_once_and_stays_eager(caplog):
-    graphs = ForwardGraphs(eager_calls=0, capture=FakeCapture(fail=True))
+def test_a_replay_ignores_python_values_as_a_cuda_graph_does():
+    graphs, scale = ForwardGraphs(eager_calls=0, maker=RecordingMaker()), [2.0]
+    first = graphs("a", lambda x: x * scale[0], torch.ones(2))
+    scale[0] = 3.0
+    assert torch.equal(graphs("a", lambda x: x * scale[0], torch.ones(2)), first)
+
+
+def test_a_forward_is_cut_at_its_exchanges_which_run_between_the_graphs():
+    exchanged = []
+
+    def reverse(send, received):  # stands in for an all-to-all: eager, outside every graph
+        assert send.is_contiguous() and received.is_contiguous()
+        exchanged.append(send.clone())
+        received.copy_(send.flip(0))
+
+    def body(x):
+        y = outside_graph(reverse, (x * 2).t())  # a strided view goes in
+        return outside_graph(reverse, y + 1).sum(0) * 3
+
+    def eager(x):
+        return ((x * 2).t().flip(0) + 1).flip(0).sum(0) * 3
+
+    maker = RecordingMaker()
+    graphs = ForwardGraphs(eager_calls=1, maker=maker)
+    inputs = [torch.randn(2, 3, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    for i, x in enumerate(inputs):
+        assert torch.equal(graphs("a", body, x), eager(x)), i
+    (captured,) = graphs.captured
+    assert len(captured.graphs) == 3 and len(captured.between) == 2
+    assert len(exchanged) == 2 * len(inputs)  # the capture itself exchanged nothing
+    assert [g.replays for g in maker.graphs] == [3, 3, 3]
+    # a second forward with exchanges of the same shapes shares the static buffers
+    for x in inputs[:3]:
+        assert torch.equal(graphs("b", body, x), eager(x))
+    assert len(graphs._buffers) == 1 and len(maker.graphs) == 6
+
+
+@pytest.mark.parametrize("fail_at", [0, 1])  # the first graph, or the one after an exchange
+def test_a_failed_capture_warns_once_and_stays_eager(caplog, fail_at):
+    maker = RecordingMaker(fail_at=fail_at)
+    graphs = ForwardGraphs(eager_calls=0, maker=maker)
+
+    def body(x):
+        return outside_graph(lambda send, received: received.copy_(send), x + 1)
+
     with caplog.at_level(logging.WARNING):
-        results = [graphs(k, lambda x: x + 1, torch.zeros(2)) for k in ("a", "a", "b")]
+        results = [graphs(k, body, torch.zeros(2)) for k in ("a", "a", "b")]
     assert all(torch.equal(r, torch.ones(2)) for r in results)
     assert graphs.failed and graphs.num_graphs == 0
     assert sum("CUDA graph capture failed" in r.message for r in caplog.records) == 1
+    assert _get_current_dispatch_mode() is None  # the half-made capture was ended
 
 
 def test_compile_blocks_is_the_switch_and_both_clis_expose_it():
@@ -109,7 +184,7 @@ def fake_session_graphs(monkeypatch):
     def fake(model, cache, forwards_per_block):
         if not model.cuda_graphs:
             return None
-        made.append(ForwardGraphs(eager_calls=forwards_per_block, capture=FakeCapture()))
+        made.append(ForwardGraphs(eager_calls=forwards_per_block, maker=RecordingMaker()))
         return made[-1]
 
     monkeypatch.setattr(livetalk_sampler, "session_graphs", fake)
@@ -129,7 +204,7 @@ def test_livetalk_replays_give_the_eager_latents(fake_session_graphs):
     model.cuda_graphs = True
     replayed = list(sample_livetalk(model, noise=SeededNoise(0), **arguments))
     (graphs,) = fake_session_graphs
-    captured = graphs._capture.graphs
+    captured = graphs.maker.graphs
     # The window (15 frames, 9 sinks) is full from block 4; its ring then alternates two layouts
     # (blocks 4, 6, 8 and 5, 7, 9), captured at blocks 6 and 7: 5 + 5 replays each (4 steps + refresh).
     assert len(captured) == 2 and sorted(g.replays for g in captured) == [10, 10]
@@ -142,7 +217,46 @@ def test_realvideo_replays_give_the_eager_latents(fake_session_graphs):
     model.cuda_graphs = True
     replayed = run_tiny(model, num_blocks=6, schedule=realvideo_schedule(2))
     (graphs,) = fake_session_graphs
-    captured = graphs._capture.graphs
+    captured = graphs.maker.graphs
     # blocks 1, 3, 5 and 2, 4 share cache layouts, captured at blocks 3 and 4: 3 + 2 and 3 replays
     assert len(captured) == 2 and sorted(g.replays for g in captured) == [3, 5]
     assert all(torch.equal(a, b) for a, b in zip(eager, replayed))
+
+
+def _replays_on_rank(rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+
+    from livetalk_core.realvideo_worker import sample_realvideo_parallel
+    from livetalk_core.sequence_parallel import SequenceParallel
+    from test_sequence_parallel import sampler_inputs
+    from test_sequence_parallel import tiny_model as three_layer_model
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        sp, model, inputs = SequenceParallel(rank=rank, world_size=world), three_layer_model(), sampler_inputs((4, 8))
+        eager = list(sample_realvideo_parallel(model, sp, noise=SeededNoise(3), **inputs))
+        made = []
+
+        def fake(model, cache, forwards_per_block):
+            made.append(ForwardGraphs(eager_calls=forwards_per_block, maker=RecordingMaker()))
+            return made[-1]
+
+        realvideo_sampler.session_graphs = fake
+        model.cuda_graphs = True
+        replayed = list(sample_realvideo_parallel(model, sp, noise=SeededNoise(3), **inputs))
+        assert all(torch.equal(a, b) for a, b in zip(eager, replayed)), rank
+        (graphs,) = made
+        # two cache layouts, each forward cut at its 2 exchanges per layer (3 layers)
+        assert graphs.num_graphs == 2 and all(len(c.graphs) == 7 and len(c.between) == 6 for c in graphs.captured)
+        assert all(g.replays > 0 for g in graphs.maker.graphs)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sequence_parallel_replays_give_the_eager_latents():
+    """2 gloo ranks: the forwards are captured as chains of graphs around the all-to-alls, which
+    run between them, and give the eager latents on every rank."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_replays_on_rank, args=(2, port), nprocs=2)
