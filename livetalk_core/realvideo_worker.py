@@ -115,17 +115,19 @@ def load_realvideo_dit(
     attention: str = "sdpa",
     compile: bool = False,
     fp8_kv_cache: bool = False,
+    cuda_graphs: bool = True,
     **load_options: Any,
 ) -> S2VDiT:
     """:func:`~.s2v_model.load_s2v_dit` with the attention kernel and KV-cache storage set and, on a
-    GPU, the blocks compiled: a worker's ``load_model`` as ``functools.partial(load_realvideo_dit, path, dtype, ...)``."""
+    GPU, the blocks compiled (with ``cuda_graphs``, forwards replayed as CUDA graphs): a worker's
+    ``load_model`` as ``functools.partial(load_realvideo_dit, path, dtype, ...)``."""
     from .compile import compile_blocks
 
     model = load_s2v_dit(path, dtype, device, **load_options)
     model.attention_backend = resolve_backend(attention)
     model.fp8_kv_cache = fp8_kv_cache
     if compile and device.type == "cuda":
-        compile_blocks(model)
+        compile_blocks(model, cuda_graphs=cuda_graphs)
     return model
 
 

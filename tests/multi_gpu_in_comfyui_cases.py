@@ -62,10 +62,10 @@ def run(node, **inputs):
     return node.PREPARE_CLASS_CLONE({}).EXECUTE_NORMALIZED(**inputs).result
 
 
-def load(pack, gpus: int, attention: str = "sdpa"):
+def load(pack, gpus: int, attention: str = "sdpa", **options):
     return run(pack.loader.LoadLiveTalkModel, model_name="s2v.safetensors", vae_name="vae.safetensors",
                audio_encoder_name="w2v_large.safetensors", precision="fp32", attention=attention, compile=False,
-               gpus=gpus)
+               gpus=gpus, **options)
 
 
 def validate(pack, gpus: int, model_name: str = "s2v.safetensors", audio_encoder_name: str = "w2v_large.safetensors"):
@@ -130,9 +130,10 @@ def test_two_workers_give_the_one_gpu_video_and_recover_from_interrupts_failures
     assert_same_video(sample(pack, model, inputs), one_gpu)
 
     # another setting replaces the workers
-    changed = load(pack, gpus=2, attention="math")[0]
+    changed = load(pack, gpus=2, attention="math", cuda_graphs=False)[0]
     replaced = running_group(pack)
     assert not group.alive and replaced.alive and changed.engine.settings.attention == "math"
+    assert dict(changed.engine.settings.load_options)["cuda_graphs"] is False  # the workers get the switch
 
     # a worker that dies (e.g. killed for memory): one message naming it; the next run starts new workers
     replaced._workers[1].process.kill()
