@@ -62,8 +62,6 @@ def main() -> None:
                    help="regional torch.compile of the DiT blocks and the VAE's conv steps (the shipped default on GPUs)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="with --compile: replay the DiT's forwards as CUDA graphs (the shipped default)")
-    p.add_argument("--even-shards", action="store_true",
-                   help="RealVideo under torchrun: equal latent shards (default: rank 0, which decodes, takes fewer rows, as the CLI)")
     p.add_argument("--fp8-matmul", action="store_true", help="fp8 x fp8 matmuls for the DiT's block Linears")
     p.add_argument("--fp8-kv-cache", action="store_true", help="the KV cache in fp8")
     p.add_argument("--check", action="store_true", help="also compare the optimised path with plain eager bf16")

@@ -116,7 +116,7 @@ def _to_cpu(value):
 
 @torch.no_grad()
 def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
-    """One result per entry of ``options.steps``. Options: tiny, blocks, steps, compile, cuda_graphs, even_shards, fp8_matmul,
+    """One result per entry of ``options.steps``. Options: tiny, blocks, steps, compile, cuda_graphs, fp8_matmul,
     fp8_kv_cache, check, out (folder for the latents, for ``bench.py --compare``)."""
     rank, world = (0, 1) if sp is None else (sp.rank, sp.world_size)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and not options.tiny else torch.device("cpu")
@@ -134,7 +134,7 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
 
     def blocks(steps: int, inputs: dict, num_blocks: int = options.blocks):
         return sample_realvideo_parallel(model, sp, noise=SeededNoise(0), schedule=realvideo_schedule(steps),
-                                         num_blocks=num_blocks, rank0_decodes=not options.even_shards, **inputs)
+                                         num_blocks=num_blocks, **inputs)
 
     checks = {}
     if options.check:  # the optimised path against plain eager bf16 (CUDA graphs replay from block 3)
@@ -214,7 +214,6 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
             "torch": torch.__version__,
             "compile": options.compile,
             "cuda_graphs": options.compile and options.cuda_graphs,
-            "shards": "even" if options.even_shards or world == 1 else "rank 0 lighter (it decodes)",
             "fp8_matmul": options.fp8_matmul,
             "fp8_kv_cache": options.fp8_kv_cache,
             "vae_device": f"{device} (rank 0)",

@@ -90,29 +90,27 @@ class CudaGraphMaker:
         graph.capture_end()
 
 
-def outside_graph(exchange: Exchange, send: torch.Tensor, received_shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """``exchange(send, received)`` with ``send`` made contiguous (it may have any strides) and a new
-    contiguous ``received`` of ``received_shape`` (default: ``send``'s) and ``send``'s dtype; returns
-    ``received``.
+def outside_graph(exchange: Exchange, send: torch.Tensor) -> torch.Tensor:
+    """``exchange(send, received)`` into a new contiguous ``received`` shaped like ``send`` (which
+    may have any strides); returns ``received``.
 
     Run eagerly, that is all. In a forward being captured, the current graph ends here: ``send``
     is copied into a static buffer as the graph's last kernel, ``exchange`` is recorded to run from
     it into a static receive buffer before the next graph, and the next graph reads that buffer.
     """
-    received_shape = tuple(send.shape) if received_shape is None else tuple(received_shape)
     recorder: _Recorder | None = getattr(_capturing, "recorder", None)
     if recorder is None:
         send = send.contiguous()
-        received = send.new_empty(received_shape)
+        received = torch.empty_like(send)
         exchange(send, received)
         return received
-    return recorder.cut(exchange, send, received_shape)
+    return recorder.cut(exchange, send)
 
 
 class _Recorder:
     """The graphs and exchanges of one forward being captured."""
 
-    def __init__(self, maker: GraphMaker, pool: Any, buffers: dict[tuple, torch.Tensor]) -> None:
+    def __init__(self, maker: GraphMaker, pool: Any, buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.maker, self.pool, self.buffers = maker, pool, buffers
         self.graphs: list[Graph] = []
         self.between: list[Callable[[], Any]] = []
@@ -132,17 +130,13 @@ class _Recorder:
             with contextlib.suppress(Exception):
                 self.end()
 
-    def _buffer(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        # One buffer per role and shape for the whole session: replays run one after another on one
+    def cut(self, exchange: Exchange, send: torch.Tensor) -> torch.Tensor:
+        # One pair of buffers per shape for the whole session: replays run one after another on one
         # stream, and each exchange's receiver has been read before the next one of that shape writes.
-        key = (role, shape, like.dtype, like.device)
+        key = (tuple(send.shape), send.dtype, send.device)
         if key not in self.buffers:
-            self.buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return self.buffers[key]
-
-    def cut(self, exchange: Exchange, send: torch.Tensor, received_shape: tuple[int, ...]) -> torch.Tensor:
-        static_send = self._buffer("send", tuple(send.shape), send)
-        static_received = self._buffer("received", received_shape, send)
+            self.buffers[key] = tuple(torch.empty(send.shape, dtype=send.dtype, device=send.device) for _ in range(2))
+        static_send, static_received = self.buffers[key]
         static_send.copy_(send)
         self.end()
         self.between.append(functools.partial(exchange, static_send, static_received))
@@ -179,7 +173,7 @@ class ForwardGraphs:
         self._captured: dict[Hashable, _Captured] = {}
         self._calls: dict[Hashable, int] = {}
         self._pool: Any = None
-        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.failed = False
 
     def __call__(self, key: Hashable, body: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:

@@ -208,10 +208,8 @@ def run(args: argparse.Namespace) -> Path | None:
     inputs = inputs[0]
     waveform = inputs.pop("waveform")
     num_blocks = None if args.duration is None else max(1, math.ceil(args.duration / BLOCK_SECONDS))
-    # Rank 0 decodes while the others sample: it takes fewer latent rows (the same video).
     blocks = sample_realvideo_parallel(
-        dit, sp, noise=SeededNoise(args.seed), schedule=realvideo_schedule(args.steps), num_blocks=num_blocks,
-        rank0_decodes=True, **inputs
+        dit, sp, noise=SeededNoise(args.seed), schedule=realvideo_schedule(args.steps), num_blocks=num_blocks, **inputs
     )
     written = None
     if rank == 0:

@@ -163,12 +163,11 @@ def sample_realvideo(
     device, dtype = model.device, model.dtype
     _, _, _, h, w = ref_latent.shape
     # Under sequence parallelism each rank caches every token of its share of the heads.
-    local_tokens = (h // core.patch_size[1]) * (w // core.patch_size[2])
-    sp = sequence_parallel.attached(model)
+    ranks = 1 if (sp := sequence_parallel.attached(model)) is None else sp.world_size
     cache = model.new_kv_cache(
         REALVIDEO_CACHE,
-        frame_tokens=local_tokens if sp is None else sum(sp.token_counts(local_tokens)),
-        num_heads=core.num_heads // (1 if sp is None else sp.world_size),
+        frame_tokens=(h // core.patch_size[1]) * (w // core.patch_size[2]) * ranks,
+        num_heads=core.num_heads // ranks,
     )
     context_kv = {
         talking: model.project_context(pad_context(ctx, core.text_dim).to(device))

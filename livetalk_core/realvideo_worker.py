@@ -35,7 +35,7 @@ import time
 import traceback
 import types
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -48,9 +48,9 @@ from . import sequence_parallel
 from .attention import resolve_backend
 from .errors import LiveTalkError
 from .noise import NoiseSource, SeededNoise
-from .realvideo_sampler import FRAMES_PER_BLOCK, REALVIDEO_CACHE, realvideo_schedule, sample_realvideo
+from .realvideo_sampler import FRAMES_PER_BLOCK, REALVIDEO_CACHE, sample_realvideo
 from .s2v_model import S2VDiT, load_s2v_dit
-from .sequence_parallel import LatentShard, SequenceParallel, ShardedNoise, pick_split_axis, shard_sizes
+from .sequence_parallel import LatentShard, SequenceParallel, ShardedNoise, pick_split_axis
 from .wan_dit import WanCoreConfig
 
 log = logging.getLogger(__name__)
@@ -67,18 +67,12 @@ _BOOTSTRAP = (
 )
 
 
-# The VAE's decode of a block costs about what one DiT forward costs over half the latent's rows
-# (4 H200, 512x512, 2 steps: 57 ms of decode against 121 ms for the 3 forwards over 32 rows).
-DECODE_ROWS = 0.5
-
-
 def sample_realvideo_parallel(
     model: S2VDiT,
     sp: SequenceParallel | None,
     *,
     ref_latent: torch.Tensor,
     noise: NoiseSource,
-    rank0_decodes: bool = False,
     **kwargs: Any,
 ) -> Iterator[torch.Tensor]:
     """:func:`~.realvideo_sampler.sample_realvideo` over the group ``sp`` (None: one process).
@@ -86,25 +80,17 @@ def sample_realvideo_parallel(
     Every rank passes the same full-size inputs; ``noise`` must give the same draws on every rank
     (e.g. :class:`~.noise.SeededNoise` with one seed). Yields full blocks ``[1, 16, 2, h, w]`` on
     every rank. ``kwargs`` are the other arguments of ``sample_realvideo`` (``on_step`` gets this
-    rank's shard of x0). ``rank0_decodes``: rank 0's GPU also decodes the blocks while the next ones
-    sample (the CLIs' streaming decode), so rank 0 takes fewer latent rows than the others
-    (:data:`DECODE_ROWS`); the video is the same.
+    rank's shard of x0).
     """
     if sp is None or sp.world_size == 1:
         yield from sample_realvideo(model, ref_latent=ref_latent, noise=noise, **kwargs)
         return
     sequence_parallel.check_cache_policy(REALVIDEO_CACHE, FRAMES_PER_BLOCK, first_frame=REALVIDEO_CACHE.sink_frames)
-    h, w = ref_latent.shape[-2:]
-    patch = model.config.patch_size[1:]
-    axis = pick_split_axis((h, w), sp.world_size, patch)
-    step = patch[0] if axis == "h" else patch[1]
-    units = (h if axis == "h" else w) // step
-    forwards = len(kwargs.get("schedule") or realvideo_schedule()) + 1
-    rows = shard_sizes(units, sp.world_size, DECODE_ROWS * units / forwards if rank0_decodes else 0.0)
-    shard = LatentShard(axis, sp.rank, sp.world_size, (h, w), tuple(r * step for r in rows))
-    sp = replace(sp, token_shares=rows if shard.uneven else None)
     sequence_parallel.attach(model, sp)
     try:
+        h, w = ref_latent.shape[-2:]
+        patch = model.config.patch_size[1:]
+        shard = LatentShard(pick_split_axis((h, w), sp.world_size, patch), sp.rank, sp.world_size, (h, w))
         blocks = sample_realvideo(
             model,
             ref_latent=shard.take(ref_latent),

@@ -25,7 +25,6 @@ the wrapped (seeded, CPU) source on every rank and keeps this rank's slice.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -47,75 +46,37 @@ SPATIAL_DIMS = {"h": -2, "w": -1}
 
 @dataclass(frozen=True)
 class SequenceParallel:
-    """Handle of one sequence-parallel group: this process's rank in it and its size.
-
-    ``token_shares``: how many tokens each rank holds, relative to one another (its latent shard's
-    rows, :class:`LatentShard`); None for equal shards.
-    """
+    """Handle of one sequence-parallel group: this process's rank in it and its size."""
 
     rank: int
     world_size: int
     group: dist.ProcessGroup | None = None
-    token_shares: tuple[int, ...] | None = None
-
-    def token_counts(self, local: int) -> list[int]:
-        """Every rank's number of tokens, given this rank's ``local``."""
-        if self.token_shares is None:
-            return [local] * self.world_size
-        unit = local // self.token_shares[self.rank]
-        return [unit * share for share in self.token_shares]
 
     def heads_from_sequence(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """Local tokens, all heads ``[B, s, H, D]`` (any number of same-shape tensors, exchanged in one
-        all-to-all) -> all tokens (N, rank-major), this rank's heads ``[B, N, H/P, D]`` each."""
+        all-to-all) -> all tokens, this rank's heads ``[B, s*P, H/P, D]`` each."""
         t, p = len(tensors), self.world_size
         b, s, h, d = tensors[0].shape
         # [T, B, s, H, D] -> [P, T, B, s, H/P, D]: head chunk i goes to rank i.
         send = torch.stack(tensors).view(t, b, s, p, h // p, d).permute(3, 0, 1, 2, 4, 5)
-        counts = self.token_counts(s)
-        if self.token_shares is None:
-            received = self._all_to_all(send)  # chunk i now holds rank i's tokens
-            return list(received.permute(1, 2, 0, 3, 4, 5).reshape(t, b, p * s, h // p, d).unbind(0))
-        # Uneven shards: rank i's chunk holds its c_i tokens; a flat buffer takes them back to back.
-        sizes = [t * b * c * (h // p) * d for c in counts]
-        received = self._all_to_all(send, received_splits=sizes)
-        pieces = [chunk.view(t, b, c, h // p, d) for chunk, c in zip(received.split(sizes), counts)]
-        return list(torch.cat(pieces, dim=2).unbind(0))
+        received = self._all_to_all(send)  # chunk i now holds rank i's tokens
+        return list(received.permute(1, 2, 0, 3, 4, 5).reshape(t, b, p * s, h // p, d).unbind(0))
 
     def sequence_from_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`heads_from_sequence` for one tensor: ``[B, N, H/P, D]`` -> ``[B, s, H, D]``."""
+        """Inverse of :meth:`heads_from_sequence` for one tensor: ``[B, s*P, H/P, D]`` -> ``[B, s, H, D]``."""
         p = self.world_size
         b, n, hp, d = x.shape
-        if self.token_shares is None:
-            send = x.view(b, p, n // p, hp, d).movedim(1, 0)  # token chunk i goes to rank i
-            received = self._all_to_all(send)  # chunk i now holds rank i's heads
-            return received.permute(1, 2, 0, 3, 4).reshape(b, n // p, p * hp, d)
-        counts = self.token_counts(n * self.token_shares[self.rank] // sum(self.token_shares))
-        s = counts[self.rank]
-        # [N, B, H/P, D]: rank i's run of tokens goes to rank i; chunk i received is [s, B, H/P, D].
-        received = self._all_to_all(x.movedim(1, 0), send_splits=counts, received_shape=(p, s, b, hp, d))
-        return received.permute(2, 1, 0, 3, 4).reshape(b, s, p * hp, d)
+        send = x.view(b, p, n // p, hp, d).movedim(1, 0)  # token chunk i goes to rank i
+        received = self._all_to_all(send)  # chunk i now holds rank i's heads
+        return received.permute(1, 2, 0, 3, 4).reshape(b, n // p, p * hp, d)
 
-    def _all_to_all(
-        self,
-        send: torch.Tensor,
-        send_splits: list[int] | None = None,
-        received_splits: list[int] | None = None,
-        received_shape: tuple[int, ...] | None = None,
-    ) -> torch.Tensor:
-        """Chunk i of ``send`` along dim 0 (equal, or ``send_splits`` long; any strides) to rank i;
-        what rank i sent lands in chunk i of the result (``received_shape``, default ``send``'s, or
-        flat when ``received_splits`` gives the chunks' lengths). A captured forward is cut here, so
-        the collective itself is never part of a CUDA graph (:mod:`.cuda_graphs`)."""
-        if received_shape is None:
-            received_shape = tuple(send.shape) if received_splits is None else (sum(received_splits),)
-        exchange = functools.partial(self._exchange, send_splits, received_splits)
-        return outside_graph(exchange, send, received_shape)
+    def _all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        """Chunk i of ``send`` (split along dim 0; any strides) to rank i; a captured forward is cut
+        here, so the collective itself is never part of a CUDA graph (:mod:`.cuda_graphs`)."""
+        return outside_graph(self._exchange, send)
 
-    def _exchange(self, send_splits: list[int] | None, received_splits: list[int] | None, send: torch.Tensor,
-                  received: torch.Tensor) -> None:
-        dist.all_to_all_single(received, send, output_split_sizes=received_splits, input_split_sizes=send_splits,
-                               group=self.group)
+    def _exchange(self, send: torch.Tensor, received: torch.Tensor) -> None:
+        dist.all_to_all_single(received, send, group=self.group)
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate every rank's ``x`` along ``dim`` (rank order)."""
@@ -178,65 +139,35 @@ def pick_split_axis(latent_hw: tuple[int, int], world_size: int, patch_hw: tuple
     )
 
 
-def shard_sizes(units: int, world_size: int, rank0_extra: float = 0.0) -> tuple[int, ...]:
-    """How many of ``units`` patch rows (or columns) each rank takes: equal shares, or, when rank 0's
-    GPU has other work worth ``rank0_extra`` rows of the DiT's (the streaming decode), fewer for rank 0
-    and the rest as evenly as possible over the others, so that every rank's block takes about as
-    long. Equal shares need ``units`` to divide by ``world_size``."""
-    if rank0_extra <= 0:
-        return (units // world_size,) * world_size
-    first = min(units // world_size, max(1, round(units / world_size - rank0_extra * (world_size - 1) / world_size)))
-    rest, others = divmod(units - first, world_size - 1)
-    return (first, *([rest] * (world_size - 1 - others)), *([rest + 1] * others))
-
-
 @dataclass(frozen=True)
 class LatentShard:
-    """Which slice of the full latent one rank holds: ``sizes[r]`` rows (or columns, by ``axis``) for
-    rank r, back to back in rank order; None: equal slices."""
+    """Which slice of the full latent one rank holds."""
 
     axis: str  # "h" or "w"
     rank: int
     world_size: int
     full_hw: tuple[int, int]
-    sizes: tuple[int, ...] | None = None
 
     @property
     def dim(self) -> int:
         return SPATIAL_DIMS[self.axis]
 
     @property
-    def _sizes(self) -> tuple[int, ...]:
-        return self.sizes or (self.full_hw[0 if self.axis == "h" else 1] // self.world_size,) * self.world_size
-
-    @property
     def local_size(self) -> int:
-        return self._sizes[self.rank]
-
-    @property
-    def start(self) -> int:
-        return sum(self._sizes[: self.rank])
-
-    @property
-    def uneven(self) -> bool:
-        return len(set(self._sizes)) > 1
+        return self.full_hw[0 if self.axis == "h" else 1] // self.world_size
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's slice of a full-size ``[..., h, w]`` tensor."""
-        return x.narrow(self.dim, self.start, self.local_size)
+        return x.narrow(self.dim, self.rank * self.local_size, self.local_size)
 
     def grid_offset(self, patch_hw: tuple[int, int]) -> tuple[int, int]:
         """(row, column) patch offset of this shard in the full token grid."""
-        return (self.start // patch_hw[0], 0) if self.axis == "h" else (0, self.start // patch_hw[1])
+        start = self.rank * self.local_size
+        return (start // patch_hw[0], 0) if self.axis == "h" else (0, start // patch_hw[1])
 
     def gather(self, sp: SequenceParallel, x: torch.Tensor) -> torch.Tensor:
         """Every rank's ``[..., h_local, w_local]`` -> the full ``[..., h, w]`` on every rank."""
-        if not self.uneven:
-            return sp.all_gather(x, self.dim)
-        widest = max(self._sizes)  # an all-gather moves equal sizes: pad, then trim each rank's part
-        padded = torch.nn.functional.pad(x, (0, 0, 0, widest - x.shape[-2]) if self.axis == "h" else (0, widest - x.shape[-1]))
-        parts = sp.all_gather(padded, self.dim).split(widest, dim=self.dim)
-        return torch.cat([part.narrow(self.dim, 0, size) for part, size in zip(parts, self._sizes)], dim=self.dim)
+        return sp.all_gather(x, self.dim)
 
 
 class ShardedNoise:

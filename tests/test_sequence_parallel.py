@@ -21,10 +21,8 @@ from livetalk_core.sequence_parallel import (
     SequenceParallel,
     ShardedNoise,
     attach,
-    attached,
     check_cache_policy,
     pick_split_axis,
-    shard_sizes,
 )
 from test_realvideo import AUDIO_DIM, TEXT_DIM
 from test_realvideo import tiny_model as realvideo_tiny_model
@@ -80,13 +78,6 @@ def _exchange_on_rank(rank: int, world: int, port: int) -> None:
         for got, want in zip((q, k, v), full):
             assert torch.equal(got, want[:, :, heads]), rank  # every token, this rank's heads, in order
         assert torch.equal(sp.sequence_from_heads(k * 2), mine[1] * 2), rank
-        # uneven shards: rank 0 holds 2 of every 6 tokens, rank 1 the other 4
-        uneven = SequenceParallel(rank=rank, world_size=world, token_shares=(1, 2))
-        mine = [t[:, :2] if rank == 0 else t[:, 2:] for t in full]
-        q, k, v = uneven.heads_from_sequence(*mine)
-        for got, want in zip((q, k, v), full):
-            assert torch.equal(got, want[:, :, heads]), rank
-        assert torch.equal(uneven.sequence_from_heads(v - 1), mine[2] - 1), rank
     finally:
         dist.destroy_process_group()
 
@@ -102,58 +93,6 @@ def test_the_exchanges_move_tokens_and_heads_to_the_right_ranks():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_exchange_on_rank, args=(2, port), nprocs=2)
-
-
-def test_shard_sizes_balance_rank_0s_decode():
-    assert shard_sizes(32, 4) == (8, 8, 8, 8)
-    # 4 H200, 2 steps: the decode is worth ~5.3 rows of DiT work -> rank 0 takes 4 rows, the others 9-10
-    assert shard_sizes(32, 4, 0.5 * 32 / 3) == (4, 9, 9, 10)
-    assert shard_sizes(32, 4, 0.5 * 32 / 5) == (6, 8, 9, 9)  # 4 steps: the DiT's share weighs more
-    assert shard_sizes(32, 2, 0.5 * 32 / 3) == (13, 19)
-    assert shard_sizes(8, 4, 100.0) == (1, 2, 2, 3)  # rank 0 keeps at least one row
-    assert shard_sizes(8, 4, 0.1) == (2, 2, 2, 2)  # too little to move a row
-    shards = [LatentShard("h", r, 3, (12, 4), (2, 4, 6)) for r in range(3)]
-    x = torch.arange(48.0).view(1, 1, 12, 4)
-    assert torch.equal(torch.cat([s.take(x) for s in shards], dim=-2), x)
-    assert [s.grid_offset((2, 2)) for s in shards] == [(0, 0), (1, 0), (3, 0)]
-
-
-def _uneven_on_rank(rank: int, world: int, port: int) -> None:
-    import torch.distributed as dist
-
-    from livetalk_core.realvideo_worker import sample_realvideo_parallel
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        model, inputs = tiny_model(), {**sampler_inputs((12, 16)), "num_blocks": 4}
-        single = list(sample_realvideo(model, noise=SeededNoise(3), **inputs))
-        sp = SequenceParallel(rank=rank, world_size=world)
-        seen = set()
-
-        def on_step(block, step, x0):  # x0: this rank's shard
-            seen.add((x0.shape[-2], attached(model).token_shares))
-
-        blocks = list(sample_realvideo_parallel(model, sp, noise=SeededNoise(3), rank0_decodes=True, on_step=on_step,
-                                                **inputs))
-        for b, (ours, ref) in enumerate(zip(blocks, single)):
-            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=2e-5, msg=lambda m: f"rank {rank} block {b}: {m}")
-        # 6 patch rows: rank 0 takes 2 (4 latent rows), rank 1 the other 4 (8)
-        assert len(blocks) == 4 and seen == {(4 if rank == 0 else 8, (2, 4))}, seen
-    finally:
-        dist.destroy_process_group()
-
-
-def test_a_lighter_rank_0_gives_the_one_process_blocks():
-    """With ``rank0_decodes`` rank 0 takes fewer latent rows (it also decodes); the exchanges and the
-    gather of uneven shards give the single-process blocks."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_uneven_on_rank, args=(2, port), nprocs=2)
 
 
 def sampler_inputs(latent_hw: tuple[int, int]) -> dict:
