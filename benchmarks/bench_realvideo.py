@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from livetalk_core.audio import AudioEncoder, load_audio_encoder
 from livetalk_core.compile import compile_blocks, compile_vae
+from livetalk_core.cuda_graphs import MIN_PARALLEL_RANKS
 from livetalk_core.decode_stream import decode_blocks
 from livetalk_core.fp8_linear import use_fp8_matmuls
 from livetalk_core.noise import SeededNoise
@@ -213,7 +214,7 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
             "gpu": gpu_name(device),
             "torch": torch.__version__,
             "compile": options.compile,
-            "cuda_graphs": options.compile and options.cuda_graphs,
+            "cuda_graphs": options.compile and options.cuda_graphs and (world == 1 or world >= MIN_PARALLEL_RANKS),
             "fp8_matmul": options.fp8_matmul,
             "fp8_kv_cache": options.fp8_kv_cache,
             "vae_device": f"{device} (rank 0)",

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 import torch
 
+from . import sequence_parallel
 from .kv_cache import KVCache
 
 log = logging.getLogger(__name__)
@@ -222,12 +223,31 @@ class ForwardGraphs:
         return list(self._captured.values())
 
 
-def session_graphs(model: torch.nn.Module, cache: KVCache, forwards_per_block: int) -> ForwardGraphs | None:
-    """Graphs for one session of ``model`` with ``cache``, or None (eager) unless both hold:
+# Under sequence parallelism graphs pay from 4 ranks on: there a rank's share of a layer is shorter
+# than its launches, and the ranks wait on one another's launch jitter (4 H200s: 40 -> 46 FPS). On 2
+# the DiT is GPU-bound either way (209 vs 211 ms per block) and the denser replay leaves rank 0's
+# streaming decode less room to overlap (2 H200s: 33.7 -> 31.2 FPS).
+MIN_PARALLEL_RANKS = 4
 
-    * the model asks for them (:attr:`~.wan_dit.WanDiTCore.cuda_graphs`, set by ``compile_blocks``);
-    * the cache is on a GPU and not fp8 (an fp8 cache composes its sink rotations on the host).
-    """
-    if not getattr(model, "cuda_graphs", False) or cache.fp8 or cache.keys[0].device.type != "cuda":
+
+def eager_reason(model: torch.nn.Module, cache: KVCache) -> str | None:
+    """Why a session of ``model`` with ``cache`` runs kernel by kernel, or None to use graphs."""
+    if not getattr(model, "cuda_graphs", False):
+        return "not asked for (compile_blocks sets cuda_graphs)"
+    if cache.fp8:
+        return "an fp8 KV cache composes its sink rotations on the host"
+    sp = sequence_parallel.attached(model)
+    if sp is not None and sp.world_size < MIN_PARALLEL_RANKS:
+        return f"sequence parallel over {sp.world_size} GPUs: graphs pay from {MIN_PARALLEL_RANKS}"
+    if cache.keys[0].device.type != "cuda":
+        return "not on a GPU"
+    return None
+
+
+def session_graphs(model: torch.nn.Module, cache: KVCache, forwards_per_block: int) -> ForwardGraphs | None:
+    """Graphs for one session of ``model`` with ``cache``, or None (eager; :func:`eager_reason` says why)."""
+    reason = eager_reason(model, cache)
+    if reason is not None:
+        log.debug("no CUDA graphs for this run: %s", reason)
         return None
     return ForwardGraphs(eager_calls=forwards_per_block)

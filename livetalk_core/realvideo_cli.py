@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the DiT blocks and the VAE's conv steps (default: on for GPUs; 442 -> 335 ms per 2-step block on an H200)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="with --compile: replay the DiT's forwards as CUDA graphs once the KV cache's layout repeats, "
-                   "under torchrun as graphs between the GPUs' exchanges (same video; the DiT no longer waits on a slow "
-                   "host CPU; 4 H200s: 307 -> 121 ms per 2-step block)")
+                   "under torchrun on 4 or more GPUs as graphs between their exchanges (same video; the DiT no longer waits "
+                   "on a slow host CPU; 4 H200s: 307 -> 121 ms per 2-step block; not used on 2 GPUs, where it does not pay)")
     p.add_argument("--latents-out", type=Path, default=None, help="also save the blocks' latents (safetensors, rank 0)")
     p.add_argument("--smoke", action="store_true", help="tiny random weights on the CPU: checks the install or the launch")
     return p

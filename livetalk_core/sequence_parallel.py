@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .cuda_graphs import outside_graph
+from . import cuda_graphs
 from .errors import InputError
 from .kv_cache import CachePolicy
 from .noise import NoiseSource
@@ -73,7 +73,7 @@ class SequenceParallel:
     def _all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         """Chunk i of ``send`` (split along dim 0; any strides) to rank i; a captured forward is cut
         here, so the collective itself is never part of a CUDA graph (:mod:`.cuda_graphs`)."""
-        return outside_graph(self._exchange, send)
+        return cuda_graphs.outside_graph(self._exchange, send)
 
     def _exchange(self, send: torch.Tensor, received: torch.Tensor) -> None:
         dist.all_to_all_single(received, send, group=self.group)

@@ -24,12 +24,13 @@ from torch.utils._pytree import tree_leaves
 
 import livetalk_core.realvideo_sampler as realvideo_sampler
 import livetalk_core.sampler as livetalk_sampler
-from livetalk_core.cuda_graphs import ForwardGraphs, outside_graph, session_graphs
+from livetalk_core.cuda_graphs import ForwardGraphs, eager_reason, outside_graph, session_graphs
 from livetalk_core.kv_cache import CachePolicy, KVCache
 from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT
 from livetalk_core.noise import SeededNoise
 from livetalk_core.realvideo_sampler import realvideo_schedule
 from livetalk_core.sampler import sample_livetalk
+from livetalk_core.sequence_parallel import SequenceParallel, attach
 from livetalk_core.wan_dit import WanCoreConfig
 from test_realvideo import run_tiny, tiny_model
 
@@ -167,14 +168,19 @@ def test_compile_blocks_is_the_switch_and_both_clis_expose_it():
         assert parser.parse_args([]).cuda_graphs and not parser.parse_args(["--no-cuda-graphs"]).cuda_graphs
 
 
-def test_no_graphs_on_the_cpu_with_an_fp8_cache_or_when_not_asked():
-    model = tiny_model()
+def test_no_graphs_on_the_cpu_with_an_fp8_cache_on_2_gpus_or_when_not_asked():
+    model = tiny_model(heads=4)
     cache = KVCache(CachePolicy(5, 1), num_layers=2, frame_tokens=4, num_heads=1, head_dim=128)
-    assert session_graphs(model, cache, 3) is None  # not asked
+    assert session_graphs(model, cache, 3) is None and "not asked" in eager_reason(model, cache)
     model.cuda_graphs = True
-    assert session_graphs(model, cache, 3) is None  # CPU
+    assert session_graphs(model, cache, 3) is None and eager_reason(model, cache) == "not on a GPU"
     fp8 = KVCache(CachePolicy(5, 1), num_layers=2, frame_tokens=4, num_heads=1, head_dim=128, fp8=True)
-    assert session_graphs(model, fp8, 3) is None
+    assert session_graphs(model, fp8, 3) is None and "fp8" in eager_reason(model, fp8)
+    # sequence parallel: graphs from 4 ranks on (measured: they cost pipelined FPS on 2 GPUs)
+    attach(model, SequenceParallel(rank=0, world_size=2))
+    assert "over 2 GPUs" in eager_reason(model, cache)
+    attach(model, SequenceParallel(rank=0, world_size=4))
+    assert eager_reason(model, cache) == "not on a GPU"  # the rank count no longer stands in the way
 
 
 @pytest.fixture
