@@ -1,11 +1,12 @@
-"""DiT forwards replayed as CUDA graphs, on one GPU and under sequence parallelism.
+"""DiT forwards replayed as CUDA graphs, on one GPU and under sequence parallelism over 4 GPUs or more.
 
 A compiled forward still launches over a thousand kernels (per layer: the compiled regions, the
 cache write, the attention; the 14B's audio injectors). A fast host launches them faster than the
 GPU runs them; a slow or busy one does not, and the GPU then idles between kernels (on one H100
 whose host was slow, the 1.3B DiT took 220 ms per block launched kernel by kernel, 178 ms
 replayed: docs/performance.md). Under sequence parallelism the gaps are worse: every layer's
-exchanges wait for the slowest rank's launches, so each rank's launch jitter costs all of them.
+exchanges wait for the slowest rank's launches, so each rank's launch jitter costs all of them
+(:data:`MIN_PARALLEL_RANKS` says where that starts to matter).
 
 What a capture bakes in, and so what keys a graph: the addresses of every tensor it reads (the
 model's weights, the session's KV cache and text K/V) and every Python value (the cache's slot
