@@ -26,7 +26,8 @@ def compile_blocks(model: WanDiTCore, mode: str | None = None, cuda_graphs: bool
     """Compile every block's two tensor functions in place, and run their FFN's GELU in the GEMM's
     epilogue on GPUs (:meth:`~.wan_dit.WanBlock.feed_forward`); returns ``model``. With
     ``cuda_graphs`` the samplers also replay whole forwards as CUDA graphs once the cache's layout
-    repeats (:mod:`.cuda_graphs`; bf16 cache, one GPU or sequence parallel over 4 or more: the same latents, bit for bit).
+    repeats (:mod:`.cuda_graphs`; bf16 cache, one GPU or sequence parallel over 4 or more: the same
+    latents, bit for bit).
 
     Fails soft: if compiling fails at the first call (no Triton, no C++ toolchain, an unsupported
     op), a warning is logged once and every block runs eager from then on.

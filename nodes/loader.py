@@ -178,11 +178,11 @@ class LoadLiveTalkModel(io.ComfyNode):
                                  "outputs move by fp8 rounding. With fp8_matmul, LiveTalk 1.3B fits in about 6 GiB."),
                 io.Boolean.Input("cuda_graphs", default=True, optional=True,
                                  tooltip="With compile: replay the DiT's forwards as CUDA graphs once the KV cache's "
-                                 "layout repeats (from about the 8th block; with 4 or more gpus, graphs between the GPUs' "
-                                 "exchanges; not used on 2, where they do not pay). The same video bit for bit; the DiT no longer waits on a slow or busy CPU "
-                                 "(1.3B on an H100 with a slow host: 40.6 -> 46.1 FPS; RealVideo 14B on 4 H200s: 307 -> "
-                                 "121 ms per block, 46 FPS). Off: every kernel is launched one by one. Not used with "
-                                 "fp8_kv_cache."),
+                                 "layout repeats (from about the 8th block; with 4 or more gpus, graphs between the "
+                                 "GPUs' exchanges; not used on 2, where they do not pay). The same video bit for bit; "
+                                 "the DiT no longer waits on a slow or busy CPU (1.3B on an H100 with a slow host: "
+                                 "226 -> 181 ms per block; RealVideo 14B on 4 H200s: 307 -> 121 ms per block, 46 FPS). "
+                                 "Off: every kernel is launched one by one. Not used with fp8_kv_cache."),
             ],
             outputs=[
                 LiveTalkModel.Output("model", display_name="model",
