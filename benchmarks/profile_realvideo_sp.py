@@ -4,6 +4,7 @@ everything else, and how long each all-to-all kernel lasted (one alone takes ~60
 ``benchmarks/all_to_all.py``; the rest of a kernel's time is spent waiting for the other ranks).
 
     torchrun --standalone --nproc_per_node=4 benchmarks/profile_realvideo_sp.py [--trace DIR]
+    python3 benchmarks/profile_realvideo_sp.py    # one GPU: the same block without the exchanges
 
 ``--trace`` also writes rank 0's Chrome trace (gzipped).
 """
@@ -89,9 +90,10 @@ def main() -> None:
     trace = folder / f"trace_rank{rank}.json"
     prof.export_chrome_trace(str(trace))
     durations = exchange_kernels_us(trace)
+    exchanges = (f"{len(durations)} NCCL kernels, median {statistics.median(durations):.0f} us, min "
+                 f"{min(durations):.0f} us" if durations else "no NCCL kernels")
     summary = (f"rank {rank}: steady block {[round(w, 1) for w in wall]} ms (unprofiled); profiled block: GPU kernels "
-               f"{busy:.1f} ms, of which NCCL {nccl:.1f} ms and the rest {busy - nccl:.1f} ms; {len(durations)} NCCL "
-               f"kernels, median {statistics.median(durations):.0f} us, min {min(durations):.0f} us; "
+               f"{busy:.1f} ms, of which NCCL {nccl:.1f} ms and the rest {busy - nccl:.1f} ms; {exchanges}; "
                f"by kind (ms) {({k: round(v, 1) for k, v in kernel_kinds(events).items()})}")
     summaries = [None] * (sp.world_size if sp else 1)
     if sp:
@@ -100,7 +102,9 @@ def main() -> None:
         summaries = [summary]
     if rank == 0:
         print("\n".join(summaries))
-        print(events.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        print("rank 0's kernels by GPU time (ms, calls):")
+        for e in sorted(cuda, key=lambda e: -e.self_device_time_total)[:40]:
+            print(f"{e.self_device_time_total / 1e3:8.2f} {e.count:6d}  {e.key[:110]}")
         if args.trace:
             with open(trace, "rb") as f, gzip.open(f"{trace}.gz", "wb") as out:
                 out.write(f.read())

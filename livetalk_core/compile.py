@@ -3,8 +3,10 @@
 Each :class:`~.wan_dit.WanBlock` runs :meth:`attention_inputs` (norm, modulation, q/k/v, RMSNorm,
 RoPE) and :meth:`attention_outputs` (output projection, gates, cross-attention, FFN) as plain tensor
 functions; the KV-cache write, the sequence-parallel exchange and the attention kernel stay eager
-between them. All layers share one compiled graph per function (parameters are graph inputs), so
-compiling takes seconds, not minutes, and the cache's per-block slot mapping never recompiles it.
+between them. A model variant may add regions of its own (the 14B's audio injection,
+:meth:`~.wan_dit.WanDiTCore.compile_regions`). All layers share one compiled graph per function
+(parameters are graph inputs), so compiling takes seconds, not minutes, and the cache's per-block
+slot mapping never recompiles it.
 Most of what it removes is the element-wise traffic of the eager loop (about 40 % of the DiT's GPU
 time, see docs/performance.md).
 """
@@ -39,9 +41,9 @@ def compile_blocks(model: WanDiTCore, mode: str | None = None, cuda_graphs: bool
     model.cuda_graphs = cuda_graphs
     for block in model.blocks:
         block.gelu_in_gemm = True
-        for name in ("attention_inputs", "attention_outputs"):
-            eager = getattr(block, name)
-            setattr(block, name, _fail_soft(torch.compile(eager, dynamic=False, mode=mode), eager, state))
+    for owner, name in model.compile_regions():
+        eager = getattr(owner, name)
+        setattr(owner, name, _fail_soft(torch.compile(eager, dynamic=False, mode=mode), eager, state))
     # The fp8 cache's (de)quantisation, one fused kernel each; the window grows over the first
     # blocks, so these may see a few lengths (dynamic shapes after the second).
     model.kv_codec = FP8Codec(

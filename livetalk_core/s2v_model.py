@@ -227,6 +227,27 @@ class AdaLayerNorm(nn.Module):
         return F.layer_norm(x.float(), (x.shape[-1],), eps=ADAIN_EPS) * (1 + scale) + shift
 
 
+def inject_audio(
+    adain: AdaLayerNorm,
+    attn: CrossAttention,
+    tokens: torch.Tensor,
+    audio_global: torch.Tensor,
+    audio_local: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    """One audio injection: tokens ``[B, F*N, C]``, audio_global ``[B, F, 1, C]``, audio_local
+    ``[B, F, K, C]`` -> tokens. Each latent frame's tokens only see that frame's audio.
+
+    A plain function of the injection's two modules, so that one compiled graph serves every
+    injection (:func:`~.compile.compile_blocks`).
+    """
+    b, f = audio_local.shape[:2]
+    per_frame = tokens.unflatten(1, (f, -1)).flatten(0, 1)  # [B*F, N, C]
+    h = adain(per_frame, audio_global.flatten(0, 1)[:, 0]).to(tokens.dtype)
+    kv = attn.project_context(audio_local.flatten(0, 1))
+    return tokens + attn(h, kv, backend).unflatten(0, (b, f)).flatten(1, 2)
+
+
 class AudioInjector(nn.Module):
     """The per-layer audio cross-attentions and their AdaLN (upstream ``AudioInjector_WAN``)."""
 
@@ -234,20 +255,15 @@ class AudioInjector(nn.Module):
         super().__init__()
         self.injector = nn.ModuleList(CrossAttention(dim, num_heads, eps) for _ in range(count))
         self.injector_adain_layers = nn.ModuleList(AdaLayerNorm(dim) for _ in range(count))
+        self.inject = inject_audio  # or its compiled form (compile.compile_blocks)
 
     def forward(
         self, index: int, tokens: torch.Tensor, audio_global: torch.Tensor, audio_local: torch.Tensor, backend: str
     ) -> torch.Tensor:
-        """tokens ``[B, F*N, C]``, audio_global ``[B, F, 1, C]``, audio_local ``[B, F, K, C]`` -> tokens.
-
-        Each latent frame's tokens only see that frame's audio.
-        """
-        b, f = audio_local.shape[:2]
-        per_frame = tokens.unflatten(1, (f, -1)).flatten(0, 1)  # [B*F, N, C]
-        h = self.injector_adain_layers[index](per_frame, audio_global.flatten(0, 1)[:, 0]).to(tokens.dtype)
-        attn = self.injector[index]
-        kv = attn.project_context(audio_local.flatten(0, 1))
-        return tokens + attn(h, kv, backend).unflatten(0, (b, f)).flatten(1, 2)
+        """Injection ``index`` (see :func:`inject_audio`)."""
+        return self.inject(
+            self.injector_adain_layers[index], self.injector[index], tokens, audio_global, audio_local, backend
+        )
 
 
 class FramePacker(nn.Module):
@@ -286,7 +302,14 @@ class AudioTokens:
         return self.local.shape[1]
 
     def window(self, start: int, length: int) -> "AudioTokens":
-        return AudioTokens(self.global_[:, start : start + length], self.local[:, start : start + length])
+        """Frames ``[start, start + length)``, copied: a view's strides would depend on the segment's
+        length, and the compiled audio injection would recompile for the last (shorter) segment in
+        the middle of a stream."""
+        window = slice(start, start + length)
+        own = torch.contiguous_format
+        return AudioTokens(
+            self.global_[:, window].clone(memory_format=own), self.local[:, window].clone(memory_format=own)
+        )
 
 
 class S2VDiT(WanDiTCore):
@@ -312,6 +335,10 @@ class S2VDiT(WanDiTCore):
             if isinstance(module, nn.Linear)
         }
         return {**super().heavy_linears(), **injector}
+
+    def compile_regions(self) -> list[tuple[object, str]]:
+        """The blocks' regions and the audio injection (see :meth:`WanDiTCore.compile_regions`)."""
+        return [*super().compile_regions(), (self.audio_injector, "inject")]
 
     def encode_audio(self, features: torch.Tensor) -> AudioTokens:
         """One segment's audio input ``[1, layers, A, F]`` -> :class:`AudioTokens` of ``F // 4`` frames.

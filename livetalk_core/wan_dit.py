@@ -305,6 +305,11 @@ class WanDiTCore(nn.Module):
             f"blocks.{name}.weight": module for name, module in self.blocks.named_modules() if isinstance(module, nn.Linear)
         }
 
+    def compile_regions(self) -> list[tuple[object, str]]:
+        """``(owner, attribute)`` of every plain tensor function that :func:`~.compile.compile_blocks`
+        replaces by its compiled form: each block's work before and after the cached attention."""
+        return [(block, name) for block in self.blocks for name in ("attention_inputs", "attention_outputs")]
+
     def new_kv_cache(self, policy: CachePolicy, *, frame_tokens: int, num_heads: int) -> KVCache:
         """A KV cache for one sampling run: ``frame_tokens`` per latent frame, ``num_heads`` of this
         process, in the model's dtype (fp8 storage when :attr:`fp8_kv_cache` is set)."""
@@ -328,7 +333,9 @@ class WanDiTCore(nn.Module):
         """``[B, in_dim, F, h, w]`` -> tokens ``[B, F*h'*w', C]`` in (f, h, w) order, and the grid."""
         x = self.patch_embedding(x.to(self.dtype))
         grid = tuple(x.shape[2:])
-        return x.flatten(2).transpose(1, 2), grid
+        # Contiguous: a transposed view would hand its layout (channels far apart) on to every
+        # residual add, so that each layer's norms and adds would read and write across the grain.
+        return x.flatten(2).transpose(1, 2).contiguous(), grid
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """``[B, S, pt*ph*pw*out]`` -> ``[B, out, F*pt, h*ph, w*pw]`` (channels ordered (pt, ph, pw, c))."""

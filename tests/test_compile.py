@@ -38,6 +38,24 @@ def test_all_layers_share_one_compiled_graph_and_match_eager():
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 2
 
 
+def test_s2v_audio_injections_share_one_compiled_graph_and_match_eager():
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from test_realvideo import run_tiny
+    from test_realvideo import tiny_model as tiny_s2v
+
+    from livetalk_core.realvideo_sampler import realvideo_schedule
+    from livetalk_core.s2v_model import inject_audio
+
+    model = tiny_s2v(num_layers=3, inject=(0, 1, 2))
+    eager = torch.cat(run_tiny(model, schedule=realvideo_schedule(2)), 2)
+    torch._dynamo.reset()
+    compile_blocks(model)
+    compiled = torch.cat(run_tiny(model, schedule=realvideo_schedule(2)), 2)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    # three injections, each with its own modules, over two audio segments of different lengths: one graph
+    assert len(_debug_get_cache_entry_list(inject_audio.__code__)) == 1
+
+
 def test_compiler_failure_falls_back_to_eager(monkeypatch, caplog):
     model = tiny_model()
     eager = run(model, blocks=2)
