@@ -181,7 +181,7 @@ class LoadLiveTalkModel(io.ComfyNode):
                                  "layout repeats (from about the 8th block; with 4 or more gpus, graphs between the "
                                  "GPUs' exchanges; not used on 2, where they do not pay). The same video bit for bit; "
                                  "the DiT no longer waits on a slow or busy CPU (1.3B on an H100 with a slow host: "
-                                 "226 -> 181 ms per block; RealVideo 14B on 4 H200s: 307 -> 121 ms per block, 46 FPS). "
+                                 "226 -> 181 ms per block; RealVideo 14B on 4 H200s: 307 -> 121 ms per block). "
                                  "Off: every kernel is launched one by one. Not used with fp8_kv_cache."),
             ],
             outputs=[
