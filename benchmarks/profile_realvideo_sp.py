@@ -24,7 +24,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_realvideo import RELEASE, build_dit, build_encoders, encode_inputs, shared_inputs, user_inputs  # noqa: E402
-from profile_livetalk import kernel_kinds  # noqa: E402
+from profile_livetalk import kernel_kinds, top_kernels  # noqa: E402
 
 from livetalk_core import sequence_parallel  # noqa: E402
 from livetalk_core.compile import compile_blocks  # noqa: E402
@@ -103,8 +103,7 @@ def main() -> None:
     if rank == 0:
         print("\n".join(summaries))
         print("rank 0's kernels by GPU time (ms, calls):")
-        for e in sorted(cuda, key=lambda e: -e.self_device_time_total)[:40]:
-            print(f"{e.self_device_time_total / 1e3:8.2f} {e.count:6d}  {e.key[:110]}")
+        print(top_kernels(events, 40))
         if args.trace:
             with open(trace, "rb") as f, gzip.open(f"{trace}.gz", "wb") as out:
                 out.write(f.read())
