@@ -60,9 +60,10 @@ def profiled(label: str, step) -> None:
     events = prof.key_averages()
     print(f"== {label}: kernels by GPU time (ms, calls)")
     print(top_kernels(events))
-    busy_ms = sum(kernel_kinds(events).values())
+    kinds = kernel_kinds(events)
+    busy_ms = sum(kinds.values())
     print(f"{label}: wall {wall_ms:.1f} ms (unprofiled), GPU kernels {busy_ms:.1f} ms: {wall_ms - busy_ms:.1f} ms of gaps")
-    print(f"{label}: GPU ms by kind:", {k: round(v, 1) for k, v in sorted(kernel_kinds(events).items())})
+    print(f"{label}: GPU ms by kind:", {k: round(v, 1) for k, v in sorted(kinds.items())})
 
 
 @torch.no_grad()

@@ -117,8 +117,8 @@ def test_fp8_cache_codec_compiled_matches_eager():
 
 def test_tokens_reach_every_layer_contiguous():
     """The patch embedding's output is re-laid out once: a transposed view would pass its layout on
-    through every residual add, and each layer's norms would read across the grain (on an H100 the
-    14B's DiT took 6 % longer)."""
+    through every residual add, and each layer's norms would read across the grain (docs/performance.md,
+    session 9)."""
     from test_realvideo import run_tiny
     from test_realvideo import tiny_model as tiny_s2v
 
