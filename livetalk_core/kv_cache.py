@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .rope import apply_rotary
+from .rope import apply_rotary, compose_rotations
 
 FP8_KV = torch.float8_e4m3fn
 _FP8_MAX = torch.finfo(FP8_KV).max
@@ -190,7 +190,7 @@ class KVCache:
             buffer[:, dst : dst + length] = block[:, src : src + length]
 
     def rotate_sink_keys(self, layer: int, rotation: torch.Tensor) -> None:
-        """Rotate ``layer``'s cached sink keys in place by ``rotation`` ((cos, sin) pairs, broadcast as in
+        """Rotate ``layer``'s cached sink keys in place by ``rotation`` (see :mod:`~.rope`, broadcast as in
         :func:`~.rope.apply_rotary`), re-rounding to the cache dtype.
 
         RealVideo advances its reference frame's temporal RoPE position this way once per block
@@ -200,13 +200,8 @@ class KVCache:
         """
         if self.fp8:
             turn = self._sink_turns[layer]
-            self._sink_turns[layer] = rotation.double() if turn is None else _compose(turn, rotation.double())
+            self._sink_turns[layer] = rotation.double() if turn is None else compose_rotations(turn, rotation.double())
             return
         sink = self.keys[layer][:, : self._sink_tokens]
         sink.copy_(apply_rotary(sink, rotation))
 
-
-def _compose(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
-    """The rotation ``then`` after ``first``, both ``[..., 2]`` (cos, sin) pairs."""
-    c1, s1, c2, s2 = first[..., 0], first[..., 1], then[..., 0], then[..., 1]
-    return torch.stack([c1 * c2 - s1 * s2, s1 * c2 + c1 * s2], dim=-1)

@@ -3,8 +3,15 @@
 The head dimension (128 in every released Wan model) is split into temporal / height / width parts
 of ``d - 2*(d//3)`` / ``d//3`` / ``d//3`` channels (44/42/42), each rotated by its own frequency table
 with base 10000. Channels are paired *interleaved* ((0,1), (2,3), ...) and the rotation is done in
-float64, as upstream does, then cast back. Rotations are kept as real (cos, sin) pairs rather than
-complex numbers: the same float64 values and products, in a form ``torch.compile`` can fuse.
+float64, as upstream does, then cast back.
+
+Rotations are kept per channel rather than as complex numbers: ``[..., 2, D]`` float64, row 0 the
+pair's cosine on both of its channels, row 1 its sine signed for the channel (``-sin`` on the
+first, ``+sin`` on the second). A rotation is then ``x * cos + swap(x) * signed_sin`` with
+``swap`` exchanging the two channels of each pair: the same float64 products and sums as upstream's
+complex multiplication ``(re*cos - im*sin, re*sin + im*cos)``, bit for bit, in a form that
+``torch.compile`` turns into one pass at memory speed (the pairwise form with a stack of its two
+halves compiled to a kernel 2.5x slower: 110 -> 43 us for the 14B's q and k, docs/performance.md).
 
 Upstream precomputes a 1024-position table, which caps a video at 1024 latent frames. The angles
 here are computed for whatever positions are asked for, with the same float64 arithmetic
@@ -40,9 +47,11 @@ def _inverse_frequencies_on(axis_dim: int, device: torch.device) -> torch.Tensor
 
 
 def axis_rotations(positions: torch.Tensor, axis_dim: int) -> torch.Tensor:
-    """``(cos, sin)`` of ``p * inv_freq``: float64 ``[len(positions), axis_dim//2, 2]``."""
+    """Rotations by ``p * inv_freq``: float64 ``[len(positions), 2, axis_dim]`` (cos, signed sin per channel)."""
     angles = torch.outer(positions.to(torch.float64), _inverse_frequencies_on(axis_dim, positions.device))
-    return torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    per_channel = (torch.stack([cos, cos], dim=-1), torch.stack([-sin, sin], dim=-1))
+    return torch.stack([part.flatten(-2) for part in per_channel], dim=-2)
 
 
 def grid_rotations(
@@ -54,7 +63,8 @@ def grid_rotations(
         frame_positions: temporal position of each latent frame, ``[f]`` (int or float).
         height, width: token grid size (latent size / patch size).
     Returns:
-        float64 ``[f*height*width, 1, head_dim//2, 2]`` (cos, sin); the 1 broadcasts over heads.
+        float64 ``[f*height*width, 1, 2, head_dim]`` (cos, signed sin per channel); the 1
+        broadcasts over heads.
     """
     dt, dh, dw = axis_splits(head_dim)
     device = frame_positions.device
@@ -64,21 +74,25 @@ def grid_rotations(
     rw = axis_rotations(torch.arange(width, device=device), dw)
     grid = torch.cat(
         [
-            rt.view(f, 1, 1, -1, 2).expand(f, height, width, -1, 2),
-            rh.view(1, height, 1, -1, 2).expand(f, height, width, -1, 2),
-            rw.view(1, 1, width, -1, 2).expand(f, height, width, -1, 2),
+            rt.view(f, 1, 1, 2, -1).expand(f, height, width, 2, -1),
+            rh.view(1, height, 1, 2, -1).expand(f, height, width, 2, -1),
+            rw.view(1, 1, width, 2, -1).expand(f, height, width, 2, -1),
         ],
-        dim=-2,
+        dim=-1,
     )
-    return grid.reshape(f * height * width, 1, -1, 2)
+    return grid.reshape(f * height * width, 1, 2, head_dim)
 
 
 def apply_rotary(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of ``x`` ``[B, S, H, D]`` by ``rotations`` ``[S, 1, D/2, 2]``.
+    """Rotate interleaved channel pairs of ``x`` ``[B, S, H, D]`` by ``rotations`` ``[S, 1, 2, D]``
+    (or anything that broadcasts to it), in float64, cast back to ``x.dtype``."""
+    x64 = x.to(torch.float64)
+    swapped = x64.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (x64 * rotations[..., 0, :] + swapped * rotations[..., 1, :]).to(x.dtype)
 
-    ``(re + i im)(cos + i sin)`` is formed in float64 and cast back to ``x.dtype``.
-    """
-    pairs = x.to(torch.float64).unflatten(-1, (-1, 2))
-    re, im = pairs[..., 0], pairs[..., 1]
-    cos, sin = rotations[..., 0], rotations[..., 1]
-    return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).to(x.dtype)
+
+def compose_rotations(first: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+    """The rotation ``then`` after ``first`` (angles added), both ``[..., 2, D]``; float64 in, float64 out."""
+    c1, s1, c2, s2 = first[..., 0, :], first[..., 1, :], then[..., 0, :], then[..., 1, :]
+    # On a pair's first channel both sines carry a minus sign: the product is the same, the sum flips.
+    return torch.stack([c1 * c2 - s1 * s2, s1 * c2 + c1 * s2], dim=-2)

@@ -281,7 +281,7 @@ def shard_rotations(
     """RoPE rotations of a ``grid`` = (frames, h, w) token grid whose patch rows and columns start at
     ``grid_offset`` in the full latent (non-zero for a shard under sequence parallelism).
 
-    Returns float64 ``[frames*h*w, 1, D/2, 2]`` (cos, sin) on ``frame_positions``' device.
+    Returns float64 ``[frames*h*w, 1, 2, D]`` (:func:`~.rope.grid_rotations`) on ``frame_positions``' device.
     """
     f, gh, gw = grid
     oh, ow = grid_offset

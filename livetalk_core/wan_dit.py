@@ -153,7 +153,7 @@ class SelfAttention(QKNormAttention):
     sp: SequenceParallel | None = None
 
     def project(self, x: torch.Tensor, rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x ``[B, S, C]``, rotations ``[S, 1, D/2, 2]`` -> rotated q, k and v ``[B, S, H, D]``."""
+        """x ``[B, S, C]``, rotations ``[S, 1, 2, D]`` (:mod:`~.rope`) -> rotated q, k and v ``[B, S, H, D]``."""
         heads = (self.num_heads, -1)
         q = apply_rotary(self.norm_q(self.q(x)).unflatten(2, heads), rotations)
         k = apply_rotary(self.norm_k(self.k(x)).unflatten(2, heads), rotations)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from livetalk_core.kv_cache import CachePolicy, KVCache
-from livetalk_core.rope import apply_rotary, axis_splits, grid_rotations
+from livetalk_core.rope import apply_rotary, axis_rotations, axis_splits, compose_rotations, grid_rotations
 from livetalk_core.sampler import LIVETALK_CACHE
 from livetalk_core.scheduler import livetalk_schedule, warped_schedule
 from livetalk_core.wan_dit import sinusoidal_embedding
@@ -35,6 +35,28 @@ def test_sinusoidal_embedding_cos_first_and_dtype():
     assert torch.all(emb[0, :128] == 1) and torch.all(emb[0, 128:] == 0)
     w0 = 1.0  # first frequency is 10000^0
     assert emb[1, 0].item() == pytest.approx(math.cos(624.0 * w0), abs=1e-2)
+
+
+def test_rope_per_channel_form_is_upstreams_pairwise_arithmetic_bit_for_bit():
+    # Upstream forms (re*cos - im*sin, re*sin + im*cos) in float64 from (cos, sin) per pair; the
+    # per-channel tables (cos on both channels, sine signed per channel) must give the same bits,
+    # eager and compiled (the compiled form is the fast path's).
+    f, h, w, heads = 2, 4, 3, 3
+    positions = torch.arange(7, 7 + f)
+    x = torch.randn(1, f * h * w, heads, 128, generator=torch.Generator().manual_seed(3)).bfloat16()
+    tables = grid_rotations(positions, h, w, 128)
+    cos, signed_sin = tables[..., 0, 0::2], tables[..., 1, 1::2]
+    assert torch.equal(tables[..., 0, 1::2], cos) and torch.equal(tables[..., 1, 0::2], -signed_sin)
+    pairs = x.double().unflatten(-1, (-1, 2))
+    re, im = pairs[..., 0], pairs[..., 1]
+    expected = torch.stack([re * cos - im * signed_sin, re * signed_sin + im * cos], dim=-1).flatten(-2).bfloat16()
+    assert torch.equal(apply_rotary(x, tables), expected)
+    assert torch.equal(torch.compile(apply_rotary, dynamic=False)(x, tables), expected)
+
+
+def test_composed_rotations_add_their_angles():
+    a, b = axis_rotations(torch.tensor([3]), 44), axis_rotations(torch.tensor([5]), 44)
+    torch.testing.assert_close(compose_rotations(a, b), axis_rotations(torch.tensor([8]), 44), rtol=0, atol=1e-14)
 
 
 def test_rope_matches_direct_formula():
