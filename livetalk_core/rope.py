@@ -8,10 +8,11 @@ float64, as upstream does, then cast back.
 Rotations are kept per channel rather than as complex numbers: ``[..., 2, D]`` float64, row 0 the
 pair's cosine on both of its channels, row 1 its sine signed for the channel (``-sin`` on the
 first, ``+sin`` on the second). A rotation is then ``x * cos + swap(x) * signed_sin`` with
-``swap`` exchanging the two channels of each pair: the same float64 products and sums as upstream's
-complex multiplication ``(re*cos - im*sin, re*sin + im*cos)``, bit for bit, in a form that
-``torch.compile`` turns into one pass at memory speed (the pairwise form with a stack of its two
-halves compiled to a kernel 2.5x slower: 110 -> 43 us for the 14B's q and k, docs/performance.md).
+``swap`` exchanging the two channels of each pair: bit for bit the float64 products and sums of
+the pairwise form of upstream's complex multiplication, ``(re*cos - im*sin, re*sin + im*cos)``
+(``tests/test_core.py``), in a form that ``torch.compile`` turns into one pass at memory speed
+(the pairwise form, with a stack of its two halves, compiled to a kernel 2.5x slower: 110 -> 43 us
+for the 14B's q and k, docs/performance.md).
 
 Upstream precomputes a 1024-position table, which caps a video at 1024 latent frames. The angles
 here are computed for whatever positions are asked for, with the same float64 arithmetic

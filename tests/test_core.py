@@ -45,11 +45,11 @@ def test_rope_per_channel_form_is_upstreams_pairwise_arithmetic_bit_for_bit():
     positions = torch.arange(7, 7 + f)
     x = torch.randn(1, f * h * w, heads, 128, generator=torch.Generator().manual_seed(3)).bfloat16()
     tables = grid_rotations(positions, h, w, 128)
-    cos, signed_sin = tables[..., 0, 0::2], tables[..., 1, 1::2]
-    assert torch.equal(tables[..., 0, 1::2], cos) and torch.equal(tables[..., 1, 0::2], -signed_sin)
+    cos, sin = tables[..., 0, 0::2], tables[..., 1, 1::2]  # a pair's second channel carries +sin
+    assert torch.equal(tables[..., 0, 1::2], cos) and torch.equal(tables[..., 1, 0::2], -sin)
     pairs = x.double().unflatten(-1, (-1, 2))
     re, im = pairs[..., 0], pairs[..., 1]
-    expected = torch.stack([re * cos - im * signed_sin, re * signed_sin + im * cos], dim=-1).flatten(-2).bfloat16()
+    expected = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).bfloat16()
     assert torch.equal(apply_rotary(x, tables), expected)
     assert torch.equal(torch.compile(apply_rotary, dynamic=False)(x, tables), expected)
 
