@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .exif import apply_orientation, read_orientation
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def load_image(path: str) -> torch.Tensor:
     """Read an image file (JPEG, PNG, WebP, BMP, ...) as uint8 RGB ``[H, W, 3]`` through PyAV/FFmpeg.
 
     Grey, palette and RGBA images are converted to RGB (alpha dropped), as PIL's ``convert("RGB")``.
+    The EXIF orientation is applied (a phone portrait comes out upright), as ComfyUI's LoadImage does.
     """
     import os
 
@@ -117,6 +119,7 @@ def load_image(path: str) -> torch.Tensor:
     try:
         with av.open(path) as container:
             frame = next(container.decode(video=0))
-            return torch.from_numpy(frame.to_ndarray(format="rgb24"))
+            pixels = torch.from_numpy(frame.to_ndarray(format="rgb24"))
     except (av.error.FFmpegError, StopIteration, ValueError, IndexError) as exc:
         raise InputError(f"{path} could not be read as an image ({exc}). Use a JPEG or PNG file.") from None
+    return apply_orientation(pixels, read_orientation(path))
