@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -64,9 +65,9 @@ def _read_pickle(path: Path, what: str) -> dict[str, torch.Tensor]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"The {what} file {path} is not a plain tensor checkpoint: loading it would run code "
-            f"stored in the file, which this pack refuses ({str(exc).splitlines()[0]}). Use the "
-            "original release file or a .safetensors copy."
+            f"This pack refuses the {what} file {path}: it holds Python objects other than tensors{_unsafe_object(exc)}, "
+            "and loading those could run code stored in the file. Use a .safetensors copy of the weights, "
+            "or the original release file."
         ) from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         raise CheckpointError(
@@ -82,6 +83,14 @@ def _read_pickle(path: Path, what: str) -> dict[str, torch.Tensor]:
             f"The {what} file {path} does not hold a state dict (a mapping of names to tensors)."
         )
     return dict(obj)
+
+
+def _unsafe_object(refusal: pickle.UnpicklingError) -> str:
+    """`` (such as module.Name)`` for the first object torch's safe loader refused, if it names one.
+
+    Only the name is kept: torch's own message goes on to suggest loading the file unsafely."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(refusal))
+    return f" (such as {found.group(1)})" if found else ""
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
