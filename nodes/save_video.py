@@ -17,6 +17,7 @@ from comfy.cli_args import args
 from comfy_api.latest import InputImpl, io, ui
 
 from ..livetalk_core.audio import VIDEO_FPS, prepare_waveform
+from ..livetalk_core.errors import InputError
 from ..livetalk_core.video_io import OUTPUT_AUDIO_RATE, VideoWriter
 from .comfy_models import Managed, out_of_memory_advice
 from .pack_types import CATEGORY, LatentBlockList, LatentBlocks, LiveTalkVAE
@@ -28,21 +29,21 @@ class LiveTalkDecodeToVideoFile(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LiveTalkDecodeToVideoFile",
-            display_name="DecodeBlocks to Video File",
+            display_name="Decode Blocks to Video File",
             category=CATEGORY,
             description="Decodes the latent blocks one after another and writes each block's frames straight "
             "into an mp4 (H.264, with the audio as AAC) in the output folder, so memory stays flat however long "
-            "the video is. Use it instead of DecodeBlocks -> CreateVideo -> SaveVideo for long videos. An "
+            "the video is. Use it instead of Decode Blocks -> CreateVideo -> SaveVideo for long videos. An "
             "interrupt keeps a playable mp4 of the blocks decoded so far.",
             inputs=[
-                LiveTalkVAE.Input("vae", tooltip="The VAE from LoadLiveTalkModel."),
+                LiveTalkVAE.Input("vae", tooltip="The VAE from Load LiveTalk Model."),
                 LatentBlocks.Input("latent_blocks", tooltip="From Causal DiT Sampler."),
                 io.String.Input("filename_prefix", default="LiveTalk/video",
                                 tooltip="Where to save in the output folder: subfolders and the start of the file "
                                 "name. It may hold %width%, %height%, %year%, %month%, %day% and the like."),
                 io.Audio.Input("audio", optional=True,
                                tooltip="The speech to put in the video, normally the clip given to "
-                               "EncodeAudioWav2Vec. Not connected: a silent video."),
+                               "Encode Audio (wav2vec2). Not connected: a silent video."),
             ],
             outputs=[io.Video.Output("video", display_name="video",
                                      tooltip="The saved mp4, for nodes that take a VIDEO.")],
@@ -51,23 +52,39 @@ class LiveTalkDecodeToVideoFile(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix: str) -> bool | str:
+        """A prefix that leaves the output folder is refused when the prompt is queued, not after the
+        whole video was generated."""
+        try:
+            check_filename_prefix(filename_prefix)
+        except InputError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
     @out_of_memory_advice
     def execute(cls, vae: Managed, latent_blocks: LatentBlockList, filename_prefix: str,
                 audio: dict | None = None) -> io.NodeOutput:
+        check_filename_prefix(filename_prefix)
         factor = vae.engine.config.spatial_factor
         height, width = (factor * side for side in latent_blocks.blocks[0].shape[-2:])
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, folder_paths.get_output_directory(), width, height)
-        file = f"{name}_{counter:05}_.mp4"
-        path = os.path.join(folder, file)
         # The writer resamples to its output rate anyway; converting here reuses the audio checks
         # of EncodeAudioWav2Vec (one clip, not empty, finite samples).
         waveform = None if audio is None else prepare_waveform(audio["waveform"], audio["sample_rate"],
                                                                 target_rate=OUTPUT_AUDIO_RATE)
-        with VideoWriter(path, VIDEO_FPS, audio=waveform, audio_sample_rate=OUTPUT_AUDIO_RATE,
-                         metadata=cls._workflow_metadata()) as writer:
-            for frames in decoded_blocks(vae, latent_blocks):
-                writer.write(frames)
+        file = reserve_new_file(folder, name, counter)
+        path = os.path.join(folder, file)
+        writer = None
+        try:
+            with VideoWriter(path, VIDEO_FPS, audio=waveform, audio_sample_rate=OUTPUT_AUDIO_RATE,
+                             metadata=cls._workflow_metadata()) as writer:
+                for frames in decoded_blocks(vae, latent_blocks):
+                    writer.write(frames)
+        finally:
+            if writer is None or writer.saved_path is None:
+                os.remove(path)  # the empty reservation: nothing was saved under its name
         preview = ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)])
         return io.NodeOutput(InputImpl.VideoFromFile(path), ui=preview)
 
@@ -80,3 +97,32 @@ class LiveTalkDecodeToVideoFile(io.ComfyNode):
         if cls.hidden.prompt is not None:
             metadata["prompt"] = cls.hidden.prompt
         return {key: json.dumps(value) for key, value in metadata.items()}
+
+
+def check_filename_prefix(filename_prefix: str) -> None:
+    """Raise an InputError unless ``filename_prefix`` names a file inside ComfyUI's output folder
+    (ComfyUI's own check would only fail after the video was generated, with an internal message)."""
+    output = os.path.abspath(folder_paths.get_output_directory())
+    target = os.path.abspath(os.path.join(output, os.path.normpath(filename_prefix)))
+    try:
+        inside = os.path.commonpath((output, target)) == output and target != output
+    except ValueError:  # another drive on Windows
+        inside = False
+    if not inside:
+        raise InputError(
+            f"filename_prefix '{filename_prefix}' does not name a file inside ComfyUI's output folder. Give a "
+            "file name, with subfolders if you like, e.g. LiveTalk/video; videos are only written there, under a new name."
+        )
+
+
+def reserve_new_file(folder: str, name: str, counter: int) -> str:
+    """Create ``<name>_<counter>_.mp4`` in ``folder`` as a new, empty file (the next free counter if that
+    name exists, whatever made it) and return its name: a video is only ever written over a file this
+    node has just created, never over an input or an earlier result."""
+    while True:
+        file = f"{name}_{counter:05}_.mp4"
+        try:
+            with open(os.path.join(folder, file), "xb"):
+                return file
+        except FileExistsError:
+            counter += 1

@@ -179,6 +179,50 @@ def test_decode_blocks_gives_the_frames_the_file_gets(pack, vae, comfy_folders, 
     assert torch.equal(torch.cat(written).float() / 255, frames)
 
 
+@pytest.mark.parametrize("prefix", ["../input/portrait", "LiveTalk/../../input/portrait", "{input}/portrait", "", "LiveTalk/.."])
+def test_a_prefix_outside_the_output_folder_is_refused_before_anything_runs(pack, vae, comfy_folders, tmp_path, prefix):
+    """A prefix reaching into ComfyUI's input folder (or naming no file) is refused when the prompt
+    is queued, with advice; run anyway, it stops before a block is decoded and the input is untouched."""
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    victim = inputs / "portrait_00001_.mp4"
+    victim.write_bytes(b"the user's own video")
+    prefix = prefix.format(input=inputs)
+    node = pack.save_video.LiveTalkDecodeToVideoFile
+    message = node.validate_inputs(filename_prefix=prefix)
+    assert isinstance(message, str) and f"filename_prefix '{prefix}' does not name a file inside" in message, message
+    assert "e.g. LiveTalk/video" in message
+    assert node.validate_inputs(filename_prefix="LiveTalk/%year%/video") is True
+    with pytest.raises(pack.errors.InputError, match="does not name a file inside"):
+        run(node, vae=vae, latent_blocks=latent_blocks(pack, 1), filename_prefix=prefix)
+    assert victim.read_bytes() == b"the user's own video"
+    assert list(comfy_folders.rglob("*")) == []
+
+
+def test_an_existing_file_under_the_next_name_is_never_written_over(pack, vae, comfy_folders, monkeypatch):
+    """If the name ComfyUI's counter gives already exists (another process wrote it since the folder
+    was listed, a case-insensitive file system...), the video takes the next free number."""
+    folder = comfy_folders / "LiveTalk"
+    folder.mkdir()
+    taken = [folder / "video_00001_.mp4", folder / "video_00002_.mp4"]
+    for path in taken:
+        path.write_bytes(b"someone else's file")
+    monkeypatch.setattr(folder_paths, "get_save_image_path",
+                        lambda prefix, output, *size: (str(folder), "video", 1, "LiveTalk", prefix))
+    output = run(pack.save_video.LiveTalkDecodeToVideoFile, vae=vae, latent_blocks=latent_blocks(pack, 1),
+                 filename_prefix="LiveTalk/video")
+    assert all(path.read_bytes() == b"someone else's file" for path in taken)
+    assert output.ui.as_dict()["images"][0]["filename"] == "video_00003_.mp4"
+    assert pack.video_io.read_video_info(folder / "video_00003_.mp4")["frames"] == 9
+
+
+def test_a_failure_before_the_first_frame_leaves_no_empty_file(pack, vae, comfy_folders, monkeypatch):
+    monkeypatch.setattr(pack.vae.StreamDecoder, "decode", out_of_memory)
+    with pytest.raises(pack.errors.OutOfMemory):
+        run(pack.save_video.LiveTalkDecodeToVideoFile, vae=vae, latent_blocks=latent_blocks(pack, 1), filename_prefix="x")
+    assert list(comfy_folders.rglob("*")) == []
+
+
 # -- Model names that try to leave the model folders ---------------------------------------------------
 
 
@@ -214,7 +258,7 @@ def out_of_memory(*args, **kwargs):
 def check_out_of_memory_message(pack, error: pytest.ExceptionInfo) -> None:
     message = str(error.value)
     assert message == pack.comfy_models.NODE_OUT_OF_MEMORY_HELP
-    assert "ran out of memory" in message and "fp8_weights" in message and "EncodeReferenceVAE" in message
+    assert "ran out of memory" in message and "fp8_weights" in message and "Encode Reference (VAE)" in message
     assert error.value.__cause__ is None and error.value.__context__ is None  # no CUDA traceback shown
 
 
