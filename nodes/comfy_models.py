@@ -123,6 +123,17 @@ class _Shell(torch.nn.Module):
         self.inner = module
 
 
+@functools.cache
+def _shell_class(module_type: type[torch.nn.Module]) -> type[_Shell]:
+    """A :class:`_Shell` subclass named after the module it holds: ComfyUI logs "Requested to load
+    <class name>" for each model it loads, so the log names the DiT, the VAE or the encoder."""
+    return type(module_type.__name__, (_Shell,), {"__doc__": f"The ModelPatcher shell of a {module_type.__name__}."})
+
+
+def shell(module: torch.nn.Module) -> _Shell:
+    return _shell_class(type(module))(module)
+
+
 class Managed:
     """An engine object whose weights ComfyUI's memory manager moves between devices.
 
@@ -136,7 +147,7 @@ class Managed:
         self.engine = engine
         self.module = module
         self.family = family
-        self.patcher = comfy.model_patcher.ModelPatcher(_Shell(module), load_device=load_device, offload_device=offload_device)
+        self.patcher = comfy.model_patcher.ModelPatcher(shell(module), load_device=load_device, offload_device=offload_device)
 
 
 def on_device(*models: Managed):
@@ -152,8 +163,8 @@ def on_device(*models: Managed):
 
 T = TypeVar("T")
 NODE_OUT_OF_MEMORY_HELP = out_of_memory_help(
-    "precision bf16 (not fp32) in LoadLiveTalkModel; a smaller video (width and height of EncodeReferenceVAE, "
-    "e.g. 384); for RealVideo 14B, fp8_weights on in LoadLiveTalkModel, or more GPUs"
+    "precision bf16 (not fp32) in Load LiveTalk Model; a smaller video (width and height of Encode Reference (VAE), "
+    "e.g. 384); for RealVideo 14B, fp8_weights on in Load LiveTalk Model, or more GPUs"
 )
 
 
