@@ -207,8 +207,8 @@ class ComfyServer:
 
 # -- the pack's test setup -------------------------------------------------------------------------
 
-SHIPPED_1_3B_API = REPO / "workflows" / "livetalk_1.3b_api.json"
-SHIPPED_14B_API = REPO / "workflows" / "realvideo_14b_api.json"
+SHIPPED_1_3B_API = REPO / "workflows" / "api" / "livetalk_1.3b_api.json"
+SHIPPED_14B_API = REPO / "workflows" / "api" / "realvideo_14b_api.json"
 PORTRAIT = REPO / "assets" / "portrait.jpg"
 SPEECH = REPO / "assets" / "speech.flac"
 # Two generation blocks (17 frames): enough to cross a block boundary, short enough for 2 CPU cores.

@@ -24,7 +24,7 @@ import pytest
 
 from comfy_env import REPO, free_port, livetalk_server
 
-UI_FILES = sorted((REPO / "example_workflows").glob("*.json"))
+UI_FILES = sorted((REPO / "workflows").glob("*.json"))
 BROWSERS = ("chromium", "chromium-headless-shell", "google-chrome", "chrome")
 
 # Runs in the page after loadGraphData: what the front end made of the workflow.
@@ -150,7 +150,7 @@ async def _inspect_page(page_websocket: str, comfy_url: str, workflow: dict, scr
 def test_example_workflow_opens_in_the_real_front_end(ui_path, browser_port, request, tmp_path):
     comfy = livetalk_server(request)
     object_info = comfy.get("/object_info")
-    api = json.loads((REPO / "workflows" / f"{ui_path.stem}_api.json").read_text())
+    api = json.loads((REPO / "workflows" / "api" / f"{ui_path.stem}_api.json").read_text())
     artifacts = Path(os.environ.get("LIVETALK_ARTIFACTS", tmp_path))
     artifacts.mkdir(parents=True, exist_ok=True)
     screenshot = artifacts / f"{ui_path.stem}.png"

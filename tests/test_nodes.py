@@ -154,7 +154,7 @@ def test_text_context_pads_with_zero_rows_and_trims(files, errors):
 def test_the_download_catalogue_serves_the_shipped_workflows_download_hints(files):
     """A file the front end offers to download (a workflow's ``properties.models``) is the same file,
     from the same place, as the loader's ``(download)`` choice of that name."""
-    hints = [hint for path in sorted((REPO / "example_workflows").glob("*.json"))
+    hints = [hint for path in sorted((REPO / "workflows").glob("*.json"))
              for node in json.loads(path.read_text())["nodes"] if node["type"] == "LoadLiveTalkModel"
              for hint in node["properties"]["models"]]
     assert len(hints) == 6

@@ -1,17 +1,23 @@
-"""The shipped workflows: each UI graph (example_workflows/) and its API twin (workflows/) describe the
-same graph, and both validate against the pack's real node definitions in a running ComfyUI."""
+"""The shipped workflows: each UI graph (workflows/, with its .jpg thumbnail) and its API twin
+(workflows/api/) describe the same graph, and both validate against the pack's real node definitions
+in a running ComfyUI. ComfyUI offers every ``*.json`` directly in a pack's ``workflows/`` (or
+``example_workflows/``, ``examples/``...) as a template and serves them from the first of those
+folders that exists, so the API twins live one folder down, where it does not look."""
 
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from comfy_env import REPO, livetalk_server
+from comfy_env import PACK_DIR_NAME, REPO, livetalk_server
 
-UI_DIR = REPO / "example_workflows"
-API_DIR = REPO / "workflows"
+UI_DIR = REPO / "workflows"
+API_DIR = UI_DIR / "api"
+# Folder names ComfyUI (0.3.75 to 0.28, app/custom_node_manager.py) scans for a pack's templates.
+TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
 UI_FILES = sorted(UI_DIR.glob("*.json"))
 PACK_ID = "livetalk"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -168,6 +174,18 @@ def test_server_rejects_the_shipped_workflow_only_for_the_missing_text_encoder(u
     assert errors == {(clip_loader, "clip_name", "value_not_in_list")}, body["node_errors"]
 
 
-def test_server_lists_the_example_workflows(comfy):
-    templates = set(comfy.get("/workflow_templates").get("livetalk", []))
-    assert {p.stem for p in UI_FILES} <= templates
+def test_only_the_ui_workflows_are_in_a_folder_comfyui_scans_for_templates():
+    scanned = [path for folder in TEMPLATE_FOLDERS for path in (REPO / folder).glob("*.json")]
+    assert sorted(scanned) == UI_FILES
+    assert all(json.loads(path.read_text()).get("nodes") for path in scanned), "an API-format file would be a template"
+
+
+def test_server_offers_each_ui_workflow_as_a_template_that_opens(comfy):
+    """The template browser lists exactly the UI workflows, and each card's workflow and thumbnail
+    are served (a card whose file is not served fails with a 404 when clicked)."""
+    templates = comfy.get("/workflow_templates").get(PACK_DIR_NAME, [])
+    assert sorted(templates) == [p.stem for p in UI_FILES]
+    for name in templates:
+        assert comfy.get(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json") == json.loads((UI_DIR / f"{name}.json").read_text())
+        with urllib.request.urlopen(f"{comfy.url}/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg", timeout=30) as response:
+            assert response.status == 200 and response.read() == (UI_DIR / f"{name}.jpg").read_bytes()
