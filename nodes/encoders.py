@@ -39,16 +39,16 @@ class LiveTalkEncodeAudioWav2Vec(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LiveTalkEncodeAudioWav2Vec",
-            display_name="EncodeAudioWav2Vec",
+            display_name="Encode Audio (wav2vec2)",
             category=CATEGORY,
             description="Turns speech into the model's audio embeddings. The video is as long as the audio "
             "(16 frames per second). LiveTalk 1.3B takes wav2vec2-base, RealVideo 14B wav2vec2-large "
             "(run in fp32, in 5 s segments).",
             inputs=[
-                LiveTalkModel.Input("model", tooltip="The model from LoadLiveTalkModel. LiveTalk 1.3B: its audio "
+                LiveTalkModel.Input("model", tooltip="The model from Load LiveTalk Model. LiveTalk 1.3B: its audio "
                                     "projection is applied here. RealVideo 14B: it only picks the pipeline (its "
                                     "DiT takes the features per block, so it is not loaded here)."),
-                LiveTalkAudioEncoder.Input("audio_encoder", tooltip="The wav2vec2 encoder from LoadLiveTalkModel "
+                LiveTalkAudioEncoder.Input("audio_encoder", tooltip="The wav2vec2 encoder from Load LiveTalk Model "
                                            "(wav2vec2-base for LiveTalk 1.3B, wav2vec2-large for RealVideo 14B)."),
                 io.Audio.Input("audio", tooltip="Speech, e.g. from Load Audio: any sample rate, mono or stereo "
                                "(channels are averaged, then resampled to 16 kHz)."),
@@ -106,12 +106,12 @@ class LiveTalkEncodeReferenceVAE(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LiveTalkEncodeReferenceVAE",
-            display_name="EncodeReferenceVAE",
+            display_name="Encode Reference (VAE)",
             category=CATEGORY,
             description="Fits the reference portrait to the video size and encodes it with the VAE. The video "
             "has this size. For RealVideo 14B the size follows RealVideo's rule instead (see width).",
             inputs=[
-                LiveTalkVAE.Input("vae", tooltip="The VAE from LoadLiveTalkModel."),
+                LiveTalkVAE.Input("vae", tooltip="The VAE from Load LiveTalk Model."),
                 io.Image.Input("image", tooltip="The face to animate; the first image of a batch is used."),
                 io.Int.Input("width", default=512, min=64, max=2048, step=16,
                              tooltip="Video width in pixels (a multiple of 16). LiveTalk was trained at 512x512. "

@@ -125,7 +125,7 @@ class LoadLiveTalkModel(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoadLiveTalkModel",
-            display_name="LoadLiveTalkModel",
+            display_name="Load LiveTalk Model",
             category=CATEGORY,
             description="Loads a LiveTalk DiT with the VAE and the wav2vec2 audio encoder it needs. The "
             "model family (LiveTalk 1.3B or RealVideo 14B) is detected from the DiT file, and the other "

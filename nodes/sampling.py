@@ -16,7 +16,6 @@ import comfy.latent_formats
 import comfy.model_management as mm
 import comfy.utils
 import torch
-from comfy.cli_args import args
 from comfy_api.latest import io
 from PIL import Image
 
@@ -58,12 +57,19 @@ def latent_preview(block: torch.Tensor) -> tuple[str, Image.Image, int]:
     rgb = torch.einsum("chw,cr->hwr", latent, factors) + bias
     pixels = ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
     image = Image.fromarray(pixels).resize((8 * pixels.shape[1], 8 * pixels.shape[0]), Image.BILINEAR)
-    return ("JPEG", image, args.preview_size)
+    return at_own_size(image)
 
 
 def frame_preview(frame: torch.Tensor) -> tuple[str, Image.Image, int]:
     """A progress-bar preview of one decoded uint8 frame ``[H, W, 3]``."""
-    return ("JPEG", Image.fromarray(frame.numpy()), args.preview_size)
+    return at_own_size(Image.fromarray(frame.numpy()))
+
+
+def at_own_size(image: Image.Image) -> tuple[str, Image.Image, int]:
+    """A preview sent at the video's size: ComfyUI fits previews into a square of the size given here
+    (enlarging smaller ones; --preview-size by default), and the front end labels a preview with its
+    pixel size, so a 128x128 video would read "512 x 512"."""
+    return ("JPEG", image, max(image.size))
 
 
 class LiveTalkCausalDiTSampler(io.ComfyNode):
@@ -71,18 +77,18 @@ class LiveTalkCausalDiTSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LiveTalkCausalDiTSampler",
-            display_name="CausalDiTSampler",
+            display_name="Causal DiT Sampler",
             category=CATEGORY,
             description="Generates the video latents block by block, attending to earlier blocks through a "
             "KV cache (LiveTalk 1.3B: 3 latent frames per block; RealVideo 14B: 2). One progress step per block.",
             inputs=[
-                LiveTalkModel.Input("model", tooltip="The model from LoadLiveTalkModel."),
+                LiveTalkModel.Input("model", tooltip="The model from Load LiveTalk Model."),
                 io.Conditioning.Input("conditioning", tooltip="The prompt, from CLIPTextEncode with a CLIPLoader "
                                       "of type 'wan' (umt5_xxl). For RealVideo 14B it is the talking prompt "
                                       "(upstream: 'A character is talking.')."),
-                Reference.Input("reference", tooltip="The reference latent from EncodeReferenceVAE; it sets "
+                Reference.Input("reference", tooltip="The reference latent from Encode Reference (VAE); it sets "
                                 "the video size."),
-                AudioEmbeds.Input("audio_embeds", tooltip="From EncodeAudioWav2Vec; it sets the video length."),
+                AudioEmbeds.Input("audio_embeds", tooltip="From Encode Audio (wav2vec2); it sets the video length."),
                 io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                              tooltip="Seed of the sampling noise; the same seed gives the same video."),
                 io.Int.Input("steps", default=LIVETALK_STEPS, min=1, max=50,
@@ -124,7 +130,7 @@ class LiveTalkCausalDiTSampler(io.ComfyNode):
         if not isinstance(audio_embeds, expected):
             raise InputError(
                 f"The audio_embeds were made for another model family than this {model.family.name} model. "
-                "Feed EncodeAudioWav2Vec the same model as the sampler."
+                "Feed Encode Audio (wav2vec2) the same model as the sampler."
             )
         dit = on_device(model)
         if model.family is REALVIDEO_14B:
@@ -179,13 +185,13 @@ class LiveTalkDecodeBlocks(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LiveTalkDecodeBlocks",
-            display_name="DecodeBlocks",
+            display_name="Decode Blocks",
             category=CATEGORY,
             description="Decodes the latent blocks (of either family) one after another with the streaming VAE "
             "decoder and trims the video to the audio length. Finish with CreateVideo (same audio, fps from "
             "here) and SaveVideo.",
             inputs=[
-                LiveTalkVAE.Input("vae", tooltip="The VAE from LoadLiveTalkModel."),
+                LiveTalkVAE.Input("vae", tooltip="The VAE from Load LiveTalk Model."),
                 LatentBlocks.Input("latent_blocks", tooltip="From Causal DiT Sampler."),
             ],
             outputs=[

@@ -102,6 +102,7 @@ class ComfyServer:
         self.client_id = uuid.uuid4().hex
         self.messages: list[dict] = []
         self.previews = 0  # binary websocket messages: progress-bar preview images
+        self.preview_sizes: list[tuple[int, int]] = []  # (width, height) of each preview image, in order
         self._process: subprocess.Popen | None = None
 
     # -- process ---------------------------------------------------------------------------------
@@ -198,11 +199,22 @@ class ComfyServer:
                             self.messages.append(json.loads(message.data))
                         elif message.type == aiohttp.WSMsgType.BINARY:
                             self.previews += 1
+                            self.preview_sizes.append(_preview_size(message.data))
 
         try:
             asyncio.run(run())
         except Exception:  # the server stopped; the tests see it through their own calls
             pass
+
+
+def _preview_size(message: bytes) -> tuple[int, int]:
+    """The pixel size of a binary preview message: a 4-byte event type (1: a preview image), a 4-byte
+    image format, then the image file."""
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(message[8:])).size
 
 
 # -- the pack's test setup -------------------------------------------------------------------------

@@ -19,8 +19,16 @@ import pytest
 
 from comfy_env import SHIPPED_1_3B_API, SHIPPED_14B_API, livetalk_server, with_tiny_text_encoder
 
-NODE_IDS = ("LoadLiveTalkModel", "LiveTalkEncodeAudioWav2Vec", "LiveTalkEncodeReferenceVAE",
-            "LiveTalkCausalDiTSampler", "LiveTalkDecodeBlocks", "LiveTalkDecodeToVideoFile")
+# Node ids are saved in every workflow: they never change. The names shown are words, as ComfyUI's own.
+DISPLAY_NAMES = {
+    "LoadLiveTalkModel": "Load LiveTalk Model",
+    "LiveTalkEncodeAudioWav2Vec": "Encode Audio (wav2vec2)",
+    "LiveTalkEncodeReferenceVAE": "Encode Reference (VAE)",
+    "LiveTalkCausalDiTSampler": "Causal DiT Sampler",
+    "LiveTalkDecodeBlocks": "Decode Blocks",
+    "LiveTalkDecodeToVideoFile": "Decode Blocks to Video File",
+}
+NODE_IDS = tuple(DISPLAY_NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +76,13 @@ def test_pack_loads_and_lists_every_node_with_tooltips(comfy):
     assert "livetalk" in comfy.get("/models")
 
 
+def test_nodes_keep_their_ids_and_are_named_in_words(comfy):
+    info = comfy.get("/object_info")
+    pack_nodes = {node_id: node["display_name"] for node_id, node in info.items()
+                  if node["python_module"].startswith("custom_nodes.livetalk")}
+    assert pack_nodes == DISPLAY_NAMES
+
+
 def test_model_list_merges_the_pack_folder_a_yaml_folder_and_diffusion_models(comfy):
     (comfy.models / "diffusion_models").mkdir(exist_ok=True)
     (comfy.models / "diffusion_models" / "in_diffusion_models.safetensors").write_bytes(b"")
@@ -110,6 +125,22 @@ def test_shipped_1_3b_workflow_end_to_end(comfy):
     progress = sampler_progress(comfy, prompt, history)
     assert progress and progress[-1]["value"] == progress[-1]["max"]
     assert comfy.previews - previews_before >= progress[-1]["max"]
+
+
+def test_previews_have_the_video_size_and_the_log_names_the_models(comfy):
+    """Every progress preview (the sampler's latent previews, the decoder's frames) is sent at the
+    video's own size, so the front end's size label is right (a 128x96 run was labelled 512 x 512);
+    ComfyUI's "Requested to load ..." lines name the models, not a wrapper class."""
+    prompt = shipped_prompt(**{"6": {"width": 128, "height": 96}})
+    assert prompt["6"]["class_type"] == "LiveTalkEncodeReferenceVAE"
+    first = len(comfy.preview_sizes)
+    history = comfy.wait_for(comfy.queue(prompt))
+    assert history["status"]["status_str"] == "success", history["status"]
+    sizes = comfy.preview_sizes[first:]
+    assert len(sizes) >= 2 * sampler_progress(comfy, prompt, history)[-1]["max"]  # sampler + decoder, per block
+    assert set(sizes) == {(128, 96)}, sizes
+    loaded = {line.split("Requested to load ")[1].strip() for line in comfy.log().splitlines() if "Requested to load " in line}
+    assert {"LiveTalkDiT", "WanVAE", "Wav2Vec2Model"} <= loaded and "_Shell" not in loaded, loaded
 
 
 def test_decode_to_video_file_replaces_decode_create_save(comfy):
