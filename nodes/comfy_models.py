@@ -24,9 +24,11 @@ import comfy.model_patcher
 import folder_paths
 import torch
 
-from ..livetalk_core.errors import OutOfMemory, out_of_memory_help
+from ..livetalk_core.errors import CheckpointError, OutOfMemory, out_of_memory_help
+from ..livetalk_core.s2v_checkpoint import COMPLETE
+from ..livetalk_core.s2v_model import s2v_checkpoint_kind
 from ..livetalk_core.weights import WeightFile
-from .model_files import DOWNLOADABLE, ModelFamily
+from .model_files import DOWNLOADABLE, ModelFamily, tensor_shapes
 
 LIVETALK_FOLDER = "livetalk"
 MODEL_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt"}
@@ -48,9 +50,15 @@ def register_model_folders() -> None:
     folder_paths.folder_names_and_paths[LIVETALK_FOLDER] = (paths, set(extensions) | MODEL_EXTENSIONS)
 
 
+def _download_choices(folders: tuple[str, ...]) -> list[str]:
+    """A ``<name> (download)`` choice for each known file of ``folders``, also once it is there: a
+    workflow saved with that choice stays valid after the download (ComfyUI refuses a value that is
+    not in the list), and the choice then uses the file as it is."""
+    return [d.name + DOWNLOAD_SUFFIX for d in DOWNLOADABLE if d.folder in folders]
+
+
 def _with_downloads(present: list[str], folders: tuple[str, ...]) -> list[str]:
-    """``present`` plus a ``<name> (download)`` choice for each known file of ``folders`` not among them."""
-    return present + [d.name + DOWNLOAD_SUFFIX for d in DOWNLOADABLE if d.folder in folders and d.name not in present]
+    return present + _download_choices(folders)
 
 
 def file_name(choice: str) -> str:
@@ -69,9 +77,40 @@ def download_target(choice: str) -> tuple[WeightFile, Path] | None:
     return entry.source, Path(default if default in paths else paths[0]) / entry.name
 
 
+def _dit_files() -> list[str]:
+    return sorted(set(folder_paths.get_filename_list(LIVETALK_FOLDER)) | set(folder_paths.get_filename_list("diffusion_models")))
+
+
 def dit_choices() -> list[str]:
-    present = set(folder_paths.get_filename_list(LIVETALK_FOLDER)) | set(folder_paths.get_filename_list("diffusion_models"))
-    return _with_downloads(sorted(present), DIT_FOLDERS)
+    return _with_downloads(_dit_files(), DIT_FOLDERS)
+
+
+# Files named so are taken for Wan2.2-S2V DiTs when their tensor names cannot be read cheaply.
+S2V_NAME_MARK = "s2v"
+_s2v_base_verdicts: dict[tuple[str, int, int], bool] = {}
+
+
+def can_be_s2v_base(path: str) -> bool:
+    """Whether the file can serve as the Wan2.2-S2V-14B base of a partial RealVideo fine-tune: a
+    complete S2V DiT by its safetensors header (read once per file version). A pickle is not opened
+    to fill a list; it is offered when its name holds "s2v", and checked in full when the loader runs."""
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _s2v_base_verdicts:
+        try:
+            shapes = tensor_shapes(path)
+        except CheckpointError:
+            shapes, verdict = None, False
+        else:
+            verdict = S2V_NAME_MARK in Path(path).name.lower() if shapes is None else s2v_checkpoint_kind(shapes) == COMPLETE
+        _s2v_base_verdicts[key] = verdict
+    return _s2v_base_verdicts[key]
+
+
+def s2v_base_choices() -> list[str]:
+    """The DiT files that can be a RealVideo base (:func:`can_be_s2v_base`), then the known S2V downloads."""
+    downloads = [choice for choice in _download_choices(DIT_FOLDERS) if S2V_NAME_MARK in choice.lower()]
+    return [name for name in _dit_files() if can_be_s2v_base(dit_path(name))] + downloads
 
 
 def dit_path(name: str) -> str | None:

@@ -24,7 +24,7 @@ from ..livetalk_core.fp8_linear import fp8_matmul_supported, use_fp8_matmuls
 from ..livetalk_core.s2v_checkpoint import COMPLETE, PARTIAL
 from ..livetalk_core.s2v_model import s2v_checkpoint_kind
 from ..livetalk_core.vae import load_vae
-from ..livetalk_core.weights import WeightFile, downloads_disabled, fetch_files
+from ..livetalk_core.weights import WeightFile, fetch_files
 from . import comfy_models as cm
 from .model_files import (
     REALVIDEO_14B,
@@ -120,6 +120,22 @@ def _check(files: _Files, model_name: str, audio_encoder_name: str, base_model_n
     return family, base
 
 
+def check_inputs(model_name: str, vae_name: str, audio_encoder_name: str, precision: str = "bf16",
+                 base_model_name: str = NO_BASE, fp8_matmul: bool = False,
+                 gpus: int = 1) -> tuple[_Files, ModelFamily | None, Path | None]:
+    """Catch a missing or wrong file, a mismatched pair, GPUs that are not there or options that do not
+    go together, from the files' headers, before anything is fetched or loaded: one error, whose
+    message names the input to change. Returns the files, the model's family and the base (see
+    :func:`_check`)."""
+    if fp8_matmul and precision != "bf16":
+        raise InputError(f"fp8_matmul runs with bf16 activations, but precision is {precision}: set precision to "
+                         "bf16, or turn fp8_matmul off.")
+    files = _Files(model_name, vae_name, audio_encoder_name)
+    family, base = _check(files, model_name, audio_encoder_name, base_model_name)
+    check_gpus(gpus, family, tensor_shapes(files.model) if files.on_disk(files.model) else None)
+    return files, family, base
+
+
 class LoadLiveTalkModel(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -151,9 +167,11 @@ class LoadLiveTalkModel(io.ComfyNode):
                                  tooltip="torch.compile the DiT's blocks and the VAE's conv steps on a GPU (about 30% "
                                  "faster after a few seconds of compiling on the first run). Falls back to eager by itself if "
                                  "compiling is not possible; ignored on the CPU."),
-                io.Combo.Input("base_model_name", options=[NO_BASE, *cm.dit_choices()], default=NO_BASE, optional=True,
+                io.Combo.Input("base_model_name", options=[NO_BASE, *cm.s2v_base_choices()], default=NO_BASE, optional=True,
                                tooltip="RealVideo 14B only: the Wan2.2-S2V-14B checkpoint a partial fine-tune (a "
                                f"model.pt holding only some of the DiT's tensors) is applied over, e.g. {S2V_BASE_FILE}. "
+                               "Lists the complete Wan2.2-S2V DiTs of models/livetalk and models/diffusion_models "
+                               "(safetensors by their tensors, other files when their name holds 's2v'). "
                                "Ignored, and not read, for a complete model file and for LiveTalk 1.3B."),
                 io.Boolean.Input("fp8_weights", default=False, optional=True,
                                  tooltip="RealVideo 14B only: keep the DiT's block weights in fp8 (one scale per "
@@ -193,18 +211,13 @@ class LoadLiveTalkModel(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model_name: str, vae_name: str, audio_encoder_name: str, precision: str = "bf16",
-                        base_model_name: str = NO_BASE, fp8_matmul: bool = False, gpus: int = 1) -> bool | str:
-        """Catch a wrong file, a mismatched pair, a download that cannot happen, GPUs that are not
-        there or options that do not go together before anything is loaded."""
-        if fp8_matmul and precision != "bf16":
-            return f"fp8_matmul runs with bf16 activations, but precision is {precision}: set precision to bf16, or turn fp8_matmul off."
+    def validate_inputs(cls, gpus: int = 1) -> bool | str:
+        """Only what concerns one input alone and needs no file: ComfyUI reports a validation failure
+        once for each input named here, so a check that reads several inputs would show one problem
+        several times. Missing files are refused by ComfyUI's own list check, on their input; the
+        checks that read the files run first thing in :meth:`execute` (:func:`check_inputs`)."""
         try:
-            files = _Files(model_name, vae_name, audio_encoder_name)
-            family, _ = _check(files, model_name, audio_encoder_name, base_model_name)
-            check_gpus(gpus, family, tensor_shapes(files.model) if files.on_disk(files.model) else None)
-            if downloads_disabled():
-                fetch_files(files.downloads, retry=RETRY_DOWNLOAD)
+            check_gpus(gpus, None)
         except LiveTalkError as exc:
             return str(exc)
         return True
@@ -215,12 +228,12 @@ class LoadLiveTalkModel(io.ComfyNode):
         base_model_name: str = NO_BASE, fp8_weights: bool = False, fp8_matmul: bool = False,
         fp8_kv_cache: bool = False, gpus: int = 1, cuda_graphs: bool = True,
     ) -> io.NodeOutput:
-        files = _Files(model_name, vae_name, audio_encoder_name)
-        family, base = _check(files, model_name, audio_encoder_name, base_model_name)
+        files, family, base = check_inputs(model_name, vae_name, audio_encoder_name, precision, base_model_name,
+                                           fp8_matmul, gpus)
         if files.downloads:
             fetch_files(files.downloads, retry=RETRY_DOWNLOAD)
-            files = _Files(model_name, vae_name, audio_encoder_name)  # now on disk: checked in full
-            family, base = _check(files, model_name, audio_encoder_name, base_model_name)
+            files, family, base = check_inputs(model_name, vae_name, audio_encoder_name, precision, base_model_name,
+                                               fp8_matmul, gpus)  # now on disk: checked in full
         model_path, vae_path, encoder_path = str(files.model), str(files.vae), str(files.audio_encoder)
         dtype = resolve_dtype(precision)
         if base is None and base_model_name != NO_BASE:

@@ -106,7 +106,13 @@ def load(lt, **inputs):
 
 
 def validate(lt, **inputs):
-    return lt.loader.LoadLiveTalkModel.validate_inputs(**inputs)
+    """What the loader says about ``inputs`` before it fetches or loads anything (the first thing it
+    does when it runs): True, or its one message."""
+    try:
+        lt.loader.check_inputs(**inputs)
+    except lt.errors.LiveTalkError as exc:
+        return str(exc)
+    return True
 
 
 def with_download(names: dict[str, str]) -> dict[str, str]:
@@ -116,7 +122,9 @@ def with_download(names: dict[str, str]) -> dict[str, str]:
 # -- Downloads -----------------------------------------------------------------------------------------
 
 
-def test_lists_offer_the_known_files_until_they_are_there(lt, models, tiny_files):
+def test_lists_offer_the_known_files_to_download_also_once_they_are_there(lt, models, tiny_files):
+    """ComfyUI refuses a value that is not in the list when the prompt is queued: a workflow saved
+    with a (download) choice must stay valid once the file was fetched."""
     cm = lt.comfy_models
     assert {"LiveTalk-1.3B-V0.1.safetensors (download)", "wan2.2_s2v_14B_bf16.safetensors (download)",
             "wan2.2_s2v_14B_fp8_scaled.safetensors (download)"} == set(cm.dit_choices())
@@ -125,9 +133,28 @@ def test_lists_offer_the_known_files_until_they_are_there(lt, models, tiny_files
                                                 "wav2vec2_large_english_fp16.safetensors (download)"}
     put(tiny_files["s2v"], models / "unet" / "wan2.2_s2v_14B_bf16.safetensors")  # a legacy folder counts too
     put(tiny_files["vae"], models / "vae" / "wan_2.1_vae.safetensors")
-    assert "wan2.2_s2v_14B_bf16.safetensors" in cm.dit_choices()
-    assert "wan2.2_s2v_14B_bf16.safetensors (download)" not in cm.dit_choices()
-    assert cm.vae_choices() == ["wan_2.1_vae.safetensors"]
+    assert {"wan2.2_s2v_14B_bf16.safetensors", "wan2.2_s2v_14B_bf16.safetensors (download)"} <= set(cm.dit_choices())
+    assert cm.vae_choices() == ["wan_2.1_vae.safetensors", "wan_2.1_vae.safetensors (download)"]
+
+
+def test_only_complete_s2v_dits_are_offered_as_a_base(lt, models, tiny_files):
+    """base_model_name lists what can carry a partial RealVideo fine-tune: complete Wan2.2-S2V DiTs
+    (by their safetensors header), pickles by name, and the S2V downloads; not the LiveTalk 1.3B DiT,
+    not a partial file, not a broken one."""
+    put(tiny_files["s2v"], models / "diffusion_models" / "s2v_base.safetensors")
+    put(tiny_files["s2v"], models / "livetalk" / "renamed_complete.safetensors")
+    put(tiny_files["dit"], models / "livetalk" / "LiveTalk-1.3B-V0.1.safetensors")
+    put(tiny_files["partial"], models / "livetalk" / "model.pt")
+    put(tiny_files["partial"], models / "livetalk" / "realvideo_s2v_full.pt")
+    (models / "livetalk" / "broken.safetensors").write_bytes(b"not safetensors")
+    downloads = ["wan2.2_s2v_14B_bf16.safetensors (download)", "wan2.2_s2v_14B_fp8_scaled.safetensors (download)"]
+    assert lt.comfy_models.s2v_base_choices() == [
+        "realvideo_s2v_full.pt", "renamed_complete.safetensors", "s2v_base.safetensors", *downloads]
+    options = lt.loader.LoadLiveTalkModel.INPUT_TYPES()["optional"]["base_model_name"][1]["options"]
+    assert options == ["none", *lt.comfy_models.s2v_base_choices()]
+    put(tiny_files["dit"], models / "diffusion_models" / "s2v_base.safetensors")  # replaced: read again
+    os.utime(models / "diffusion_models" / "s2v_base.safetensors", ns=(1, 1))
+    assert "s2v_base.safetensors" not in lt.comfy_models.s2v_base_choices()
 
 
 def test_download_choices_are_fetched_into_the_comfy_folders_then_loaded(lt, models, hub):
@@ -147,7 +174,8 @@ def test_download_choices_are_fetched_into_the_comfy_folders_then_loaded(lt, mod
     for repo, _, local_dir in hub:
         assert local_dir.parent == targets[repo].parent  # resumable downloads stay in the target folder
         assert targets[repo].is_file() and not local_dir.exists()  # moved into place, staging folder gone
-    assert lt.comfy_models.dit_choices() == ["LiveTalk-1.3B-V0.1.safetensors", "wan2.2_s2v_14B_bf16.safetensors (download)",
+    assert lt.comfy_models.dit_choices() == ["LiveTalk-1.3B-V0.1.safetensors", "LiveTalk-1.3B-V0.1.safetensors (download)",
+                                               "wan2.2_s2v_14B_bf16.safetensors (download)",
                                                "wan2.2_s2v_14B_fp8_scaled.safetensors (download)"]
 
     load(lt, **names)  # a saved workflow still names the (download) choices: the files are used as they are
@@ -167,8 +195,11 @@ def test_offline_lists_every_file_and_where_it_goes(lt, models, hub, tiny_files,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     put(tiny_files["vae"], models / "vae" / "wan_2.1_vae.safetensors")
     names = with_download(LIVETALK_DOWNLOADS)
-    message = validate(lt, **names)
-    assert isinstance(message, str) and message.startswith("Downloads are turned off.")
+    assert validate(lt, **names) is True  # nothing wrong with the choices themselves
+    with pytest.raises(lt.errors.MissingWeightsError) as error:
+        load(lt, **names)
+    message = str(error.value)
+    assert message.startswith("Downloads are turned off.")
     for path, url in ((models / "livetalk" / "LiveTalk-1.3B-V0.1.safetensors",
                        "https://huggingface.co/GAIR/LiveTalk-1.3B-V0.1/resolve/main/model.safetensors"),
                       (models / "audio_encoders" / "wav2vec2-base-960h.safetensors",
@@ -176,9 +207,7 @@ def test_offline_lists_every_file_and_where_it_goes(lt, models, hub, tiny_files,
         assert f"  {path}\n      from {url}" in message
     assert "wan_2.1_vae" not in message  # it is there
     assert "HF_HUB_OFFLINE" in message.splitlines()[-1]
-    with pytest.raises(lt.errors.MissingWeightsError) as error:
-        load(lt, **names)
-    assert str(error.value) == message and hub == []
+    assert hub == []
 
 
 def test_a_failed_download_says_what_is_still_missing(lt, models, monkeypatch):
@@ -251,8 +280,9 @@ def test_a_base_that_is_not_a_whole_s2v_dit_is_refused(lt, realvideo):
 def test_a_base_to_download_is_fetched_with_the_partial_file(lt, realvideo, hub, monkeypatch):
     base = "wan2.2_s2v_14B_bf16.safetensors (download)"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    message = validate(lt, **realvideo, base_model_name=base)
-    assert "diffusion_models/wan2.2_s2v_14B_bf16.safetensors\n      from https://huggingface.co/Comfy-Org" in message
+    with pytest.raises(lt.errors.MissingWeightsError) as error:
+        load(lt, **realvideo, base_model_name=base)
+    assert "diffusion_models/wan2.2_s2v_14B_bf16.safetensors\n      from https://huggingface.co/Comfy-Org" in str(error.value)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     assert validate(lt, **realvideo, base_model_name=base) is True
     model = load(lt, **realvideo, base_model_name=base)[0]

@@ -69,8 +69,13 @@ def load(pack, gpus: int, attention: str = "sdpa", **options):
 
 
 def validate(pack, gpus: int, model_name: str = "s2v.safetensors", audio_encoder_name: str = "w2v_large.safetensors"):
-    return pack.loader.LoadLiveTalkModel.validate_inputs(model_name=model_name, vae_name="vae.safetensors",
-                                                         audio_encoder_name=audio_encoder_name, gpus=gpus)
+    """The loader's checks before it loads anything: True, or its message."""
+    try:
+        pack.loader.check_inputs(model_name=model_name, vae_name="vae.safetensors",
+                                 audio_encoder_name=audio_encoder_name, gpus=gpus)
+    except pack.errors.LiveTalkError as exc:
+        return str(exc)
+    return True
 
 
 def running_group(pack):
@@ -154,6 +159,7 @@ def test_validation_names_what_to_change(pack, cpu_workers, monkeypatch):
     message = validate(pack, gpus=2, model_name="dit.safetensors", audio_encoder_name="w2v.safetensors")
     assert "LiveTalk 1.3B runs on one GPU" in message and "RealVideo 14B" in message and "Set gpus to 1" in message
     assert validate(pack, gpus=3) == "gpus is 3, but ComfyUI sees 2 CUDA GPUs. Set gpus to 2 or fewer."
+    assert pack.loader.LoadLiveTalkModel.validate_inputs(gpus=3) == validate(pack, gpus=3)  # also when queued
     monkeypatch.setattr(pack.multi_gpu, "parallel_devices", lambda: ["cpu"] * 4)
     message = validate(pack, gpus=4)
     assert "2 attention heads cannot be split evenly over 4 GPUs. Use 1 or 2 GPUs." in message

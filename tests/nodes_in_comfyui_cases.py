@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import weakref
 from pathlib import Path
 from types import SimpleNamespace
@@ -239,11 +240,11 @@ VALID = {"model_name": "dit.safetensors", "vae_name": "vae.safetensors", "audio_
 def test_names_outside_the_model_folders_are_refused(pack, comfy_folders, model_files, field, escape):
     """``<root>/outside`` holds valid copies of the files: a name that escaped the folders would load."""
     loader = pack.loader.LoadLiveTalkModel
-    assert loader.validate_inputs(**VALID) is True
+    pack.loader.check_inputs(**VALID)
     name = ESCAPES[escape].format(VALID[field], root=model_files)
     names = {**VALID, field: name}
-    message = loader.validate_inputs(**names)
-    assert isinstance(message, str) and f"'{name}' was not found in models/" in message, message
+    with pytest.raises(pack.errors.MissingWeightsError, match=f"'{re.escape(name)}' was not found in models/"):
+        pack.loader.check_inputs(**names)
     with pytest.raises(pack.errors.MissingWeightsError, match="was not found"):
         run(loader, **names, precision="fp32", attention="sdpa", compile=False)
 

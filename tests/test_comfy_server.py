@@ -201,6 +201,46 @@ def test_interrupt_during_sampling_then_next_prompt_runs(comfy):
     assert comfy.wait_for(comfy.queue(follow_up))["status"]["status_str"] == "success"
 
 
+def queue_time_errors(comfy, prompt: dict) -> tuple[int, list[tuple[str, str | None, str]]]:
+    """POST /prompt: the status and every (node, input, type) error entry ComfyUI reports."""
+    status, body = comfy.post("/prompt", {"prompt": prompt, "client_id": comfy.client_id})
+    return status, [(node_id, e["extra_info"].get("input_name"), e["type"])
+                    for node_id, entry in body.get("node_errors", {}).items() for e in entry["errors"]]
+
+
+def loader_run_error(comfy, prompt: dict) -> str:
+    """The one error of a prompt that fails when the loader runs, before it loads anything; its message."""
+    history = comfy.wait_for(comfy.queue(prompt))
+    assert history["status"]["status_str"] == "error"
+    (error,) = [m[1] for m in history["status"]["messages"] if m[0] == "execution_error"]
+    assert error["node_type"] == "LoadLiveTalkModel", error
+    return error["exception_message"]
+
+
+def test_a_missing_vae_is_reported_once_on_its_input(comfy):
+    """ComfyUI attributes a node's validate_inputs failure to every input it takes (a missing VAE was
+    reported on each of the loader's 4 to 7 inputs). ComfyUI 0.3.75 does not check a V3 list's value
+    when the prompt is queued, so the loader says it once when it runs; a ComfyUI that does check
+    it refuses the prompt with one entry, on vae_name."""
+    prompt = shipped_prompt()
+    loader = node_id_of(prompt, "LoadLiveTalkModel")
+    prompt[loader]["inputs"]["vae_name"] = "not_there.safetensors"
+    status, errors = queue_time_errors(comfy, prompt)
+    if status == 400:
+        assert errors == [(loader, "vae_name", "value_not_in_list")], errors
+    else:
+        message = loader_run_error(comfy, prompt)
+        assert message.startswith("The VAE 'not_there.safetensors' was not found in models/vae."), message
+
+
+def test_a_loader_input_refused_in_the_queue_is_reported_once_on_it(comfy):
+    prompt = shipped_prompt()
+    loader = node_id_of(prompt, "LoadLiveTalkModel")
+    prompt[loader]["inputs"]["gpus"] = 3  # the test server has no GPU
+    status, errors = queue_time_errors(comfy, prompt)
+    assert (status, errors) == (400, [(loader, "gpus", "custom_validation_failed")])
+
+
 def test_non_livetalk_checkpoint_is_a_node_error(comfy):
     loader_inputs = json.loads(SHIPPED_1_3B_API.read_text())
     vae_name = next(n["inputs"]["vae_name"] for n in loader_inputs.values() if n["class_type"] == "LoadLiveTalkModel")
@@ -208,11 +248,8 @@ def test_non_livetalk_checkpoint_is_a_node_error(comfy):
     prompt = shipped_prompt()
     loader = node_id_of(prompt, "LoadLiveTalkModel")
     prompt[loader]["inputs"]["model_name"] = "not_livetalk.safetensors"
-    status, body = comfy.post("/prompt", {"prompt": prompt, "client_id": comfy.client_id})
-    assert status == 400
-    errors = body["node_errors"][loader]["errors"]
-    details = " ".join(e["details"] for e in errors)
-    assert "not a LiveTalk model" in details and "Wan VAE" in details and "Pick" in details, errors
+    message = loader_run_error(comfy, prompt)
+    assert "not a LiveTalk model" in message and "Wan VAE" in message and "Pick" in message, message
 
 
 def test_mismatched_audio_encoder_is_a_node_error(comfy, tmp_path):
@@ -227,10 +264,8 @@ def test_mismatched_audio_encoder_is_a_node_error(comfy, tmp_path):
     prompt = shipped_prompt()
     loader = node_id_of(prompt, "LoadLiveTalkModel")
     prompt[loader]["inputs"]["audio_encoder_name"] = "wav2vec2-large-like"
-    status, body = comfy.post("/prompt", {"prompt": prompt, "client_id": comfy.client_id})
-    assert status == 400
-    details = " ".join(e["details"] for e in body["node_errors"][loader]["errors"])
-    assert "features per frame" in details and "wav2vec2-base-960h" in details, details
+    message = loader_run_error(comfy, prompt)
+    assert "features per frame" in message and "wav2vec2-base-960h" in message, message
 
 
 @pytest.mark.parametrize("workflow, other_encoder, advice", [
@@ -243,10 +278,8 @@ def test_the_other_familys_audio_encoder_is_a_node_error(comfy, workflow, other_
     prompt = shipped_prompt(workflow)
     loader = node_id_of(prompt, "LoadLiveTalkModel")
     prompt[loader]["inputs"]["audio_encoder_name"] = other_name
-    status, body = comfy.post("/prompt", {"prompt": prompt, "client_id": comfy.client_id})
-    assert status == 400
-    details = " ".join(e["details"] for e in body["node_errors"][loader]["errors"])
-    assert "features per frame" in details and advice in details, details
+    message = loader_run_error(comfy, prompt)
+    assert "features per frame" in message and advice in message, message
 
 
 def _audio_error(comfy, prompt: dict) -> dict:
