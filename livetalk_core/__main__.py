@@ -1,5 +1,9 @@
-import sys
+"""``python -m livetalk_core``: the LiveTalk command line (see cli.py)."""
 
-from .cli import main
+from .interrupts import exit_process, exit_quietly_while_starting
 
-sys.exit(main())
+exit_quietly_while_starting()  # Ctrl-C while torch imports: one line, no traceback (see interrupts.py)
+
+from .cli import main  # noqa: E402  (imported after the Ctrl-C handler on purpose)
+
+exit_process(main())

@@ -2,29 +2,41 @@
 
 Without ``--image``/``--audio`` it uses the shipped portrait and speech clip. ``--smoke`` runs the
 same pipeline with tiny random weights on the CPU (no download, a few seconds) to check an install.
-The video is written while it is generated; Ctrl-C keeps a playable mp4 of what exists so far.
+Every argument is checked (and the image and audio read) before any model loads. The video is
+written while it is generated; Ctrl-C keeps a playable mp4 of what exists so far and says so in one
+line (exit status 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .audio import VIDEO_FPS
-from .errors import LiveTalkError, out_of_memory_help
+from .cli_checks import check_duration, check_image_size, check_output, parse_size, pick_device
+from .errors import InputError, LiveTalkError, out_of_memory_help
+from .image import check_target_size
+from .interrupts import INTERRUPTED_EXIT_CODE, ready, summary
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_PROMPT = (
     "A person talks to the camera with a steady gaze, natural facial expressions and lip movements "
     "that follow the speech."
 )
+DEFAULT_SIZE = "512"
+SMOKE_SIZE = "64"  # the tiny random model's default: a few seconds on a CPU
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PACK_LOGGERS = ("livetalk", "livetalk_core")
 log = logging.getLogger("livetalk")
 
 
@@ -38,10 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livetalk", description="Lip-synced talking-avatar video from a face image and speech.")
     add_input_arguments(p)
     p.add_argument("--output", default="livetalk.mp4", help="mp4 to write (default: %(default)s)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text prompt")
+    p.add_argument("--prompt", default=None, help="text prompt (default: a person talking to the camera; not used by --smoke)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same video")
     p.add_argument("--duration", type=float, default=None, help="seconds of video (default: the audio's length; longer pads with silence)")
-    p.add_argument("--size", default="512", help="output size, N or WxH, multiples of 16 (the model was trained at 512)")
+    p.add_argument("--size", default=None,
+                   help=f"output size, N or WxH, multiples of 16 (default {DEFAULT_SIZE}, the size the model was trained at; "
+                   f"{SMOKE_SIZE} with --smoke)")
     p.add_argument("--max-hw", type=int, default=None, help="upstream's option: 720 means 512x512 (upstream's only size); other values a square of that size")
     p.add_argument("--fps", type=int, default=VIDEO_FPS, help="frame rate; the model generates 16 fps only")
     p.add_argument("--models-dir", type=Path, default=None, help="where weights live / are downloaded (default: ~/.cache/livetalk)")
@@ -60,37 +74,88 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the DiT's block Linear layers as fp8 matmuls (Ada/Hopper GPUs, bf16): faster, output moves by fp8 rounding")
     p.add_argument("--fp8-kv-cache", action="store_true",
                    help="store the KV cache in fp8 (half its memory, 1.3 GiB less at 512x512): output moves by fp8 rounding")
-    p.add_argument("--smoke", action="store_true", help="tiny random weights on the CPU: checks the install, makes noise")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny random weights on the CPU: checks the install, makes noise (uses --size, not --prompt)")
     return p
 
 
-def parse_size(args: argparse.Namespace) -> tuple[int, int]:
-    if args.max_hw is not None:
-        side = 512 if args.max_hw == 720 else args.max_hw
-        return side, side
-    if "x" in args.size.lower():
-        w, h = (int(v) for v in args.size.lower().split("x"))
-        return h, w
-    return int(args.size), int(args.size)
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run needs that is checked (and read) before any model loads."""
+
+    height: int
+    width: int
+    device: torch.device
+    vae_device: torch.device
+    image: torch.Tensor
+    waveform: torch.Tensor
+    output: Path
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@contextlib.contextmanager
+def size_note_off() -> Iterator[None]:
+    """Silence image.check_target_size's "trained at 512x512" note: the CLI gives it once, while it checks
+    the arguments, and not at all in smoke mode, where the size only has to fit the tiny model."""
+    logger = logging.getLogger(check_target_size.__module__)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
-def text_context(prompt: str, models_dir: Path, paths, device: torch.device, dtype: torch.dtype, download: bool) -> torch.Tensor:
-    """umT5 context for ``prompt``; cached on disk so the 11 GB encoder runs once per prompt."""
+def check_arguments(args: argparse.Namespace) -> RunInputs:
+    """Every argument checked, and the image and audio read, before anything loads; InputError otherwise."""
+    from .audio import load_audio
+    from .image import load_image
+
+    if args.fps != VIDEO_FPS:
+        raise InputError(f"LiveTalk generates {VIDEO_FPS} fps video; --fps {args.fps} is not possible. Resample the mp4 afterwards if needed.")
+    check_duration(args.duration)
+    with size_note_off() if args.smoke else contextlib.nullcontext():
+        height, width = parse_size(args.size or (SMOKE_SIZE if args.smoke else DEFAULT_SIZE), args.max_hw)
+    device = torch.device("cpu") if args.smoke else pick_device(args.device)
+    vae_device = device if args.smoke or args.vae_device is None else pick_device(args.vae_device, "--vae-device")
+    image = load_image(args.image)
+    check_image_size(image, args.image)
+    waveform = load_audio(args.audio)
+    output = Path(args.output)
+    check_output(output, {"--image": Path(args.image), "--audio": Path(args.audio)})
+    return RunInputs(height, width, device, vae_device, image, waveform, output)
+
+
+def note_smoke_limits(args: argparse.Namespace) -> None:
+    """Say which options smoke mode does not use (tiny random weights on the CPU, no text encoder)."""
+    if args.prompt is not None:
+        log.info("smoke mode: --prompt is not encoded (the tiny random model has no text encoder; it uses a random context)")
+    if args.device != "auto" or args.vae_device is not None:
+        log.info("smoke mode runs on the CPU; --device / --vae-device are not used")
+
+
+def context_cache(models_dir: Path, prompt: str) -> Path:
+    """Where the umT5 embedding of ``prompt`` is kept, so the 11 GB encoder runs once per prompt."""
+    return models_dir / "contexts" / (hashlib.sha256(prompt.encode()).hexdigest()[:24] + ".safetensors")
+
+
+def ensure_weights(args: argparse.Namespace, models_dir: Path, prompt: str) -> None:
+    """Check (and download) every file the run needs in one go, the umT5 encoder and its tokenizer
+    included unless the prompt's embedding is cached: offline, one message lists them all."""
+    from .weights import LIVETALK_FILES, TEXT_ENCODER_FILES, ensure_files
+
+    needed = LIVETALK_FILES if context_cache(models_dir, prompt).is_file() else LIVETALK_FILES + TEXT_ENCODER_FILES
+    ensure_files(needed, models_dir, download=not args.skip_download)
+
+
+def text_context(prompt: str, models_dir: Path, paths, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """umT5 context for ``prompt``, from the cache or encoded once and cached (files already in place)."""
     from safetensors.torch import load_file, save_file
 
     from .text_encoder import encode_prompt, load_text_encoder, release_text_encoder
-    from .weights import TEXT_ENCODER_FILES, ensure_files
 
-    cache = models_dir / "contexts" / (hashlib.sha256(prompt.encode()).hexdigest()[:24] + ".safetensors")
+    cache = context_cache(models_dir, prompt)
     if cache.is_file():
         return load_file(str(cache))["context"]
-    ensure_files(TEXT_ENCODER_FILES, models_dir, download=download)
     log.info("encoding the prompt with umT5-XXL (once per prompt)")
     encoder = load_text_encoder(paths.text_encoder, dtype=dtype, device=device)
     context = encode_prompt(prompt, encoder, paths.tokenizer).cpu()
@@ -100,32 +165,43 @@ def text_context(prompt: str, models_dir: Path, paths, device: torch.device, dty
     return context
 
 
-def load_pipeline(args: argparse.Namespace, device: torch.device):
+def load_pipeline(args: argparse.Namespace, inputs: RunInputs):
     """Models and text context for this run: the real ones, or tiny random ones in smoke mode."""
+    if args.smoke:
+        return load_smoke_pipeline(args, inputs)
+    from .weights import DEFAULT_MODELS_DIR, weight_paths
+
+    models_dir = args.models_dir or DEFAULT_MODELS_DIR
+    prompt = args.prompt or DEFAULT_PROMPT
+    ensure_weights(args, models_dir, prompt)
+    paths = weight_paths(models_dir)
+    dtype = PRECISIONS[args.precision]
+    context = text_context(prompt, models_dir, paths, inputs.device, dtype)
+    return assemble_pipeline(args, inputs, (paths.dit, paths.vae, paths.wav2vec2), dtype), context
+
+
+def load_smoke_pipeline(args: argparse.Namespace, inputs: RunInputs):
+    """Tiny random models: written to a temporary folder, loaded, and the folder deleted again."""
+    from .smoke import build_tiny_weights, load_context
+
+    dtype = torch.bfloat16 if args.fp8_matmul else torch.float32  # fp8 matmuls take bf16 activations
+    with tempfile.TemporaryDirectory(prefix="livetalk-smoke-") as folder:
+        tiny = build_tiny_weights(folder)
+        pipeline = assemble_pipeline(args, inputs, (tiny.dit, tiny.vae, tiny.wav2vec2), dtype)
+        return pipeline, load_context(tiny.context)
+
+
+def assemble_pipeline(args: argparse.Namespace, inputs: RunInputs, files: tuple[Path, Path, Path], dtype: torch.dtype):
+    """Load the DiT, VAE and wav2vec2 from ``files`` and apply the speed options."""
     from .audio import load_audio_encoder
     from .livetalk_model import load_livetalk_dit
     from .pipeline import LiveTalkPipeline
     from .vae import load_vae
 
-    if args.smoke:
-        from .smoke import build_tiny_weights, load_context
-
-        tiny = build_tiny_weights(Path(tempfile.mkdtemp(prefix="livetalk-smoke-")))
-        dtype = torch.bfloat16 if args.fp8_matmul else torch.float32  # fp8 matmuls take bf16 activations
-        dit, vae, wav2vec2, context = tiny.dit, tiny.vae, tiny.wav2vec2, load_context(tiny.context)
-    else:
-        from .weights import DEFAULT_MODELS_DIR, LIVETALK_FILES, ensure_files, weight_paths
-
-        models_dir = args.models_dir or DEFAULT_MODELS_DIR
-        paths = weight_paths(models_dir)
-        ensure_files(LIVETALK_FILES, models_dir, download=not args.skip_download)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
-        context = text_context(args.prompt, models_dir, paths, device, dtype, not args.skip_download)
-        dit, vae, wav2vec2 = paths.dit, paths.vae, paths.wav2vec2
+    dit, vae, wav2vec2 = files
     pipeline = LiveTalkPipeline(
-        load_livetalk_dit(dit, dtype, device),
-        load_vae(vae, dtype, device if args.smoke or args.vae_device is None else pick_device(args.vae_device)),
-        load_audio_encoder(wav2vec2, dtype, device),
+        load_livetalk_dit(dit, dtype, inputs.device), load_vae(vae, dtype, inputs.vae_device),
+        load_audio_encoder(wav2vec2, dtype, inputs.device),
     )
     pipeline.dit.attention_backend = args.attention
     pipeline.dit.fp8_kv_cache = args.fp8_kv_cache
@@ -133,54 +209,47 @@ def load_pipeline(args: argparse.Namespace, device: torch.device):
         from .fp8_linear import use_fp8_matmuls
 
         use_fp8_matmuls(pipeline.dit.heavy_linears().values())
-    if args.compile if args.compile is not None else device.type == "cuda":
+    if args.compile if args.compile is not None else inputs.device.type == "cuda":
         from .compile import compile_blocks, compile_vae
 
         compile_blocks(pipeline.dit, cuda_graphs=args.cuda_graphs)
         compile_vae(pipeline.vae)
-    return pipeline, context
+    return pipeline
 
 
 def run(args: argparse.Namespace) -> Path:
+    from .attention import resolve_backend
+
+    inputs = check_arguments(args)
+    args.attention = resolve_backend(args.attention)
+    if args.smoke:
+        note_smoke_limits(args)
+    pipeline, context = load_pipeline(args, inputs)
+
+    with size_note_off():
+        ref_latent = pipeline.encode_reference(inputs.image, inputs.height, inputs.width)
+    audio = pipeline.encode_audio(inputs.waveform, args.duration)
+    return generate(args, inputs, pipeline, (ref_latent, audio, context.to(inputs.device)))
+
+
+def generate(args: argparse.Namespace, inputs: RunInputs, pipeline, conditions: tuple) -> Path:
+    """Stream the blocks into the mp4 with a progress bar. On Ctrl-C or an error the writer keeps the
+    frames made so far as a playable mp4 and notes where on the exception (see exit_code)."""
     from tqdm import tqdm
 
-    from .attention import resolve_backend
-    from .audio import load_audio
-    from .image import load_image
     from .video_io import VideoWriter
 
-    if args.fps != VIDEO_FPS:
-        raise LiveTalkError(f"LiveTalk generates {VIDEO_FPS} fps video; --fps {args.fps} is not possible. Resample the mp4 afterwards if needed.")
-    height, width = (64, 64) if args.smoke else parse_size(args)
-    device = torch.device("cpu") if args.smoke else pick_device(args.device)
-    args.attention = resolve_backend(args.attention)
-    image, waveform = load_image(args.image), load_audio(args.audio)
-    pipeline, context = load_pipeline(args, device)
-
-    ref_latent = pipeline.encode_reference(image, height, width)
-    audio = pipeline.encode_audio(waveform, args.duration)
-    output = Path(args.output)
+    ref_latent, audio, context = conditions
     frames_done, start = 0, time.perf_counter()
-    bar = tqdm(total=audio.num_video_frames, unit="frame", desc="generating", file=sys.stderr)
-    writer = VideoWriter(output, fps=VIDEO_FPS, audio=waveform)
-    try:
-        with writer:
-            for frames in pipeline.stream(ref_latent, audio, context.to(device), args.seed):
-                writer.write(frames)
-                frames_done += frames.shape[0]
-                bar.set_postfix(fps=f"{frames_done / (time.perf_counter() - start):.1f}")
-                bar.update(frames.shape[0])
-    except KeyboardInterrupt as interrupt:
-        bar.close()
-        if writer.saved_path is not None:
-            print(f"\ninterrupted: kept {writer.frames_written} frames in {output}", file=sys.stderr)
-        else:
-            reason = " ".join(getattr(interrupt, "__notes__", [])) or "no frame had been generated yet."
-            print(f"\ninterrupted: nothing saved; {reason}", file=sys.stderr)
-        raise
-    bar.close()
-    print(f"wrote {output} ({frames_done} frames, {frames_done / VIDEO_FPS:.2f} s)", file=sys.stderr)
-    return output
+    with tqdm(total=audio.num_video_frames, unit="frame", desc="generating", file=sys.stderr) as bar, \
+            VideoWriter(inputs.output, fps=VIDEO_FPS, audio=inputs.waveform) as writer:
+        for frames in pipeline.stream(ref_latent, audio, context, args.seed):
+            writer.write(frames)
+            frames_done += frames.shape[0]
+            bar.set_postfix(fps=f"{frames_done / (time.perf_counter() - start):.1f}")
+            bar.update(frames.shape[0])
+    print(f"wrote {writer.saved_path} ({frames_done} frames, {frames_done / VIDEO_FPS:.2f} s)", file=sys.stderr)
+    return writer.saved_path
 
 
 OUT_OF_MEMORY_HELP = out_of_memory_help(
@@ -191,22 +260,42 @@ OUT_OF_MEMORY_HELP = out_of_memory_help(
 
 def exit_code(run_once) -> int:
     """Run ``run_once()`` and turn the failures a user can act on into a message and an exit code:
-    2 bad input / missing files, 3 GPU out of memory, 130 interrupted (the partial mp4 is kept)."""
+    2 bad input / missing files, 3 GPU out of memory, 130 interrupted (one line: what was kept).
+    Notes on the exception (the video writer's: where the frames made so far were kept) are printed too."""
     try:
         run_once()
     except LiveTalkError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report(f"error: {exc}", exc)
         return 2
-    except torch.cuda.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError as exc:
         torch.cuda.empty_cache()
-        print(f"error: {OUT_OF_MEMORY_HELP}", file=sys.stderr)
+        report(f"error: {OUT_OF_MEMORY_HELP}", exc)
         return 3
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as interrupt:
+        print(f"\n{summary(interrupt)}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     return 0
 
 
+def report(message: str, exc: BaseException) -> None:
+    print("\n".join([message, *getattr(exc, "__notes__", [])]), file=sys.stderr)
+
+
+def setup_logging() -> None:
+    """This pack's INFO lines on stderr, as plain messages. The handler goes on the pack's loggers only:
+    on the root logger it printed huggingface_hub's lines twice (that library has its own handler)."""
+    for name in PACK_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not any(getattr(h, "livetalk_cli", False) for h in logger.handlers):
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            handler.livetalk_cli = True
+            logger.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ready()
+    setup_logging()
     args = build_parser().parse_args(argv)
     return exit_code(lambda: run(args))

@@ -20,6 +20,11 @@ under torchrun) to check an installation or a launch.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C while torch imports: one line, no traceback (see interrupts.py)
+    from .interrupts import exit_quietly_while_starting
+
+    exit_quietly_while_starting()
+
 import argparse
 import logging
 import math
@@ -33,8 +38,10 @@ import torch.distributed as dist
 
 from . import sequence_parallel
 from .audio import VIDEO_FPS
-from .cli import add_input_arguments, exit_code
+from .cli import add_input_arguments, exit_code, setup_logging
+from .cli_checks import check_duration, check_output
 from .errors import InputError
+from .interrupts import exit_process, ready
 
 IDLE_PROMPT = "A character is looking at the camera."
 TALKING_PROMPT = "A character is talking."
@@ -84,8 +91,14 @@ def _device(smoke: bool) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _smoke_models(folder: Path, dtype: torch.dtype, device: torch.device):
-    """Tiny random S2V DiT (2 heads, so 2 ranks can split it) and VAE, seeded: identical on every rank."""
+def _smoke_models(dtype: torch.dtype, device: torch.device):
+    """Tiny random S2V DiT (2 heads, so 2 ranks can split it) and VAE, seeded: identical on every rank.
+    The DiT goes through a file (the real loader) in a temporary folder that is deleted again."""
+    with tempfile.TemporaryDirectory(prefix="realvideo-smoke-") as folder:
+        return _smoke_models_in(Path(folder), dtype, device)
+
+
+def _smoke_models_in(folder: Path, dtype: torch.dtype, device: torch.device):
     from safetensors.torch import save_file
 
     from .s2v_model import S2VConfig, S2VDiT, load_s2v_dit
@@ -142,6 +155,40 @@ def _contexts(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
     return idle, talking
 
 
+MODEL_FILE_OPTIONS = ("dit", "base", "dit_config", "vae", "wav2vec2", "contexts", "text_encoder", "tokenizer")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every argument checked, and the image and audio read once, before any model loads (InputError otherwise)."""
+    from .audio import load_audio
+    from .image import load_image
+    from .realvideo_image import DEFAULT_AREA, plan_image
+
+    check_duration(args.duration)
+    if not args.smoke:
+        _check_model_files(args)
+    image = load_image(args.image)
+    plan_image(image.shape[1], image.shape[0], SMOKE_AREA if args.smoke else DEFAULT_AREA)
+    load_audio(args.audio)
+    inputs = {f"--{name.replace('_', '-')}": getattr(args, name) for name in MODEL_FILE_OPTIONS}
+    inputs.update({"--image": Path(args.image), "--audio": Path(args.audio)})
+    check_output(Path(args.output), inputs)
+    if args.latents_out is not None:
+        check_output(args.latents_out, {**inputs, "--output": Path(args.output)}, "--latents-out")
+
+
+def _check_model_files(args: argparse.Namespace) -> None:
+    missing = [name for name in ("dit", "vae", "wav2vec2") if getattr(args, name) is None]
+    if missing:
+        raise InputError(f"Give --{' --'.join(missing)} (or --smoke for a check with tiny random weights).")
+    if args.contexts is None and (args.text_encoder is None or args.tokenizer is None):
+        raise InputError("Give --contexts, or --text-encoder and --tokenizer to compute the two prompt embeddings.")
+    for name in MODEL_FILE_OPTIONS:
+        path = getattr(args, name)
+        if path is not None and not path.exists():
+            raise InputError(f"--{name.replace('_', '-')} {path} does not exist. Check the path.")
+
+
 def prepare_inputs(args: argparse.Namespace, vae, device: torch.device, dtype: torch.dtype) -> dict:
     """Reference latent, prompt embeddings, per-segment audio features and the waveform (rank 0)."""
     from .audio import load_audio
@@ -176,12 +223,13 @@ def run(args: argparse.Namespace) -> Path | None:
     from .realvideo_worker import sample_realvideo_parallel
     from .vae import load_vae
 
+    check_arguments(args)
     sp = sequence_parallel.init_from_env("gloo" if args.smoke else None)
     rank = 0 if sp is None else sp.rank
     device = _device(args.smoke)
     dtype = torch.float32 if args.smoke else {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
     if args.smoke:
-        dit, vae = _smoke_models(Path(tempfile.mkdtemp(prefix="realvideo-smoke-")), dtype, device)
+        dit, vae = _smoke_models(dtype, device)
     else:
         from .s2v_model import load_s2v_dit
 
@@ -244,12 +292,13 @@ def _write(args: argparse.Namespace, blocks, vae, waveform: torch.Tensor) -> Pat
             log.info("%d frames, %.2f s elapsed", frames_done, time.perf_counter() - start)
     if args.latents_out is not None:
         save_file({"latents": torch.cat(latents, dim=2).contiguous()}, str(args.latents_out))
-    print(f"wrote {output} ({frames_done} frames, {frames_done / VIDEO_FPS:.2f} s)", file=sys.stderr)
+    print(f"wrote {writer.saved_path} ({frames_done} frames, {frames_done / VIDEO_FPS:.2f} s)", file=sys.stderr)
     return output
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ready()
+    setup_logging()
     args = build_parser().parse_args(argv)
     try:
         return exit_code(lambda: run(args))
@@ -259,4 +308,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -39,6 +39,19 @@ def _randomise(module: torch.nn.Module, generator: torch.Generator, scale: float
             p.data = torch.randn(p.shape, generator=generator) * scale
 
 
+def _save_quietly(model, folder: Path) -> None:
+    """``save_pretrained`` without transformers' "Writing model shards" progress bar (noise in a smoke run)."""
+    from transformers.utils import logging as transformers_logging
+
+    bar_was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        if bar_was_on:
+            transformers_logging.enable_progress_bar()
+
+
 def build_tiny_weights(folder: str | Path, seed: int = 0) -> TinyWeights:
     """Write tiny LiveTalk DiT / VAE / wav2vec2 files and a text context into ``folder``."""
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC
@@ -62,7 +75,7 @@ def build_tiny_weights(folder: str | Path, seed: int = 0) -> TinyWeights:
         do_stable_layer_norm=False,
         conv_bias=False,
     )
-    Wav2Vec2ForCTC(w2v_config).save_pretrained(w2v_dir, safe_serialization=True)
+    _save_quietly(Wav2Vec2ForCTC(w2v_config), w2v_dir)
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True, return_attention_mask=False).save_pretrained(w2v_dir)
 
     audio_features = (TINY_WAV2VEC_LAYERS + 2) * TINY_WAV2VEC_HIDDEN

@@ -15,6 +15,13 @@ File rule:
 * An exception or KeyboardInterrupt inside the ``with`` block also finalises the mp4 and renames it
   to the final name, so the frames generated before the interruption are kept as a playable video;
   the exception is then re-raised. If no frame was written, no file is left at all.
+* The exception also gets a note saying where those frames were kept (or that there were none), for
+  the command line's one-line report.
+* A target folder that refuses the file (gone, read-only, full of a same-named folder) never costs the
+  video: if the partial file cannot be created there, or the finished file cannot be renamed to its
+  name, the video goes to a fallback file instead (:func:`fallback_path`: the current folder, else the
+  temporary folder) and a warning / the error names it. A write that fails in the middle (a full
+  disk) can only keep what the container can still finish.
 * Ctrl-C never lands inside the encoder: while frames are being encoded and muxed (and while the
   file is finalised) SIGINT is held back and raised once the container is consistent again, because
   an mp4 interrupted between an encode and its mux cannot be finished.
@@ -27,21 +34,27 @@ early. Odd frame sizes are padded by one replicated row/column because yuv420p n
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import tempfile
 import signal
 import threading
 import uuid
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator, NoReturn, Union
+
+import shutil
 
 import av
 import numpy as np
 import torch
 
 from .errors import InputError, LiveTalkError
+
+log = logging.getLogger(__name__)
 
 OUTPUT_AUDIO_RATE = 48_000
 OUTPUT_AUDIO_BITRATE = 96_000
@@ -170,6 +183,15 @@ def _frame_rate(fps: float) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
+def fallback_path(path: Path) -> Path:
+    """Where a video goes when its own folder refuses it: a new name (never an existing file) in the
+    current folder if it can be written and is not that folder, else in the temporary folder."""
+    candidates = [Path.cwd(), Path(tempfile.gettempdir())]
+    folders = [f for f in candidates if f.resolve() != path.parent.resolve() and os.access(f, os.W_OK | os.X_OK)]
+    folder = folders[0] if folders else Path(tempfile.gettempdir())
+    return folder / f"{path.stem}.unsaved-{uuid.uuid4().hex[:6]}{path.suffix or '.mp4'}"
+
+
 @contextlib.contextmanager
 def _sigint_deferred() -> Iterator[None]:
     """Hold Ctrl-C back for the duration of the block and raise it afterwards.
@@ -264,10 +286,18 @@ class VideoWriter:
             self.close()
             return False
         try:
-            self._finish()
+            saved = self._finish()
         except Exception as err:  # never hide the exception that interrupted the block
             exc.add_note(f"The partial video {self.path} could not be saved: {err}")
+        else:
+            exc.add_note(self._kept_note(saved))
         return False
+
+    def _kept_note(self, saved: Path | None) -> str:
+        if saved is None:
+            return "no frame had been made yet; no file was written."
+        seconds = self._frames_written / self._rate
+        return f"kept the {self._frames_written} frames made so far ({float(seconds):.2f} s) in {saved}."
 
     def write(self, frames: Frames) -> None:
         """Encode frames (uint8 [T, H, W, 3] or [H, W, 3]) and the audio up to the same time."""
@@ -300,12 +330,27 @@ class VideoWriter:
         except av.error.FFmpegError as err:
             raise LiveTalkError(f"Could not finish writing {self.path}: {err}. Check free disk space.") from err
 
-    def _open(self, height: int, width: int) -> None:
+    def _create_partial(self) -> av.container.OutputContainer:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        return av.open(str(self._partial_path), "w", format="mp4", options={"movflags": "+faststart+use_metadata_tags"})
+
+    def _create_partial_elsewhere(self, refusal: Exception) -> av.container.OutputContainer:
+        """The target folder refused the partial file: write the video to :func:`fallback_path` instead."""
+        wanted, self.path = self.path, fallback_path(self.path)
+        self._partial_path = self.path.parent / f".{self.path.name}.partial"
         try:
-            container = av.open(str(self._partial_path), "w", format="mp4", options={"movflags": "+faststart+use_metadata_tags"})
+            container = self._create_partial()
         except (av.error.FFmpegError, OSError) as err:
-            raise InputError(f"Cannot create video file in {self.path.parent}: {err}. Check the folder is writable.") from err
+            raise InputError(f"Cannot create the video file {wanted} ({refusal}), nor {self.path} ({err}). "
+                             "Check that the folders are writable and the disk has space.") from err
+        log.warning("cannot write into %s (%s); the video goes to %s instead", wanted.parent, refusal, self.path)
+        return container
+
+    def _open(self, height: int, width: int) -> None:
+        try:
+            container = self._create_partial()
+        except (av.error.FFmpegError, OSError) as err:
+            container = self._create_partial_elsewhere(err)
         container.metadata.update(self._metadata)
         video = container.add_stream("libx264", rate=self._rate)
         video.width, video.height = width + width % 2, height + height % 2
@@ -335,6 +380,15 @@ class VideoWriter:
         self._mux(self._audio_stream.encode(frame))
         self._audio_samples_written += len(samples)
 
+    def _move_into_place(self) -> Path:
+        """Rename the finished partial file to the final name (or, if refused, keep it elsewhere)."""
+        try:
+            os.replace(self._partial_path, self.path)
+        except OSError as refusal:
+            self._saved_path = fallback_path(self.path)
+            _keep_elsewhere(self._partial_path, self.path, self._saved_path, refusal)
+        return self.path
+
     def _finish(self) -> Path | None:
         with _sigint_deferred():
             return self._finish_container()
@@ -350,9 +404,8 @@ class VideoWriter:
                 self._mux(self._audio_stream.encode(None))
             self._container.close()
             self._container = None
-            os.replace(self._partial_path, self.path)
-            self._saved_path = self.path
-            return self.path
+            self._saved_path = self._move_into_place()
+            return self._saved_path
         finally:
             if self._audio is not None:
                 self._audio.close()
@@ -360,7 +413,18 @@ class VideoWriter:
                 container, self._container = self._container, None
                 with contextlib.suppress(Exception):  # the error that got us here is the one to report
                     container.close()
-            self._partial_path.unlink(missing_ok=True)
+                self._partial_path.unlink(missing_ok=True)
+
+
+def _keep_elsewhere(partial: Path, wanted: Path, fallback: Path, refusal: OSError) -> NoReturn:
+    """The finished video could not take its name: move it to ``fallback`` and say so."""
+    try:
+        shutil.move(partial, fallback)
+    except OSError as err:
+        raise LiveTalkError(f"The finished video could not be saved as {wanted} ({refusal}) nor as {fallback} ({err}); "
+                            f"it is still in {partial}.") from err
+    raise LiveTalkError(f"The finished video could not be saved as {wanted} ({refusal.strerror or refusal}); "
+                        f"it was kept as {fallback} instead.")
 
 
 def read_video_info(path: str | os.PathLike) -> dict:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from .errors import MissingWeightsError
 
+# Seconds to wait for the hub to answer before a download is started (see ensure_files).
+HUB_PROBE_TIMEOUT_S = 5.0
 DEFAULT_MODELS_DIR = Path(os.environ.get("LIVETALK_MODELS_DIR", Path.home() / ".cache" / "livetalk"))
 
 
@@ -85,12 +87,37 @@ def _missing_message(targets: Sequence[tuple[WeightFile, Path]], reason: str, re
 
 
 def ensure_files(files: tuple[WeightFile, ...], models_dir: Path, *, download: bool = True) -> None:
-    """Make sure every file exists under ``models_dir``, downloading missing ones if allowed."""
-    fetch_files(
-        [(f, f.local_path(models_dir)) for f in files],
-        download=download,
-        retry=f"(or run again with network access and without --skip-download / HF_HUB_OFFLINE to fetch them into {models_dir})",
-    )
+    """Make sure every file exists under ``models_dir``, downloading missing ones if allowed.
+
+    Before the first download the hub is asked once, with a short timeout, whether it answers: without
+    a network ``huggingface_hub`` retries each request for about 25 s before giving up."""
+    targets = [(f, f.local_path(models_dir)) for f in files]
+    retry = f"(or run again with network access and without --skip-download / HF_HUB_OFFLINE to fetch them into {models_dir})"
+    missing = [(f, path) for f, path in targets if not path.is_file()]
+    if missing and download and not downloads_disabled():
+        unreachable = hub_unreachable_reason()
+        if unreachable is not None:
+            raise MissingWeightsError(_missing_message(missing, unreachable, retry))
+    fetch_files(targets, download=download, retry=retry)
+
+
+def hub_unreachable_reason(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """None when the Hugging Face endpoint (``HF_ENDPOINT``, default huggingface.co) answers an HTTP
+    request, else a sentence saying that it cannot be reached and why. Proxies set in the environment
+    are used, as huggingface_hub uses them."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return None  # it answered, if only with an error status: downloads can be tried
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        return f"The Hugging Face hub ({constants.ENDPOINT}) cannot be reached ({reason}), so nothing was downloaded."
+    return None
 
 
 def fetch_files(targets: Sequence[tuple[WeightFile, Path]], *, download: bool = True, retry: str) -> None:

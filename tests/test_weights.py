@@ -8,6 +8,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 
+from livetalk_core import weights
 from livetalk_core.errors import MissingWeightsError
 from livetalk_core.weights import WeightFile, ensure_files, fetch_files
 
@@ -26,6 +27,7 @@ def hub(monkeypatch) -> list[tuple[str, str, Path]]:
         return str(target)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(weights, "hub_unreachable_reason", lambda: None)  # the fake hub answers
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return calls
 

@@ -1,0 +1,50 @@
+"""Ctrl-C in the command lines: one line that says what was kept, exit status 130, never a traceback.
+
+Importing torch takes seconds, and a KeyboardInterrupt raised inside an import can only end in a
+traceback. So the CLIs' entry points call :func:`exit_quietly_while_starting` before their heavy
+imports (only this light module is imported first): until :func:`ready` is called, Ctrl-C prints
+the line and ends the process at once (nothing has been written yet). From then on Ctrl-C raises
+KeyboardInterrupt as usual; the video writer holds it back while it encodes and notes on it what it
+kept, and :func:`summary` turns those notes into the line. Nothing here is used inside ComfyUI.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+INTERRUPTED_EXIT_CODE = 130
+NOTHING_GENERATED = "nothing was generated yet; no file was written."
+
+
+def summary(interrupt: BaseException) -> str:
+    """The one line for an interrupted run: what the video writer kept (its notes), or that nothing was."""
+    notes = " ".join(getattr(interrupt, "__notes__", []))
+    return f"interrupted: {notes or NOTHING_GENERATED}"
+
+
+def _exit_at_once(signum: int, frame: object) -> None:
+    sys.stderr.write(f"\ninterrupted while starting: {NOTHING_GENERATED}\n")
+    sys.stderr.flush()
+    os._exit(INTERRUPTED_EXIT_CODE)  # no Python code (an import half done) gets to print a traceback
+
+
+def exit_quietly_while_starting() -> None:
+    """Until :func:`ready`, Ctrl-C ends the process with one line. A process started with Ctrl-C
+    ignored (a background job) keeps ignoring it."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _exit_at_once)
+
+
+def ready() -> None:
+    """The imports are done: Ctrl-C raises KeyboardInterrupt again, for the run to report."""
+    if signal.getsignal(signal.SIGINT) is _exit_at_once:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def exit_process(code: int) -> None:
+    """End the CLI process with ``code``; a Ctrl-C during interpreter shutdown is ignored (it could
+    only print a traceback from some cleanup code)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
