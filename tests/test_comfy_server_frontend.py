@@ -2,9 +2,13 @@
 
 Each UI workflow is loaded with the front end's own ``app.loadGraphData``; every node type must be
 registered, every node must have every input its definition declares (as a widget or a socket),
-and every widget must show the value the API twin gives it. A screenshot per workflow is written
-to ``$LIVETALK_ARTIFACTS`` (default: the test's temporary folder); it is not committed.
-Skipped when no Chromium is installed (it is not on PyPI, so .ci/run does not install it).
+every widget must show the value the API twin gives it, and no node may cover another once the
+front end has sized them (a node with more widgets than its saved size grows). Then the API twin
+runs (tiny models, the tiny text branch) for the page's own client, so the nodes show their
+progress previews and the saved video as a user sees them, and again no node may cover another.
+Screenshots (``<workflow>.png`` on opening, ``<workflow>_run.png`` after the run) are written to
+``$LIVETALK_ARTIFACTS`` (default: the test's temporary folder); they are not committed. Fails when
+no Chromium is installed (it is not on PyPI; .ci/run installs Debian's).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_env import REPO, free_port, livetalk_server
+from comfy_env import REPO, free_port, livetalk_server, with_tiny_text_encoder
 
 UI_FILES = sorted((REPO / "workflows").glob("*.json"))
 BROWSERS = ("chromium", "chromium-headless-shell", "google-chrome", "chrome")
@@ -41,6 +45,20 @@ INSPECT = """
   return JSON.stringify({nodes, dialogs});
 })()
 """
+# Every node's area on the canvas (title bar included) once the canvas has drawn it: the front end
+# grows a node to fit its widgets and its previews when it draws it.
+BOUNDS = """
+(() => {
+  app.canvas.setDirty(true, true);
+  app.canvas.draw(true, true);
+  return JSON.stringify(app.graph._nodes.map(node => ({
+    id: String(node.id), title: node.title, rect: Array.from(node.getBounding()),
+  })));
+})()
+"""
+CLIENT_ID = "window.app.api.clientId || sessionStorage.getItem('clientId')"
+# Two nodes may share an edge; an overlap smaller than this (in canvas units) is a shared border.
+TOUCHING = 1.0
 CLOSE_DIALOGS = "document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click())"
 
 
@@ -107,7 +125,7 @@ def browser_port(tmp_path_factory):
     shutil.rmtree(profile, ignore_errors=True)
 
 
-async def _open_in_front_end(port: int, comfy_url: str, workflow: dict, screenshot: Path) -> dict:
+async def _open_in_front_end(port: int, comfy_url: str, workflow: dict, screenshots: Path, run) -> dict:
     """Open ``workflow`` in a tab of its own browser context: a fresh profile per workflow, as the
     front end restores the previous session's workflows (and their model checks) from local storage."""
     import aiohttp
@@ -121,12 +139,19 @@ async def _open_in_front_end(port: int, comfy_url: str, workflow: dict, screensh
             try:
                 target = await browser.call("Target.createTarget", url="about:blank", browserContextId=context)
                 page_websocket = f"ws://127.0.0.1:{port}/devtools/page/{target['targetId']}"
-                return await _inspect_page(page_websocket, comfy_url, workflow, screenshot)
+                return await _inspect_page(page_websocket, comfy_url, workflow, screenshots, run)
             finally:
                 await browser.call("Target.disposeBrowserContext", browserContextId=context)
 
 
-async def _inspect_page(page_websocket: str, comfy_url: str, workflow: dict, screenshot: Path) -> dict:
+async def _screenshot(tools: DevTools, path: Path) -> None:
+    shot = await tools.call("Page.captureScreenshot", format="png")
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
+async def _inspect_page(page_websocket: str, comfy_url: str, workflow: dict, screenshots: Path, run) -> dict:
+    """Load the workflow, look at it, then ``run(client_id)`` the prompt for this page and look again.
+    Returns what the front end showed: ``nodes``, ``dialogs``, ``bounds`` and ``bounds_after_run``."""
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
@@ -141,9 +166,43 @@ async def _inspect_page(page_websocket: str, comfy_url: str, workflow: dict, scr
             state = json.loads(await tools.evaluate(INSPECT))
             await tools.evaluate(CLOSE_DIALOGS)
             await asyncio.sleep(1)
-            shot = await tools.call("Page.captureScreenshot", format="png")
-            screenshot.write_bytes(base64.b64decode(shot["data"]))
+            state["bounds"] = json.loads(await tools.evaluate(BOUNDS))
+            await _screenshot(tools, screenshots / "opened.png")
+            await asyncio.to_thread(run, await tools.evaluate(CLIENT_ID))
+            await asyncio.sleep(3)  # the last preview and the saved video reach the nodes
+            state["bounds_after_run"] = json.loads(await tools.evaluate(BOUNDS))
+            await _screenshot(tools, screenshots / "run.png")
             return state
+
+
+def overlaps(bounds: list[dict]) -> list[str]:
+    """Every pair of nodes whose areas ``[x, y, w, h]`` intersect (more than along a shared edge)."""
+    found = []
+    for index, a in enumerate(bounds):
+        for b in bounds[index + 1:]:
+            (ax, ay, aw, ah), (bx, by, bw, bh) = a["rect"], b["rect"]
+            width = min(ax + aw, bx + bw) - max(ax, bx)
+            height = min(ay + ah, by + bh) - max(ay, by)
+            if width > TOUCHING and height > TOUCHING:
+                found.append(f"{a['title']} {a['rect']} and {b['title']} {b['rect']} overlap by {width:.0f} x {height:.0f}")
+    return found
+
+
+def test_overlaps_are_found():
+    """The overlap check itself: a node grown over its neighbour is found, nodes side by side are not."""
+    loader = {"title": "loader", "rect": [0, -30, 380, 392]}
+    assert overlaps([loader, {"title": "clip", "rect": [0, 240, 380, 140]}])
+    assert overlaps([loader, {"title": "right", "rect": [380, 0, 100, 100]}]) == []
+
+
+def run_for_client(comfy, prompt: dict, client_id: str) -> None:
+    """Queue ``prompt`` for the page's websocket client (so it gets the progress and previews) and wait for it."""
+    status, body = comfy.post("/prompt", {"prompt": prompt, "client_id": client_id})
+    assert status == 200, body
+    prompt_id, deadline = body["prompt_id"], time.monotonic() + 600
+    while not comfy.get(f"/history/{prompt_id}").get(prompt_id, {}).get("status", {}).get("completed"):
+        assert time.monotonic() < deadline, f"prompt {prompt_id} did not finish"
+        time.sleep(1)
 
 
 @pytest.mark.parametrize("ui_path", UI_FILES, ids=lambda p: p.stem)
@@ -153,12 +212,21 @@ def test_example_workflow_opens_in_the_real_front_end(ui_path, browser_port, req
     api = json.loads((REPO / "workflows" / "api" / f"{ui_path.stem}_api.json").read_text())
     artifacts = Path(os.environ.get("LIVETALK_ARTIFACTS", tmp_path))
     artifacts.mkdir(parents=True, exist_ok=True)
-    screenshot = artifacts / f"{ui_path.stem}.png"
     comfy.post("/settings/Comfy.TutorialCompleted", True)  # no first-run template browser over the graph
+    prompt = with_tiny_text_encoder(api)
+    loader = next(node for node in prompt.values() if node["class_type"] == "LoadLiveTalkModel")
+    loader["inputs"]["precision"] = "fp32"  # CPU bf16 matmuls of the tiny 40-layer 14B DiT take minutes
+    shots = tmp_path / "shots"
+    shots.mkdir()
 
-    state = asyncio.run(_open_in_front_end(browser_port, comfy.url, json.loads(ui_path.read_text()), screenshot))
+    state = asyncio.run(_open_in_front_end(browser_port, comfy.url, json.loads(ui_path.read_text()), shots,
+                                           lambda client_id: run_for_client(comfy, prompt, client_id)))
+    (artifacts / f"{ui_path.stem}_bounds.json").write_text(json.dumps(
+        {"opened": state["bounds"], "after_run": state["bounds_after_run"]}, indent=1))
+    for shot, name in (("opened.png", f"{ui_path.stem}.png"), ("run.png", f"{ui_path.stem}_run.png")):
+        assert (shots / shot).stat().st_size > 10_000
+        shutil.copyfile(shots / shot, artifacts / name)
 
-    assert screenshot.stat().st_size > 10_000
     assert not [d for d in state["dialogs"] if "missing" in d.lower() and "node" in d.lower()], state["dialogs"]
     # The test server holds every model file except the full umT5 (CI cannot), so that is the only
     # download the front end may ask for.
@@ -175,3 +243,5 @@ def test_example_workflow_opens_in_the_real_front_end(ui_path, browser_port, req
         for name, value in api[node["id"]]["inputs"].items():
             if not isinstance(value, list):
                 assert node["widgets"].get(name) == value, f"{node['type']}.{name}: {node['widgets'].get(name)!r} != {value!r}"
+    assert overlaps(state["bounds"]) == [], "nodes cover each other when the workflow opens"
+    assert overlaps(state["bounds_after_run"]) == [], "previews or the video grow nodes over others"
