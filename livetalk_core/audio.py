@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -167,6 +168,62 @@ def resample(waveform: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
+def video_frames_for_samples(num_samples: int, sample_rate: int = SAMPLE_RATE, fps: int = VIDEO_FPS) -> int:
+    """Video frames for ``N`` samples of audio (D = N / rate seconds), for both model families.
+
+    One frame for every instant ``k / fps`` from 0 through the end of the audio:
+    ``floor(fps * D) + 1`` (upstream LiveTalk's ``16 D + 1`` for whole seconds). At ``fps``, the
+    mp4's video then lasts ``(D, D + 1/fps]``: never shorter than the audio (so no speech is cut
+    when the audio track is muxed), at most one frame longer. Integer arithmetic: no rounding drift.
+    """
+    return num_samples * fps // sample_rate + 1
+
+
+def samples_for_duration(seconds: float, sample_rate: int = SAMPLE_RATE) -> int:
+    """Audio samples in ``seconds`` (a requested video duration), refusing what is not a positive
+    finite number of seconds of at least one sample."""
+    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
+        raise InputError(f"The duration must be a positive number of seconds (e.g. 3.5); got {seconds}.")
+    samples = round(seconds * sample_rate)
+    if samples < 1:
+        raise InputError(f"The duration {seconds} s is shorter than one audio sample (1/{sample_rate} s).")
+    return samples
+
+
+@dataclass(frozen=True)
+class VideoLength:
+    """How long a video is and how many blocks make it (each family's function in
+    ``pipeline.livetalk_video_length`` / ``realvideo_sampler.realvideo_video_length`` fills it).
+
+    num_samples: the 16 kHz audio the video covers (the clip, or ``duration`` seconds of it).
+    num_blocks: blocks to sample; their decoded frames cover ``num_video_frames`` (the surplus of
+        the last block is trimmed after decoding).
+    num_video_frames: :func:`video_frames_for_samples` of ``num_samples``.
+    block_samples: the audio one block covers, for the short-clip message.
+    """
+
+    num_samples: int
+    num_blocks: int
+    num_video_frames: int
+    block_samples: int
+
+    @property
+    def seconds(self) -> float:
+        return self.num_samples / SAMPLE_RATE
+
+    @property
+    def short_clip_message(self) -> str | None:
+        """What a clip shorter than one block gives (None for a clip of one block or more)."""
+        if self.num_samples >= self.block_samples:
+            return None
+        frames = self.num_video_frames
+        return (
+            f"The audio is {self.seconds:.2f} s long, shorter than one block ({self.block_samples / SAMPLE_RATE:.2f} s "
+            f"of audio): the video will be {frames} frame{'s' if frames != 1 else ''} ({frames / VIDEO_FPS:.2f} s at "
+            f"{VIDEO_FPS} fps). A longer clip gives a longer video."
+        )
+
+
 def video_frames_for_latents(num_latent_frames: int) -> int:
     """Video frames decoded from ``F`` latent frames: ``4F - 3`` (latent 0 is one frame, the rest 4)."""
     return 4 * num_latent_frames - 3
@@ -186,6 +243,15 @@ def trim_waveform_for_latents(waveform: torch.Tensor, num_latent_frames: int) ->
     return waveform[: samples_for_latents(num_latent_frames)]
 
 
+def latents_covering(num_samples: int, frames_per_block: int = 3) -> int:
+    """The smallest multiple ``F`` of ``frames_per_block`` whose audio span
+    ``samples_for_latents(F)`` holds ``num_samples`` (see :func:`pad_waveform_to_blocks`)."""
+    num_latent_frames = frames_per_block
+    while samples_for_latents(num_latent_frames) < num_samples:
+        num_latent_frames += frames_per_block
+    return num_latent_frames
+
+
 def pad_waveform_to_blocks(waveform: torch.Tensor, frames_per_block: int = 3) -> tuple[torch.Tensor, int]:
     """Pad ``[N]`` 16 kHz audio with silence to a whole number of generation blocks.
 
@@ -201,9 +267,7 @@ def pad_waveform_to_blocks(waveform: torch.Tensor, frames_per_block: int = 3) ->
     num_samples = int(waveform.shape[-1])
     if waveform.ndim != 1 or num_samples == 0:
         raise InputError(f"Expected a non-empty mono waveform [N], got shape {tuple(waveform.shape)}.")
-    num_latent_frames = frames_per_block
-    while samples_for_latents(num_latent_frames) < num_samples:
-        num_latent_frames += frames_per_block
+    num_latent_frames = latents_covering(num_samples, frames_per_block)
     padding = samples_for_latents(num_latent_frames) - num_samples
     return F.pad(waveform.float(), (0, padding)), num_latent_frames
 

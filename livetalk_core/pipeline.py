@@ -8,16 +8,16 @@ The steps are separate so that ComfyUI nodes, the CLI and the tests share them:
 3. :meth:`LiveTalkPipeline.sample` — the block-causal sampler (a generator of latent blocks).
 4. :meth:`LiveTalkPipeline.decode` — streaming VAE decode, trimmed to the audio length.
 
-Video length: a clip of D seconds gives ``floor(16 D) + 1`` frames (upstream's ``16D + 1`` for whole
-seconds). Latent frames come in blocks of 3, so the speech is padded with silence to the block grid
-(upstream instead requires D = 3n+2 seconds, and stretches shorter audio); the extra frames are
-dropped after decoding. For the durations upstream accepts, nothing is padded and the results are
-upstream's.
+Video length (:func:`livetalk_video_length`, the one place it is derived): a clip of D seconds gives
+``floor(16 D) + 1`` frames (upstream's ``16D + 1`` for whole seconds), so the video lasts
+``(D, D + 1/16]`` s. Latent frames come in blocks of 3, so the speech is padded with silence to the
+block grid (upstream instead requires D = 3n+2 seconds, and stretches shorter audio); the extra
+frames are dropped after decoding. For the durations upstream accepts, nothing is padded and the
+results are upstream's.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,7 +25,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audio import SAMPLE_RATE, VIDEO_FPS, AudioEncoder, livetalk_audio_features, pad_waveform_to_blocks, video_frames_for_latents
+from .audio import (
+    SAMPLE_RATE,
+    AudioEncoder,
+    VideoLength,
+    latents_covering,
+    livetalk_audio_features,
+    pad_waveform_to_blocks,
+    samples_for_duration,
+    samples_for_latents,
+    video_frames_for_latents,
+    video_frames_for_samples,
+)
 from .decode_stream import decode_blocks
 from .errors import InputError
 from .image import cover_and_crop
@@ -42,11 +53,11 @@ class AudioConditioning:
     """Audio prepared for one video.
 
     embeds: the DiT's per-layer audio terms ``[1, P, F, C]`` for all F latent frames.
-    num_video_frames: frames to keep after decoding (the audio's length at 16 fps).
+    length: the blocks to sample and the frames to keep after decoding (:func:`livetalk_video_length`).
     """
 
     embeds: torch.Tensor
-    num_video_frames: int
+    length: VideoLength
 
     @property
     def num_latent_frames(self) -> int:
@@ -54,21 +65,46 @@ class AudioConditioning:
 
     @property
     def num_blocks(self) -> int:
-        return self.num_latent_frames // LIVETALK_FRAMES_PER_BLOCK
+        return self.length.num_blocks
+
+    @property
+    def num_video_frames(self) -> int:
+        return self.length.num_video_frames
 
 
-def video_frames_for_duration(seconds: float, fps: int = VIDEO_FPS) -> int:
-    """Frames at times 0, 1/fps, ... up to ``seconds``: ``floor(fps * seconds) + 1``."""
-    return math.floor(fps * seconds + 1e-9) + 1
+def livetalk_video_length(num_samples: int) -> VideoLength:
+    """LiveTalk's video for ``num_samples`` of 16 kHz audio: ``floor(16 D) + 1`` frames
+    (:func:`~.audio.video_frames_for_samples`) from the fewest 3-frame blocks whose audio span holds
+    every sample (:func:`~.audio.pad_waveform_to_blocks` pads to it); the decoder trims the rest.
+
+    Refuses audio shorter than ``MIN_AUDIO_SECONDS``.
+    """
+    if num_samples < MIN_AUDIO_SECONDS * SAMPLE_RATE:
+        raise InputError(
+            f"The audio is {num_samples / SAMPLE_RATE:.3f} s long; at least {MIN_AUDIO_SECONDS} s is needed. "
+            "Check the file or the duration."
+        )
+    num_latent_frames = latents_covering(num_samples, LIVETALK_FRAMES_PER_BLOCK)
+    return VideoLength(
+        num_samples=num_samples,
+        num_blocks=num_latent_frames // LIVETALK_FRAMES_PER_BLOCK,
+        num_video_frames=video_frames_for_samples(num_samples),
+        block_samples=samples_for_latents(LIVETALK_FRAMES_PER_BLOCK),
+    )
+
+
+def video_frames_for_duration(seconds: float) -> int:
+    """Frames at times 0, 1/16, ... up to ``seconds``: ``floor(16 * seconds) + 1`` (see
+    :func:`~.audio.video_frames_for_samples`)."""
+    return video_frames_for_samples(samples_for_duration(seconds))
 
 
 def fit_waveform(waveform: torch.Tensor, duration: float | None) -> torch.Tensor:
-    """Trim or pad (with silence) ``[N]`` 16 kHz audio to ``duration`` seconds (None: keep as is)."""
+    """Trim or pad (with silence) ``[N]`` 16 kHz audio to ``duration`` seconds (None: keep as is);
+    refuses a duration that is not a positive number of seconds."""
     if duration is None:
         return waveform
-    if not duration > 0:
-        raise InputError(f"The duration must be positive; got {duration}.")
-    samples = int(round(duration * SAMPLE_RATE))
+    samples = samples_for_duration(duration)
     return F.pad(waveform, (0, samples - waveform.shape[0])) if samples > waveform.shape[0] else waveform[:samples]
 
 
@@ -90,17 +126,13 @@ def encode_audio(
     """Mono 16 kHz speech ``[N]`` -> :class:`AudioConditioning` (``duration`` trims or pads, in s)."""
     check_audio_encoder(dit, audio_encoder)
     waveform = fit_waveform(torch.as_tensor(waveform_16k, dtype=torch.float32).flatten(), duration)
-    seconds = waveform.shape[0] / SAMPLE_RATE
-    if seconds < MIN_AUDIO_SECONDS:
-        raise InputError(
-            f"The audio is {seconds:.3f} s long; at least {MIN_AUDIO_SECONDS} s is needed. Check the file or the duration."
-        )
+    length = livetalk_video_length(waveform.shape[0])
     padded, num_latent_frames = pad_waveform_to_blocks(waveform, LIVETALK_FRAMES_PER_BLOCK)
     features = livetalk_audio_features(
         audio_encoder, padded.to(audio_encoder.device), video_frames_for_latents(num_latent_frames)
     )
     embeds = dit.embed_audio(features.to(dit.device))
-    return AudioConditioning(embeds=embeds, num_video_frames=video_frames_for_duration(seconds))
+    return AudioConditioning(embeds=embeds, length=length)
 
 
 class LiveTalkPipeline:

@@ -11,6 +11,10 @@ One session (upstream ``StreamCausalInferencePipeline`` driven as spec §2.6 des
 3. **Audio**: each <= 5 s segment gives ``L`` latent frames; block windows advance by 2 and are
    clamped to ``[L-2, L)``, so a segment lasts ``ceil(L/2)`` blocks and blocks after the last
    segment repeat its final window (upstream's idle behaviour).
+   The video's length is :func:`realvideo_video_length`'s: ``floor(16 D) + 1`` frames for D seconds.
+   A block decodes to 8 frames, the first to 5 (the VAE's first latent frame is one image), so the
+   segments' own blocks fall 3 frames short of the audio: one more block, idling on the last
+   window, is sampled when needed and the decoded frames are trimmed to the audio.
 4. **Sink drift**: from the first block whose first frame is past 20, every block first advances
    the cached reference keys by one temporal RoPE step (upstream rotates them in place once per
    block). Without it blocks >= 10 differ from upstream by 1-3 %.
@@ -24,6 +28,14 @@ from dataclasses import dataclass
 import torch
 
 from . import sequence_parallel
+from .audio import (
+    SAMPLE_RATE,
+    VIDEO_FPS,
+    VideoLength,
+    samples_for_duration,
+    video_frames_for_latents,
+    video_frames_for_samples,
+)
 from .cuda_graphs import session_graphs
 from .errors import InputError
 from .kv_cache import CachePolicy
@@ -47,6 +59,28 @@ STEP_LISTS = {2: (1000, 500), 4: (1000, 750, 500, 250)}
 def latent_frames(features: torch.Tensor) -> int:
     """Latent frames a segment's audio input ``[1, layers, A, F]`` covers (upstream ``F // 4``)."""
     return features.shape[-1] // VIDEO_FRAMES_PER_LATENT
+
+
+def realvideo_video_length(num_samples: int, duration: float | None = None) -> VideoLength:
+    """RealVideo's video for ``num_samples`` of 16 kHz audio, or for ``duration`` seconds when given
+    (shorter than the audio: the video stops there; longer: it idles on the last audio window).
+
+    ``floor(16 D) + 1`` frames (:func:`~.audio.video_frames_for_samples`), from the fewest blocks
+    whose decoded frames (``8 b - 3``) reach that many; the decoder trims the surplus.
+    """
+    if duration is not None:
+        num_samples = samples_for_duration(duration)
+    if num_samples < 1:
+        raise InputError("The audio is empty (0 samples). Give a clip with speech.")
+    num_video_frames = video_frames_for_samples(num_samples)
+    frames_per_block = video_frames_for_latents(2 * FRAMES_PER_BLOCK) - video_frames_for_latents(FRAMES_PER_BLOCK)
+    first_block_deficit = frames_per_block - video_frames_for_latents(FRAMES_PER_BLOCK)
+    return VideoLength(
+        num_samples=num_samples,
+        num_blocks=-(-(num_video_frames + first_block_deficit) // frames_per_block),  # ceil
+        num_video_frames=num_video_frames,
+        block_samples=frames_per_block * SAMPLE_RATE // VIDEO_FPS,
+    )
 
 
 def realvideo_schedule(num_steps: int = 4) -> StepSchedule:

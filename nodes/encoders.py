@@ -7,17 +7,20 @@ per 5 s segment and its own size rule (an area, the aspect ratio snapped from th
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import comfy.model_management as mm
 import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
-from ..livetalk_core.audio import SAMPLE_RATE, prepare_waveform
-from ..livetalk_core.errors import InputError
+from ..livetalk_core.audio import VideoLength, prepare_waveform
 from ..livetalk_core.image import check_target_size, cover_and_crop, to_float_image
-from ..livetalk_core.pipeline import AudioConditioning, encode_audio, video_frames_for_duration
+from ..livetalk_core.pipeline import encode_audio
 from ..livetalk_core.realvideo_audio import realvideo_audio_features
 from ..livetalk_core.realvideo_image import preprocess_reference
+from ..livetalk_core.realvideo_sampler import realvideo_video_length
 from .comfy_models import Managed, on_device
 from .model_files import REALVIDEO_14B, EncoderSize, check_audio_encoder_fits
 from .multi_gpu import WorkerDiT
@@ -55,6 +58,7 @@ class LiveTalkEncodeAudioWav2Vec(io.ComfyNode):
             ],
             outputs=[AudioEmbeds.Output("audio_embeds", display_name="audio_embeds",
                                         tooltip="Per-frame audio conditioning for the sampler.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -62,11 +66,26 @@ class LiveTalkEncodeAudioWav2Vec(io.ComfyNode):
         waveform = prepare_waveform(audio["waveform"], audio["sample_rate"])
         _check_encoder_fits(model, audio_encoder)
         if model.family is REALVIDEO_14B:
-            return io.NodeOutput(_realvideo_audio(model, audio_encoder, waveform))
-        dit, encoder = on_device(model, audio_encoder)
-        conditioning = encode_audio(dit, encoder, waveform)
-        embeds = conditioning.embeds.to(mm.intermediate_device())
-        return io.NodeOutput(AudioConditioning(embeds=embeds, num_video_frames=conditioning.num_video_frames))
+            embeds = _realvideo_audio(model, audio_encoder, waveform)
+        else:
+            dit, encoder = on_device(model, audio_encoder)
+            conditioning = encode_audio(dit, encoder, waveform)
+            embeds = dataclasses.replace(conditioning, embeds=conditioning.embeds.to(mm.intermediate_device()))
+        _say_if_short(embeds.length, cls.hidden.unique_id)
+        return io.NodeOutput(embeds)
+
+
+def _say_if_short(length: VideoLength, node_id: str | None) -> None:
+    """A clip shorter than one block: a warning in the console and, in the front end, on the node."""
+    message = length.short_clip_message
+    if message is None:
+        return
+    logging.warning("LiveTalk: %s", message)
+    from server import PromptServer  # ComfyUI's server; imported here, where a prompt is running
+
+    server = getattr(PromptServer, "instance", None)
+    if server is not None and node_id is not None:
+        server.send_progress_text(message, node_id)
 
 
 def _check_encoder_fits(model: Managed, audio_encoder: Managed) -> None:
@@ -83,14 +102,10 @@ def _check_encoder_fits(model: Managed, audio_encoder: Managed) -> None:
 def _realvideo_audio(model: Managed, audio_encoder: Managed, waveform: torch.Tensor) -> RealVideoAudio:
     """RealVideo's features per 5 s segment; only the encoder is loaded (the DiT applies its audio
     front end per block)."""
-    if waveform.numel() == 0:
-        raise InputError("The audio is empty (0 samples). Connect a clip with speech.")
+    length = realvideo_video_length(waveform.numel())  # refuses empty audio before the encoder loads
     encoder = on_device(audio_encoder)
     segments = realvideo_audio_features(encoder, waveform.to(encoder.device), model.engine.dtype)
-    return RealVideoAudio(
-        features=[f.to(mm.intermediate_device()) for f in segments],
-        num_video_frames=video_frames_for_duration(waveform.numel() / SAMPLE_RATE),
-    )
+    return RealVideoAudio(features=[f.to(mm.intermediate_device()) for f in segments], length=length)
 
 
 def _stretch(image: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from comfy_api.latest import io
+
+from ..livetalk_core.audio import VideoLength
 
 CATEGORY = "LiveTalk"
 
@@ -28,22 +29,21 @@ class LatentBlockList:
     num_video_frames: int
 
 
-# A RealVideo block of 2 latent frames decodes to 8 video frames, except the first: 5 (the VAE's
-# first latent frame is a single image), so b blocks give 8 b - 3 frames.
-REALVIDEO_FRAMES_PER_BLOCK = 8
-REALVIDEO_FIRST_BLOCK_DEFICIT = 3
-
-
 @dataclass
 class RealVideoAudio:
     """RealVideo's audio input: per <= 5 s segment the wav2vec2 features ``[1, 25, A, F]``
-    (intermediate device, the DiT's dtype), and the video frames the audio covers."""
+    (intermediate device, the DiT's dtype), and the video's length
+    (``livetalk_core.realvideo_sampler.realvideo_video_length``)."""
 
     features: list[torch.Tensor]
-    num_video_frames: int
+    length: VideoLength
+
+    @property
+    def num_video_frames(self) -> int:
+        return self.length.num_video_frames
 
     @property
     def num_blocks(self) -> int:
         """The fewest blocks whose frames cover the audio; past the last segment, blocks repeat its
         final audio window (upstream's idle behaviour) until then."""
-        return math.ceil((self.num_video_frames + REALVIDEO_FIRST_BLOCK_DEFICIT) / REALVIDEO_FRAMES_PER_BLOCK)
+        return self.length.num_blocks
