@@ -229,6 +229,8 @@ def run(args: argparse.Namespace) -> Path:
     with size_note_off():
         ref_latent = pipeline.encode_reference(inputs.image, inputs.height, inputs.width)
     audio = pipeline.encode_audio(inputs.waveform, args.duration)
+    if audio.length.short_clip_message is not None:
+        log.warning(audio.length.short_clip_message)
     return generate(args, inputs, pipeline, (ref_latent, audio, context.to(inputs.device)))
 
 

@@ -27,7 +27,6 @@ if __name__ == "__main__":  # Ctrl-C while torch imports: one line, no traceback
 
 import argparse
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -45,7 +44,6 @@ from .interrupts import exit_process, ready
 
 IDLE_PROMPT = "A character is looking at the camera."
 TALKING_PROMPT = "A character is talking."
-BLOCK_SECONDS = 0.5
 SMOKE_AREA = 128 * 64
 log = logging.getLogger("livetalk.realvideo")
 
@@ -199,6 +197,10 @@ def prepare_inputs(args: argparse.Namespace, vae, device: torch.device, dtype: t
     log.info("reference image -> %dx%d (W x H)", pixels.shape[-1], pixels.shape[-2])
     ref_latent = vae.encode(pixels.to(device, dtype).unsqueeze(2)).to(dtype).cpu()
     waveform = load_audio(args.audio)
+    if args.duration is not None:  # the video stops at --duration: no features for the audio past it
+        from .realvideo_sampler import realvideo_video_length
+
+        waveform = waveform[: realvideo_video_length(waveform.numel(), args.duration).num_samples]
     if args.smoke:
         from .realvideo_audio import split_segments
 
@@ -219,7 +221,7 @@ def prepare_inputs(args: argparse.Namespace, vae, device: torch.device, dtype: t
 def run(args: argparse.Namespace) -> Path | None:
     from .attention import resolve_backend
     from .noise import SeededNoise
-    from .realvideo_sampler import realvideo_schedule
+    from .realvideo_sampler import realvideo_schedule, realvideo_video_length
     from .realvideo_worker import sample_realvideo_parallel
     from .vae import load_vae
 
@@ -255,13 +257,16 @@ def run(args: argparse.Namespace) -> Path | None:
         dist.broadcast_object_list(inputs, src=0)
     inputs = inputs[0]
     waveform = inputs.pop("waveform")
-    num_blocks = None if args.duration is None else max(1, math.ceil(args.duration / BLOCK_SECONDS))
+    length = realvideo_video_length(waveform.numel(), args.duration)
+    if rank == 0 and length.short_clip_message is not None:
+        log.warning(length.short_clip_message)
     blocks = sample_realvideo_parallel(
-        dit, sp, noise=SeededNoise(args.seed), schedule=realvideo_schedule(args.steps), num_blocks=num_blocks, **inputs
+        dit, sp, noise=SeededNoise(args.seed), schedule=realvideo_schedule(args.steps), num_blocks=length.num_blocks,
+        **inputs,
     )
     written = None
     if rank == 0:
-        written = _write(args, blocks, vae, waveform)
+        written = _write(args, blocks, vae, waveform, length.num_video_frames)
     else:
         for _ in blocks:
             pass
@@ -269,9 +274,9 @@ def run(args: argparse.Namespace) -> Path | None:
     return written
 
 
-def _write(args: argparse.Namespace, blocks, vae, waveform: torch.Tensor) -> Path:
-    """Decode each block as it comes (overlapping the next block's sampling on a GPU) and stream it
-    into the mp4 (rank 0)."""
+def _write(args: argparse.Namespace, blocks, vae, waveform: torch.Tensor, num_video_frames: int) -> Path:
+    """Decode each block as it comes (overlapping the next block's sampling on a GPU) and stream
+    its frames, up to ``num_video_frames``, into the mp4 (rank 0)."""
     from safetensors.torch import save_file
 
     from .decode_stream import decode_blocks
@@ -286,7 +291,7 @@ def _write(args: argparse.Namespace, blocks, vae, waveform: torch.Tensor) -> Pat
 
     output, frames_done, start = Path(args.output), 0, time.perf_counter()
     with VideoWriter(output, fps=VIDEO_FPS, audio=waveform) as writer:
-        for frames in decode_blocks(vae, kept(blocks) if args.latents_out is not None else blocks):
+        for frames in decode_blocks(vae, kept(blocks) if args.latents_out is not None else blocks, num_video_frames):
             writer.write(frames)
             frames_done += frames.shape[0]
             log.info("%d frames, %.2f s elapsed", frames_done, time.perf_counter() - start)
