@@ -5,13 +5,20 @@ ComfyUI without it the pack logs one line and registers nothing, instead of fail
 """
 
 import logging
+import sys
 
 MIN_COMFYUI_VERSION = "0.3.75"
+# Modules every ComfyUI has loaded before it imports custom nodes: their presence tells an old
+# ComfyUI (warn the user) from a plain Python process such as pytest, which imports this file
+# because the repository root is a package (nothing to warn about there).
+COMFYUI_MODULES = ("folder_paths", "comfy")
 
 try:
     from comfy_api.latest import ComfyExtension
 except ImportError:
-    logging.getLogger(__name__).error(
+    inside_comfyui = any(name in sys.modules for name in COMFYUI_MODULES)
+    logging.getLogger(__name__).log(
+        logging.ERROR if inside_comfyui else logging.DEBUG,
         "LiveTalk needs ComfyUI %s or newer (comfy_api.latest is missing); its nodes are not registered. "
         "Update ComfyUI.",
         MIN_COMFYUI_VERSION,

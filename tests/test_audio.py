@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from golden import assert_close, golden_cases, tolerance
+from golden import assert_close, case_ids, golden_cases, names_from, require_shared_cases, tolerance
 from safetensors.torch import load_file, save_file
 
 from livetalk_core.audio import (
@@ -53,10 +53,15 @@ def _golden_audio(case):
 
 
 def test_golden_cases_present():
-    assert CASES, "no LiveTalk golden cases found (expected ../shared/golden/livetalk)"
+    names = names_from(CASES, "repo")
+    assert "compact_fp32" in names, f"in-repo case missing from tests/golden/livetalk; got {sorted(names)}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_shared_golden_cases_present():
+    require_shared_cases(CASES, "livetalk", {"tiny_fp32", "tiny_bf16"})
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
 def test_golden_audio_input_values(case):
     audio, _, encoder = _golden_audio(case)
     expected = case.load("expected.safetensors")["audio_input_values"]
@@ -65,7 +70,7 @@ def test_golden_audio_input_values(case):
     assert_close(actual, expected, **_tol(case, "audio_input_values"), name="audio_input_values")
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
 def test_golden_audio_features(case):
     audio, num_latent_frames, encoder = _golden_audio(case)
     expected = case.load("expected.safetensors")["audio_features"]

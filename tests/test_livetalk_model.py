@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from golden import golden_cases
+from golden import case_ids, golden_cases, require_shared
 from livetalk_core.errors import CheckpointError
 from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT, load_livetalk_dit
 from livetalk_core.pipeline import fit_waveform, video_frames_for_duration
@@ -22,7 +22,7 @@ def tiny_state_dict() -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in LiveTalkDiT(LiveTalkConfig(core=core, audio_features=24)).state_dict().items()}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
 def test_config_is_inferred_from_the_golden_weights(case):
     model = load_livetalk_dit(case.file(case.manifest["weights"]["dit"]), "fp32")
     want = case.manifest["dit_config"]
@@ -37,7 +37,7 @@ def test_config_is_inferred_from_the_golden_weights(case):
 def test_real_geometry_matches_the_release_key_list():
     import json
 
-    keys = json.loads((Path(__file__).resolve().parents[2] / "shared" / "spec" / "livetalk_keys.json").read_text())
+    keys = json.loads(require_shared("spec/livetalk_keys.json").read_text())
     dit_keys = keys.get("dit") or keys.get("causal_dit") or next(v for v in keys.values() if isinstance(v, dict) and "patch_embedding.weight" in v)
     core = WanCoreConfig(dim=1536, in_dim=33, out_dim=16, ffn_dim=8960, num_layers=30, text_dim=4096)
     shapes = LiveTalkConfig(core=core, audio_features=10752).expected_shapes()

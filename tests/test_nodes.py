@@ -62,11 +62,14 @@ def weights(tmp_path_factory):
     }
 
 
-def test_without_comfy_api_the_pack_logs_one_line_and_registers_nothing():
+def _import_pack_without_comfy_api(old_comfyui: bool) -> subprocess.CompletedProcess:
+    """Import the pack in a fresh process with no ``comfy_api``; ``old_comfyui`` first loads stand-ins
+    for the modules an (old) ComfyUI has imported before it loads custom nodes."""
     script = (
-        "import importlib.util, logging, sys\n"
+        "import importlib.util, logging, sys, types\n"
         "logging.basicConfig(format='%(levelname)s %(message)s')\n"
-        f"spec = importlib.util.spec_from_file_location('pack', {str(REPO / '__init__.py')!r}, "
+        + ("sys.modules['folder_paths'] = types.ModuleType('folder_paths')\n" if old_comfyui else "")
+        + f"spec = importlib.util.spec_from_file_location('pack', {str(REPO / '__init__.py')!r}, "
         f"submodule_search_locations=[{str(REPO)!r}])\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
         "print(m.NODE_CLASS_MAPPINGS, hasattr(m, 'comfy_entrypoint'))\n"
@@ -74,8 +77,18 @@ def test_without_comfy_api_the_pack_logs_one_line_and_registers_nothing():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd="/")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "{} False"
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "ComfyUI 0.3.75 or newer" in lines[0], result.stderr
+    return result
+
+
+def test_in_a_comfyui_without_comfy_api_the_pack_logs_one_line_and_registers_nothing():
+    lines = _import_pack_without_comfy_api(old_comfyui=True).stderr.strip().splitlines()
+    assert len(lines) == 1 and "ComfyUI 0.3.75 or newer" in lines[0], lines
+
+
+def test_outside_comfyui_the_pack_imports_silently():
+    """pytest imports the repository root's __init__.py (the root is a package): no ComfyUI there,
+    so no "needs ComfyUI 0.3.75" error in a plain test run."""
+    assert _import_pack_without_comfy_api(old_comfyui=False).stderr.strip() == ""
 
 
 def test_tensor_shapes_reads_safetensors_headers_only(files, weights, tmp_path, errors):

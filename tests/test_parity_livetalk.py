@@ -1,9 +1,10 @@
 """LiveTalk parity with upstream: every golden case, through the real loaders and file formats.
 
-Each case (``../shared/golden/livetalk/*`` and every folder in ``LIVETALK_GOLDEN_DIRS``) holds
-weights written in the release formats, the inputs, every noise tensor and upstream's intermediates.
-The whole pipeline runs here with the recorded noise replayed, and every listed tensor must match
-within the case's recommended tolerance. A case that cannot run fails; nothing is skipped.
+Each case (the compact set in ``tests/golden/livetalk/``, ``../shared/golden/livetalk/*`` when present
+and every folder in ``LIVETALK_GOLDEN_DIRS``) holds weights written in the release formats, the inputs,
+every noise tensor and upstream's intermediates. The whole pipeline runs here with the recorded noise
+replayed, and every listed tensor must match within the case's recommended tolerance. A case that
+cannot run fails; only the shared cases' presence check is skipped in a clone without ``../shared``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from golden import GoldenCase, assert_close, assert_frames_close, golden_cases, tolerance
+from golden import (
+    GoldenCase,
+    allow_case_image_sizes,
+    assert_close,
+    assert_frames_close,
+    case_ids,
+    golden_cases,
+    names_from,
+    repo_case,
+    require_shared_cases,
+    tolerance,
+)
 from livetalk_core.audio import (
     livetalk_audio_features,
     load_audio_encoder,
@@ -26,11 +38,19 @@ from livetalk_core.pipeline import LiveTalkPipeline
 from livetalk_core.vae import load_vae
 
 CASES = [c for c in golden_cases("livetalk") if c.model == "livetalk"]
+# The compact cases shipped in tests/golden/livetalk (every clone has them); the full-size public
+# ones live in ../shared/golden/livetalk.
+REPO_CASES = {"compact_fp32"}
+SHARED_CASES = {"tiny_fp32", "tiny_bf16"}
 
 
-def test_public_cases_are_found():
-    names = {c.name for c in CASES}
-    assert {"tiny_fp32", "tiny_bf16"} <= names, f"golden cases not found; got {sorted(names)}"
+def test_repo_cases_are_found():
+    names = names_from(CASES, "repo")
+    assert REPO_CASES <= names, f"in-repo golden cases not found in tests/golden/livetalk; got {sorted(names)}"
+
+
+def test_shared_cases_are_found():
+    require_shared_cases(CASES, "livetalk", SHARED_CASES)
 
 
 def frame_major(x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +107,9 @@ def run_case(case: GoldenCase) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_livetalk_matches_upstream(case: GoldenCase):
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+def test_livetalk_matches_upstream(case: GoldenCase, monkeypatch):
+    allow_case_image_sizes(case, monkeypatch)
     expected = case.load("expected.safetensors")
     ours = run_case(case)
     failures = []
@@ -103,12 +124,17 @@ def test_livetalk_matches_upstream(case: GoldenCase):
         except AssertionError as exc:
             failures.append(str(exc))
     assert not failures, f"{case.name}: " + "; ".join(failures)
-    # stream() decodes the pinned reference frame before sampling: the same video, bit for bit
-    assert torch.equal(ours["frames_streamed"], ours["frames_uint8"]), f"{case.name}: stream() changed the frames"
+    # stream() decodes the pinned reference frame before sampling, so the VAE's latent-side 1x1 conv
+    # sees other chunk lengths than decode() does; the CPU may sum its channels in another order for
+    # another shape (float32 frames moved by ~1e-5 on a CI machine), so the two videos are compared
+    # with the case's own frame tolerance (float32: |d| <= 1 on <= 0.1 % of values), not bit for bit.
+    assert_frames_close(ours["frames_streamed"], ours["frames_uint8"], tolerance(case, "frames_uint8"),
+                        name=f"{case.id}: stream() vs decode() frames")
 
 
 def test_stream_hands_out_the_first_frame_before_the_dit_runs(monkeypatch):
-    case = CASES[0]
+    case = repo_case(CASES, "compact_fp32")
+    allow_case_image_sizes(case, monkeypatch)
     m, inputs = case.manifest, case.load("inputs.safetensors")
     dtype = case.dtype
     pipeline = LiveTalkPipeline(

@@ -1,6 +1,7 @@
 """RealVideo parity with upstream: every golden case, stage by stage, through the real loaders.
 
-Cases: ``../shared/golden/realvideo/*`` and every folder in ``LIVETALK_GOLDEN_DIRS`` whose manifest
+Cases: the compact ``tests/golden/realvideo/*``, ``../shared/golden/realvideo/*`` when present and
+every folder in ``LIVETALK_GOLDEN_DIRS`` whose manifest
 says ``realvideo``. Stages are checked separately, as the golden README advises, so errors do not
 compound: preprocessing (image, audio) -> VAE encode -> the DiT fed with the golden reference latent,
 audio features, contexts and replayed noise (both checkpoint layouts) -> streaming VAE decode of
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from golden import GoldenCase, assert_close, golden_cases
+from golden import GoldenCase, assert_close, case_ids, golden_cases, names_from, require_shared_cases
 from livetalk_core.audio import load_audio_encoder
 from livetalk_core.noise import ReplayNoise
 from livetalk_core.realvideo_audio import (
@@ -33,16 +34,20 @@ from livetalk_core.scheduler import warped_schedule
 from livetalk_core.vae import frames_to_uint8, load_vae
 
 CASES = [c for c in golden_cases("realvideo") if c.model == "realvideo"]
-IDS = [c.name for c in CASES]
+IDS = case_ids(CASES)
 LAYOUTS = ("model.pt", "diffusion_model.safetensors")
 # Streaming decode of the first blocks (5 + 8 + 8 frames) covers the first-chunk rule and the
 # carried causal cache; all 14 blocks would take most of a minute on 2 CPU cores.
 DECODED_BLOCKS = 3
 
 
-def test_public_cases_are_found():
-    names = set(IDS)
-    assert {"tiny_fp32_4step", "tiny_bf16_2step"} <= names, f"golden cases not found; got {sorted(names)}"
+def test_repo_cases_are_found():
+    names = names_from(CASES, "repo")
+    assert {"compact_fp32_4step"} <= names, f"in-repo cases missing from tests/golden/realvideo; got {sorted(names)}"
+
+
+def test_shared_cases_are_found():
+    require_shared_cases(CASES, "realvideo", {"tiny_fp32_4step", "tiny_bf16_2step"})
 
 
 def case_file(case: GoldenCase, name: str) -> Path:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from golden import GoldenCase, assert_close, golden_cases, tolerance
+from golden import GoldenCase, assert_close, case_ids, golden_cases, names_from, repo_case, require_shared_cases, tolerance
 from livetalk_core.checkpoint import read_state_dict
 from livetalk_core.errors import CheckpointError, InputError, MissingWeightsError
 from livetalk_core.text_encoder import (
@@ -46,9 +46,8 @@ def t5_inputs(case: GoldenCase) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def case() -> GoldenCase:
-    """The first T5 case, for the tests that need some umT5 checkpoint rather than a parity check."""
-    assert T5_CASES, "no golden case with a model starting with 'livetalk-umt5' was found"
-    return T5_CASES[0]
+    """The in-repo T5 case, for the tests that need some umT5 checkpoint rather than a parity check."""
+    return repo_case(T5_CASES, "compact_t5")
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +76,18 @@ def save_safetensors(state: dict[str, torch.Tensor], path: Path) -> Path:
 
 
 def test_golden_cases_exist():
-    assert T5_CASES, "no golden case with a model starting with 'livetalk-umt5' was found"
-    assert CONSUMER_CASES, "no golden pipeline case records the T5 used for its text_context"
+    repo_case(T5_CASES, "compact_t5")
+    consumers = names_from(CONSUMER_CASES, "repo")
+    assert "compact_fp32" in consumers, f"in-repo pipeline cases recording their T5: {sorted(consumers)}"
+
+
+def test_shared_golden_cases_exist():
+    require_shared_cases(T5_CASES, "livetalk", {"t5_tiny"})
+    require_shared_cases(CONSUMER_CASES, "livetalk", {"tiny_fp32", "tiny_bf16"})
 
 
 @pytest.mark.parametrize("tag", list(DTYPES))
-@pytest.mark.parametrize("golden", T5_CASES, ids=[c.name for c in T5_CASES])
+@pytest.mark.parametrize("golden", T5_CASES, ids=case_ids(T5_CASES))
 def test_golden_context(golden: GoldenCase, tag: str):
     ids, mask = t5_inputs(golden)
     expected = golden.load("expected.safetensors")
@@ -102,7 +107,7 @@ def test_golden_context(golden: GoldenCase, tag: str):
     assert torch.count_nonzero(context[:, :true_length].abs().sum(-1)) == true_length
 
 
-@pytest.mark.parametrize("golden", T5_CASES, ids=[c.name for c in T5_CASES])
+@pytest.mark.parametrize("golden", T5_CASES, ids=case_ids(T5_CASES))
 def test_config_inferred_from_shapes(golden: GoldenCase):
     config = UMT5Config.from_state_dict(read_state_dict(t5_weights(golden)))
     want = golden.manifest["t5_config"]
@@ -113,7 +118,7 @@ def test_config_inferred_from_shapes(golden: GoldenCase):
     assert (config.eps, config.max_distance) == (want.get("eps", config.eps), want.get("max_dist", config.max_distance))
 
 
-@pytest.mark.parametrize("consumer", CONSUMER_CASES, ids=[c.name for c in CONSUMER_CASES])
+@pytest.mark.parametrize("consumer", CONSUMER_CASES, ids=case_ids(CONSUMER_CASES))
 def test_pipeline_text_context_matches(consumer: GoldenCase):
     weights = consumer.file(consumer.manifest["weights"]["t5_used_for_text_context"])
     producers = [c for c in T5_CASES if t5_weights(c) == weights]
