@@ -218,9 +218,9 @@ class VideoLength:
             return None
         frames = self.num_video_frames
         return (
-            f"The audio is {self.seconds:.2f} s long, shorter than one block ({self.block_samples / SAMPLE_RATE:.2f} s "
-            f"of audio): the video will be {frames} frame{'s' if frames != 1 else ''} ({frames / VIDEO_FPS:.2f} s at "
-            f"{VIDEO_FPS} fps). A longer clip gives a longer video."
+            f"{self.seconds:.2f} s of audio is shorter than one block ({self.block_samples / SAMPLE_RATE:.2f} s): "
+            f"the video will be {frames} frame{'s' if frames != 1 else ''} ({frames / VIDEO_FPS:.2f} s at {VIDEO_FPS} "
+            "fps). A longer clip gives a longer video."
         )
 
 
