@@ -109,6 +109,7 @@ def check_arguments(args: argparse.Namespace) -> RunInputs:
     """Every argument checked, and the image and audio read, before anything loads; InputError otherwise."""
     from .audio import load_audio
     from .image import load_image
+    from .pipeline import fit_waveform, livetalk_video_length
 
     if args.fps != VIDEO_FPS:
         raise InputError(f"LiveTalk generates {VIDEO_FPS} fps video; --fps {args.fps} is not possible. Resample the mp4 afterwards if needed.")
@@ -120,6 +121,7 @@ def check_arguments(args: argparse.Namespace) -> RunInputs:
     image = load_image(args.image)
     check_image_size(image, args.image)
     waveform = load_audio(args.audio)
+    livetalk_video_length(fit_waveform(waveform, args.duration).shape[0])  # refuses a too-short clip or duration now
     output = Path(args.output)
     check_output(output, {"--image": Path(args.image), "--audio": Path(args.audio)})
     return RunInputs(height, width, device, vae_device, image, waveform, output)

@@ -161,13 +161,14 @@ def check_arguments(args: argparse.Namespace) -> None:
     from .audio import load_audio
     from .image import load_image
     from .realvideo_image import DEFAULT_AREA, plan_image
+    from .realvideo_sampler import realvideo_video_length
 
     check_duration(args.duration)
     if not args.smoke:
         _check_model_files(args)
     image = load_image(args.image)
     plan_image(image.shape[1], image.shape[0], SMOKE_AREA if args.smoke else DEFAULT_AREA)
-    load_audio(args.audio)
+    realvideo_video_length(load_audio(args.audio).numel(), args.duration)  # refuses a duration under one sample now
     inputs = {f"--{name.replace('_', '-')}": getattr(args, name) for name in MODEL_FILE_OPTIONS}
     inputs.update({"--image": Path(args.image), "--audio": Path(args.audio)})
     check_output(Path(args.output), inputs)

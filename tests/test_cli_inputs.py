@@ -141,6 +141,15 @@ def test_a_duration_that_is_not_a_length_is_refused(tmp_path, capsys, nothing_lo
     assert not (tmp_path / "x.mp4").exists()
 
 
+@pytest.mark.parametrize("family, duration, words", [("livetalk", "0.01", "at least"),
+                                                     ("realvideo", "0.00001", "shorter than one audio sample")])
+def test_a_duration_too_short_for_the_family_is_refused_before_loading(tmp_path, capsys, nothing_loads, family,
+                                                                       duration, words):
+    code = run_family(family, ["--duration", duration, "--output", str(tmp_path / "x.mp4")])
+    refused(capsys, code, words)
+    assert not (tmp_path / "x.mp4").exists()
+
+
 @pytest.mark.parametrize("size, words", [("abc", "not a size"), ("512x", "not a size"), ("12x34x56", "not a size"),
                                          ("100", "multiples of 16"), ("32", "at least 64"), ("512x200", "multiples of 16")])
 @pytest.mark.parametrize("smoke", [True, False])
