@@ -113,19 +113,20 @@ class LiveTalkCausalDiTSampler(io.ComfyNode):
                                          tooltip="The clean latent blocks, for Decode Blocks.")],
         )
 
-    @classmethod
-    def validate_inputs(cls, sink_frames: int, window_frames: int) -> bool | str:
+    @staticmethod
+    def check_cache_frames(sink_frames: int, window_frames: int) -> None:
+        """The sink must leave room for the rolling frames. Checked when the node runs, not in
+        validate_inputs: ComfyUI reports a validate_inputs failure once for each input the method
+        takes, so this one problem would show twice (the widgets' own min/max are checked when queued)."""
         if not 0 <= sink_frames < window_frames:
-            return (f"sink_frames ({sink_frames}) must be below window_frames ({window_frames}); "
-                    f"upstream uses {LIVETALK_CACHE.sink_frames} and {LIVETALK_CACHE.window_frames}.")
-        if window_frames > 1024:
-            return f"window_frames ({window_frames}) is above the maximum of 1024."
-        return True
+            raise InputError(f"sink_frames ({sink_frames}) must be below window_frames ({window_frames}); "
+                             f"upstream uses {LIVETALK_CACHE.sink_frames} and {LIVETALK_CACHE.window_frames}.")
 
     @classmethod
     @out_of_memory_advice
     def execute(cls, model: Managed, conditioning, reference: torch.Tensor, audio_embeds, seed: int, steps: int,
                 sink_frames: int, window_frames: int, idle_conditioning=None) -> io.NodeOutput:
+        cls.check_cache_frames(sink_frames, window_frames)
         expected = RealVideoAudio if model.family is REALVIDEO_14B else AudioConditioning
         if not isinstance(audio_embeds, expected):
             raise InputError(

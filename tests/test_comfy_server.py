@@ -241,6 +241,19 @@ def test_a_loader_input_refused_in_the_queue_is_reported_once_on_it(comfy):
     assert (status, errors) == (400, [(loader, "gpus", "custom_validation_failed")])
 
 
+def test_a_sampler_cache_problem_is_reported_once(comfy):
+    """sink_frames >= window_frames concerns two inputs; it is one error (when the sampler runs),
+    not one entry per input as a validate_inputs failure would be."""
+    prompt = shipped_prompt()
+    sampler = node_id_of(prompt, "LiveTalkCausalDiTSampler")
+    prompt[sampler]["inputs"].update(sink_frames=15, window_frames=15)
+    assert queue_time_errors(comfy, prompt) == (200, [])
+    history = comfy.wait_for(comfy.queue(prompt))
+    errors = [m[1] for m in history["status"]["messages"] if m[0] == "execution_error"]
+    assert [(e["node_type"], e["exception_message"].split(";")[0]) for e in errors] == [
+        ("LiveTalkCausalDiTSampler", "sink_frames (15) must be below window_frames (15)")], errors
+
+
 def test_non_livetalk_checkpoint_is_a_node_error(comfy):
     loader_inputs = json.loads(SHIPPED_1_3B_API.read_text())
     vae_name = next(n["inputs"]["vae_name"] for n in loader_inputs.values() if n["class_type"] == "LoadLiveTalkModel")
