@@ -87,17 +87,9 @@ def _missing_message(targets: Sequence[tuple[WeightFile, Path]], reason: str, re
 
 
 def ensure_files(files: tuple[WeightFile, ...], models_dir: Path, *, download: bool = True) -> None:
-    """Make sure every file exists under ``models_dir``, downloading missing ones if allowed.
-
-    Before the first download the hub is asked once, with a short timeout, whether it answers: without
-    a network ``huggingface_hub`` retries each request for about 25 s before giving up."""
+    """Make sure every file exists under ``models_dir``, downloading missing ones if allowed (:func:`fetch_files`)."""
     targets = [(f, f.local_path(models_dir)) for f in files]
     retry = f"(or run again with network access and without --skip-download / HF_HUB_OFFLINE to fetch them into {models_dir})"
-    missing = [(f, path) for f, path in targets if not path.is_file()]
-    if missing and download and not downloads_disabled():
-        unreachable = hub_unreachable_reason()
-        if unreachable is not None:
-            raise MissingWeightsError(_missing_message(missing, unreachable, retry))
     fetch_files(targets, download=download, retry=retry)
 
 
@@ -123,6 +115,9 @@ def hub_unreachable_reason(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> str | None
 def fetch_files(targets: Sequence[tuple[WeightFile, Path]], *, download: bool = True, retry: str) -> None:
     """Make sure each target path exists, downloading its file from the hub to exactly that path if allowed.
 
+    Before the first download the hub is asked once, with a short timeout, whether it answers: without
+    a network ``huggingface_hub`` retries each request for about 25 s before giving up.
+
     Raises:
         MissingWeightsError: one message listing every file still missing and where it goes, ending
             with ``retry`` (how to let the download happen).
@@ -132,6 +127,9 @@ def fetch_files(targets: Sequence[tuple[WeightFile, Path]], *, download: bool = 
         return
     if not download or downloads_disabled():
         raise MissingWeightsError(_missing_message(missing, "Downloads are turned off.", retry))
+    unreachable = hub_unreachable_reason()
+    if unreachable is not None:
+        raise MissingWeightsError(_missing_message(missing, unreachable, retry))
     for f, path in missing:
         try:
             download_to(f, path)

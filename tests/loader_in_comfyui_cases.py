@@ -96,6 +96,7 @@ def hub(lt, tiny_files, monkeypatch) -> list[tuple[str, str, Path]]:
         return str(put(served[(repo_id, filename)], Path(local_dir) / filename))
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(module("livetalk_core.weights"), "hub_unreachable_reason", lambda: None)  # it answers
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return calls
 
@@ -215,11 +216,37 @@ def test_a_failed_download_says_what_is_still_missing(lt, models, monkeypatch):
         raise ConnectionError("hub unreachable")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    monkeypatch.setattr(module("livetalk_core.weights"), "hub_unreachable_reason", lambda: None)  # it answers
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(lt.errors.MissingWeightsError) as error:
         load(lt, **with_download(LIVETALK_DOWNLOADS))
     message = str(error.value)
     assert message.startswith("Downloading model.safetensors from GAIR/LiveTalk-1.3B-V0.1 failed (ConnectionError: hub unreachable).")
+    assert message.count("\n      from https://huggingface.co/") == 3
+
+
+def test_without_a_network_the_loader_fails_at_once_with_every_file(lt, models, monkeypatch):
+    """HF_HUB_OFFLINE unset and the hub unreachable: one quick message listing the files, no download
+    tried (huggingface_hub would retry each request for about 25 s)."""
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]  # nothing listens there once the socket is closed
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def must_not_download(*args, **kwargs):
+        raise AssertionError("a download was tried although the hub cannot be reached")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", must_not_download)
+    start = time.monotonic()
+    with pytest.raises(lt.errors.MissingWeightsError) as error:
+        load(lt, **with_download(LIVETALK_DOWNLOADS))
+    assert time.monotonic() - start < 10
+    message = str(error.value)
+    assert message.startswith(f"The Hugging Face hub (http://127.0.0.1:{closed}) cannot be reached"), message
     assert message.count("\n      from https://huggingface.co/") == 3
 
 
