@@ -521,8 +521,9 @@ class WanVAE(nn.Module):
         z = latents.to(device=self.device, dtype=self.dtype)
         mean, inv_std = self._latent_scale(z)
         x = self.conv2(z / inv_std + mean)
-        # One latent frame at a time bounds activation memory, and makes any split of the
-        # latents into calls give bit-identical frames.
+        # One latent frame at a time bounds activation memory and runs the decoder on the same
+        # shapes whatever the split of the latents into calls (conv2 above still sees the call's
+        # length, for which a CPU may pick another kernel).
         frames = [self.decoder(x[:, :, i:i + 1], cache) for i in range(x.shape[2])]
         return torch.cat(frames, dim=2).float().clamp_(-1, 1)
 
@@ -547,8 +548,10 @@ class WanVAE(nn.Module):
 class StreamDecoder:
     """Decodes latents block by block, carrying the causal state between calls.
 
-    The first latent frame of a stream gives 1 video frame, every later one 4; the frames are
-    bit-identical to a one-shot :meth:`WanVAE.decode` of all the latents. Each stream owns its
+    The first latent frame of a stream gives 1 video frame, every later one 4; the frames equal a
+    one-shot :meth:`WanVAE.decode` of all the latents up to float rounding (the 1x1 ``conv2`` runs on
+    each call's length, and a CPU may pick another kernel for another length; see
+    ``tests/test_vae.py``). Each stream owns its
     state, so several can run side by side. :meth:`reset` starts a new video.
     """
 
