@@ -1,0 +1,146 @@
+"""The model-family interface: what each DiT the pack runs needs, behind one class.
+
+A :class:`ModelFamily` is recognised by a tensor only its checkpoints hold (``marker``) and knows
+everything that differs between families: how its DiT is loaded, which audio encoder fits it, how
+audio and the reference image are prepared, how its blocks are sampled, and its prompts. The nodes
+and the CLI ask a model's family; they never branch on which family it is.
+
+Adding a family: subclass :class:`ModelFamily` in a module of its own and pass an instance to
+:func:`~.families.register_family` (:mod:`.families` holds the registry). Plain
+PyTorch: nothing here imports ComfyUI; ComfyUI's devices, progress and interrupts come in as
+arguments and callbacks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from .errors import InputError
+from .kv_cache import CachePolicy
+from .s2v_checkpoint import COMPLETE, PARTIAL  # what a checkpoint is: ModelFamily.checkpoint_kind
+
+Shapes = Mapping[str, tuple[int, ...]]
+# Called between model forwards with (block, step, x0); ComfyUI's interrupt check raises from it.
+StepHook = Callable[[int, int, torch.Tensor], None]
+
+# umT5 output length the Wan DiTs were trained with: the prompt, then zero rows.
+TEXT_CONTEXT_TOKENS = 512
+
+
+def find_tensor(shapes: Shapes, suffix: str) -> tuple[int, ...] | None:
+    """Shape of the tensor named ``suffix`` under any prefix (``model.``, ``wav2vec2.``, ...)."""
+    for key, shape in shapes.items():
+        if key == suffix or key.endswith("." + suffix):
+            return shape
+    return None
+
+
+def text_context(conditioning: list, text_dim: int, tokens: int = TEXT_CONTEXT_TOKENS) -> torch.Tensor:
+    """A text encoding as ComfyUI's CONDITIONING carries it -> the DiT's text context
+    ``[1, tokens, text_dim]`` float32.
+
+    ``conditioning[0][0]`` is the umT5 output ``[1, L, text_dim]``. Rows past ``L`` are zeros and
+    the DiT attends to all ``tokens`` rows, as upstream zeroes the rows past the prompt length.
+    """
+    try:
+        cond = conditioning[0][0]
+    except (TypeError, IndexError, KeyError):
+        raise InputError("The conditioning input is empty. Connect CLIPTextEncode (with CLIPLoader type 'wan').") from None
+    if not isinstance(cond, torch.Tensor) or cond.ndim != 3:
+        raise InputError("The conditioning is not a text encoding [batch, tokens, width]. Use CLIPTextEncode.")
+    if cond.shape[-1] != text_dim:
+        raise InputError(
+            f"The conditioning has width {cond.shape[-1]}, but the model expects {text_dim} (umT5-XXL). "
+            "Load umt5_xxl_fp16.safetensors (or the fp8 one) with CLIPLoader, type 'wan'."
+        )
+    context = cond[:1, :tokens].float()
+    return torch.nn.functional.pad(context, (0, 0, 0, tokens - context.shape[1]))
+
+
+@runtime_checkable
+class RemoteSampler(Protocol):
+    """A DiT that runs elsewhere (worker processes) and samples a family's blocks there:
+    ``generate`` takes the family's sampler inputs and yields the same blocks (CPU)."""
+
+    def generate(self, *, seed: int, **inputs: Any) -> Iterator[torch.Tensor]: ...
+
+
+class ModelFamily:
+    """A DiT the pack can run. Subclasses set the class attributes and implement the methods.
+
+    ``marker``: a tensor only this family's checkpoints contain. ``audio_encoder_hint``: the
+    wav2vec2 to pick. ``audio_encoder_dtype``: the dtype its audio encoder runs in (None: the
+    loader's precision). ``fp8_and_partial_files``: whether :meth:`load` also takes ``base=``
+    (the checkpoint a partial fine-tune is applied over), ``fp8_weights=`` and ``fp8_matmul=``.
+    ``supports_sequence_parallel``: whether its DiT can run on several GPUs (``gpus`` > 1).
+    ``audio_uses_dit``: whether :meth:`encode_audio` runs the DiT's weights (else only its dtype is
+    read, and the DiT need not be on the GPU). ``conditioning_type``: what :meth:`encode_audio`
+    returns, so audio encoded for another family is refused.
+    """
+
+    name: ClassVar[str]
+    marker: ClassVar[str]
+    audio_encoder_hint: ClassVar[str]
+    conditioning_type: ClassVar[type]
+    audio_encoder_dtype: ClassVar[torch.dtype | None] = None
+    fp8_and_partial_files: ClassVar[bool] = False
+    supports_sequence_parallel: ClassVar[bool] = False
+    audio_uses_dit: ClassVar[bool] = True
+
+    def __repr__(self) -> str:
+        return f"<model family {self.name}>"
+
+    # --- recognising and loading ---------------------------------------------------------------
+    def matches(self, shapes: Shapes) -> bool:
+        """Whether ``shapes`` (a checkpoint's tensors) are this family's."""
+        return find_tensor(shapes, self.marker) is not None
+
+    def checkpoint_kind(self, shapes: Shapes) -> str | None:
+        """COMPLETE, PARTIAL (a fine-tune applied over a base checkpoint) or None (not this family's)."""
+        return COMPLETE if self.matches(shapes) else None
+
+    def load(self, path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str, **options: Any) -> torch.nn.Module:
+        """The DiT at ``path`` on ``device``; ``options`` as ``fp8_and_partial_files`` says."""
+        raise NotImplementedError
+
+    # --- the audio encoder ---------------------------------------------------------------------
+    def audio_features(self, shapes: Shapes) -> int:
+        """The audio-feature width per video frame the DiT with these weights expects."""
+        raise NotImplementedError
+
+    def encoder_features(self, layers: int, hidden: int) -> int:
+        """The width a wav2vec2 of ``layers`` x ``hidden`` gives this family's audio pipeline."""
+        raise NotImplementedError
+
+    # --- inputs --------------------------------------------------------------------------------
+    def video_length(self, num_samples: int):
+        """The :class:`~.audio.VideoLength` of ``num_samples`` of 16 kHz audio; refuses unusable
+        audio (before any model loads)."""
+        raise NotImplementedError
+
+    def encode_audio(self, dit: Any, encoder: Any, waveform: torch.Tensor, output_device: torch.device | str) -> Any:
+        """Mono 16 kHz speech ``[N]`` -> a ``conditioning_type`` (with ``length``, ``num_blocks``
+        and ``num_video_frames``), its tensors on ``output_device``."""
+        raise NotImplementedError
+
+    def reference_pixels(self, image: torch.Tensor, width: int, height: int, crop: str,
+                         device: torch.device | str) -> torch.Tensor:
+        """A reference image ``[H, W, C]`` -> the pixels the VAE encodes, ``[1, 3, 1, h, w]`` in [-1, 1]."""
+        raise NotImplementedError
+
+    # --- sampling ------------------------------------------------------------------------------
+    def text_dim(self, dit: Any) -> int:
+        """The width of the DiT's text context."""
+        raise NotImplementedError
+
+    def sample_blocks(self, dit: Any, *, conditioning: list, idle_conditioning: list | None, reference: torch.Tensor,
+                      audio: Any, seed: int, steps: int, cache_policy: CachePolicy,
+                      on_step: StepHook | None = None) -> Iterator[torch.Tensor]:
+        """The video's clean latent blocks ``[1, 16, F_block, h, w]``, one at a time. Inputs are
+        checked when this is called, not when the first block is asked for; closing the iterator
+        frees the KV cache."""
+        raise NotImplementedError

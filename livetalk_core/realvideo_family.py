@@ -1,0 +1,120 @@
+"""RealVideo 14B (Wan2.2-S2V) as a :class:`~.family_base.ModelFamily`: wav2vec2-large features per
+5 s segment (the DiT applies its audio front end per block), RealVideo's size rule for the
+reference, blocks of 2 latent frames after a prefill of the reference under the idle prompt."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .audio import VideoLength
+from .family_base import ModelFamily, RemoteSampler, Shapes, StepHook, find_tensor, text_context
+from .kv_cache import CachePolicy
+from .noise import SeededNoise
+from .realvideo_audio import realvideo_audio_features
+from .realvideo_image import preprocess_reference
+from .realvideo_sampler import realvideo_schedule, realvideo_video_length, sample_realvideo
+from .s2v_model import S2VDiT, load_s2v_dit, s2v_checkpoint_kind
+
+WAV2VEC2_LARGE_HINT = (
+    "wav2vec2_large_english_fp16.safetensors (Comfy-Org/Wan_2.2_ComfyUI_Repackaged, split_files/audio_encoders) "
+    "or the jonatasgrosman/wav2vec2-large-xlsr-53-english folder"
+)
+# Upstream's prompts: the reference is prefilled under the idle one, the blocks use the talking one.
+REALVIDEO_IDLE_PROMPT = "A character is looking at the camera."
+REALVIDEO_TALKING_PROMPT = "A character is talking."
+
+
+@dataclass
+class RealVideoAudio:
+    """RealVideo's audio input: per <= 5 s segment the wav2vec2 features ``[1, 25, A, F]`` (in the
+    DiT's dtype), and the video's length (:func:`~.realvideo_sampler.realvideo_video_length`)."""
+
+    features: list[torch.Tensor]
+    length: VideoLength
+
+    @property
+    def num_video_frames(self) -> int:
+        return self.length.num_video_frames
+
+    @property
+    def num_blocks(self) -> int:
+        """The fewest blocks whose frames cover the audio; past the last segment, blocks repeat its
+        final audio window (upstream's idle behaviour) until then."""
+        return self.length.num_blocks
+
+
+class RealVideoFamily(ModelFamily):
+    name = "RealVideo 14B"
+    marker = "casual_audio_encoder.encoder.final_linear.weight"
+    audio_encoder_hint = WAV2VEC2_LARGE_HINT
+    conditioning_type = RealVideoAudio
+    # Upstream runs wav2vec2 in float32 whatever the DiT's precision.
+    audio_encoder_dtype = torch.float32
+    fp8_and_partial_files = True
+    supports_sequence_parallel = True
+    audio_uses_dit = False  # the DiT takes the features per block; only its dtype is read here
+    idle_prompt = REALVIDEO_IDLE_PROMPT
+    talking_prompt = REALVIDEO_TALKING_PROMPT
+
+    def matches(self, shapes: Shapes) -> bool:
+        """The marker, or a partial fine-tune (which may lack it)."""
+        return super().matches(shapes) or s2v_checkpoint_kind(shapes) is not None
+
+    def checkpoint_kind(self, shapes: Shapes) -> str | None:
+        return s2v_checkpoint_kind(shapes) if self.matches(shapes) else None
+
+    def load(self, path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str, **options: Any) -> S2VDiT:
+        return load_s2v_dit(path, dtype, device, **options)
+
+    def audio_features(self, shapes: Shapes) -> int:
+        """The S2V DiT mixes ``weights.shape[1]`` hidden states, each as wide as its first conv's input."""
+        layers = find_tensor(shapes, "casual_audio_encoder.weights")[1]
+        return layers * find_tensor(shapes, "casual_audio_encoder.encoder.conv1_local.conv.weight")[1]
+
+    def encoder_features(self, layers: int, hidden: int) -> int:
+        return (layers + 1) * hidden  # h0 ... hL, all of them
+
+    def video_length(self, num_samples: int) -> VideoLength:
+        return realvideo_video_length(num_samples)
+
+    def encode_audio(self, dit: Any, encoder: Any, waveform: torch.Tensor,
+                     output_device: torch.device | str) -> RealVideoAudio:
+        """Features per 5 s segment; ``dit`` (here or on workers) only gives the dtype."""
+        length = realvideo_video_length(waveform.numel())
+        segments = realvideo_audio_features(encoder, waveform.to(encoder.device), dit.dtype)
+        return RealVideoAudio(features=[f.to(output_device) for f in segments], length=length)
+
+    def reference_pixels(self, image: torch.Tensor, width: int, height: int, crop: str,
+                         device: torch.device | str) -> torch.Tensor:
+        """RealVideo's rule whatever ``crop``: ``width x height`` is an area, the aspect ratio the image's."""
+        return preprocess_reference(image, area=width * height, device=device)[0].unsqueeze(2)
+
+    def text_dim(self, dit: Any) -> int:
+        return dit.config.text_dim
+
+    def sample_blocks(self, dit: Any, *, conditioning: list, idle_conditioning: list | None,
+                      reference: torch.Tensor, audio: RealVideoAudio, seed: int, steps: int,
+                      cache_policy: CachePolicy, on_step: StepHook | None = None):
+        """RealVideo's blocks, here or on the worker processes of a :class:`~.family_base.RemoteSampler`
+        (the same blocks); without an idle prompt the talking one also fills the prefill. The
+        cache is RealVideo's own (``cache_policy`` is not used)."""
+        talking = text_context(conditioning, self.text_dim(dit))
+        idle = talking if idle_conditioning is None else text_context(idle_conditioning, self.text_dim(dit))
+        inputs = dict(
+            ref_latent=reference.to(dit.dtype),
+            idle_context=idle,
+            talking_context=talking,
+            audio_features=audio.features,
+            num_blocks=audio.num_blocks,
+            schedule=realvideo_schedule(steps),  # refuses anything but 2 or 4 steps
+        )
+        if isinstance(dit, RemoteSampler):
+            return dit.generate(seed=seed, **inputs)
+        return sample_realvideo(dit, noise=SeededNoise(seed), on_step=on_step, **inputs)
+
+
+REALVIDEO_14B = RealVideoFamily()
