@@ -12,6 +12,7 @@ steady time is the median over the blocks after the graphs' captures (block 8 on
 import argparse
 import sys
 from argparse import Namespace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,8 +24,8 @@ from bench_realvideo import RELEASE, build_dit  # noqa: E402
 from timing import gpu_ms, median, rel_l2  # noqa: E402
 
 from livetalk_core import sequence_parallel  # noqa: E402
-from livetalk_core.compile import compile_blocks  # noqa: E402
 from livetalk_core.noise import SeededNoise  # noqa: E402
+from livetalk_core.options import RuntimeOptions  # noqa: E402
 from livetalk_core.realvideo_sampler import realvideo_schedule  # noqa: E402
 from livetalk_core.realvideo_worker import sample_realvideo_parallel  # noqa: E402
 
@@ -44,7 +45,7 @@ def timed(blocks, device: torch.device) -> tuple[list[torch.Tensor], list[float]
 def compare(name: str, model: torch.nn.Module, sample, device: torch.device, rank: int = 0) -> None:
     runs: dict[bool, list] = {False: [], True: []}
     for graphs in (False, True, False, True):
-        model.cuda_graphs = graphs
+        replace(model.runtime, cuda_graphs=graphs).apply(model)  # compiled once: only the switch changes
         torch.cuda.reset_peak_memory_stats(device)
         latents, ms = timed(sample(), device)
         runs[graphs].append(latents)
@@ -83,7 +84,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     for steps in [int(c.split("-")[1]) for c in configs if c.startswith("realvideo")]:
         model = build_dit(RELEASE, device, torch.bfloat16)
-        compile_blocks(model)
+        RuntimeOptions(device=device).apply(model)
         g = torch.Generator().manual_seed(1)
         inputs = dict(ref_latent=torch.randn(1, 16, 1, 64, 64, generator=g).bfloat16(),
                       idle_context=torch.randn(1, 512, 4096, generator=g).bfloat16(),

@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 from livetalk_core.audio import AudioEncoder, load_audio_encoder
-from livetalk_core.compile import compile_blocks, compile_vae
 from livetalk_core.decode_stream import decode_blocks
-from livetalk_core.fp8_linear import use_fp8_matmuls
 from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT, load_livetalk_dit
+from livetalk_core.options import PRECISION_OF_DTYPE, RuntimeOptions
 from livetalk_core.pipeline import LiveTalkPipeline
 from livetalk_core.vae import VAEConfig, WanVAE, frames_to_uint8, load_vae
 from livetalk_core.wan_dit import WanCoreConfig
@@ -52,13 +51,17 @@ def build(device: torch.device, dtype: torch.dtype, vae_device: torch.device, ti
     return pipe, context
 
 
+def runtime_options(pipe: LiveTalkPipeline, options: Namespace) -> RuntimeOptions:
+    """The benchmark's options for ``pipe``, where it is and in its dtype (``compile``: on any device)."""
+    return RuntimeOptions(
+        precision=PRECISION_OF_DTYPE[pipe.dit.dtype], compile=options.compile, cuda_graphs=options.cuda_graphs,
+        fp8_matmul=options.fp8_matmul, fp8_kv_cache=options.fp8_kv_cache, device=pipe.dit.device,
+        vae_device=next(pipe.vae.parameters()).device,
+    ).validate()
+
+
 def optimise(pipe: LiveTalkPipeline, options: Namespace) -> None:
-    pipe.dit.fp8_kv_cache = options.fp8_kv_cache
-    if options.fp8_matmul:
-        use_fp8_matmuls(pipe.dit.heavy_linears().values())
-    if options.compile:
-        compile_blocks(pipe.dit, cuda_graphs=options.cuda_graphs)
-        compile_vae(pipe.vae)
+    runtime_options(pipe, options).apply(pipe.dit, pipe.vae)
 
 
 def check_against_eager(pipe: LiveTalkPipeline, image, waveform, context, options: Namespace) -> dict:
@@ -161,7 +164,7 @@ def run(options: Namespace) -> dict:
         "gpu": gpu_name(device),
         "torch": torch.__version__,
         "compile": options.compile,
-        "cuda_graphs": options.compile and options.cuda_graphs,
+        "cuda_graphs": runtime_options(pipe, options).cuda_graphs_reason() is None,  # whether graphs replayed
         "fp8_matmul": options.fp8_matmul,
         "fp8_kv_cache": options.fp8_kv_cache,
         "vae_device": str(vae_device),

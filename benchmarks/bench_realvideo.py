@@ -15,17 +15,16 @@ from __future__ import annotations
 import tempfile
 import time
 from argparse import Namespace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from livetalk_core.audio import AudioEncoder, load_audio_encoder
-from livetalk_core.compile import compile_blocks, compile_vae
-from livetalk_core.cuda_graphs import MIN_PARALLEL_RANKS
 from livetalk_core.decode_stream import decode_blocks
-from livetalk_core.fp8_linear import use_fp8_matmuls
 from livetalk_core.noise import SeededNoise
+from livetalk_core.options import PRECISION_OF_DTYPE, RuntimeOptions
 from livetalk_core.realvideo_audio import realvideo_audio_features
 from livetalk_core.realvideo_image import preprocess_reference
 from livetalk_core.realvideo_sampler import realvideo_schedule
@@ -126,7 +125,10 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
     reset_peak(device)
     start = time.perf_counter()
     model = build_dit(config, device, dtype)
-    model.fp8_kv_cache = options.fp8_kv_cache
+    runtime = RuntimeOptions(precision=PRECISION_OF_DTYPE[dtype], compile=options.compile, cuda_graphs=options.cuda_graphs,
+                             fp8_matmul=options.fp8_matmul, fp8_kv_cache=options.fp8_kv_cache, device=device).validate()
+    eager = replace(runtime, compile=False, fp8_matmul=False)  # what the optimised path is checked against
+    eager.apply(model)
     vae, encoder = build_encoders(device, dtype, options.tiny) if rank == 0 else (None, None)
     image, waveform, contexts = user_inputs(config, size, dtype)
 
@@ -141,14 +143,9 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
     if options.check:  # the optimised path against plain eager bf16 (CUDA graphs replay from block 3)
         inputs = shared_inputs(sp, make_inputs)
         eager = {steps: [b.float().cpu() for b in blocks(steps, inputs, CHECK_BLOCKS)] for steps in options.steps}
-    if options.fp8_matmul:
-        use_fp8_matmuls(model.heavy_linears().values())
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if options.compile:
-        compile_blocks(model, cuda_graphs=options.cuda_graphs)
-        if vae is not None:
-            compile_vae(vae)
+    runtime.apply(model, vae)
+    if options.fp8_matmul and device.type == "cuda":
+        torch.cuda.empty_cache()
     if options.check:
         for steps in options.steps:
             ours = [b.float().cpu() for b in blocks(steps, inputs, CHECK_BLOCKS)]
@@ -214,7 +211,7 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
             "gpu": gpu_name(device),
             "torch": torch.__version__,
             "compile": options.compile,
-            "cuda_graphs": options.compile and options.cuda_graphs and (world == 1 or world >= MIN_PARALLEL_RANKS),
+            "cuda_graphs": runtime.cuda_graphs_reason(world) is None,  # whether graphs replayed
             "fp8_matmul": options.fp8_matmul,
             "fp8_kv_cache": options.fp8_kv_cache,
             "vae_device": f"{device} (rank 0)",

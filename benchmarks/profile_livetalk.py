@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_livetalk import build  # noqa: E402
 
-from livetalk_core.compile import compile_blocks, compile_vae  # noqa: E402
+from livetalk_core.options import RuntimeOptions  # noqa: E402
 
 KERNEL_KINDS = (  # (kind, substrings of the kernel name), first match wins
     ("attention", ("sdpa", "flash", "fmha", "attention")),
@@ -74,8 +74,7 @@ def main():
     device = torch.device("cuda")
     pipe, context = build(device, torch.bfloat16, device, tiny=False)
     if args.compile:
-        compile_blocks(pipe.dit)
-        compile_vae(pipe.vae)
+        RuntimeOptions(device=device).apply(pipe.dit, pipe.vae)
     ref = pipe.encode_reference(torch.randint(0, 255, (512, 512, 3), dtype=torch.uint8))
     audio = pipe.encode_audio(torch.randn(16000 * 6) * 0.1)
     for _ in pipe.sample(ref, audio, context, 0):  # warm-up

@@ -27,8 +27,8 @@ from bench_realvideo import RELEASE, build_dit, build_encoders, encode_inputs, s
 from profile_livetalk import kernel_kinds, top_kernels  # noqa: E402
 
 from livetalk_core import sequence_parallel  # noqa: E402
-from livetalk_core.compile import compile_blocks  # noqa: E402
 from livetalk_core.noise import SeededNoise  # noqa: E402
+from livetalk_core.options import RuntimeOptions  # noqa: E402
 from livetalk_core.realvideo_sampler import realvideo_schedule  # noqa: E402
 from livetalk_core.realvideo_worker import sample_realvideo_parallel  # noqa: E402
 
@@ -54,7 +54,7 @@ def main() -> None:
     vae, encoder = build_encoders(device, dtype, False) if rank == 0 else (None, None)
     image, waveform, contexts = user_inputs(RELEASE, 512, dtype)
     inputs = shared_inputs(sp, lambda: encode_inputs(vae, encoder, image, waveform, contexts, 512 * 512, dtype))
-    compile_blocks(model)
+    RuntimeOptions(device=device).apply(model)
 
     def blocks(n: int):
         return sample_realvideo_parallel(model, sp, noise=SeededNoise(0), schedule=realvideo_schedule(2),

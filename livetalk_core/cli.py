@@ -27,6 +27,7 @@ from .cli_checks import check_duration, check_image_size, check_output, parse_si
 from .errors import InputError, LiveTalkError, out_of_memory_help
 from .image import check_target_size
 from .interrupts import INTERRUPTED_EXIT_CODE, ready, summary
+from .options import RuntimeOptions, cli_flag
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_PROMPT = (
@@ -35,7 +36,6 @@ DEFAULT_PROMPT = (
 )
 DEFAULT_SIZE = "512"
 SMOKE_SIZE = "64"  # the tiny random model's default: a few seconds on a CPU
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PACK_LOGGERS = ("livetalk", "livetalk_core")
 log = logging.getLogger("livetalk")
 
@@ -85,11 +85,18 @@ class RunInputs:
 
     height: int
     width: int
-    device: torch.device
-    vae_device: torch.device
+    runtime: RuntimeOptions
     image: torch.Tensor
     waveform: torch.Tensor
     output: Path
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def vae_device(self) -> torch.device:
+        return self.runtime.vae_device or self.runtime.device
 
 
 @contextlib.contextmanager
@@ -118,13 +125,24 @@ def check_arguments(args: argparse.Namespace) -> RunInputs:
         height, width = parse_size(args.size or (SMOKE_SIZE if args.smoke else DEFAULT_SIZE), args.max_hw)
     device = torch.device("cpu") if args.smoke else pick_device(args.device)
     vae_device = device if args.smoke or args.vae_device is None else pick_device(args.vae_device, "--vae-device")
+    runtime = runtime_options(args, device, vae_device)
     image = load_image(args.image)
     check_image_size(image, args.image)
     waveform = load_audio(args.audio)
     livetalk_video_length(fit_waveform(waveform, args.duration).shape[0])  # refuses a too-short clip or duration now
     output = Path(args.output)
     check_output(output, {"--image": Path(args.image), "--audio": Path(args.audio)})
-    return RunInputs(height, width, device, vae_device, image, waveform, output)
+    return RunInputs(height, width, runtime, image, waveform, output)
+
+
+def runtime_options(args: argparse.Namespace, device: torch.device, vae_device: torch.device) -> RuntimeOptions:
+    """The run's options from the flags, checked. Smoke mode runs the tiny model in fp32, or bf16 with
+    --fp8-matmul (its kernels take bf16 activations)."""
+    precision = ("bf16" if args.fp8_matmul else "fp32") if args.smoke else args.precision
+    return RuntimeOptions(
+        precision=precision, attention=args.attention, compile=args.compile, cuda_graphs=args.cuda_graphs,
+        fp8_matmul=args.fp8_matmul, fp8_kv_cache=args.fp8_kv_cache, device=device, vae_device=vae_device,
+    ).validate(cli_flag)
 
 
 def note_smoke_limits(args: argparse.Namespace) -> None:
@@ -177,53 +195,39 @@ def load_pipeline(args: argparse.Namespace, inputs: RunInputs):
     prompt = args.prompt or DEFAULT_PROMPT
     ensure_weights(args, models_dir, prompt)
     paths = weight_paths(models_dir)
-    dtype = PRECISIONS[args.precision]
-    context = text_context(prompt, models_dir, paths, inputs.device, dtype)
-    return assemble_pipeline(args, inputs, (paths.dit, paths.vae, paths.wav2vec2), dtype), context
+    context = text_context(prompt, models_dir, paths, inputs.device, inputs.runtime.dtype)
+    return assemble_pipeline(inputs, (paths.dit, paths.vae, paths.wav2vec2)), context
 
 
 def load_smoke_pipeline(args: argparse.Namespace, inputs: RunInputs):
     """Tiny random models: written to a temporary folder, loaded, and the folder deleted again."""
     from .smoke import build_tiny_weights, load_context
 
-    dtype = torch.bfloat16 if args.fp8_matmul else torch.float32  # fp8 matmuls take bf16 activations
     with tempfile.TemporaryDirectory(prefix="livetalk-smoke-") as folder:
         tiny = build_tiny_weights(folder)
-        pipeline = assemble_pipeline(args, inputs, (tiny.dit, tiny.vae, tiny.wav2vec2), dtype)
+        pipeline = assemble_pipeline(inputs, (tiny.dit, tiny.vae, tiny.wav2vec2))
         return pipeline, load_context(tiny.context)
 
 
-def assemble_pipeline(args: argparse.Namespace, inputs: RunInputs, files: tuple[Path, Path, Path], dtype: torch.dtype):
-    """Load the DiT, VAE and wav2vec2 from ``files`` and apply the speed options."""
+def assemble_pipeline(inputs: RunInputs, files: tuple[Path, Path, Path]):
+    """Load the DiT, VAE and wav2vec2 from ``files`` in the run's precision and apply its runtime options."""
     from .audio import load_audio_encoder
     from .livetalk_model import load_livetalk_dit
     from .pipeline import LiveTalkPipeline
     from .vae import load_vae
 
     dit, vae, wav2vec2 = files
+    dtype = inputs.runtime.dtype
     pipeline = LiveTalkPipeline(
         load_livetalk_dit(dit, dtype, inputs.device), load_vae(vae, dtype, inputs.vae_device),
         load_audio_encoder(wav2vec2, dtype, inputs.device),
     )
-    pipeline.dit.attention_backend = args.attention
-    pipeline.dit.fp8_kv_cache = args.fp8_kv_cache
-    if args.fp8_matmul:
-        from .fp8_linear import use_fp8_matmuls
-
-        use_fp8_matmuls(pipeline.dit.heavy_linears().values())
-    if args.compile if args.compile is not None else inputs.device.type == "cuda":
-        from .compile import compile_blocks, compile_vae
-
-        compile_blocks(pipeline.dit, cuda_graphs=args.cuda_graphs)
-        compile_vae(pipeline.vae)
+    inputs.runtime.apply(pipeline.dit, pipeline.vae)
     return pipeline
 
 
 def run(args: argparse.Namespace) -> Path:
-    from .attention import resolve_backend
-
     inputs = check_arguments(args)
-    args.attention = resolve_backend(args.attention)
     if args.smoke:
         note_smoke_limits(args)
     pipeline, context = load_pipeline(args, inputs)

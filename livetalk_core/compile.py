@@ -24,12 +24,11 @@ from .wan_dit import WanDiTCore
 log = logging.getLogger(__name__)
 
 
-def compile_blocks(model: WanDiTCore, mode: str | None = None, cuda_graphs: bool = True) -> WanDiTCore:
+def compile_blocks(model: WanDiTCore, mode: str | None = None) -> WanDiTCore:
     """Compile every block's two tensor functions in place, and run their FFN's GELU in the GEMM's
-    epilogue on GPUs (:meth:`~.wan_dit.WanBlock.feed_forward`); returns ``model``. With
-    ``cuda_graphs`` the samplers also replay whole forwards as CUDA graphs once the cache's layout
-    repeats (:mod:`.cuda_graphs`; bf16 cache, one GPU or sequence parallel over 4 or more: the same
-    latents, bit for bit).
+    epilogue on GPUs (:meth:`~.wan_dit.WanBlock.feed_forward`); returns ``model``. Called by
+    :meth:`~.options.RuntimeOptions.apply`, whose options also say whether the compiled forwards
+    are replayed as CUDA graphs (:func:`~.options.graphs_off_reason`).
 
     Fails soft: if compiling fails at the first call (no Triton, no C++ toolchain, an unsupported
     op), a warning is logged once and every block runs eager from then on.
@@ -38,7 +37,6 @@ def compile_blocks(model: WanDiTCore, mode: str | None = None, cuda_graphs: bool
         log.warning("torch.compile is not available in this torch; the DiT runs eager")
         return model
     state = {"compiled": True}
-    model.cuda_graphs = cuda_graphs
     for block in model.blocks:
         block.gelu_in_gemm = True
     for owner, name in model.compile_regions():

@@ -6,7 +6,7 @@ GPU runs them; a slow or busy one does not, and the GPU then idles between kerne
 whose host was slow, the 1.3B DiT took 220 ms per block launched kernel by kernel, 178 ms
 replayed: docs/performance.md). Under sequence parallelism the gaps are worse: every layer's
 exchanges wait for the slowest rank's launches, so each rank's launch jitter costs all of them
-(:data:`MIN_PARALLEL_RANKS` says where that starts to matter).
+(:data:`~.options.MIN_PARALLEL_RANKS` says where that starts to matter).
 
 What a capture bakes in, and so what keys a graph: the addresses of every tensor it reads (the
 model's weights, the session's KV cache and text K/V) and every Python value (the cache's slot
@@ -42,6 +42,7 @@ import torch
 
 from . import sequence_parallel
 from .kv_cache import KVCache
+from .options import graphs_off_reason
 
 log = logging.getLogger(__name__)
 
@@ -224,25 +225,13 @@ class ForwardGraphs:
         return list(self._captured.values())
 
 
-# Under sequence parallelism graphs pay from 4 ranks on: there a rank's share of a layer is shorter
-# than its launches, and the ranks wait on one another's launch jitter (4 H200s: 40 -> 46 FPS). On 2
-# the DiT is GPU-bound either way (209 vs 211 ms per block) and the denser replay leaves rank 0's
-# streaming decode less room to overlap (2 H200s: 33.7 -> 31.2 FPS).
-MIN_PARALLEL_RANKS = 4
-
-
 def eager_reason(model: torch.nn.Module, cache: KVCache) -> str | None:
-    """Why a session of ``model`` with ``cache`` runs kernel by kernel, or None to use graphs."""
-    if not getattr(model, "cuda_graphs", False):
-        return "not asked for (compile_blocks sets cuda_graphs)"
-    if cache.fp8:
-        return "an fp8 KV cache composes its sink rotations on the host"
+    """Why a session of ``model`` with ``cache`` runs kernel by kernel, or None to use graphs
+    (:func:`~.options.graphs_off_reason`, from the model's options and this session's cache and group)."""
     sp = sequence_parallel.attached(model)
-    if sp is not None and sp.world_size < MIN_PARALLEL_RANKS:
-        return f"sequence parallel over {sp.world_size} GPUs: graphs pay from {MIN_PARALLEL_RANKS}"
-    if cache.keys[0].device.type != "cuda":
-        return "not on a GPU"
-    return None
+    return graphs_off_reason(asked=model.cuda_graphs, fp8_kv_cache=cache.fp8,
+                             on_gpu=cache.keys[0].device.type == "cuda",
+                             parallel_ranks=1 if sp is None else sp.world_size)
 
 
 def session_graphs(model: torch.nn.Module, cache: KVCache, forwards_per_block: int) -> ForwardGraphs | None:

@@ -41,7 +41,10 @@ from .cli import add_input_arguments, exit_code, setup_logging
 from .cli_checks import check_duration, check_output
 from .errors import InputError
 from .interrupts import exit_process, ready
+from .options import RuntimeOptions, cli_flag
 
+IDLE_PROMPT = "A character is looking at the camera."
+TALKING_PROMPT = "A character is talking."
 SMOKE_AREA = 128 * 64
 log = logging.getLogger("livetalk.realvideo")
 
@@ -140,12 +143,10 @@ def _contexts(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
         return saved["idle"], saved["talking"]
     if args.text_encoder is None or args.tokenizer is None:
         raise InputError("Give --contexts, or --text-encoder and --tokenizer to compute the two prompt embeddings.")
-    from .realvideo_family import REALVIDEO_IDLE_PROMPT, REALVIDEO_TALKING_PROMPT
     from .text_encoder import encode_prompt, load_text_encoder, release_text_encoder
 
     encoder = load_text_encoder(args.text_encoder, dtype=dtype, device=device)
-    prompts = (REALVIDEO_IDLE_PROMPT, REALVIDEO_TALKING_PROMPT)
-    idle, talking = (encode_prompt(p, encoder, args.tokenizer).cpu() for p in prompts)
+    idle, talking = (encode_prompt(p, encoder, args.tokenizer).cpu() for p in (IDLE_PROMPT, TALKING_PROMPT))
     release_text_encoder(encoder)
     saved = Path(args.output).with_suffix(".contexts.safetensors")
     save_file({"idle": idle.contiguous(), "talking": talking.contiguous()}, str(saved))
@@ -156,14 +157,16 @@ def _contexts(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
 MODEL_FILE_OPTIONS = ("dit", "base", "dit_config", "vae", "wav2vec2", "contexts", "text_encoder", "tokenizer")
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    """Every argument checked, and the image and audio read once, before any model loads (InputError otherwise)."""
+def check_arguments(args: argparse.Namespace) -> RuntimeOptions:
+    """Every argument checked, and the image and audio read once, before any model loads (InputError
+    otherwise); returns the run's runtime options (on the CPU until :func:`run` knows its device)."""
     from .audio import load_audio
     from .image import load_image
     from .realvideo_image import DEFAULT_AREA, plan_image
     from .realvideo_sampler import realvideo_video_length
 
     check_duration(args.duration)
+    runtime = runtime_options(args)
     if not args.smoke:
         _check_model_files(args)
     image = load_image(args.image)
@@ -174,6 +177,17 @@ def check_arguments(args: argparse.Namespace) -> None:
     check_output(Path(args.output), inputs)
     if args.latents_out is not None:
         check_output(args.latents_out, {**inputs, "--output": Path(args.output)}, "--latents-out")
+    return runtime
+
+
+def runtime_options(args: argparse.Namespace) -> RuntimeOptions:
+    """The run's options from the flags, checked. Smoke mode runs the tiny model in fp32, without
+    --fp8 / --fp8-matmul (its weights stay as they are)."""
+    return RuntimeOptions(
+        precision="fp32" if args.smoke else args.precision, attention=args.attention, compile=args.compile,
+        cuda_graphs=args.cuda_graphs, fp8_weights=args.fp8 and not args.smoke,
+        fp8_matmul=args.fp8_matmul and not args.smoke, fp8_kv_cache=args.fp8_kv_cache,
+    ).validate(cli_flag)
 
 
 def _check_model_files(args: argparse.Namespace) -> None:
@@ -220,17 +234,17 @@ def prepare_inputs(args: argparse.Namespace, vae, device: torch.device, dtype: t
 
 
 def run(args: argparse.Namespace) -> Path | None:
-    from .attention import resolve_backend
     from .noise import SeededNoise
     from .realvideo_sampler import realvideo_schedule, realvideo_video_length
     from .realvideo_worker import sample_realvideo_parallel
     from .vae import load_vae
 
-    check_arguments(args)
+    runtime = check_arguments(args)
     sp = sequence_parallel.init_from_env("gloo" if args.smoke else None)
     rank = 0 if sp is None else sp.rank
     device = _device(args.smoke)
-    dtype = torch.float32 if args.smoke else {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.precision]
+    runtime = runtime.on(device)
+    dtype = runtime.dtype
     if args.smoke:
         dit, vae = _smoke_models(dtype, device)
     else:
@@ -240,18 +254,11 @@ def run(args: argparse.Namespace) -> Path | None:
         if missing:
             raise InputError(f"Give --{' --'.join(missing)} (or --smoke for a check with tiny random weights).")
         dit = load_s2v_dit(
-            args.dit, dtype, device, base=args.base, fp8_weights=args.fp8, fp8_matmul=args.fp8_matmul,
+            args.dit, dtype, device, base=args.base, fp8_weights=runtime.fp8_weights, fp8_matmul=runtime.fp8_matmul,
             audio_inject_layers=_inject_layers(args),
         )
         vae = load_vae(args.vae, dtype, device) if rank == 0 else None
-    dit.attention_backend = resolve_backend(args.attention)
-    dit.fp8_kv_cache = args.fp8_kv_cache
-    if args.compile if args.compile is not None else device.type == "cuda":
-        from .compile import compile_blocks, compile_vae
-
-        compile_blocks(dit, cuda_graphs=args.cuda_graphs)
-        if vae is not None:
-            compile_vae(vae)
+    runtime.apply(dit, vae)
 
     inputs = [prepare_inputs(args, vae, device, dtype) if rank == 0 else None]
     if sp is not None:

@@ -45,9 +45,9 @@ import torch
 import torch.distributed as dist
 
 from . import sequence_parallel
-from .attention import resolve_backend
 from .errors import LiveTalkError
 from .noise import NoiseSource, SeededNoise
+from .options import RuntimeOptions
 from .realvideo_sampler import FRAMES_PER_BLOCK, REALVIDEO_CACHE, sample_realvideo
 from .s2v_model import S2VDiT, load_s2v_dit
 from .sequence_parallel import LatentShard, SequenceParallel, ShardedNoise, pick_split_axis
@@ -109,25 +109,19 @@ ModelFactory = Callable[..., S2VDiT]
 
 def load_realvideo_dit(
     path: str | os.PathLike,
-    dtype: torch.dtype,
+    options: RuntimeOptions,
     *,
     device: torch.device,
-    attention: str = "sdpa",
-    compile: bool = False,
-    fp8_kv_cache: bool = False,
-    cuda_graphs: bool = True,
     **load_options: Any,
 ) -> S2VDiT:
-    """:func:`~.s2v_model.load_s2v_dit` with the attention kernel and KV-cache storage set and, on a
-    GPU, the blocks compiled (with ``cuda_graphs``, forwards replayed as CUDA graphs): a worker's
-    ``load_model`` as ``functools.partial(load_realvideo_dit, path, dtype, ...)``."""
-    from .compile import compile_blocks
-
-    model = load_s2v_dit(path, dtype, device, **load_options)
-    model.attention_backend = resolve_backend(attention)
-    model.fp8_kv_cache = fp8_kv_cache
-    if compile and device.type == "cuda":
-        compile_blocks(model, cuda_graphs=cuda_graphs)
+    """:func:`~.s2v_model.load_s2v_dit` on ``device`` in ``options``' precision and fp8 weight forms,
+    set up by :meth:`~.options.RuntimeOptions.apply` (the blocks compiled on a GPU unless ``options``
+    say otherwise): a worker's ``load_model`` as ``functools.partial(load_realvideo_dit, path,
+    options, base=...)``; ``load_options`` are ``load_s2v_dit``'s other keyword arguments."""
+    options = options.on(device)
+    model = load_s2v_dit(path, options.dtype, device, fp8_weights=options.fp8_weights, fp8_matmul=options.fp8_matmul,
+                         **load_options)
+    options.apply(model)
     return model
 
 
@@ -328,7 +322,7 @@ class RealVideoWorkerGroup:
     """One process per device running :func:`sample_realvideo_parallel`, kept alive between calls.
 
     Args:
-        load_model: picklable callable (e.g. ``functools.partial(load_realvideo_dit, path, dtype)``)
+        load_model: picklable callable (e.g. ``functools.partial(load_realvideo_dit, path, options)``)
             called in each worker as ``load_model(device=torch.device)``.
         devices: one entry per rank, e.g. ``["cuda:0", "cuda:1"]`` (NCCL) or ``["cpu", "cpu"]`` (gloo).
         start_timeout: seconds to wait for every worker to load its model.

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .attention import attention
 from .kv_cache import EAGER_FP8, CachePolicy, KVCache
+from .options import EAGER
 from .rope import apply_rotary
 
 if TYPE_CHECKING:
@@ -277,10 +278,8 @@ class WanDiTCore(nn.Module):
         super().__init__()
         c = config.dim
         self.config = config
-        self.attention_backend = "sdpa"
-        self.fp8_kv_cache = False  # store the samplers' KV cache in fp8 (kv_cache.KVCache)
-        self.kv_codec = EAGER_FP8  # how that cache quantises (compile.compile_blocks fuses it)
-        self.cuda_graphs = False  # replay the samplers' forwards as CUDA graphs (cuda_graphs.ForwardGraphs)
+        self.runtime = EAGER  # how it runs: set by options.RuntimeOptions.apply, read below
+        self.kv_codec = EAGER_FP8  # how an fp8 cache quantises (compile.compile_blocks fuses it)
         self.patch_embedding = nn.Conv3d(config.in_dim, c, kernel_size=config.patch_size, stride=config.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, c), nn.GELU(approximate="tanh"), nn.Linear(c, c))
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, c), nn.SiLU(), nn.Linear(c, c))
@@ -289,6 +288,22 @@ class WanDiTCore(nn.Module):
             WanBlock(c, config.num_heads, config.ffn_dim, config.eps) for _ in range(config.num_layers)
         )
         self.head = WanHead(c, config.out_dim * math.prod(config.patch_size), config.eps)
+
+    @property
+    def attention_backend(self) -> str:
+        """The attention kernel (:mod:`.attention`), from :attr:`runtime`."""
+        return self.runtime.attention
+
+    @property
+    def fp8_kv_cache(self) -> bool:
+        """Whether the samplers' KV cache is stored in fp8 (:class:`~.kv_cache.KVCache`)."""
+        return self.runtime.fp8_kv_cache
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the samplers may replay forwards as CUDA graphs (:func:`~.cuda_graphs.eager_reason`
+        adds what the session decides: cache, GPU, ranks)."""
+        return self.runtime.graphs_asked
 
     @property
     def dtype(self) -> torch.dtype:

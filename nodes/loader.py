@@ -15,20 +15,30 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-from ..livetalk_core.attention import ATTENTION_BACKENDS, resolve_backend
+from ..livetalk_core.attention import ATTENTION_BACKENDS
 from ..livetalk_core.audio import load_audio_encoder
-from ..livetalk_core.checkpoint import PRECISIONS, resolve_dtype
-from ..livetalk_core.compile import compile_blocks, compile_vae
+from ..livetalk_core.checkpoint import PRECISIONS
 from ..livetalk_core.errors import InputError, LiveTalkError, MissingWeightsError
-from ..livetalk_core.fp8_linear import fp8_matmul_supported, use_fp8_matmuls
-from ..livetalk_core.families import SUPPORTED_MODELS, ModelFamily, detect_family
-from ..livetalk_core.livetalk_family import WAV2VEC2_BASE_HINT
-from ..livetalk_core.realvideo_family import WAV2VEC2_LARGE_HINT
+from ..livetalk_core.fp8_linear import fp8_matmul_supported
+from ..livetalk_core.options import RuntimeOptions
 from ..livetalk_core.s2v_checkpoint import COMPLETE, PARTIAL
+from ..livetalk_core.s2v_model import s2v_checkpoint_kind
 from ..livetalk_core.vae import load_vae
 from ..livetalk_core.weights import WeightFile, fetch_files
 from . import comfy_models as cm
-from .model_files import audio_encoder_size, check_audio_encoder_fits, check_vae_fits, checkpoint_shapes, tensor_shapes
+from .model_files import (
+    REALVIDEO_14B,
+    SUPPORTED_MODELS,
+    WAV2VEC2_BASE_HINT,
+    WAV2VEC2_LARGE_HINT,
+    ModelFamily,
+    audio_encoder_size,
+    check_audio_encoder_fits,
+    check_vae_fits,
+    checkpoint_shapes,
+    detect_family,
+    tensor_shapes,
+)
 from .multi_gpu import check_gpus, load_on_workers, stop_workers
 from .pack_types import CATEGORY, LiveTalkAudioEncoder, LiveTalkModel, LiveTalkVAE
 
@@ -81,9 +91,9 @@ def _check(files: _Files, model_name: str, audio_encoder_name: str, base_model_n
     if not files.on_disk(files.model):
         return None, None
     dit_shapes = checkpoint_shapes(files.model)
-    family = detect_family(dit_shapes, files.model)
     base = None
-    if family.checkpoint_kind(dit_shapes) == PARTIAL:
+    if s2v_checkpoint_kind(dit_shapes) == PARTIAL:
+        family = REALVIDEO_14B
         if base_model_name == NO_BASE:
             raise InputError(
                 f"{model_name} is a partial RealVideo fine-tune: it holds only some of the DiT's tensors. Set "
@@ -93,7 +103,7 @@ def _check(files: _Files, model_name: str, audio_encoder_name: str, base_model_n
         base = files.locate("base model", base_model_name, cm.dit_path, DIT_FOLDERS)
         if files.on_disk(base):
             base_shapes = checkpoint_shapes(base)
-            if family.checkpoint_kind(base_shapes) != COMPLETE:
+            if s2v_checkpoint_kind(base_shapes) != COMPLETE:
                 raise InputError(
                     f"The base model {base_model_name} is not a complete Wan2.2-S2V-14B DiT. Pick {S2V_BASE_FILE} "
                     "(or its fp8_scaled version) as base_model_name."
@@ -101,6 +111,8 @@ def _check(files: _Files, model_name: str, audio_encoder_name: str, base_model_n
             dit_shapes = {**base_shapes, **dit_shapes}
         else:
             dit_shapes = None
+    else:
+        family = detect_family(dit_shapes, files.model)
     if dit_shapes is not None and files.on_disk(files.audio_encoder):
         encoder = audio_encoder_size(files.audio_encoder)
         if encoder is not None:
@@ -115,13 +127,24 @@ def check_inputs(model_name: str, vae_name: str, audio_encoder_name: str, precis
     go together, from the files' headers, before anything is fetched or loaded: one error, whose
     message names the input to change. Returns the files, the model's family and the base (see
     :func:`_check`)."""
-    if fp8_matmul and precision != "bf16":
-        raise InputError(f"fp8_matmul runs with bf16 activations, but precision is {precision}: set precision to "
-                         "bf16, or turn fp8_matmul off.")
+    RuntimeOptions(precision=precision, fp8_matmul=fp8_matmul).validate()
     files = _Files(model_name, vae_name, audio_encoder_name)
     family, base = _check(files, model_name, audio_encoder_name, base_model_name)
     check_gpus(gpus, family, tensor_shapes(files.model) if files.on_disk(files.model) else None)
     return files, family, base
+
+
+def runtime_options(precision: str, attention: str, compile: bool, cuda_graphs: bool, fp8_weights: bool,
+                    fp8_matmul: bool, fp8_kv_cache: bool, gpus: int) -> RuntimeOptions:
+    """The loader's inputs as the engine's runtime options, on ComfyUI's devices (the first GPU for
+    ``gpus`` > 1): ``compile`` on compiles on a GPU only; ``fp8_matmul`` stays on only where the GPU
+    has fp8 kernels (a warning says so otherwise)."""
+    device = mm.get_torch_device() if gpus == 1 else torch.device("cuda", 0)
+    return RuntimeOptions(
+        precision=precision, attention=attention, compile=None if compile else False, cuda_graphs=cuda_graphs,
+        fp8_weights=fp8_weights, fp8_matmul=fp8_matmul and fp8_matmul_supported(device), fp8_kv_cache=fp8_kv_cache,
+        device=device, vae_device=mm.vae_device(),
+    ).validate()
 
 
 class LoadLiveTalkModel(io.ComfyNode):
@@ -223,34 +246,28 @@ class LoadLiveTalkModel(io.ComfyNode):
             files, family, base = check_inputs(model_name, vae_name, audio_encoder_name, precision, base_model_name,
                                                fp8_matmul, gpus)  # now on disk: checked in full
         model_path, vae_path, encoder_path = str(files.model), str(files.vae), str(files.audio_encoder)
-        dtype = resolve_dtype(precision)
+        runtime = runtime_options(precision, attention, compile, cuda_graphs, fp8_weights, fp8_matmul, fp8_kv_cache, gpus)
+        dtype = runtime.dtype
         if base is None and base_model_name != NO_BASE:
             log.info("LiveTalk: base_model_name %s is not used: %s is a complete model", base_model_name, model_name)
         if fp8_weights and not family.fp8_and_partial_files:
             log.info("LiveTalk: fp8_weights is for RealVideo 14B; the %s DiT is loaded in %s", family.name, precision)
-        fp8_matmul = fp8_matmul and fp8_matmul_supported(mm.get_torch_device() if gpus == 1 else torch.device("cuda", 0))
-        options = {"base": base, "fp8_weights": fp8_weights, "fp8_matmul": fp8_matmul} if family.fp8_and_partial_files else {}
+        options = ({"base": base, "fp8_weights": runtime.fp8_weights, "fp8_matmul": runtime.fp8_matmul}
+                   if family.fp8_and_partial_files else {})
 
         if gpus > 1:
             check_gpus(gpus, family)  # a pickled model's family is only known now
-            model = load_on_workers(family, gpus, model_path, precision, attention, compile,
-                                    {**options, "fp8_kv_cache": fp8_kv_cache, "cuda_graphs": cuda_graphs})
+            model = load_on_workers(family, gpus, model_path, runtime, {"base": base})
         else:
             stop_workers()  # their GPU memory is needed for the DiT loaded here
             offload = mm.unet_offload_device()
             dit = family.load(model_path, dtype, offload, **options)
-            dit.attention_backend = resolve_backend(attention)
-            dit.fp8_kv_cache = fp8_kv_cache
-            if fp8_matmul and not family.fp8_and_partial_files:
-                use_fp8_matmuls(dit.heavy_linears().values(), device=mm.get_torch_device())
-            if compile and mm.get_torch_device().type == "cuda":
-                compile_blocks(dit, cuda_graphs=cuda_graphs)
+            runtime.apply(dit)
             model = cm.Managed(dit, dit, mm.get_torch_device(), offload, family=family)
 
         # The VAE and the encoder carry the family too: their nodes prepare inputs the family's way.
         vae_module = load_vae(vae_path, dtype, mm.vae_offload_device())
-        if compile and mm.vae_device().type == "cuda":
-            compile_vae(vae_module)
+        runtime.apply(None, vae_module)
         vae = cm.Managed(vae_module, vae_module, mm.vae_device(), mm.vae_offload_device(), family=family)
 
         encoder_dtype = family.audio_encoder_dtype or dtype

@@ -25,12 +25,12 @@ import comfy.model_management as mm
 import torch
 from comfy.patcher_extension import CallbacksMP
 
-from ..livetalk_core.checkpoint import resolve_dtype
 from ..livetalk_core.errors import InputError
-from ..livetalk_core.families import ModelFamily, sequence_parallel_families
+from ..livetalk_core.options import RuntimeOptions
 from ..livetalk_core.realvideo_worker import RealVideoWorkerGroup, WorkerModelInfo, load_realvideo_dit
 from ..livetalk_core.wan_dit import HEAD_DIM
 from .comfy_models import Managed
+from .model_files import REALVIDEO_14B, ModelFamily
 
 log = logging.getLogger(__name__)
 _QUERY_WEIGHT = "blocks.0.self_attn.q.weight"
@@ -47,10 +47,10 @@ def check_gpus(gpus: int, family: ModelFamily | None, shapes: Mapping[str, tuple
     the attention-head split."""
     if gpus <= 1:
         return
-    if family is not None and not family.supports_sequence_parallel:
+    if family is not None and family is not REALVIDEO_14B:
         raise InputError(
             f"gpus is {gpus}, but {family.name} runs on one GPU: several GPUs (sequence parallel) are for "
-            f"{sequence_parallel_families()}. Set gpus to 1."
+            "RealVideo 14B. Set gpus to 1."
         )
     available = len(parallel_devices())
     if gpus > available:
@@ -75,15 +75,12 @@ class WorkerSettings:
     """Everything that decides what the workers load; equal settings share a running group."""
 
     model_path: str
-    precision: str
-    attention: str
-    compile: bool
+    runtime: RuntimeOptions  # placed on each worker's GPU by the worker
     devices: tuple[str, ...]
     load_options: tuple[tuple[str, Any], ...] = ()
 
     def load_model(self) -> functools.partial:
-        return functools.partial(load_realvideo_dit, self.model_path, resolve_dtype(self.precision),
-                                 attention=self.attention, compile=self.compile, **dict(self.load_options))
+        return functools.partial(load_realvideo_dit, self.model_path, self.runtime, **dict(self.load_options))
 
 
 _running: tuple[WorkerSettings, RealVideoWorkerGroup] | None = None
@@ -126,8 +123,7 @@ def _on_cpu(value: Any) -> Any:
 
 class WorkerDiT:
     """The engine of a LIVETALK_MODEL whose DiT runs in worker processes: what the nodes read of an
-    S2VDiT (``config``, ``dtype``, ``weight_shapes``) and :meth:`generate`, which makes it a
-    :class:`livetalk_core.family_base.RemoteSampler` (the family samples through it)."""
+    S2VDiT (``config``, ``dtype``, ``weight_shapes``) and :meth:`generate`."""
 
     def __init__(self, settings: WorkerSettings, info: WorkerModelInfo) -> None:
         self.settings = settings
@@ -142,13 +138,12 @@ class WorkerDiT:
         return group.generate(seed=seed, poll=mm.throw_exception_if_processing_interrupted, **inputs)
 
 
-def load_on_workers(family: ModelFamily, gpus: int, model_path: str, precision: str, attention: str, compile: bool,
+def load_on_workers(family: ModelFamily, gpus: int, model_path: str, runtime: RuntimeOptions,
                     load_options: Mapping[str, Any]) -> Managed:
     """The loader's model output for ``gpus`` > 1: workers on the first ``gpus`` devices are started
     (or reused) now, and ComfyUI manages an empty stand-in whose unloading closes them.
-    ``load_options``: :func:`load_realvideo_dit`'s keyword arguments (base, fp8_weights, fp8_kv_cache, ...)."""
-    settings = WorkerSettings(model_path, precision, attention, compile, tuple(parallel_devices()[:gpus]),
-                              tuple(sorted(load_options.items())))
+    ``load_options``: :func:`load_realvideo_dit`'s other keyword arguments (base, ...)."""
+    settings = WorkerSettings(model_path, runtime, tuple(parallel_devices()[:gpus]), tuple(sorted(load_options.items())))
     group = worker_group(settings)
     model = Managed(WorkerDiT(settings, group.model_info), torch.nn.Module(), mm.get_torch_device(),
                     mm.unet_offload_device(), family=family)

@@ -137,8 +137,8 @@ def test_two_workers_give_the_one_gpu_video_and_recover_from_interrupts_failures
     # another setting replaces the workers
     changed = load(pack, gpus=2, attention="math", cuda_graphs=False)[0]
     replaced = running_group(pack)
-    assert not group.alive and replaced.alive and changed.engine.settings.attention == "math"
-    assert dict(changed.engine.settings.load_options)["cuda_graphs"] is False  # the workers get the switch
+    assert not group.alive and replaced.alive and changed.engine.settings.runtime.attention == "math"
+    assert changed.engine.settings.runtime.cuda_graphs is False  # the workers get the switch
 
     # a worker that dies (e.g. killed for memory): one message naming it; the next run starts new workers
     replaced._workers[1].process.kill()

@@ -105,7 +105,7 @@ def test_fp8_matmul_option_runs_the_dit_in_fp8(tmp_path, monkeypatch):
 
     converted = []
     real = fp8_linear.use_fp8_matmuls
-    monkeypatch.setattr(fp8_linear, "use_fp8_matmuls", lambda layers: converted.append(real(layers)) or converted[-1])
+    monkeypatch.setattr(fp8_linear, "use_fp8_matmuls", lambda layers, device=None: converted.append(real(layers, device)) or converted[-1])
     out = tmp_path / "fp8.mp4"
     assert cli.main(["--smoke", "--fp8-matmul", "--duration", "1", "--output", str(out)]) == 0
     assert converted and converted[0] > 0

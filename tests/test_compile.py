@@ -5,6 +5,7 @@ import torch
 from livetalk_core.compile import compile_blocks
 from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT
 from livetalk_core.noise import SeededNoise
+from livetalk_core.options import RuntimeOptions
 from livetalk_core.sampler import sample_livetalk
 from livetalk_core.wan_dit import WanCoreConfig
 
@@ -105,7 +106,7 @@ def test_vae_conv_steps_compiled_match_eager():
 
 def test_fp8_cache_codec_compiled_matches_eager():
     model = tiny_model()
-    model.fp8_kv_cache = True
+    RuntimeOptions(fp8_kv_cache=True).apply(model)  # on the CPU: not compiled yet
     eager = run(model)
     torch._dynamo.reset()
     compile_blocks(model)

@@ -28,11 +28,16 @@ from livetalk_core.cuda_graphs import ForwardGraphs, eager_reason, outside_graph
 from livetalk_core.kv_cache import CachePolicy, KVCache
 from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT
 from livetalk_core.noise import SeededNoise
+from livetalk_core.options import RuntimeOptions
 from livetalk_core.realvideo_sampler import realvideo_schedule
 from livetalk_core.sampler import sample_livetalk
 from livetalk_core.sequence_parallel import SequenceParallel, attach
 from livetalk_core.wan_dit import WanCoreConfig
 from test_realvideo import run_tiny, tiny_model
+
+# The options of a compiled DiT with CUDA graphs, given to an eager one (a test seam: apply() would
+# compile it): the samplers' replay bookkeeping is the same, and the CPU tests stay fast.
+GRAPHS = RuntimeOptions(compile=True, cuda_graphs=True)
 
 ALLOCATIONS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default,
                torch.ops.aten.empty_strided.default}  # no kernel: nothing to replay
@@ -159,11 +164,16 @@ def test_a_failed_capture_warns_once_and_stays_eager(caplog, fail_at):
     assert _get_current_dispatch_mode() is None  # the half-made capture was ended
 
 
-def test_compile_blocks_is_the_switch_and_both_clis_expose_it():
+def test_the_runtime_options_are_the_switch_and_both_clis_expose_it():
     from livetalk_core import cli, realvideo_cli
-    from livetalk_core.compile import compile_blocks
 
-    assert compile_blocks(tiny_model()).cuda_graphs and not compile_blocks(tiny_model(), cuda_graphs=False).cuda_graphs
+    def graphs(**options) -> bool:
+        model = tiny_model()
+        RuntimeOptions(**options).apply(model)
+        return model.cuda_graphs
+
+    assert graphs(compile=True) and not graphs(compile=True, cuda_graphs=False)
+    assert not graphs() and not graphs(compile=False)  # not compiled (on the CPU, auto is off): nothing to replay
     for parser in (cli.build_parser(), realvideo_cli.build_parser()):
         assert parser.parse_args([]).cuda_graphs and not parser.parse_args(["--no-cuda-graphs"]).cuda_graphs
 
@@ -172,7 +182,7 @@ def test_no_graphs_on_the_cpu_with_an_fp8_cache_on_2_gpus_or_when_not_asked():
     model = tiny_model(heads=4)
     cache = KVCache(CachePolicy(5, 1), num_layers=2, frame_tokens=4, num_heads=1, head_dim=128)
     assert session_graphs(model, cache, 3) is None and "not asked" in eager_reason(model, cache)
-    model.cuda_graphs = True
+    model.runtime = GRAPHS
     assert session_graphs(model, cache, 3) is None and eager_reason(model, cache) == "not on a GPU"
     fp8 = KVCache(CachePolicy(5, 1), num_layers=2, frame_tokens=4, num_heads=1, head_dim=128, fp8=True)
     assert session_graphs(model, fp8, 3) is None and "fp8" in eager_reason(model, fp8)
@@ -207,7 +217,7 @@ def test_livetalk_replays_give_the_eager_latents(fake_session_graphs):
     arguments = dict(ref_latent=torch.randn(1, 16, 1, 2, 2), audio_embeds=audio, context=torch.randn(1, 4, 16),
                      num_blocks=blocks)
     eager = list(sample_livetalk(model, noise=SeededNoise(0), **arguments))
-    model.cuda_graphs = True
+    model.runtime = GRAPHS
     replayed = list(sample_livetalk(model, noise=SeededNoise(0), **arguments))
     (graphs,) = fake_session_graphs
     captured = graphs.maker.graphs
@@ -220,7 +230,7 @@ def test_livetalk_replays_give_the_eager_latents(fake_session_graphs):
 def test_realvideo_replays_give_the_eager_latents(fake_session_graphs):
     model = tiny_model()
     eager = run_tiny(model, num_blocks=6, schedule=realvideo_schedule(2))
-    model.cuda_graphs = True
+    model.runtime = GRAPHS
     replayed = run_tiny(model, num_blocks=6, schedule=realvideo_schedule(2))
     (graphs,) = fake_session_graphs
     captured = graphs.maker.graphs
@@ -248,7 +258,7 @@ def _replays_on_rank(rank: int, world: int, port: int) -> None:
             return made[-1]
 
         realvideo_sampler.session_graphs = fake
-        model.cuda_graphs = True
+        model.runtime = GRAPHS
         replayed = list(sample_realvideo_parallel(model, sp, noise=SeededNoise(3), **inputs))
         assert all(torch.equal(a, b) for a, b in zip(eager, replayed)), rank
         (graphs,) = made

@@ -10,6 +10,7 @@ from golden import golden_cases, repo_case
 from livetalk_core.kv_cache import FP8_KV, KVCache
 from livetalk_core.livetalk_model import load_livetalk_dit
 from livetalk_core.noise import SeededNoise
+from livetalk_core.options import RuntimeOptions
 from livetalk_core.realvideo_sampler import REALVIDEO_CACHE, realvideo_schedule
 from livetalk_core.rope import grid_rotations
 from livetalk_core.sampler import LIVETALK_CACHE, sample_livetalk
@@ -82,15 +83,15 @@ def test_the_workers_loader_sets_the_cache_storage(tmp_path):
 
     save_file({k: v.contiguous() for k, v in tiny_model().state_dict().items()}, str(tmp_path / "dit.safetensors"))
     for fp8 in (False, True):
-        model = load_realvideo_dit(tmp_path / "dit.safetensors", torch.float32, device=torch.device("cpu"),
-                                   fp8_kv_cache=fp8, audio_inject_layers=(0, 1))
+        model = load_realvideo_dit(tmp_path / "dit.safetensors", RuntimeOptions(precision="fp32", fp8_kv_cache=fp8),
+                                   device=torch.device("cpu"), audio_inject_layers=(0, 1))
         assert model.fp8_kv_cache is fp8
 
 
 def test_realvideo_sampling_with_an_fp8_cache_moves_by_fp8_rounding():
     model = tiny_model()
     exact = run_tiny(model, schedule=realvideo_schedule(2))
-    model.fp8_kv_cache = True
+    RuntimeOptions(fp8_kv_cache=True).apply(model)
     small = run_tiny(model, schedule=realvideo_schedule(2))
     for reference, ours in zip(exact, small, strict=True):
         assert torch.isfinite(ours).all()
@@ -109,7 +110,7 @@ def test_livetalk_sampling_with_an_fp8_cache_moves_by_fp8_rounding():
         num_blocks=3,
     )
     exact = list(sample_livetalk(model, noise=SeededNoise(0), **arguments))
-    model.fp8_kv_cache = True
+    RuntimeOptions(fp8_kv_cache=True).apply(model)
     small = list(sample_livetalk(model, noise=SeededNoise(0), **arguments))
     for reference, ours in zip(exact, small, strict=True):
         assert 0 < rel_l2(ours, reference) < 0.1
