@@ -43,8 +43,6 @@ from .errors import InputError
 from .interrupts import exit_process, ready
 from .options import RuntimeOptions, cli_flag
 
-IDLE_PROMPT = "A character is looking at the camera."
-TALKING_PROMPT = "A character is talking."
 SMOKE_AREA = 128 * 64
 log = logging.getLogger("livetalk.realvideo")
 
@@ -143,10 +141,12 @@ def _contexts(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
         return saved["idle"], saved["talking"]
     if args.text_encoder is None or args.tokenizer is None:
         raise InputError("Give --contexts, or --text-encoder and --tokenizer to compute the two prompt embeddings.")
+    from .realvideo_family import REALVIDEO_IDLE_PROMPT, REALVIDEO_TALKING_PROMPT
     from .text_encoder import encode_prompt, load_text_encoder, release_text_encoder
 
     encoder = load_text_encoder(args.text_encoder, dtype=dtype, device=device)
-    idle, talking = (encode_prompt(p, encoder, args.tokenizer).cpu() for p in (IDLE_PROMPT, TALKING_PROMPT))
+    prompts = (REALVIDEO_IDLE_PROMPT, REALVIDEO_TALKING_PROMPT)
+    idle, talking = (encode_prompt(p, encoder, args.tokenizer).cpu() for p in prompts)
     release_text_encoder(encoder)
     saved = Path(args.output).with_suffix(".contexts.safetensors")
     save_file({"idle": idle.contiguous(), "talking": talking.contiguous()}, str(saved))

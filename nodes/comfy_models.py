@@ -25,10 +25,11 @@ import folder_paths
 import torch
 
 from ..livetalk_core.errors import CheckpointError, OutOfMemory, out_of_memory_help
+from ..livetalk_core.families import ModelFamily
 from ..livetalk_core.s2v_checkpoint import COMPLETE
 from ..livetalk_core.s2v_model import s2v_checkpoint_kind
 from ..livetalk_core.weights import WeightFile
-from .model_files import DOWNLOADABLE, ModelFamily, tensor_shapes
+from .model_files import DOWNLOADABLE, tensor_shapes
 
 LIVETALK_FOLDER = "livetalk"
 MODEL_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt"}

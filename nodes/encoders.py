@@ -1,38 +1,24 @@
 """LiveTalkEncodeAudioWav2Vec and LiveTalkEncodeReferenceVAE: native AUDIO / IMAGE to model inputs.
 
-Both prepare their input the way the loaded family was trained: LiveTalk 1.3B's interpolated
-wav2vec2-base features and a fixed video size, or RealVideo 14B's bucketed wav2vec2-large features
-per 5 s segment and its own size rule (an area, the aspect ratio snapped from the image).
+Both prepare their input the way the loaded family was trained, by asking the family
+(:class:`livetalk_core.family_base.ModelFamily`): LiveTalk 1.3B's interpolated wav2vec2-base
+features and a fixed video size, or RealVideo 14B's bucketed wav2vec2-large features per 5 s segment
+and its own size rule (an area, the aspect ratio snapped from the image).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import comfy.model_management as mm
 import torch
-import torch.nn.functional as F
 from comfy_api.latest import io
 
 from ..livetalk_core.audio import VideoLength, prepare_waveform
-from ..livetalk_core.image import check_target_size, cover_and_crop, to_float_image
-from ..livetalk_core.pipeline import encode_audio
-from ..livetalk_core.realvideo_audio import realvideo_audio_features
-from ..livetalk_core.realvideo_image import preprocess_reference
-from ..livetalk_core.realvideo_sampler import realvideo_video_length
 from .comfy_models import Managed, on_device
-from .model_files import REALVIDEO_14B, EncoderSize, check_audio_encoder_fits
+from .model_files import EncoderSize, check_audio_encoder_fits
 from .multi_gpu import WorkerDiT
-from .pack_types import (
-    CATEGORY,
-    AudioEmbeds,
-    LiveTalkAudioEncoder,
-    LiveTalkModel,
-    LiveTalkVAE,
-    RealVideoAudio,
-    Reference,
-)
+from .pack_types import CATEGORY, AudioEmbeds, LiveTalkAudioEncoder, LiveTalkModel, LiveTalkVAE, Reference
 
 CROP_MODES = ("center", "stretch")
 
@@ -63,14 +49,15 @@ class LiveTalkEncodeAudioWav2Vec(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: Managed, audio_encoder: Managed, audio: dict) -> io.NodeOutput:
+        family = model.family
         waveform = prepare_waveform(audio["waveform"], audio["sample_rate"])
         _check_encoder_fits(model, audio_encoder)
-        if model.family is REALVIDEO_14B:
-            embeds = _realvideo_audio(model, audio_encoder, waveform)
-        else:
+        family.video_length(waveform.numel())  # refuses unusable audio before the models load
+        if family.audio_uses_dit:
             dit, encoder = on_device(model, audio_encoder)
-            conditioning = encode_audio(dit, encoder, waveform)
-            embeds = dataclasses.replace(conditioning, embeds=conditioning.embeds.to(mm.intermediate_device()))
+        else:  # only the DiT's dtype is read: it stays where it is
+            dit, encoder = model.engine, on_device(audio_encoder)
+        embeds = family.encode_audio(dit, encoder, waveform, mm.intermediate_device())
         _say_if_short(embeds.length, cls.hidden.unique_id)
         return io.NodeOutput(embeds)
 
@@ -97,23 +84,6 @@ def _check_encoder_fits(model: Managed, audio_encoder: Managed) -> None:
     encoder = audio_encoder.engine
     size = EncoderSize(encoder.num_layers, encoder.hidden_size)
     check_audio_encoder_fits(model.family, dit_shapes, size, str(encoder.source.name))
-
-
-def _realvideo_audio(model: Managed, audio_encoder: Managed, waveform: torch.Tensor) -> RealVideoAudio:
-    """RealVideo's features per 5 s segment; only the encoder is loaded (the DiT applies its audio
-    front end per block)."""
-    length = realvideo_video_length(waveform.numel())  # refuses empty audio before the encoder loads
-    encoder = on_device(audio_encoder)
-    segments = realvideo_audio_features(encoder, waveform.to(encoder.device), model.engine.dtype)
-    return RealVideoAudio(features=[f.to(mm.intermediate_device()) for f in segments], length=length)
-
-
-def _stretch(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Resize to exactly ``height x width`` ignoring the aspect ratio -> ``[1, 3, 1, H, W]`` in [-1, 1]."""
-    check_target_size(height, width)
-    pixels = to_float_image(image).permute(2, 0, 1).unsqueeze(0)
-    pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    return (pixels * 2.0 - 1.0).unsqueeze(2)
 
 
 class LiveTalkEncodeReferenceVAE(io.ComfyNode):
@@ -147,13 +117,7 @@ class LiveTalkEncodeReferenceVAE(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae: Managed, image: torch.Tensor, width: int, height: int, crop: str) -> io.NodeOutput:
-        first = image[0]
         model = on_device(vae)
-        if vae.family is REALVIDEO_14B:
-            pixels = preprocess_reference(first, area=width * height, device=model.device)[0].unsqueeze(2)
-        elif crop == "center":
-            pixels = cover_and_crop(first, height, width)
-        else:
-            pixels = _stretch(first, height, width)
+        pixels = vae.family.reference_pixels(image[0], width, height, crop, model.device)
         latent = model.encode(pixels.to(model.device, model.dtype))
         return io.NodeOutput(latent.to(mm.intermediate_device()))

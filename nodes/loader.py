@@ -21,24 +21,14 @@ from ..livetalk_core.checkpoint import PRECISIONS
 from ..livetalk_core.errors import InputError, LiveTalkError, MissingWeightsError
 from ..livetalk_core.fp8_linear import fp8_matmul_supported
 from ..livetalk_core.options import RuntimeOptions
+from ..livetalk_core.families import SUPPORTED_MODELS, ModelFamily, detect_family
+from ..livetalk_core.livetalk_family import WAV2VEC2_BASE_HINT
+from ..livetalk_core.realvideo_family import WAV2VEC2_LARGE_HINT
 from ..livetalk_core.s2v_checkpoint import COMPLETE, PARTIAL
-from ..livetalk_core.s2v_model import s2v_checkpoint_kind
 from ..livetalk_core.vae import load_vae
 from ..livetalk_core.weights import WeightFile, fetch_files
 from . import comfy_models as cm
-from .model_files import (
-    REALVIDEO_14B,
-    SUPPORTED_MODELS,
-    WAV2VEC2_BASE_HINT,
-    WAV2VEC2_LARGE_HINT,
-    ModelFamily,
-    audio_encoder_size,
-    check_audio_encoder_fits,
-    check_vae_fits,
-    checkpoint_shapes,
-    detect_family,
-    tensor_shapes,
-)
+from .model_files import audio_encoder_size, check_audio_encoder_fits, check_vae_fits, checkpoint_shapes, tensor_shapes
 from .multi_gpu import check_gpus, load_on_workers, stop_workers
 from .pack_types import CATEGORY, LiveTalkAudioEncoder, LiveTalkModel, LiveTalkVAE
 
@@ -91,9 +81,9 @@ def _check(files: _Files, model_name: str, audio_encoder_name: str, base_model_n
     if not files.on_disk(files.model):
         return None, None
     dit_shapes = checkpoint_shapes(files.model)
+    family = detect_family(dit_shapes, files.model)
     base = None
-    if s2v_checkpoint_kind(dit_shapes) == PARTIAL:
-        family = REALVIDEO_14B
+    if family.checkpoint_kind(dit_shapes) == PARTIAL:
         if base_model_name == NO_BASE:
             raise InputError(
                 f"{model_name} is a partial RealVideo fine-tune: it holds only some of the DiT's tensors. Set "
@@ -103,7 +93,7 @@ def _check(files: _Files, model_name: str, audio_encoder_name: str, base_model_n
         base = files.locate("base model", base_model_name, cm.dit_path, DIT_FOLDERS)
         if files.on_disk(base):
             base_shapes = checkpoint_shapes(base)
-            if s2v_checkpoint_kind(base_shapes) != COMPLETE:
+            if family.checkpoint_kind(base_shapes) != COMPLETE:
                 raise InputError(
                     f"The base model {base_model_name} is not a complete Wan2.2-S2V-14B DiT. Pick {S2V_BASE_FILE} "
                     "(or its fp8_scaled version) as base_model_name."
@@ -111,8 +101,6 @@ def _check(files: _Files, model_name: str, audio_encoder_name: str, base_model_n
             dit_shapes = {**base_shapes, **dit_shapes}
         else:
             dit_shapes = None
-    else:
-        family = detect_family(dit_shapes, files.model)
     if dit_shapes is not None and files.on_disk(files.audio_encoder):
         encoder = audio_encoder_size(files.audio_encoder)
         if encoder is not None:

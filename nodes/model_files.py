@@ -5,10 +5,8 @@ loading weights: a safetensors header lists every tensor name and shape. Torch p
 inspected without unpickling them; for those the check is left to loading, which fails with the
 same kind of message.
 
-Model families: every DiT the pack can run is a :class:`ModelFamily`, recognised by a tensor only
-that family has: LiveTalk 1.3B and RealVideo 14B (Wan2.2-S2V). Adding a family means adding one
-entry to :data:`FAMILIES` and teaching the nodes its encoders and loop; the loader and the
-validation pick it up from here.
+The model families themselves (which DiT a file is, and what each needs) are in
+:mod:`livetalk_core.families`; the checks here ask the family.
 """
 
 from __future__ import annotations
@@ -16,28 +14,17 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..livetalk_core.checkpoint import SAFETENSORS_SUFFIXES, guess_model_family, read_state_dict
 from ..livetalk_core.errors import CheckpointError, InputError
-from ..livetalk_core.livetalk_model import VIDEO_FRAMES_PER_LATENT, load_livetalk_dit
-from ..livetalk_core.s2v_model import load_s2v_dit
+from ..livetalk_core.family_base import ModelFamily, Shapes, find_tensor
+from ..livetalk_core.livetalk_family import WAV2VEC2_BASE_HINT
+from ..livetalk_core.realvideo_family import WAV2VEC2_LARGE_HINT
 from ..livetalk_core.vae import LATENT_CHANNELS, WHERE_TO_GET_IT
 from ..livetalk_core.weights import WeightFile
 
-Shapes = Mapping[str, tuple[int, ...]]
-
-# umT5 output length the Wan DiTs were trained with: the prompt, then zero rows.
-TEXT_CONTEXT_TOKENS = 512
-WAV2VEC2_BASE_HINT = "wav2vec2-base-960h (facebook/wav2vec2-base-960h, as a folder or a single .safetensors)"
-WAV2VEC2_LARGE_HINT = (
-    "wav2vec2_large_english_fp16.safetensors (Comfy-Org/Wan_2.2_ComfyUI_Repackaged, split_files/audio_encoders) "
-    "or the jonatasgrosman/wav2vec2-large-xlsr-53-english folder"
-)
 WAN21_REPACKAGED = "Comfy-Org/Wan_2.1_ComfyUI_repackaged"
 WAN22_REPACKAGED = "Comfy-Org/Wan_2.2_ComfyUI_Repackaged"
 # A safetensors header larger than this is not a real file (the 14B DiT's is a few MB).
@@ -97,84 +84,6 @@ def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _find(shapes: Shapes, suffix: str) -> tuple[int, ...] | None:
-    """Shape of the tensor named ``suffix`` under any prefix (``model.``, ``wav2vec2.``, ...)."""
-    for key, shape in shapes.items():
-        if key == suffix or key.endswith("." + suffix):
-            return shape
-    return None
-
-
-@dataclass(frozen=True)
-class ModelFamily:
-    """A DiT the pack can run.
-
-    ``marker``: a tensor only this family's checkpoints contain. ``audio_features``: the
-    audio-feature width per video frame the DiT expects, read from its shapes; ``encoder_features``:
-    the width a wav2vec2 of ``(layers, hidden)`` gives this family's audio pipeline.
-    ``audio_encoder_dtype``: the dtype its audio encoder runs in (None: the loader's precision).
-    ``fp8_and_partial_files``: whether ``load`` also takes ``base=`` (the checkpoint a partial
-    fine-tune is applied over) and ``fp8_weights=``.
-    """
-
-    name: str
-    marker: str
-    audio_features: Callable[[Shapes], int]
-    encoder_features: Callable[[int, int], int]
-    audio_encoder_hint: str
-    load: Callable[..., torch.nn.Module]
-    audio_encoder_dtype: torch.dtype | None = None
-    fp8_and_partial_files: bool = False
-
-    def matches(self, shapes: Shapes) -> bool:
-        return _find(shapes, self.marker) is not None
-
-
-def _s2v_audio_features(shapes: Shapes) -> int:
-    """The S2V DiT mixes ``weights.shape[1]`` hidden states, each as wide as its first conv's input."""
-    layers = _find(shapes, "casual_audio_encoder.weights")[1]
-    return layers * _find(shapes, "casual_audio_encoder.encoder.conv1_local.conv.weight")[1]
-
-
-LIVETALK_13B = ModelFamily(
-    name="LiveTalk 1.3B",
-    marker="audio_proj.proj.weight",
-    audio_features=lambda shapes: _find(shapes, "audio_proj.proj.weight")[1] // VIDEO_FRAMES_PER_LATENT,
-    # cat(last hidden state, h0 ... hL)
-    encoder_features=lambda layers, hidden: (layers + 2) * hidden,
-    audio_encoder_hint=WAV2VEC2_BASE_HINT,
-    load=load_livetalk_dit,
-)
-REALVIDEO_14B = ModelFamily(
-    name="RealVideo 14B",
-    marker="casual_audio_encoder.encoder.final_linear.weight",
-    audio_features=_s2v_audio_features,
-    # h0 ... hL, all of them
-    encoder_features=lambda layers, hidden: (layers + 1) * hidden,
-    audio_encoder_hint=WAV2VEC2_LARGE_HINT,
-    load=load_s2v_dit,
-    # Upstream runs wav2vec2 in float32 whatever the DiT's precision.
-    audio_encoder_dtype=torch.float32,
-    fp8_and_partial_files=True,
-)
-FAMILIES: tuple[ModelFamily, ...] = (LIVETALK_13B, REALVIDEO_14B)
-SUPPORTED_MODELS = (
-    "LiveTalk-1.3B-V0.1 model.safetensors (GAIR/LiveTalk-1.3B-V0.1), or for RealVideo 14B "
-    "wan2.2_s2v_14B_bf16.safetensors / _fp8_scaled (Comfy-Org/Wan_2.2_ComfyUI_Repackaged) or RealVideo's model.pt"
-)
-
-
-def detect_family(shapes: Shapes, path: str | os.PathLike) -> ModelFamily:
-    """The family whose marker tensor is in ``shapes``; a CheckpointError naming what the file is otherwise."""
-    for family in FAMILIES:
-        if family.matches(shapes):
-            return family
-    raise CheckpointError(
-        f"{Path(path).name} is not a LiveTalk model: it looks like {guess_model_family(shapes)}. "
-        f"Pick {SUPPORTED_MODELS} instead."
-    )
-
-
 @dataclass(frozen=True)
 class EncoderSize:
     """A wav2vec2 encoder's transformer layers and hidden width."""
@@ -199,7 +108,7 @@ def audio_encoder_size(path: str | os.PathLike) -> EncoderSize | None:
     shapes = tensor_shapes(path)
     if shapes is None:
         return None
-    projection = _find(shapes, "feature_projection.projection.weight")
+    projection = find_tensor(shapes, "feature_projection.projection.weight")
     if projection is None:
         raise CheckpointError(
             f"{path.name} is not a wav2vec2 audio encoder: it looks like {guess_model_family(shapes)}. "
@@ -234,24 +143,3 @@ def check_vae_fits(shapes: Shapes, vae_name: str) -> None:
             f"{vae_name} is a VAE with {channels} latent channels (Wan2.2's has 48); LiveTalk needs the "
             f"{LATENT_CHANNELS}-channel Wan2.1 VAE: {WHERE_TO_GET_IT}."
         )
-
-
-def text_context(conditioning: list, text_dim: int, tokens: int = TEXT_CONTEXT_TOKENS) -> torch.Tensor:
-    """ComfyUI CONDITIONING -> the DiT's text context ``[1, tokens, text_dim]`` float32.
-
-    ``conditioning[0][0]`` is the umT5 output ``[1, L, text_dim]``. Rows past ``L`` are zeros and
-    the DiT attends to all ``tokens`` rows, as upstream zeroes the rows past the prompt length.
-    """
-    try:
-        cond = conditioning[0][0]
-    except (TypeError, IndexError, KeyError):
-        raise InputError("The conditioning input is empty. Connect CLIPTextEncode (with CLIPLoader type 'wan').") from None
-    if not isinstance(cond, torch.Tensor) or cond.ndim != 3:
-        raise InputError("The conditioning is not a text encoding [batch, tokens, width]. Use CLIPTextEncode.")
-    if cond.shape[-1] != text_dim:
-        raise InputError(
-            f"The conditioning has width {cond.shape[-1]}, but the model expects {text_dim} (umT5-XXL). "
-            "Load umt5_xxl_fp16.safetensors (or the fp8 one) with CLIPLoader, type 'wan'."
-        )
-    context = cond[:1, :tokens].float()
-    return torch.nn.functional.pad(context, (0, 0, 0, tokens - context.shape[1]))

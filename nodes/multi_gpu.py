@@ -27,10 +27,10 @@ from comfy.patcher_extension import CallbacksMP
 
 from ..livetalk_core.errors import InputError
 from ..livetalk_core.options import RuntimeOptions
+from ..livetalk_core.families import ModelFamily, sequence_parallel_families
 from ..livetalk_core.realvideo_worker import RealVideoWorkerGroup, WorkerModelInfo, load_realvideo_dit
 from ..livetalk_core.wan_dit import HEAD_DIM
 from .comfy_models import Managed
-from .model_files import REALVIDEO_14B, ModelFamily
 
 log = logging.getLogger(__name__)
 _QUERY_WEIGHT = "blocks.0.self_attn.q.weight"
@@ -47,10 +47,10 @@ def check_gpus(gpus: int, family: ModelFamily | None, shapes: Mapping[str, tuple
     the attention-head split."""
     if gpus <= 1:
         return
-    if family is not None and family is not REALVIDEO_14B:
+    if family is not None and not family.supports_sequence_parallel:
         raise InputError(
             f"gpus is {gpus}, but {family.name} runs on one GPU: several GPUs (sequence parallel) are for "
-            "RealVideo 14B. Set gpus to 1."
+            f"{sequence_parallel_families()}. Set gpus to 1."
         )
     available = len(parallel_devices())
     if gpus > available:
@@ -123,7 +123,8 @@ def _on_cpu(value: Any) -> Any:
 
 class WorkerDiT:
     """The engine of a LIVETALK_MODEL whose DiT runs in worker processes: what the nodes read of an
-    S2VDiT (``config``, ``dtype``, ``weight_shapes``) and :meth:`generate`."""
+    S2VDiT (``config``, ``dtype``, ``weight_shapes``) and :meth:`generate`, which makes it a
+    :class:`livetalk_core.family_base.RemoteSampler` (the family samples through it)."""
 
     def __init__(self, settings: WorkerSettings, info: WorkerModelInfo) -> None:
         self.settings = settings

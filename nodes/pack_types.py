@@ -7,14 +7,13 @@ from dataclasses import dataclass
 import torch
 from comfy_api.latest import io
 
-from ..livetalk_core.audio import VideoLength
-
 CATEGORY = "LiveTalk"
 
 LiveTalkModel = io.Custom("LIVETALK_MODEL")  # nodes.comfy_models.Managed holding the DiT
 LiveTalkVAE = io.Custom("LIVETALK_VAE")  # Managed holding a livetalk_core.vae.WanVAE
 LiveTalkAudioEncoder = io.Custom("LIVETALK_AUDIO_ENCODER")  # Managed holding a livetalk_core.audio.AudioEncoder
-# livetalk_core.pipeline.AudioConditioning (LiveTalk 1.3B) or RealVideoAudio (RealVideo 14B)
+# the family's conditioning_type: livetalk_core.pipeline.AudioConditioning (LiveTalk 1.3B),
+# livetalk_core.realvideo_family.RealVideoAudio (RealVideo 14B), ...
 AudioEmbeds = io.Custom("LIVETALK_AUDIO_EMBEDS")
 Reference = io.Custom("LIVETALK_REFERENCE")  # reference latent [1, 16, 1, h, w] in the VAE's dtype
 LatentBlocks = io.Custom("LIVETALK_LATENT_BLOCKS")  # LatentBlockList
@@ -27,23 +26,3 @@ class LatentBlockList:
 
     blocks: list[torch.Tensor]
     num_video_frames: int
-
-
-@dataclass
-class RealVideoAudio:
-    """RealVideo's audio input: per <= 5 s segment the wav2vec2 features ``[1, 25, A, F]``
-    (intermediate device, the DiT's dtype), and the video's length
-    (``livetalk_core.realvideo_sampler.realvideo_video_length``)."""
-
-    features: list[torch.Tensor]
-    length: VideoLength
-
-    @property
-    def num_video_frames(self) -> int:
-        return self.length.num_video_frames
-
-    @property
-    def num_blocks(self) -> int:
-        """The fewest blocks whose frames cover the audio; past the last segment, blocks repeat its
-        final audio window (upstream's idle behaviour) until then."""
-        return self.length.num_blocks

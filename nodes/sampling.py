@@ -1,6 +1,6 @@
 """LiveTalkCausalDiTSampler and LiveTalkDecodeBlocks: latent blocks with a KV cache, then frames.
 
-The sampler runs the loaded family's loop: LiveTalk 1.3B (blocks of 3 latent frames, a sliding
+The sampler runs the loaded family's loop (``model.family.sample_blocks``): LiveTalk 1.3B (blocks of 3 latent frames, a sliding
 cache with sink frames) or RealVideo 14B (blocks of 2 latent frames, the reference prefilled under
 the idle prompt, 2 or 4 steps). The decoder serves both. Both advance ComfyUI's progress bar once
 per block with a preview, and check for an interrupt between model forwards. Closing the sampler
@@ -22,15 +22,11 @@ from PIL import Image
 from ..livetalk_core.audio import VIDEO_FPS
 from ..livetalk_core.errors import InputError
 from ..livetalk_core.kv_cache import CachePolicy
-from ..livetalk_core.noise import SeededNoise
-from ..livetalk_core.pipeline import AudioConditioning
-from ..livetalk_core.realvideo_sampler import realvideo_schedule, sample_realvideo
-from ..livetalk_core.sampler import LIVETALK_CACHE, sample_livetalk
-from ..livetalk_core.scheduler import LIVETALK_STEPS, livetalk_schedule
+from ..livetalk_core.realvideo_family import REALVIDEO_IDLE_PROMPT, REALVIDEO_TALKING_PROMPT
+from ..livetalk_core.sampler import LIVETALK_CACHE
+from ..livetalk_core.scheduler import LIVETALK_STEPS
 from ..livetalk_core.vae import frames_to_uint8
 from .comfy_models import Managed, on_device, out_of_memory_advice
-from .model_files import REALVIDEO_14B, text_context
-from .multi_gpu import WorkerDiT
 from .pack_types import (
     CATEGORY,
     AudioEmbeds,
@@ -38,13 +34,10 @@ from .pack_types import (
     LatentBlocks,
     LiveTalkModel,
     LiveTalkVAE,
-    RealVideoAudio,
     Reference,
 )
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-# RealVideo's prompt for the reference prefill (spec §2.6); the shipped 14B workflow encodes it.
-REALVIDEO_IDLE_PROMPT = "A character is looking at the camera."
 
 
 def latent_preview(block: torch.Tensor) -> tuple[str, Image.Image, int]:
@@ -85,7 +78,7 @@ class LiveTalkCausalDiTSampler(io.ComfyNode):
                 LiveTalkModel.Input("model", tooltip="The model from Load LiveTalk Model."),
                 io.Conditioning.Input("conditioning", tooltip="The prompt, from CLIPTextEncode with a CLIPLoader "
                                       "of type 'wan' (umt5_xxl). For RealVideo 14B it is the talking prompt "
-                                      "(upstream: 'A character is talking.')."),
+                                      f"(upstream: '{REALVIDEO_TALKING_PROMPT}')."),
                 Reference.Input("reference", tooltip="The reference latent from Encode Reference (VAE); it sets "
                                 "the video size."),
                 AudioEmbeds.Input("audio_embeds", tooltip="From Encode Audio (wav2vec2); it sets the video length."),
@@ -127,27 +120,23 @@ class LiveTalkCausalDiTSampler(io.ComfyNode):
     def execute(cls, model: Managed, conditioning, reference: torch.Tensor, audio_embeds, seed: int, steps: int,
                 sink_frames: int, window_frames: int, idle_conditioning=None) -> io.NodeOutput:
         cls.check_cache_frames(sink_frames, window_frames)
-        expected = RealVideoAudio if model.family is REALVIDEO_14B else AudioConditioning
-        if not isinstance(audio_embeds, expected):
+        family = model.family
+        if not isinstance(audio_embeds, family.conditioning_type):
             raise InputError(
-                f"The audio_embeds were made for another model family than this {model.family.name} model. "
+                f"The audio_embeds were made for another model family than this {family.name} model. "
                 "Feed Encode Audio (wav2vec2) the same model as the sampler."
             )
-        dit = on_device(model)
-        if model.family is REALVIDEO_14B:
-            sampler = _realvideo_blocks(dit, conditioning, idle_conditioning, reference, audio_embeds, seed, steps)
-        else:
-            sampler = sample_livetalk(
-                dit,
-                ref_latent=reference,
-                audio_embeds=audio_embeds.embeds,
-                context=text_context(conditioning, dit.livetalk_config.core.text_dim),
-                num_blocks=audio_embeds.num_blocks,
-                noise=SeededNoise(seed),
-                schedule=livetalk_schedule(steps),
-                cache_policy=CachePolicy(window_frames=window_frames, sink_frames=sink_frames),
-                on_step=_between_forwards,
-            )
+        sampler = family.sample_blocks(
+            on_device(model),
+            conditioning=conditioning,
+            idle_conditioning=idle_conditioning,
+            reference=reference,
+            audio=audio_embeds,
+            seed=seed,
+            steps=steps,
+            cache_policy=CachePolicy(window_frames=window_frames, sink_frames=sink_frames),
+            on_step=_between_forwards,
+        )
         num_blocks = audio_embeds.num_blocks
         progress = comfy.utils.ProgressBar(num_blocks)
         blocks = []
@@ -156,25 +145,6 @@ class LiveTalkCausalDiTSampler(io.ComfyNode):
                 blocks.append(block.to(mm.intermediate_device(), torch.float32))
                 progress.update_absolute(index + 1, num_blocks, latent_preview(blocks[-1]))
         return io.NodeOutput(LatentBlockList(blocks=blocks, num_video_frames=audio_embeds.num_video_frames))
-
-
-def _realvideo_blocks(dit, conditioning, idle_conditioning, reference: torch.Tensor, audio: RealVideoAudio,
-                      seed: int, steps: int) -> Iterator[torch.Tensor]:
-    """RealVideo's block generator, here or on the worker processes of ``gpus`` > 1 (the same
-    blocks); without an idle prompt the talking one also fills the prefill."""
-    talking = text_context(conditioning, dit.config.text_dim)
-    idle = talking if idle_conditioning is None else text_context(idle_conditioning, dit.config.text_dim)
-    inputs = dict(
-        ref_latent=reference.to(dit.dtype),
-        idle_context=idle,
-        talking_context=talking,
-        audio_features=audio.features,
-        num_blocks=audio.num_blocks,
-        schedule=realvideo_schedule(steps),  # refuses anything but 2 or 4 steps
-    )
-    if isinstance(dit, WorkerDiT):
-        return dit.generate(seed=seed, **inputs)
-    return sample_realvideo(dit, noise=SeededNoise(seed), on_step=_between_forwards, **inputs)
 
 
 def _between_forwards(block: int, step: int, x0: torch.Tensor) -> None:

@@ -38,7 +38,7 @@ def module(name: str):
 def lt(pack) -> SimpleNamespace:
     """The pack's modules these cases use."""
     names = ("nodes.loader", "nodes.encoders", "nodes.sampling", "nodes.comfy_models", "nodes.model_files",
-             "livetalk_core.errors", "livetalk_core.fp8_linear", "livetalk_core.s2v_checkpoint")
+             "livetalk_core.errors", "livetalk_core.families", "livetalk_core.fp8_linear", "livetalk_core.s2v_checkpoint")
     return SimpleNamespace(**{name.split(".")[-1]: module(name) for name in names})
 
 
@@ -164,7 +164,7 @@ def test_download_choices_are_fetched_into_the_comfy_folders_then_loaded(lt, mod
     assert hub == []  # validation never downloads
     model, _, audio_encoder = load(lt, **names)
 
-    assert model.family is lt.model_files.LIVETALK_13B and audio_encoder.engine.num_layers == 2
+    assert model.family is lt.families.LIVETALK_13B and audio_encoder.engine.num_layers == 2
     comfy_org = "Comfy-Org/Wan_2.1_ComfyUI_repackaged"
     targets = {"GAIR/LiveTalk-1.3B-V0.1": models / "livetalk" / "LiveTalk-1.3B-V0.1.safetensors",
                comfy_org: models / "vae" / "wan_2.1_vae.safetensors",
@@ -288,7 +288,7 @@ def test_a_partial_file_is_applied_over_its_base(lt, realvideo, models, tiny_fil
     assert validate(lt, **realvideo, base_model_name="s2v_base.safetensors") is True
     model = load(lt, **realvideo, base_model_name="s2v_base.safetensors")[0]
     info = model.engine.checkpoint_info
-    assert model.family is lt.model_files.REALVIDEO_14B
+    assert model.family is lt.families.REALVIDEO_14B
     assert (info.kind, Path(info.base)) == (lt.s2v_checkpoint.PARTIAL,
                                             models / "diffusion_models" / "s2v_base.safetensors")
     tuned = {k.removeprefix("model."): v for k, v in torch.load(tiny_files["partial"], weights_only=True)["generator"].items()}

@@ -26,6 +26,7 @@ from tiny_weights import (
     tiny_s2v_dit,
     tiny_vae,
 )
+from toy_family import tiny_toy_dit, toy_family
 
 PACKAGE = "livetalk_pack_under_test"
 
@@ -42,6 +43,11 @@ def pack():
 @pytest.fixture(scope="module")
 def files(pack):
     return importlib.import_module(f"{PACKAGE}.nodes.model_files")
+
+
+@pytest.fixture(scope="module")
+def families(pack):
+    return importlib.import_module(f"{PACKAGE}.livetalk_core.families")
 
 
 @pytest.fixture(scope="module")
@@ -102,23 +108,45 @@ def test_tensor_shapes_reads_safetensors_headers_only(files, weights, tmp_path, 
         files.tensor_shapes(broken)
 
 
-def test_detect_family(files, weights, errors, tmp_path):
-    assert files.detect_family(files.tensor_shapes(weights["dit"]), weights["dit"]) is files.LIVETALK_13B
+def test_detect_family(files, families, weights, errors, tmp_path):
+    assert families.detect_family(files.tensor_shapes(weights["dit"]), weights["dit"]) is families.LIVETALK_13B
     prefixed = {f"model.diffusion_model.{k}": v for k, v in files.tensor_shapes(weights["dit"]).items()}
-    assert files.detect_family(prefixed, "x.safetensors") is files.LIVETALK_13B
+    assert families.detect_family(prefixed, "x.safetensors") is families.LIVETALK_13B
     refused = r"not a LiveTalk model: it looks like a Wan VAE.*LiveTalk-1\.3B.*wan2\.2_s2v"
     with pytest.raises(errors.CheckpointError, match=refused):
-        files.detect_family(files.tensor_shapes(weights["vae"]), weights["vae"])
+        families.detect_family(files.tensor_shapes(weights["vae"]), weights["vae"])
 
 
-def test_detect_realvideo_in_each_layout(files, weights, tmp_path):
+def test_detect_family_finds_a_registered_family(files, families, weights, errors, tmp_path):
+    """A family registered from outside the pack (the tests' toy) is detected by its marker tensor and
+    its audio-encoder check works; unregistered, its file is refused with the usual message."""
+    toy = toy_family(PACKAGE)
+    path = save_module(tiny_toy_dit(AUDIO_FEATURES, 16), tmp_path / "toy.safetensors")
+    shapes = files.tensor_shapes(path)
+    refused = r"toy\.safetensors is not a LiveTalk model: it looks like .*Pick LiveTalk-1\.3B"
+    with pytest.raises(errors.CheckpointError, match=refused):
+        families.detect_family(shapes, path)
+    families.register_family(toy)
+    try:
+        assert families.detect_family(shapes, path) is toy
+        assert families.detect_family(files.tensor_shapes(weights["dit"]), weights["dit"]) is families.LIVETALK_13B
+        files.check_audio_encoder_fits(toy, shapes, files.audio_encoder_size(weights["w2v_file"]), "w2v")
+        with pytest.raises(errors.InputError, match="but the Toy Talker model expects 256"):
+            files.check_audio_encoder_fits(toy, shapes, files.audio_encoder_size(weights["w2v_large"]), "w2v_large")
+    finally:
+        families.unregister_family(toy)
+    with pytest.raises(errors.CheckpointError, match=refused):
+        families.detect_family(shapes, path)
+
+
+def test_detect_realvideo_in_each_layout(files, families, weights, tmp_path):
     """Comfy-Org's bare keys (header), and RealVideo's model.pt (``generator`` / ``model.`` keys,
     a pickle: its shapes come from a memory-mapped load)."""
     shapes = files.tensor_shapes(weights["s2v"])
-    assert files.detect_family(shapes, weights["s2v"]) is files.REALVIDEO_14B
+    assert families.detect_family(shapes, weights["s2v"]) is families.REALVIDEO_14B
     model_pt = tmp_path / "model.pt"
     torch.save({"generator": {f"model.{k}": v for k, v in load_file(weights["s2v"]).items()}}, model_pt)
-    assert files.detect_family(files.checkpoint_shapes(model_pt), model_pt) is files.REALVIDEO_14B
+    assert families.detect_family(files.checkpoint_shapes(model_pt), model_pt) is families.REALVIDEO_14B
 
 
 def test_audio_encoder_size_from_a_file_or_a_folder(files, weights, errors):
@@ -130,16 +158,16 @@ def test_audio_encoder_size_from_a_file_or_a_folder(files, weights, errors):
         files.audio_encoder_size(weights["vae"])
 
 
-def test_mismatched_audio_encoder_names_the_right_one(files, weights, errors):
+def test_mismatched_audio_encoder_names_the_right_one(files, families, weights, errors):
     livetalk, s2v = files.tensor_shapes(weights["dit"]), files.tensor_shapes(weights["s2v"])
     base = files.audio_encoder_size(weights["w2v_file"])
     large = files.audio_encoder_size(weights["w2v_large"])
-    files.check_audio_encoder_fits(files.LIVETALK_13B, livetalk, base, "w2v")
-    files.check_audio_encoder_fits(files.REALVIDEO_14B, s2v, large, "w2v_large")
+    files.check_audio_encoder_fits(families.LIVETALK_13B, livetalk, base, "w2v")
+    files.check_audio_encoder_fits(families.REALVIDEO_14B, s2v, large, "w2v_large")
     with pytest.raises(errors.InputError, match=r"gives 1664 features.*1\.3B model expects 256.*wav2vec2-base-960h"):
-        files.check_audio_encoder_fits(files.LIVETALK_13B, livetalk, large, "wav2vec2-large")
+        files.check_audio_encoder_fits(families.LIVETALK_13B, livetalk, large, "wav2vec2-large")
     with pytest.raises(errors.InputError, match=r"gives 192 features.*14B model expects 1600.*wav2vec2_large_english"):
-        files.check_audio_encoder_fits(files.REALVIDEO_14B, s2v, base, "wav2vec2-base")
+        files.check_audio_encoder_fits(families.REALVIDEO_14B, s2v, base, "wav2vec2-base")
 
 
 def test_vae_check(files, weights, errors):
@@ -151,16 +179,16 @@ def test_vae_check(files, weights, errors):
         files.check_vae_fits(files.tensor_shapes(weights["dit"]), "dit")
 
 
-def test_text_context_pads_with_zero_rows_and_trims(files, errors):
+def test_text_context_pads_with_zero_rows_and_trims(families, errors):
     cond = torch.randn(1, 7, 16)
-    context = files.text_context([[cond, {}]], text_dim=16)
+    context = families.text_context([[cond, {}]], text_dim=16)
     assert context.shape == (1, 512, 16)
     assert torch.equal(context[:, :7], cond) and not context[:, 7:].any()
-    assert files.text_context([[torch.randn(1, 600, 16), {}]], 16).shape == (1, 512, 16)
+    assert families.text_context([[torch.randn(1, 600, 16), {}]], 16).shape == (1, 512, 16)
     with pytest.raises(errors.InputError, match="CLIPLoader"):
-        files.text_context([[torch.randn(1, 7, 768), {}]], text_dim=16)
+        families.text_context([[torch.randn(1, 7, 768), {}]], text_dim=16)
     with pytest.raises(errors.InputError, match="empty"):
-        files.text_context([], text_dim=16)
+        families.text_context([], text_dim=16)
 
 
 
