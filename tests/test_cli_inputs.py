@@ -4,6 +4,7 @@ input or cannot be written is refused, and nothing is loaded or written."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import struct
@@ -30,6 +31,9 @@ def nothing_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise LoadedTooEarly("a model was loaded before the arguments were checked")
 
+    # Imported before the patch: a module first imported while it is on (the RealVideo CLI imports the
+    # worker module inside run) would keep the refusing stand-in for good, and later tests would load with it.
+    importlib.import_module("livetalk_core.realvideo_worker")
     monkeypatch.setattr(cli, "load_pipeline", refuse)
     monkeypatch.setattr(realvideo_cli, "_smoke_models", refuse)
     monkeypatch.setattr("livetalk_core.s2v_model.load_s2v_dit", refuse)
