@@ -224,6 +224,21 @@ class VideoLength:
         )
 
 
+class CoversVideoLength:
+    """What an audio conditioning with a ``length`` (:class:`VideoLength`) tells the sampler and the
+    decoder: the blocks to sample and the frames to keep."""
+
+    length: VideoLength
+
+    @property
+    def num_blocks(self) -> int:
+        return self.length.num_blocks
+
+    @property
+    def num_video_frames(self) -> int:
+        return self.length.num_video_frames
+
+
 def video_frames_for_latents(num_latent_frames: int) -> int:
     """Video frames decoded from ``F`` latent frames: ``4F - 3`` (latent 0 is one frame, the rest 4)."""
     return 4 * num_latent_frames - 3

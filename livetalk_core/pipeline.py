@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .audio import (
     SAMPLE_RATE,
     AudioEncoder,
+    CoversVideoLength,
     VideoLength,
     latents_covering,
     livetalk_audio_features,
@@ -49,7 +50,7 @@ MIN_AUDIO_SECONDS = 0.05
 
 
 @dataclass
-class AudioConditioning:
+class AudioConditioning(CoversVideoLength):
     """Audio prepared for one video.
 
     embeds: the DiT's per-layer audio terms ``[1, P, F, C]`` for all F latent frames.
@@ -62,14 +63,6 @@ class AudioConditioning:
     @property
     def num_latent_frames(self) -> int:
         return self.embeds.shape[2]
-
-    @property
-    def num_blocks(self) -> int:
-        return self.length.num_blocks
-
-    @property
-    def num_video_frames(self) -> int:
-        return self.length.num_video_frames
 
 
 def livetalk_video_length(num_samples: int) -> VideoLength:

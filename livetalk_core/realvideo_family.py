@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .audio import VideoLength
+from .audio import CoversVideoLength, VideoLength
 from .family_base import ModelFamily, RemoteSampler, Shapes, StepHook, find_tensor, text_context
 from .kv_cache import CachePolicy
 from .noise import SeededNoise
@@ -29,22 +29,14 @@ REALVIDEO_TALKING_PROMPT = "A character is talking."
 
 
 @dataclass
-class RealVideoAudio:
+class RealVideoAudio(CoversVideoLength):
     """RealVideo's audio input: per <= 5 s segment the wav2vec2 features ``[1, 25, A, F]`` (in the
-    DiT's dtype), and the video's length (:func:`~.realvideo_sampler.realvideo_video_length`)."""
+    DiT's dtype), and the video's length (:func:`~.realvideo_sampler.realvideo_video_length`): the
+    fewest blocks whose frames cover the audio; past the last segment, blocks repeat its final audio
+    window (upstream's idle behaviour) until then."""
 
     features: list[torch.Tensor]
     length: VideoLength
-
-    @property
-    def num_video_frames(self) -> int:
-        return self.length.num_video_frames
-
-    @property
-    def num_blocks(self) -> int:
-        """The fewest blocks whose frames cover the audio; past the last segment, blocks repeat its
-        final audio window (upstream's idle behaviour) until then."""
-        return self.length.num_blocks
 
 
 class RealVideoFamily(ModelFamily):

@@ -55,10 +55,11 @@ class ToyDiT(torch.nn.Module):
 
 @dataclass
 class ToyAudio:
-    """The toy's conditioning: wav2vec2 features per latent frame ``[F, A]`` and the video's length."""
+    """The toy's conditioning: wav2vec2 features per latent frame ``[F, A]`` and the video's length
+    (a ``livetalk_core.audio.VideoLength`` of the package the family was built for)."""
 
     features: torch.Tensor
-    length: object  # livetalk_core.audio.VideoLength of the package the family was built for
+    length: object
 
     @property
     def num_blocks(self) -> int:
