@@ -45,6 +45,12 @@ def ready() -> None:
 
 def exit_process(code: int) -> None:
     """End the CLI process with ``code``; a Ctrl-C during interpreter shutdown is ignored (it could
-    only print a traceback from some cleanup code)."""
+    only print a traceback from some cleanup code). After an interrupt the run has already closed its
+    files, so the process ends at once: the interpreter's shutdown (threads joined, signal handlers
+    reset to the default) could otherwise end it by the signal instead of with 130."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if code == INTERRUPTED_EXIT_CODE:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
