@@ -1,6 +1,8 @@
 """The example workflows in ComfyUI's real front end, in headless Chromium (Debian ``chromium``).
 
-Each UI workflow is loaded with the front end's own ``app.loadGraphData``; every node type must be
+Each UI workflow is opened as its template card opens it: the page asks the server for the pack's
+templates (exactly the UI workflows must be listed), fetches the card's file from the template route
+and loads it with the front end's own ``app.loadGraphData``; every node type must be
 registered, every node must have every input its definition declares (as a widget or a socket),
 every widget must show the value the API twin gives it, and no node may cover another once the
 front end has sized them (a node with more widgets than its saved size grows). Then the API twin
@@ -26,9 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from comfy_env import REPO, free_port, livetalk_server, with_tiny_text_encoder
+from comfy_env import PACK_DIR_NAME, REPO, free_port, livetalk_server, with_tiny_text_encoder
 
-UI_FILES = sorted((REPO / "workflows").glob("*.json"))
+# The UI-format workflows (an API-format file has no "nodes"): the only files that may be template cards.
+UI_FILES = [p for p in sorted((REPO / "workflows").glob("*.json")) if "nodes" in json.loads(p.read_text())]
 BROWSERS = ("chromium", "chromium-headless-shell", "google-chrome", "chrome")
 
 # Runs in the page after loadGraphData: what the front end made of the workflow.
@@ -125,8 +128,8 @@ def browser_port(tmp_path_factory):
     shutil.rmtree(profile, ignore_errors=True)
 
 
-async def _open_in_front_end(port: int, comfy_url: str, workflow: dict, screenshots: Path, run) -> dict:
-    """Open ``workflow`` in a tab of its own browser context: a fresh profile per workflow, as the
+async def _open_in_front_end(port: int, comfy_url: str, template_name: str, screenshots: Path, run) -> dict:
+    """Open the template ``template_name`` in a tab of its own browser context: a fresh profile per workflow, as the
     front end restores the previous session's workflows (and their model checks) from local storage."""
     import aiohttp
 
@@ -139,7 +142,7 @@ async def _open_in_front_end(port: int, comfy_url: str, workflow: dict, screensh
             try:
                 target = await browser.call("Target.createTarget", url="about:blank", browserContextId=context)
                 page_websocket = f"ws://127.0.0.1:{port}/devtools/page/{target['targetId']}"
-                return await _inspect_page(page_websocket, comfy_url, workflow, screenshots, run)
+                return await _inspect_page(page_websocket, comfy_url, template_name, screenshots, run)
             finally:
                 await browser.call("Target.disposeBrowserContext", browserContextId=context)
 
@@ -149,8 +152,8 @@ async def _screenshot(tools: DevTools, path: Path) -> None:
     path.write_bytes(base64.b64decode(shot["data"]))
 
 
-async def _inspect_page(page_websocket: str, comfy_url: str, workflow: dict, screenshots: Path, run) -> dict:
-    """Load the workflow, look at it, then ``run(client_id)`` the prompt for this page and look again.
+async def _inspect_page(page_websocket: str, comfy_url: str, template_name: str, screenshots: Path, run) -> dict:
+    """Open the pack's template card ``template_name`` as the front end does, look at it, then ``run(client_id)`` the prompt for this page and look again.
     Returns what the front end showed: ``nodes``, ``dialogs``, ``bounds`` and ``bounds_after_run``."""
     import aiohttp
 
@@ -161,9 +164,10 @@ async def _inspect_page(page_websocket: str, comfy_url: str, workflow: dict, scr
             await tools.call("Page.navigate", url=comfy_url)
             await tools.wait_for("!!(window.app && window.app.graph && window.LiteGraph && "
                                  "Object.keys(LiteGraph.registered_node_types).length > 100)", timeout=120)
-            await tools.evaluate(f"app.loadGraphData({json.dumps(workflow)})")
+            state_cards = json.loads(await tools.evaluate(OPEN_TEMPLATE_CARD % json.dumps(template_name)))
             await asyncio.sleep(2)  # let dialogs and widgets settle before looking and taking the picture
             state = json.loads(await tools.evaluate(INSPECT))
+            state["template_cards"] = state_cards
             await tools.evaluate(CLOSE_DIALOGS)
             await asyncio.sleep(1)
             state["bounds"] = json.loads(await tools.evaluate(BOUNDS))
@@ -173,6 +177,17 @@ async def _inspect_page(page_websocket: str, comfy_url: str, workflow: dict, scr
             state["bounds_after_run"] = json.loads(await tools.evaluate(BOUNDS))
             await _screenshot(tools, screenshots / "run.png")
             return state
+
+
+# What a click on the pack's template card does: the page asks the server for the pack's templates,
+# fetches the card's file from the template route and opens it. %s is the workflow's file stem.
+OPEN_TEMPLATE_CARD = """(async () => {
+  const cards = (await (await fetch('api/workflow_templates')).json())['%s'] || [];
+  const name = %%s;
+  const response = await fetch(`api/workflow_templates/%s/${name}.json`);
+  if (response.ok) await app.loadGraphData(await response.json());
+  return JSON.stringify({cards, status: response.status});
+})()""" % (PACK_DIR_NAME, PACK_DIR_NAME)
 
 
 def overlaps(bounds: list[dict]) -> list[str]:
@@ -219,7 +234,7 @@ def test_example_workflow_opens_in_the_real_front_end(ui_path, browser_port, req
     shots = tmp_path / "shots"
     shots.mkdir()
 
-    state = asyncio.run(_open_in_front_end(browser_port, comfy.url, json.loads(ui_path.read_text()), shots,
+    state = asyncio.run(_open_in_front_end(browser_port, comfy.url, ui_path.stem, shots,
                                            lambda client_id: run_for_client(comfy, prompt, client_id)))
     (artifacts / f"{ui_path.stem}_bounds.json").write_text(json.dumps(
         {"opened": state["bounds"], "after_run": state["bounds_after_run"]}, indent=1))
@@ -227,6 +242,8 @@ def test_example_workflow_opens_in_the_real_front_end(ui_path, browser_port, req
         assert (shots / shot).stat().st_size > 10_000
         shutil.copyfile(shots / shot, artifacts / name)
 
+    # The template browser's cards are exactly the UI workflows, and this one opens from its card.
+    assert state["template_cards"] == {"cards": [p.stem for p in UI_FILES], "status": 200}, state["template_cards"]
     assert not [d for d in state["dialogs"] if "missing" in d.lower() and "node" in d.lower()], state["dialogs"]
     # The test server holds every model file except the full umT5 (CI cannot), so that is the only
     # download the front end may ask for.
