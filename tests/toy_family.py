@@ -11,7 +11,6 @@ tests import the pack under their own package names), so it subclasses that pack
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -53,29 +52,10 @@ class ToyDiT(torch.nn.Module):
         return 0.5 * noisy + 0.5 * reference + 0.1 * shift.T[None, :, :, None, None]
 
 
-@dataclass
-class ToyAudio:
-    """The toy's conditioning: wav2vec2 features per latent frame ``[F, A]`` and the video's length
-    (a ``livetalk_core.audio.VideoLength`` of the package the family was built for)."""
-
-    features: torch.Tensor
-    length: object
-
-    @property
-    def num_blocks(self) -> int:
-        return self.length.num_blocks
-
-    @property
-    def num_video_frames(self) -> int:
-        return self.length.num_video_frames
-
-
 def _modules(package: str) -> SimpleNamespace:
     names = ("family_base", "audio", "pipeline", "image")
     core = SimpleNamespace(**{n: importlib.import_module(f"{package}.livetalk_core.{n}") for n in names})
-    # The runtime-options object (issue 17) lands in parallel with this family; absent, nothing reads it.
-    core.options = importlib.import_module(f"{package}.livetalk_core.options") if importlib.util.find_spec(
-        f"{package}.livetalk_core.options") else None
+    core.options = importlib.import_module(f"{package}.livetalk_core.options")
     return core
 
 
@@ -83,6 +63,14 @@ def toy_family(package: str):
     """The toy family, subclassing ``<package>.livetalk_core.family_base.ModelFamily``; pass it to
     that package's ``families.register_family``."""
     core = _modules(package)
+
+    @dataclass
+    class ToyAudio(core.audio.CoversVideoLength):
+        """The toy's conditioning: wav2vec2 features per latent frame ``[F, A]`` and the video's
+        length (:class:`VideoLength`), which gives the blocks and frames through the shared mixin."""
+
+        features: torch.Tensor
+        length: core.audio.VideoLength
 
     class ToyFamily(core.family_base.ModelFamily):
         name = "Toy Talker"
@@ -96,8 +84,7 @@ def toy_family(package: str):
             state = load_file(str(path))
             dit = ToyDiT(state["toy_talker.audio_proj.weight"].shape[1], state["toy_talker.text_proj.weight"].shape[1])
             dit.load_state_dict(state, strict=True)
-            if core.options is not None:  # what the loader's runtime options are applied over
-                dit.runtime = core.options.EAGER
+            dit.runtime = core.options.EAGER  # what the loader's runtime options are applied over
             return dit.to(device, dtype).eval()
 
         def audio_features(self, shapes) -> int:
@@ -109,7 +96,7 @@ def toy_family(package: str):
         def video_length(self, num_samples: int):
             return core.pipeline.livetalk_video_length(num_samples)
 
-        def encode_audio(self, dit, encoder, waveform, output_device) -> ToyAudio:
+        def encode_audio(self, dit, encoder, waveform, output_device):
             length = self.video_length(waveform.numel())
             padded, latents = core.audio.pad_waveform_to_blocks(waveform.float(), TOY_FRAMES_PER_BLOCK)
             per_video_frame = core.audio.livetalk_audio_features(

@@ -12,7 +12,7 @@ import torch
 
 from nodes_in_comfyui_cases import PACKAGE, comfy_folders, load, model_files, pack, run, tone  # noqa: F401
 from tiny_weights import AUDIO_FEATURES, UMT5_WIDTH, save_module
-from toy_family import ToyAudio, tiny_toy_dit, toy_family
+from toy_family import tiny_toy_dit, toy_family
 
 SIZE = 64  # video side in pixels (the smallest cover_and_crop takes): 8x8 latents
 PROMPT = [[torch.randn(1, 5, UMT5_WIDTH, generator=torch.Generator().manual_seed(0)), {}]]  # a umT5 encoding
@@ -47,7 +47,7 @@ def test_a_registered_family_runs_through_the_nodes(pack, comfy_folders, toy):
     assert model.family is toy and vae.family is toy and audio_encoder.family is toy
 
     audio_embeds, reference = encode(pack, model, vae, audio_encoder, seconds=1.0)
-    assert isinstance(audio_embeds, ToyAudio)
+    assert isinstance(audio_embeds, toy.conditioning_type)
     assert reference.shape == (1, 16, 1, SIZE // 8, SIZE // 8)  # the toy's reference rule: cropped to the size
 
     blocks = sample(pack, model, reference, audio_embeds)
