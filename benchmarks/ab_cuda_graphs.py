@@ -23,11 +23,11 @@ import bench_livetalk  # noqa: E402
 from bench_realvideo import RELEASE, build_dit  # noqa: E402
 from timing import gpu_ms, median, rel_l2  # noqa: E402
 
-from livetalk_core import sequence_parallel  # noqa: E402
-from livetalk_core.noise import SeededNoise  # noqa: E402
 from livetalk_core.options import RuntimeOptions  # noqa: E402
-from livetalk_core.realvideo_sampler import realvideo_schedule  # noqa: E402
-from livetalk_core.realvideo_worker import sample_realvideo_parallel  # noqa: E402
+from livetalk_core.parallel import sequence_parallel  # noqa: E402
+from livetalk_core.parallel.workers import sample_realvideo_parallel  # noqa: E402
+from livetalk_core.realvideo.sampler import realvideo_schedule  # noqa: E402
+from livetalk_core.runtime.noise import SeededNoise  # noqa: E402
 
 STEADY_FROM = 8
 

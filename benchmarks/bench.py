@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench_livetalk  # noqa: E402
 import bench_realvideo  # noqa: E402
 
-from livetalk_core import sequence_parallel  # noqa: E402
+from livetalk_core.parallel import sequence_parallel  # noqa: E402
 
 CONFIGS = ("livetalk", "realvideo-2", "realvideo-4")
 COLUMNS = (

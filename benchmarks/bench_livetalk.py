@@ -1,7 +1,7 @@
 """The LiveTalk 1.3B configuration of ``bench.py`` (full size, random weights).
 
 Builds the real geometry (DiT dim 1536 x 30 layers, Wan2.1 VAE, wav2vec2-base) with random bf16
-weights and runs the shipped :class:`~livetalk_core.pipeline.LiveTalkPipeline` at 512x512: 3 latent
+weights and runs the shipped :class:`~livetalk_core.livetalk.pipeline.LiveTalkPipeline` at 512x512: 3 latent
 frames (12 video frames) per block, 4 denoising steps + the refresh pass, KV window 15 with 9 sinks.
 """
 
@@ -14,15 +14,15 @@ from argparse import Namespace
 from pathlib import Path
 
 import torch
-
-from livetalk_core.audio import AudioEncoder, load_audio_encoder
-from livetalk_core.decode_stream import decode_blocks
-from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT, load_livetalk_dit
-from livetalk_core.options import PRECISION_OF_DTYPE, RuntimeOptions
-from livetalk_core.pipeline import LiveTalkPipeline
-from livetalk_core.vae import VAEConfig, WanVAE, frames_to_uint8, load_vae
-from livetalk_core.wan_dit import WanCoreConfig
 from timing import gpu_ms, gpu_name, median, peak_gib, random_init_, rel_l2, reset_peak, synchronize, wall_ms
+
+from livetalk_core.livetalk.model import LiveTalkConfig, LiveTalkDiT, load_livetalk_dit
+from livetalk_core.livetalk.pipeline import LiveTalkPipeline
+from livetalk_core.media.audio import AudioEncoder, load_audio_encoder
+from livetalk_core.media.vae import VAEConfig, WanVAE, frames_to_uint8, load_vae
+from livetalk_core.options import PRECISION_OF_DTYPE, RuntimeOptions
+from livetalk_core.runtime.decode_stream import decode_blocks
+from livetalk_core.wan.dit import WanCoreConfig
 
 FULL_DIT = WanCoreConfig(dim=1536, in_dim=33, out_dim=16, ffn_dim=8960, num_layers=30, text_dim=4096)
 VIDEO_FRAMES_PER_BLOCK = 12
@@ -198,7 +198,7 @@ def long_video(pipe: LiveTalkPipeline, image: torch.Tensor, context: torch.Tenso
     GPU memory and the process's resident memory are sampled after every block."""
     import resource
 
-    from livetalk_core.video_io import VideoWriter, read_video_info
+    from livetalk_core.media.video_io import VideoWriter, read_video_info
 
     waveform = torch.randn(int(seconds * 16000)) * 0.1
     device = pipe.dit.device

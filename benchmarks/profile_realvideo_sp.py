@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_realvideo import RELEASE, build_dit, build_encoders, encode_inputs, shared_inputs, user_inputs  # noqa: E402
 from profile_livetalk import kernel_kinds, top_kernels  # noqa: E402
 
-from livetalk_core import sequence_parallel  # noqa: E402
-from livetalk_core.noise import SeededNoise  # noqa: E402
 from livetalk_core.options import RuntimeOptions  # noqa: E402
-from livetalk_core.realvideo_sampler import realvideo_schedule  # noqa: E402
-from livetalk_core.realvideo_worker import sample_realvideo_parallel  # noqa: E402
+from livetalk_core.parallel import sequence_parallel  # noqa: E402
+from livetalk_core.parallel.workers import sample_realvideo_parallel  # noqa: E402
+from livetalk_core.realvideo.sampler import realvideo_schedule  # noqa: E402
+from livetalk_core.runtime.noise import SeededNoise  # noqa: E402
 
 
 def exchange_kernels_us(trace: Path) -> list[float]:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attention_kernels import bench  # noqa: E402  (this folder is on the path when run as a script)
-from livetalk_core.vae import VAEConfig, WanVAE  # noqa: E402
+
+from livetalk_core.media.vae import VAEConfig, WanVAE  # noqa: E402
 
 DEVICE, DTYPE = torch.device("cuda"), torch.bfloat16
 

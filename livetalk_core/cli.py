@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from .audio import VIDEO_FPS
 from .cli_checks import check_duration, check_image_size, check_output, parse_size, pick_device
 from .errors import InputError, LiveTalkError, out_of_memory_help
-from .image import check_target_size
 from .interrupts import INTERRUPTED_EXIT_CODE, ready, summary
+from .media.audio import VIDEO_FPS
+from .media.image import check_target_size
 from .options import RuntimeOptions, cli_flag
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -114,9 +114,9 @@ def size_note_off() -> Iterator[None]:
 
 def check_arguments(args: argparse.Namespace) -> RunInputs:
     """Every argument checked, and the image and audio read, before anything loads; InputError otherwise."""
-    from .audio import load_audio
-    from .image import load_image
-    from .pipeline import fit_waveform, livetalk_video_length
+    from .livetalk.pipeline import fit_waveform, livetalk_video_length
+    from .media.audio import load_audio
+    from .media.image import load_image
 
     if args.fps != VIDEO_FPS:
         raise InputError(f"LiveTalk generates {VIDEO_FPS} fps video; --fps {args.fps} is not possible. Resample the mp4 afterwards if needed.")
@@ -161,7 +161,7 @@ def context_cache(models_dir: Path, prompt: str) -> Path:
 def ensure_weights(args: argparse.Namespace, models_dir: Path, prompt: str) -> None:
     """Check (and download) every file the run needs in one go, the umT5 encoder and its tokenizer
     included unless the prompt's embedding is cached: offline, one message lists them all."""
-    from .weights import LIVETALK_FILES, TEXT_ENCODER_FILES, ensure_files
+    from .media.weights import LIVETALK_FILES, TEXT_ENCODER_FILES, ensure_files
 
     needed = LIVETALK_FILES if context_cache(models_dir, prompt).is_file() else LIVETALK_FILES + TEXT_ENCODER_FILES
     ensure_files(needed, models_dir, download=not args.skip_download)
@@ -171,7 +171,7 @@ def text_context(prompt: str, models_dir: Path, paths, device: torch.device, dty
     """umT5 context for ``prompt``, from the cache or encoded once and cached (files already in place)."""
     from safetensors.torch import load_file, save_file
 
-    from .text_encoder import encode_prompt, load_text_encoder, release_text_encoder
+    from .media.text_encoder import encode_prompt, load_text_encoder, release_text_encoder
 
     cache = context_cache(models_dir, prompt)
     if cache.is_file():
@@ -189,7 +189,7 @@ def load_pipeline(args: argparse.Namespace, inputs: RunInputs):
     """Models and text context for this run: the real ones, or tiny random ones in smoke mode."""
     if args.smoke:
         return load_smoke_pipeline(args, inputs)
-    from .weights import DEFAULT_MODELS_DIR, weight_paths
+    from .media.weights import DEFAULT_MODELS_DIR, weight_paths
 
     models_dir = args.models_dir or DEFAULT_MODELS_DIR
     prompt = args.prompt or DEFAULT_PROMPT
@@ -211,10 +211,10 @@ def load_smoke_pipeline(args: argparse.Namespace, inputs: RunInputs):
 
 def assemble_pipeline(inputs: RunInputs, files: tuple[Path, Path, Path]):
     """Load the DiT, VAE and wav2vec2 from ``files`` in the run's precision and apply its runtime options."""
-    from .audio import load_audio_encoder
-    from .livetalk_model import load_livetalk_dit
-    from .pipeline import LiveTalkPipeline
-    from .vae import load_vae
+    from .livetalk.model import load_livetalk_dit
+    from .livetalk.pipeline import LiveTalkPipeline
+    from .media.audio import load_audio_encoder
+    from .media.vae import load_vae
 
     dit, vae, wav2vec2 = files
     dtype = inputs.runtime.dtype
@@ -245,7 +245,7 @@ def generate(args: argparse.Namespace, inputs: RunInputs, pipeline, conditions: 
     frames made so far as a playable mp4 and notes where on the exception (see exit_code)."""
     from tqdm import tqdm
 
-    from .video_io import VideoWriter
+    from .media.video_io import VideoWriter
 
     ref_latent, audio, context = conditions
     frames_done, start = 0, time.perf_counter()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .image import MIN_SIDE, check_target_size
+from .media.image import MIN_SIDE, check_target_size
 
 
 def parse_size(size: str, max_hw: int | None = None) -> tuple[int, int]:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .checkpoint import guess_model_family
 from .errors import CheckpointError
 from .family_base import TEXT_CONTEXT_TOKENS, ModelFamily, RemoteSampler, Shapes, find_tensor, text_context
-from .livetalk_family import LIVETALK_13B
-from .realvideo_family import REALVIDEO_14B, RealVideoAudio
+from .livetalk.family import LIVETALK_13B
+from .media.checkpoint import guess_model_family
+from .realvideo.family import REALVIDEO_14B, RealVideoAudio
 
 __all__ = [
     "FAMILIES", "LIVETALK_13B", "REALVIDEO_14B", "TEXT_CONTEXT_TOKENS", "ModelFamily", "RealVideoAudio",

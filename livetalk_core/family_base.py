@@ -20,14 +20,15 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 
 from .errors import InputError
-from .kv_cache import CachePolicy
-from .s2v_checkpoint import COMPLETE, PARTIAL  # what a checkpoint is: ModelFamily.checkpoint_kind
+from .wan.kv_cache import CachePolicy
 
 Shapes = Mapping[str, tuple[int, ...]]
 # Called between model forwards with (block, step, x0); ComfyUI's interrupt check raises from it.
 StepHook = Callable[[int, int, torch.Tensor], None]
 
 # umT5 output length the Wan DiTs were trained with: the prompt, then zero rows.
+# What a DiT file holds (ModelFamily.checkpoint_kind): a whole model, or a fine-tune applied over a base.
+COMPLETE, PARTIAL = "complete", "partial fine-tune over a base checkpoint"
 TEXT_CONTEXT_TOKENS = 512
 
 

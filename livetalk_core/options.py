@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .attention import ATTENTION_BACKENDS, resolve_backend
-from .checkpoint import PRECISIONS, resolve_dtype
 from .errors import InputError
+from .media.checkpoint import PRECISIONS, resolve_dtype
+from .wan.attention import ATTENTION_BACKENDS, resolve_backend
 
 if TYPE_CHECKING:
-    from .vae import WanVAE
-    from .wan_dit import WanDiTCore
+    from .media.vae import WanVAE
+    from .wan.dit import WanDiTCore
 
 PRECISION_OF_DTYPE = {resolve_dtype(name): name for name in PRECISIONS}
 
@@ -124,13 +124,13 @@ class RuntimeOptions:
         if dit is not None:
             self._apply_to_dit(dit)
         if vae is not None and self.vae_compiled:
-            from .compile import compile_vae
+            from .runtime.compile import compile_vae
 
             compile_vae(vae)
 
     def _apply_to_dit(self, dit: WanDiTCore) -> None:
-        from .compile import compile_blocks
-        from .fp8_linear import FP8MatmulLinear, use_fp8_matmuls
+        from .runtime.compile import compile_blocks
+        from .wan.fp8_linear import FP8MatmulLinear, use_fp8_matmuls
 
         was_compiled = dit.runtime.dit_compiled
         if was_compiled and not self.dit_compiled:

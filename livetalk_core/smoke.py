@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .livetalk_model import LiveTalkConfig, LiveTalkDiT
-from .vae import VAEConfig, WanVAE
-from .wan_dit import WanCoreConfig
+from .livetalk.model import LiveTalkConfig, LiveTalkDiT
+from .media.vae import VAEConfig, WanVAE
+from .wan.dit import WanCoreConfig
 
 TINY_TEXT_DIM = 64
 TINY_TEXT_TOKENS = 8

@@ -26,9 +26,9 @@ import torch
 
 from ..livetalk_core.errors import CheckpointError, OutOfMemory, out_of_memory_help
 from ..livetalk_core.families import ModelFamily
-from ..livetalk_core.s2v_checkpoint import COMPLETE
-from ..livetalk_core.s2v_model import s2v_checkpoint_kind
-from ..livetalk_core.weights import WeightFile
+from ..livetalk_core.family_base import COMPLETE
+from ..livetalk_core.media.weights import WeightFile
+from ..livetalk_core.realvideo.model import s2v_checkpoint_kind
 from .model_files import DOWNLOADABLE, tensor_shapes
 
 LIVETALK_FOLDER = "livetalk"

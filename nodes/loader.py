@@ -15,18 +15,18 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-from ..livetalk_core.attention import ATTENTION_BACKENDS
-from ..livetalk_core.audio import load_audio_encoder
-from ..livetalk_core.checkpoint import PRECISIONS
 from ..livetalk_core.errors import InputError, LiveTalkError, MissingWeightsError
-from ..livetalk_core.fp8_linear import fp8_matmul_supported
-from ..livetalk_core.options import RuntimeOptions
 from ..livetalk_core.families import SUPPORTED_MODELS, ModelFamily, detect_family
-from ..livetalk_core.livetalk_family import WAV2VEC2_BASE_HINT
-from ..livetalk_core.realvideo_family import WAV2VEC2_LARGE_HINT
-from ..livetalk_core.s2v_checkpoint import COMPLETE, PARTIAL
-from ..livetalk_core.vae import load_vae
-from ..livetalk_core.weights import WeightFile, fetch_files
+from ..livetalk_core.family_base import COMPLETE, PARTIAL
+from ..livetalk_core.livetalk.family import WAV2VEC2_BASE_HINT
+from ..livetalk_core.media.audio import load_audio_encoder
+from ..livetalk_core.media.checkpoint import PRECISIONS
+from ..livetalk_core.media.vae import load_vae
+from ..livetalk_core.media.weights import WeightFile, fetch_files
+from ..livetalk_core.options import RuntimeOptions
+from ..livetalk_core.realvideo.family import WAV2VEC2_LARGE_HINT
+from ..livetalk_core.wan.attention import ATTENTION_BACKENDS
+from ..livetalk_core.wan.fp8_linear import fp8_matmul_supported
 from . import comfy_models as cm
 from .model_files import audio_encoder_size, check_audio_encoder_fits, check_vae_fits, checkpoint_shapes, tensor_shapes
 from .multi_gpu import check_gpus, load_on_workers, stop_workers

@@ -17,13 +17,13 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..livetalk_core.checkpoint import SAFETENSORS_SUFFIXES, guess_model_family, read_state_dict
 from ..livetalk_core.errors import CheckpointError, InputError
 from ..livetalk_core.family_base import ModelFamily, Shapes, find_tensor
-from ..livetalk_core.livetalk_family import WAV2VEC2_BASE_HINT
-from ..livetalk_core.realvideo_family import WAV2VEC2_LARGE_HINT
-from ..livetalk_core.vae import LATENT_CHANNELS, WHERE_TO_GET_IT
-from ..livetalk_core.weights import WeightFile
+from ..livetalk_core.livetalk.family import WAV2VEC2_BASE_HINT
+from ..livetalk_core.media.checkpoint import SAFETENSORS_SUFFIXES, guess_model_family, read_state_dict
+from ..livetalk_core.media.vae import LATENT_CHANNELS, WHERE_TO_GET_IT
+from ..livetalk_core.media.weights import WeightFile
+from ..livetalk_core.realvideo.family import WAV2VEC2_LARGE_HINT
 
 WAN21_REPACKAGED = "Comfy-Org/Wan_2.1_ComfyUI_repackaged"
 WAN22_REPACKAGED = "Comfy-Org/Wan_2.2_ComfyUI_Repackaged"

@@ -26,10 +26,10 @@ import torch
 from comfy.patcher_extension import CallbacksMP
 
 from ..livetalk_core.errors import InputError
-from ..livetalk_core.options import RuntimeOptions
 from ..livetalk_core.families import ModelFamily, sequence_parallel_families
-from ..livetalk_core.realvideo_worker import RealVideoWorkerGroup, WorkerModelInfo, load_realvideo_dit
-from ..livetalk_core.wan_dit import HEAD_DIM
+from ..livetalk_core.options import RuntimeOptions
+from ..livetalk_core.parallel.workers import RealVideoWorkerGroup, WorkerModelInfo, load_realvideo_dit
+from ..livetalk_core.wan.dit import HEAD_DIM
 from .comfy_models import Managed
 
 log = logging.getLogger(__name__)

@@ -19,13 +19,13 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
-from ..livetalk_core.audio import VIDEO_FPS
 from ..livetalk_core.errors import InputError
-from ..livetalk_core.kv_cache import CachePolicy
-from ..livetalk_core.realvideo_family import REALVIDEO_IDLE_PROMPT, REALVIDEO_TALKING_PROMPT
-from ..livetalk_core.sampler import LIVETALK_CACHE
-from ..livetalk_core.scheduler import LIVETALK_STEPS
-from ..livetalk_core.vae import frames_to_uint8
+from ..livetalk_core.livetalk.sampler import LIVETALK_CACHE
+from ..livetalk_core.media.audio import VIDEO_FPS
+from ..livetalk_core.media.vae import frames_to_uint8
+from ..livetalk_core.realvideo.family import REALVIDEO_IDLE_PROMPT, REALVIDEO_TALKING_PROMPT
+from ..livetalk_core.runtime.scheduler import LIVETALK_STEPS
+from ..livetalk_core.wan.kv_cache import CachePolicy
 from .comfy_models import Managed, on_device, out_of_memory_advice
 from .pack_types import (
     CATEGORY,

@@ -16,9 +16,9 @@ import folder_paths
 from comfy.cli_args import args
 from comfy_api.latest import InputImpl, io, ui
 
-from ..livetalk_core.audio import VIDEO_FPS, prepare_waveform
 from ..livetalk_core.errors import InputError
-from ..livetalk_core.video_io import OUTPUT_AUDIO_RATE, VideoWriter
+from ..livetalk_core.media.audio import VIDEO_FPS, prepare_waveform
+from ..livetalk_core.media.video_io import OUTPUT_AUDIO_RATE, VideoWriter
 from .comfy_models import Managed, out_of_memory_advice
 from .pack_types import CATEGORY, LatentBlockList, LatentBlocks, LiveTalkVAE
 from .sampling import decoded_blocks

@@ -286,7 +286,6 @@ def install_tiny_realvideo_models(models: Path, workflow: dict) -> None:
     """A tiny release-depth S2V DiT (bf16, bare keys, in ``diffusion_models`` as Comfy-Org ships it),
     the Wan VAE and a wav2vec2-large-style encoder, named as ``workflow``'s LoadLiveTalkModel names them."""
     import torch
-
     from tiny_weights import save_module, save_tiny_wav2vec2, tiny_s2v_dit, tiny_vae
 
     loader = next(n["inputs"] for n in workflow.values() if n["class_type"] == "LoadLiveTalkModel")

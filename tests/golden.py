@@ -129,13 +129,13 @@ def repo_case(cases: list[GoldenCase], name: str) -> GoldenCase:
 
 
 def allow_case_image_sizes(case: GoldenCase, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let a case's image through the product's minimum side (``livetalk_core.image.MIN_SIDE``, 64 px).
+    """Let a case's image through the product's minimum side (``livetalk_core.media.image.MIN_SIDE``, 64 px).
 
     The in-repo compact cases run a 50x91 image at a 48x32 target so that they stay small; that
     minimum is a user-facing guard for usable video, no part of upstream's arithmetic, so the parity
     tests lower it to the case's own sizes (for the calling test only).
     """
-    import livetalk_core.image as image
+    import livetalk_core.media.image as image
 
     sides = [*case.manifest["image"]["target_hw"], *case.manifest["image"].get("source_hw", [])]
     if min(sides) < image.MIN_SIDE:

@@ -19,7 +19,6 @@ import folder_paths
 import huggingface_hub
 import pytest
 import torch
-
 from nodes_in_comfyui_cases import PACKAGE, pack, run, tone  # noqa: F401  (pack is a fixture: it imports the pack)
 from tiny_weights import UMT5_WIDTH, save_module, save_tiny_wav2vec2, tiny_dit, tiny_s2v_dit, tiny_vae
 
@@ -38,7 +37,7 @@ def module(name: str):
 def lt(pack) -> SimpleNamespace:
     """The pack's modules these cases use."""
     names = ("nodes.loader", "nodes.encoders", "nodes.sampling", "nodes.comfy_models", "nodes.model_files",
-             "livetalk_core.errors", "livetalk_core.families", "livetalk_core.fp8_linear", "livetalk_core.s2v_checkpoint")
+             "livetalk_core.errors", "livetalk_core.families", "livetalk_core.wan.fp8_linear", "livetalk_core.family_base")
     return SimpleNamespace(**{name.split(".")[-1]: module(name) for name in names})
 
 
@@ -96,7 +95,7 @@ def hub(lt, tiny_files, monkeypatch) -> list[tuple[str, str, Path]]:
         return str(put(served[(repo_id, filename)], Path(local_dir) / filename))
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    monkeypatch.setattr(module("livetalk_core.weights"), "hub_unreachable_reason", lambda: None)  # it answers
+    monkeypatch.setattr(module("livetalk_core.media.weights"), "hub_unreachable_reason", lambda: None)  # it answers
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return calls
 
@@ -216,7 +215,7 @@ def test_a_failed_download_says_what_is_still_missing(lt, models, monkeypatch):
         raise ConnectionError("hub unreachable")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
-    monkeypatch.setattr(module("livetalk_core.weights"), "hub_unreachable_reason", lambda: None)  # it answers
+    monkeypatch.setattr(module("livetalk_core.media.weights"), "hub_unreachable_reason", lambda: None)  # it answers
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(lt.errors.MissingWeightsError) as error:
         load(lt, **with_download(LIVETALK_DOWNLOADS))
@@ -289,7 +288,7 @@ def test_a_partial_file_is_applied_over_its_base(lt, realvideo, models, tiny_fil
     model = load(lt, **realvideo, base_model_name="s2v_base.safetensors")[0]
     info = model.engine.checkpoint_info
     assert model.family is lt.families.REALVIDEO_14B
-    assert (info.kind, Path(info.base)) == (lt.s2v_checkpoint.PARTIAL,
+    assert (info.kind, Path(info.base)) == (lt.family_base.PARTIAL,
                                             models / "diffusion_models" / "s2v_base.safetensors")
     tuned = {k.removeprefix("model."): v for k, v in torch.load(tiny_files["partial"], weights_only=True)["generator"].items()}
     state = model.engine.state_dict()

@@ -16,7 +16,6 @@ import comfy.utils
 import folder_paths
 import pytest
 import torch
-
 from comfy_env import REPO, import_pack
 from tiny_weights import UMT5_WIDTH, save_module, save_tiny_wav2vec2, tiny_dit, tiny_s2v_dit, tiny_vae
 

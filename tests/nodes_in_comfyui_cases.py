@@ -18,7 +18,6 @@ import comfy.model_management as mm
 import folder_paths
 import pytest
 import torch
-
 from comfy_env import import_pack
 from tiny_weights import UMT5_WIDTH, save_module, save_tiny_wav2vec2, tiny_dit, tiny_s2v_dit, tiny_vae
 
@@ -31,8 +30,8 @@ def pack() -> SimpleNamespace:
     """The pack imported as ComfyUI imports it (a package from its folder), and the modules the tests use."""
     import_pack(PACKAGE)
     names = ("nodes.loader", "nodes.encoders", "nodes.sampling", "nodes.save_video", "nodes.pack_types",
-             "nodes.comfy_models", "livetalk_core.errors", "livetalk_core.vae",
-             "livetalk_core.video_io")
+             "nodes.comfy_models", "livetalk_core.errors", "livetalk_core.media.vae",
+             "livetalk_core.media.video_io")
     return SimpleNamespace(**{name.split(".")[-1]: importlib.import_module(f"{PACKAGE}.{name}") for name in names})
 
 

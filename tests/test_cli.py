@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from livetalk_core.video_io import read_video_info
+from livetalk_core.media.video_io import read_video_info
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,12 +70,12 @@ def test_ctrl_c_keeps_a_playable_partial_video(tmp_path):
 def test_same_seed_same_video_bit_identical(tmp_path):
     import torch
 
-    from livetalk_core.audio import load_audio, load_audio_encoder
-    from livetalk_core.image import load_image
-    from livetalk_core.livetalk_model import load_livetalk_dit
-    from livetalk_core.pipeline import LiveTalkPipeline
+    from livetalk_core.livetalk.model import load_livetalk_dit
+    from livetalk_core.livetalk.pipeline import LiveTalkPipeline
+    from livetalk_core.media.audio import load_audio, load_audio_encoder
+    from livetalk_core.media.image import load_image
+    from livetalk_core.media.vae import load_vae
     from livetalk_core.smoke import build_tiny_weights, load_context
-    from livetalk_core.vae import load_vae
 
     w = build_tiny_weights(tmp_path / "w")
     pipe = LiveTalkPipeline(load_livetalk_dit(w.dit, "fp32"), load_vae(w.vae, "fp32"), load_audio_encoder(w.wav2vec2, torch.float32))
@@ -88,7 +88,8 @@ def test_same_seed_same_video_bit_identical(tmp_path):
 def test_out_of_memory_gives_the_options(tmp_path, monkeypatch, capsys):
     import torch
 
-    from livetalk_core import cli, pipeline
+    from livetalk_core import cli
+    from livetalk_core.livetalk import pipeline
 
     def fake_oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
@@ -101,7 +102,8 @@ def test_out_of_memory_gives_the_options(tmp_path, monkeypatch, capsys):
 
 
 def test_fp8_matmul_option_runs_the_dit_in_fp8(tmp_path, monkeypatch):
-    from livetalk_core import cli, fp8_linear
+    from livetalk_core import cli
+    from livetalk_core.wan import fp8_linear
 
     converted = []
     real = fp8_linear.use_fp8_matmuls

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from livetalk_core.video_io import read_video_info
-from livetalk_core.weights import LIVETALK_FILES, TEXT_ENCODER_FILES
+from livetalk_core.media.video_io import read_video_info
+from livetalk_core.media.weights import LIVETALK_FILES, TEXT_ENCODER_FILES
 
 REPO = Path(__file__).resolve().parents[1]
 # Retries of huggingface_hub without a network took ~23 s before the message; the check takes well under 1 s.
@@ -75,7 +75,7 @@ def test_library_log_lines_are_printed_once():
     """The CLI's logging printed every huggingface_hub line twice (its own handler and the root's)."""
     code = ("from livetalk_core.cli import setup_logging; setup_logging(); import logging, huggingface_hub; "
             "logging.getLogger('huggingface_hub.utils._http').warning('a hub line'); "
-            "logging.getLogger('livetalk_core.weights').info('a pack line')")
+            "logging.getLogger('livetalk_core.media.weights').info('a pack line')")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.stderr.count("a hub line") == 1 and done.stderr.count("a pack line") == 1, done.stderr
 
@@ -103,7 +103,7 @@ def test_realvideo_smoke_leaves_no_folder(tmp_path):
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     out = tmp_path / "smoke.mp4"
-    done = run_module("livetalk_core.realvideo_cli", "--smoke", "--duration", "0.5", "--output", str(out),
+    done = run_module("livetalk_core.realvideo.cli", "--smoke", "--duration", "0.5", "--output", str(out),
                       env_extra={"TMPDIR": str(scratch)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert read_video_info(out)["frames"] > 0

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from livetalk_core import cli, realvideo_cli
+from livetalk_core import cli
+from livetalk_core.realvideo import cli as realvideo_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PORTRAIT = REPO / "assets" / "portrait.jpg"
@@ -33,11 +34,11 @@ def nothing_loads(monkeypatch):
 
     # Imported before the patch: a module first imported while it is on (the RealVideo CLI imports the
     # worker module inside run) would keep the refusing stand-in for good, and later tests would load with it.
-    importlib.import_module("livetalk_core.realvideo_worker")
+    importlib.import_module("livetalk_core.parallel.workers")
     monkeypatch.setattr(cli, "load_pipeline", refuse)
     monkeypatch.setattr(realvideo_cli, "_smoke_models", refuse)
-    monkeypatch.setattr("livetalk_core.s2v_model.load_s2v_dit", refuse)
-    monkeypatch.setattr("livetalk_core.sequence_parallel.init_from_env", refuse)
+    monkeypatch.setattr("livetalk_core.realvideo.model.load_s2v_dit", refuse)
+    monkeypatch.setattr("livetalk_core.parallel.sequence_parallel.init_from_env", refuse)
 
 
 @pytest.fixture()

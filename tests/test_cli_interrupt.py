@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from livetalk_core.video_io import read_video_info
+from livetalk_core.media.video_io import read_video_info
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def interrupt(proc: subprocess.Popen) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("module", ["livetalk_core", "livetalk_core.realvideo_cli"])
+@pytest.mark.parametrize("module", ["livetalk_core", "livetalk_core.realvideo.cli"])
 @pytest.mark.parametrize("after_s", [0.3, 1.5, 3.0])
 def test_ctrl_c_before_any_frame_says_nothing_was_written(tmp_path, module, after_s):
     """Within the first seconds: imports (torch), argument checks, the tiny models being built and loaded."""
@@ -48,7 +48,7 @@ def test_ctrl_c_before_any_frame_says_nothing_was_written(tmp_path, module, afte
     assert [p.name for p in tmp_path.iterdir()] == ([out.name] if out.exists() else [])
 
 
-@pytest.mark.parametrize("module", ["livetalk_core", "livetalk_core.realvideo_cli"])
+@pytest.mark.parametrize("module", ["livetalk_core", "livetalk_core.realvideo.cli"])
 def test_ctrl_c_while_generating_says_what_was_kept(tmp_path, module):
     out = tmp_path / "video.mp4"
     proc = start(module, out)

@@ -16,7 +16,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-
 from comfy_env import SHIPPED_1_3B_API, SHIPPED_14B_API, livetalk_server, with_tiny_text_encoder
 
 # Node ids are saved in every workflow: they never change. The names shown are words, as ComfyUI's own.

@@ -27,7 +27,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from comfy_env import PACK_DIR_NAME, REPO, free_port, livetalk_server, with_tiny_text_encoder
 
 # The UI-format workflows (an API-format file has no "nodes"): the only files that may be template cards.

@@ -2,12 +2,12 @@
 
 import torch
 
-from livetalk_core.compile import compile_blocks
-from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT
-from livetalk_core.noise import SeededNoise
+from livetalk_core.livetalk.model import LiveTalkConfig, LiveTalkDiT
+from livetalk_core.livetalk.sampler import sample_livetalk
 from livetalk_core.options import RuntimeOptions
-from livetalk_core.sampler import sample_livetalk
-from livetalk_core.wan_dit import WanCoreConfig
+from livetalk_core.runtime.compile import compile_blocks
+from livetalk_core.runtime.noise import SeededNoise
+from livetalk_core.wan.dit import WanCoreConfig
 
 
 def tiny_model() -> LiveTalkDiT:
@@ -40,12 +40,12 @@ def test_all_layers_share_one_compiled_graph_and_match_eager():
 
 
 def test_s2v_audio_injections_share_one_compiled_graph_and_match_eager():
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from test_realvideo import run_tiny
     from test_realvideo import tiny_model as tiny_s2v
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    from livetalk_core.realvideo_sampler import realvideo_schedule
-    from livetalk_core.s2v_model import inject_audio
+    from livetalk_core.realvideo.model import inject_audio
+    from livetalk_core.realvideo.sampler import realvideo_schedule
 
     model = tiny_s2v(num_layers=3, inject=(0, 1, 2))
     eager = torch.cat(run_tiny(model, schedule=realvideo_schedule(2)), 2)
@@ -74,8 +74,16 @@ def test_compiler_failure_falls_back_to_eager(monkeypatch, caplog):
 
 
 def test_vae_conv_steps_compiled_match_eager():
-    from livetalk_core.compile import compile_vae
-    from livetalk_core.vae import FRAMES_LAST, CausalConv3d, Upsample, VAEConfig, WanVAE, causal_conv_step, nearest_2x
+    from livetalk_core.media.vae import (
+        FRAMES_LAST,
+        CausalConv3d,
+        Upsample,
+        VAEConfig,
+        WanVAE,
+        causal_conv_step,
+        nearest_2x,
+    )
+    from livetalk_core.runtime.compile import compile_vae
 
     torch.manual_seed(0)
     vae = WanVAE(VAEConfig(dim=8)).eval().requires_grad_(False)
@@ -123,7 +131,7 @@ def test_tokens_reach_every_layer_contiguous():
     from test_realvideo import run_tiny
     from test_realvideo import tiny_model as tiny_s2v
 
-    from livetalk_core.realvideo_sampler import realvideo_schedule
+    from livetalk_core.realvideo.sampler import realvideo_schedule
 
     layouts = []
 

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from livetalk_core.kv_cache import CachePolicy, KVCache
-from livetalk_core.rope import apply_rotary, axis_rotations, axis_splits, compose_rotations, grid_rotations
-from livetalk_core.sampler import LIVETALK_CACHE
-from livetalk_core.scheduler import livetalk_schedule, warped_schedule
-from livetalk_core.wan_dit import sinusoidal_embedding
+from livetalk_core.livetalk.sampler import LIVETALK_CACHE
+from livetalk_core.runtime.scheduler import livetalk_schedule, warped_schedule
+from livetalk_core.wan.dit import sinusoidal_embedding
+from livetalk_core.wan.kv_cache import CachePolicy, KVCache
+from livetalk_core.wan.rope import apply_rotary, axis_rotations, axis_splits, compose_rotations, grid_rotations
 
 
 def test_livetalk_schedule_tables():

@@ -1,4 +1,4 @@
-"""The CUDA-graph replay's bookkeeping (livetalk_core/cuda_graphs.py), on the CPU.
+"""The CUDA-graph replay's bookkeeping (livetalk_core/runtime/cuda_graphs.py), on the CPU.
 
 ``RecordingGraph`` stands in for a CUDA graph: while capturing it records every aten op with the
 tensors it touched (by identity, as a graph keeps addresses) and the Python values it was given,
@@ -19,21 +19,21 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from test_realvideo import run_tiny, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 from torch.utils._pytree import tree_leaves
 
-import livetalk_core.realvideo_sampler as realvideo_sampler
-import livetalk_core.sampler as livetalk_sampler
-from livetalk_core.cuda_graphs import ForwardGraphs, eager_reason, outside_graph, session_graphs
-from livetalk_core.kv_cache import CachePolicy, KVCache
-from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT
-from livetalk_core.noise import SeededNoise
+import livetalk_core.livetalk.sampler as livetalk_sampler
+import livetalk_core.realvideo.sampler as realvideo_sampler
+from livetalk_core.livetalk.model import LiveTalkConfig, LiveTalkDiT
+from livetalk_core.livetalk.sampler import sample_livetalk
 from livetalk_core.options import RuntimeOptions
-from livetalk_core.realvideo_sampler import realvideo_schedule
-from livetalk_core.sampler import sample_livetalk
-from livetalk_core.sequence_parallel import SequenceParallel, attach
-from livetalk_core.wan_dit import WanCoreConfig
-from test_realvideo import run_tiny, tiny_model
+from livetalk_core.parallel.sequence_parallel import SequenceParallel, attach
+from livetalk_core.realvideo.sampler import realvideo_schedule
+from livetalk_core.runtime.cuda_graphs import ForwardGraphs, eager_reason, outside_graph, session_graphs
+from livetalk_core.runtime.noise import SeededNoise
+from livetalk_core.wan.dit import WanCoreConfig
+from livetalk_core.wan.kv_cache import CachePolicy, KVCache
 
 # The options of a compiled DiT with CUDA graphs, given to an eager one (a test seam: apply() would
 # compile it): the samplers' replay bookkeeping is the same, and the CPU tests stay fast.
@@ -65,7 +65,7 @@ class RecordingGraph(TorchDispatchMode):
 
 
 class RecordingMaker:
-    """A :class:`~livetalk_core.cuda_graphs.GraphMaker` of :class:`RecordingGraph`; ``fail_at``: the
+    """A :class:`~livetalk_core.runtime.cuda_graphs.GraphMaker` of :class:`RecordingGraph`; ``fail_at``: the
     number of the graph whose capture fails (an op that cannot be captured)."""
 
     def __init__(self, fail_at: int | None = None):
@@ -165,7 +165,8 @@ def test_a_failed_capture_warns_once_and_stays_eager(caplog, fail_at):
 
 
 def test_the_runtime_options_are_the_switch_and_both_clis_expose_it():
-    from livetalk_core import cli, realvideo_cli
+    from livetalk_core import cli
+    from livetalk_core.realvideo import cli as realvideo_cli
 
     def graphs(**options) -> bool:
         model = tiny_model()
@@ -241,11 +242,11 @@ def test_realvideo_replays_give_the_eager_latents(fake_session_graphs):
 
 def _replays_on_rank(rank: int, world: int, port: int) -> None:
     import torch.distributed as dist
-
-    from livetalk_core.realvideo_worker import sample_realvideo_parallel
-    from livetalk_core.sequence_parallel import SequenceParallel
     from test_sequence_parallel import sampler_inputs
     from test_sequence_parallel import tiny_model as three_layer_model
+
+    from livetalk_core.parallel.sequence_parallel import SequenceParallel
+    from livetalk_core.parallel.workers import sample_realvideo_parallel
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from livetalk_core.video_io import read_video_info
+from livetalk_core.media.video_io import read_video_info
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "scripts" / "demo.sh"

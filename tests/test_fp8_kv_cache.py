@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from golden import golden_cases, repo_case
-from livetalk_core.kv_cache import FP8_KV, KVCache
-from livetalk_core.livetalk_model import load_livetalk_dit
-from livetalk_core.noise import SeededNoise
-from livetalk_core.options import RuntimeOptions
-from livetalk_core.realvideo_sampler import REALVIDEO_CACHE, realvideo_schedule
-from livetalk_core.rope import grid_rotations
-from livetalk_core.sampler import LIVETALK_CACHE, sample_livetalk
-from livetalk_core.wan_dit import HEAD_DIM
 from test_realvideo import run_tiny, tiny_model
+
+from livetalk_core.livetalk.model import load_livetalk_dit
+from livetalk_core.livetalk.sampler import LIVETALK_CACHE, sample_livetalk
+from livetalk_core.options import RuntimeOptions
+from livetalk_core.realvideo.sampler import REALVIDEO_CACHE, realvideo_schedule
+from livetalk_core.runtime.noise import SeededNoise
+from livetalk_core.wan.dit import HEAD_DIM
+from livetalk_core.wan.kv_cache import FP8_KV, KVCache
+from livetalk_core.wan.rope import grid_rotations
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,7 +79,7 @@ def test_fp8_sink_rotation_tracks_the_exact_one():
 def test_the_workers_loader_sets_the_cache_storage(tmp_path):
     from safetensors.torch import save_file
 
-    from livetalk_core.realvideo_worker import load_realvideo_dit
+    from livetalk_core.parallel.workers import load_realvideo_dit
 
     save_file({k: v.contiguous() for k, v in tiny_model().state_dict().items()}, str(tmp_path / "dit.safetensors"))
     for fp8 in (False, True):

@@ -9,14 +9,14 @@ import logging
 import pytest
 import torch
 import torch.nn as nn
-
-from livetalk_core.errors import InputError
-from livetalk_core.fp8_linear import FP8, FP8Linear, FP8MatmulLinear, quantize, to_fp8_linear, use_fp8_matmuls
-from livetalk_core.realvideo_sampler import realvideo_schedule
-from livetalk_core.s2v_model import load_s2v_dit
 from test_compile import run as run_livetalk
 from test_compile import tiny_model as tiny_livetalk
 from test_realvideo import run_tiny, tiny_model
+
+from livetalk_core.errors import InputError
+from livetalk_core.realvideo.model import load_s2v_dit
+from livetalk_core.realvideo.sampler import realvideo_schedule
+from livetalk_core.wan.fp8_linear import FP8, FP8Linear, FP8MatmulLinear, quantize, to_fp8_linear, use_fp8_matmuls
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

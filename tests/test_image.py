@@ -6,10 +6,10 @@ import av
 import numpy as np
 import pytest
 import torch
-
 from fresh_process import last_printed_int
+
 from livetalk_core.errors import InputError
-from livetalk_core.image import cover_and_crop, load_image
+from livetalk_core.media.image import cover_and_crop, load_image
 
 
 def write_image(path: Path, pixels: np.ndarray, pix_fmt: str) -> None:
@@ -78,7 +78,7 @@ def test_batch_uses_the_first_image(caplog):
 
 def test_upstream_sized_inputs_are_not_pre_reduced():
     """A 2048 px source for 512 px (upstream's example) takes the exact path."""
-    import livetalk_core.image as image_module
+    import livetalk_core.media.image as image_module
 
     src = torch.randint(0, 256, (2048, 2048, 3), dtype=torch.uint8)
     exact = cover_and_crop(src, 512, 512)
@@ -93,7 +93,7 @@ def test_upstream_sized_inputs_are_not_pre_reduced():
 def test_8k_image_without_a_memory_spike():
     code = (
         "import resource, torch\n"
-        "from livetalk_core.image import cover_and_crop\n"
+        "from livetalk_core.media.image import cover_and_crop\n"
         "img = torch.randint(0, 256, (4320, 7680, 3), dtype=torch.uint8)\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "out = cover_and_crop(img, 512, 512)\n"

@@ -1,4 +1,4 @@
-"""EXIF orientation: an image file read by the CLIs (livetalk_core.image.load_image, used by both
+"""EXIF orientation: an image file read by the CLIs (livetalk_core.media.image.load_image, used by both
 families) comes out the way it is meant to be viewed, as ComfyUI's LoadImage shows it."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from livetalk_core.exif import read_orientation
-from livetalk_core.image import load_image
+from livetalk_core.media.exif import read_orientation
+from livetalk_core.media.image import load_image
 
 STORED_H, STORED_W = 48, 80  # a landscape image as the sensor stored it
 MARK = 32  # side of the white square in the stored image's top-left corner

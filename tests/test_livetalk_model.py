@@ -1,17 +1,16 @@
 """LiveTalk DiT loading (config from shapes, strict keys, clear errors) and pipeline frame arithmetic."""
 
-from pathlib import Path
 
 import pytest
 import torch
+from golden import case_ids, golden_cases, require_shared
 from safetensors.torch import save_file
 
-from golden import case_ids, golden_cases, require_shared
 from livetalk_core.errors import CheckpointError
-from livetalk_core.livetalk_model import LiveTalkConfig, LiveTalkDiT, load_livetalk_dit
-from livetalk_core.pipeline import fit_waveform, video_frames_for_duration
-from livetalk_core.audio import pad_waveform_to_blocks
-from livetalk_core.wan_dit import WanCoreConfig
+from livetalk_core.livetalk.model import LiveTalkConfig, LiveTalkDiT, load_livetalk_dit
+from livetalk_core.livetalk.pipeline import fit_waveform, video_frames_for_duration
+from livetalk_core.media.audio import pad_waveform_to_blocks
+from livetalk_core.wan.dit import WanCoreConfig
 
 CASES = [c for c in golden_cases("livetalk") if c.model == "livetalk"]
 
@@ -130,9 +129,9 @@ def test_fit_waveform_trims_and_pads():
 
 def test_sampling_runs_past_1024_latent_frames_with_a_fixed_cache():
     """Upstream's RoPE table stops at 1024 latent frames; the port keeps going with bounded memory."""
-    from livetalk_core.kv_cache import KVCache
-    from livetalk_core.noise import SeededNoise
-    from livetalk_core.sampler import sample_livetalk
+    from livetalk_core.livetalk.sampler import sample_livetalk
+    from livetalk_core.runtime.noise import SeededNoise
+    from livetalk_core.wan.kv_cache import KVCache
 
     torch.manual_seed(0)
     core = WanCoreConfig(dim=128, in_dim=33, out_dim=16, ffn_dim=32, num_layers=4, text_dim=16)

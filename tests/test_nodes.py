@@ -12,9 +12,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from comfy_env import REPO, import_pack
+from safetensors.torch import load_file
 from tiny_weights import (
     AUDIO_FEATURES,
     WAV2VEC2_HIDDEN,

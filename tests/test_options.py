@@ -7,19 +7,20 @@ import pickle
 
 import pytest
 import torch
-
-from livetalk_core import cli, realvideo_cli
-from livetalk_core.attention import available_backends
-from livetalk_core.compile import compile_blocks
-from livetalk_core.cuda_graphs import eager_reason
-from livetalk_core.errors import InputError
-from livetalk_core.fp8_linear import FP8MatmulLinear, use_fp8_matmuls
-from livetalk_core.kv_cache import EAGER_FP8, CachePolicy
-from livetalk_core.options import EAGER, MIN_PARALLEL_RANKS, RuntimeOptions, cli_flag, graphs_off_reason
-from livetalk_core.sequence_parallel import SequenceParallel, attach
 from test_compile import run as run_livetalk
 from test_compile import tiny_model as tiny_livetalk
 from test_realvideo import tiny_model as tiny_realvideo
+
+from livetalk_core import cli
+from livetalk_core.errors import InputError
+from livetalk_core.options import EAGER, MIN_PARALLEL_RANKS, RuntimeOptions, cli_flag, graphs_off_reason
+from livetalk_core.parallel.sequence_parallel import SequenceParallel, attach
+from livetalk_core.realvideo import cli as realvideo_cli
+from livetalk_core.runtime.compile import compile_blocks
+from livetalk_core.runtime.cuda_graphs import eager_reason
+from livetalk_core.wan.attention import available_backends
+from livetalk_core.wan.fp8_linear import FP8MatmulLinear, use_fp8_matmuls
+from livetalk_core.wan.kv_cache import EAGER_FP8, CachePolicy
 
 GPU = torch.device("cuda")  # a device name only: nothing here runs on it
 
@@ -145,7 +146,7 @@ def test_apply_gives_the_latents_of_the_plain_model():
 
 
 def test_apply_compiles_the_vae_where_the_vae_runs(monkeypatch):
-    import livetalk_core.compile as compile_module
+    import livetalk_core.runtime.compile as compile_module
 
     compiled = []
     monkeypatch.setattr(compile_module, "compile_vae", compiled.append)
@@ -179,7 +180,7 @@ def test_options_travel_to_the_workers():
 def test_the_workers_loader_applies_the_options(tmp_path):
     from safetensors.torch import save_file
 
-    from livetalk_core.realvideo_worker import load_realvideo_dit
+    from livetalk_core.parallel.workers import load_realvideo_dit
 
     save_file({k: v.contiguous() for k, v in tiny_realvideo().state_dict().items()}, str(tmp_path / "dit.safetensors"))
     options = RuntimeOptions(precision="fp32", attention="math", fp8_kv_cache=True, device="cuda:0")

@@ -1,10 +1,10 @@
 """Registry packaging facts that need no ComfyUI: pyproject equals requirements.txt, nothing extra."""
 
 import re
-import tomllib
 from importlib.metadata import requires
 from pathlib import Path
 
+import tomllib
 from comfy_env import require_comfyui
 
 REPO = Path(__file__).resolve().parents[1]

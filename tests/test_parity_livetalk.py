@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from golden import (
     GoldenCase,
     allow_case_image_sizes,
@@ -24,18 +23,19 @@ from golden import (
     require_shared_cases,
     tolerance,
 )
-from livetalk_core.audio import (
+
+from livetalk_core.livetalk.model import load_livetalk_dit
+from livetalk_core.livetalk.pipeline import LiveTalkPipeline
+from livetalk_core.media.audio import (
     livetalk_audio_features,
     load_audio_encoder,
     normalize_waveform,
     samples_for_latents,
     video_frames_for_latents,
 )
-from livetalk_core.image import cover_and_crop
-from livetalk_core.livetalk_model import load_livetalk_dit
-from livetalk_core.noise import ReplayNoise
-from livetalk_core.pipeline import LiveTalkPipeline
-from livetalk_core.vae import load_vae
+from livetalk_core.media.image import cover_and_crop
+from livetalk_core.media.vae import load_vae
+from livetalk_core.runtime.noise import ReplayNoise
 
 CASES = [c for c in golden_cases("livetalk") if c.model == "livetalk"]
 # The compact cases shipped in tests/golden/livetalk (every clone has them); the full-size public

@@ -3,12 +3,11 @@ unsafely (torch's own message suggests ``weights_only=False``)."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from livetalk_core.checkpoint import read_state_dict
 from livetalk_core.errors import CheckpointError
+from livetalk_core.media.checkpoint import read_state_dict
 
 
 class RunsCodeWhenLoaded:

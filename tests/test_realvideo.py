@@ -8,15 +8,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from golden import require_shared
 from safetensors.torch import save_file
 
-from golden import require_shared
 from livetalk_core.errors import CheckpointError, InputError
-from livetalk_core.kv_cache import KVCache
-from livetalk_core.noise import SeededNoise
-from livetalk_core.realvideo_audio import bucket_indices, split_segments
-from livetalk_core.realvideo_image import nearest_multiple, pil_bicubic_resize, plan_image, preprocess_reference
-from livetalk_core.realvideo_sampler import (
+from livetalk_core.realvideo.audio import bucket_indices, split_segments
+from livetalk_core.realvideo.image import nearest_multiple, pil_bicubic_resize, plan_image, preprocess_reference
+from livetalk_core.realvideo.model import (
+    RELEASE_INJECT_LAYERS,
+    S2VConfig,
+    S2VDiT,
+    load_s2v_dit,
+    shard_rotations,
+)
+from livetalk_core.realvideo.sampler import (
     REALVIDEO_CACHE,
     BlockPlan,
     pad_context,
@@ -24,15 +29,10 @@ from livetalk_core.realvideo_sampler import (
     realvideo_schedule,
     sample_realvideo,
 )
-from livetalk_core.rope import apply_rotary, grid_rotations
-from livetalk_core.s2v_model import (
-    RELEASE_INJECT_LAYERS,
-    S2VConfig,
-    S2VDiT,
-    load_s2v_dit,
-    shard_rotations,
-)
-from livetalk_core.wan_dit import HEAD_DIM, WanCoreConfig
+from livetalk_core.runtime.noise import SeededNoise
+from livetalk_core.wan.dit import HEAD_DIM, WanCoreConfig
+from livetalk_core.wan.kv_cache import KVCache
+from livetalk_core.wan.rope import apply_rotary, grid_rotations
 
 TEXT_DIM = 32
 AUDIO_DIM = 8

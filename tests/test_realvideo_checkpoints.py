@@ -9,13 +9,14 @@ import logging
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_realvideo import run_tiny, tiny_model
 
 from livetalk_core.errors import CheckpointError
-from livetalk_core.fp8_linear import FP8, FP8Linear, dequantize, quantize
-from livetalk_core.realvideo_sampler import realvideo_schedule
-from livetalk_core.s2v_checkpoint import COMPLETE, PARTIAL, SHARD_INDEX
-from livetalk_core.s2v_model import load_s2v_dit
-from test_realvideo import run_tiny, tiny_model
+from livetalk_core.family_base import COMPLETE, PARTIAL
+from livetalk_core.realvideo.checkpoint import SHARD_INDEX
+from livetalk_core.realvideo.model import load_s2v_dit
+from livetalk_core.realvideo.sampler import realvideo_schedule
+from livetalk_core.wan.fp8_linear import FP8, FP8Linear, dequantize, quantize
 
 INJECT = (0, 1)
 FINE_TUNED = ("blocks.1.", "audio_injector.injector.1.")

@@ -17,21 +17,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from golden import GoldenCase, assert_close, case_ids, golden_cases, names_from, require_shared_cases
-from livetalk_core.audio import load_audio_encoder
-from livetalk_core.noise import ReplayNoise
-from livetalk_core.realvideo_audio import (
+
+from livetalk_core.media.audio import load_audio_encoder
+from livetalk_core.media.vae import frames_to_uint8, load_vae
+from livetalk_core.realvideo.audio import (
     interpolate_to_30fps,
     realvideo_audio_features,
     segment_features,
     wav2vec_hidden_states,
 )
-from livetalk_core.realvideo_image import preprocess_reference
-from livetalk_core.realvideo_sampler import BlockPlan, sample_realvideo
-from livetalk_core.s2v_model import AUDIO_WARMUP_LATENTS, S2VDiT, load_s2v_dit
-from livetalk_core.scheduler import warped_schedule
-from livetalk_core.vae import frames_to_uint8, load_vae
+from livetalk_core.realvideo.image import preprocess_reference
+from livetalk_core.realvideo.model import AUDIO_WARMUP_LATENTS, S2VDiT, load_s2v_dit
+from livetalk_core.realvideo.sampler import BlockPlan, sample_realvideo
+from livetalk_core.runtime.noise import ReplayNoise
+from livetalk_core.runtime.scheduler import warped_schedule
 
 CASES = [c for c in golden_cases("realvideo") if c.model == "realvideo"]
 IDS = case_ids(CASES)

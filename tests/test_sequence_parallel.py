@@ -9,14 +9,11 @@ import os
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_realvideo import AUDIO_DIM, TEXT_DIM
+from test_realvideo import tiny_model as realvideo_tiny_model
 
 from livetalk_core.errors import InputError, LiveTalkError
-from livetalk_core.kv_cache import CachePolicy
-from livetalk_core.noise import SeededNoise
-from livetalk_core.realvideo_sampler import REALVIDEO_CACHE, FRAMES_PER_BLOCK, realvideo_schedule, sample_realvideo
-from livetalk_core.realvideo_worker import RealVideoWorkerGroup
-from livetalk_core.s2v_model import S2VDiT, load_s2v_dit
-from livetalk_core.sequence_parallel import (
+from livetalk_core.parallel.sequence_parallel import (
     LatentShard,
     SequenceParallel,
     ShardedNoise,
@@ -24,8 +21,11 @@ from livetalk_core.sequence_parallel import (
     check_cache_policy,
     pick_split_axis,
 )
-from test_realvideo import AUDIO_DIM, TEXT_DIM
-from test_realvideo import tiny_model as realvideo_tiny_model
+from livetalk_core.parallel.workers import RealVideoWorkerGroup
+from livetalk_core.realvideo.model import S2VDiT, load_s2v_dit
+from livetalk_core.realvideo.sampler import FRAMES_PER_BLOCK, REALVIDEO_CACHE, realvideo_schedule, sample_realvideo
+from livetalk_core.runtime.noise import SeededNoise
+from livetalk_core.wan.kv_cache import CachePolicy
 
 INJECT = (0, 2)
 
@@ -127,7 +127,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, caplog):
         again = list(group.generate(seed=3, **{**sampler_inputs((8, 4)), "num_blocks": 2}))
         assert len(again) == 2 and all(torch.equal(a, b) for a, b in zip(again, parallel))
         # closing the stream early stops the workers after their current block, not at the end
-        with caplog.at_level(logging.INFO, logger="livetalk_core.realvideo_worker"):
+        with caplog.at_level(logging.INFO, logger="livetalk_core.parallel.workers"):
             blocks = group.generate(seed=3, **{**sampler_inputs((8, 4)), "num_blocks": 500})
             next(blocks)
             blocks.close()
@@ -172,7 +172,7 @@ def test_a_worker_that_cannot_load_its_model_says_why(tmp_path):
 
 
 def test_cli_under_torchrun_equals_one_process(tmp_path):
-    """``torchrun --nproc_per_node=2 -m livetalk_core.realvideo_cli --smoke`` (gloo) writes the same
+    """``torchrun --nproc_per_node=2 -m livetalk_core.realvideo.cli --smoke`` (gloo) writes the same
     latents as the single-process CLI, and rank 0 alone writes the mp4."""
     import subprocess
     import sys
@@ -180,14 +180,14 @@ def test_cli_under_torchrun_equals_one_process(tmp_path):
 
     from safetensors.torch import load_file
 
-    from livetalk_core.realvideo_cli import main
+    from livetalk_core.realvideo.cli import main
 
     assert main(["--smoke", "--duration", "1", "--output", str(tmp_path / "one.mp4"),
                  "--latents-out", str(tmp_path / "one.safetensors")]) == 0
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-         "livetalk_core.realvideo_cli", "--smoke", "--duration", "1", "--output", str(tmp_path / "two.mp4"),
+         "livetalk_core.realvideo.cli", "--smoke", "--duration", "1", "--output", str(tmp_path / "two.mp4"),
          "--latents-out", str(tmp_path / "two.safetensors")],
         cwd=repo, capture_output=True, text=True, timeout=300,
     )

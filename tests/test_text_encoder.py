@@ -9,12 +9,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden import (
+    GoldenCase,
+    assert_close,
+    case_ids,
+    golden_cases,
+    names_from,
+    repo_case,
+    require_shared_cases,
+    tolerance,
+)
 from safetensors.torch import save_file
 
-from golden import GoldenCase, assert_close, case_ids, golden_cases, names_from, repo_case, require_shared_cases, tolerance
-from livetalk_core.checkpoint import read_state_dict
 from livetalk_core.errors import CheckpointError, InputError, MissingWeightsError
-from livetalk_core.text_encoder import (
+from livetalk_core.media.checkpoint import read_state_dict
+from livetalk_core.media.text_encoder import (
     HF_BLOCK_KEYS,
     HF_TOP_KEYS,
     UMT5Config,

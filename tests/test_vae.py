@@ -1,4 +1,4 @@
-"""livetalk_core.vae: golden parity, streaming, config inference, loading.
+"""livetalk_core.media.vae: golden parity, streaming, config inference, loading.
 
 Small random VAEs are built on the fly; the golden cases bring their own VAE files.
 """
@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from golden import assert_close, assert_frames_close, case_ids, golden_cases, names_from, require_shared_cases, tolerance
+from golden import (
+    assert_close,
+    assert_frames_close,
+    case_ids,
+    golden_cases,
+    names_from,
+    require_shared_cases,
+    tolerance,
+)
 from safetensors.torch import save_file
 
 from livetalk_core.errors import CheckpointError, InputError
-from livetalk_core.vae import VAEConfig, WanVAE, frames_to_uint8, load_vae, nearest_2x
+from livetalk_core.media.vae import VAEConfig, WanVAE, frames_to_uint8, load_vae, nearest_2x
 
 CASES = [case for case in golden_cases("livetalk") if case.model == "livetalk"]
 

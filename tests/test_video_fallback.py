@@ -11,7 +11,7 @@ import pytest
 
 from livetalk_core import cli
 from livetalk_core.errors import LiveTalkError
-from livetalk_core.video_io import VideoWriter, read_video_info
+from livetalk_core.media.video_io import VideoWriter, read_video_info
 
 
 def frames(count: int) -> np.ndarray:

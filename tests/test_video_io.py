@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from livetalk_core.errors import InputError
-from livetalk_core.video_io import VideoWriter, read_video_info
+from livetalk_core.media.video_io import VideoWriter, read_video_info
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 FPS = 16

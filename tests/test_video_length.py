@@ -1,6 +1,6 @@
 """A video as long as its audio, to the frame, for both families (issue 16).
 
-The rule (``livetalk_core.audio.video_frames_for_samples``): D seconds of audio give
+The rule (``livetalk_core.media.audio.video_frames_for_samples``): D seconds of audio give
 ``floor(16 D) + 1`` frames, one at every 1/16 s instant from 0 through the end of the audio, so the
 mp4's video lasts ``(D, D + 1/16]``: never shorter than the audio (no speech is cut when the audio
 is muxed), at most one frame longer. ``--duration`` takes the place of D.
@@ -24,18 +24,18 @@ import av
 import numpy as np
 import pytest
 import torch
-
-from livetalk_core.audio import SAMPLE_RATE, VIDEO_FPS, samples_for_duration
-from livetalk_core.decode_stream import decode_blocks
-from livetalk_core.errors import InputError
-from livetalk_core.noise import SeededNoise
-from livetalk_core.pipeline import fit_waveform, livetalk_video_length
-from livetalk_core.realvideo_audio import split_segments
-from livetalk_core.realvideo_sampler import latent_frames, plan_blocks, realvideo_video_length, sample_realvideo
-from livetalk_core.s2v_model import S2VConfig, S2VDiT
-from livetalk_core.video_io import VideoWriter
-from livetalk_core.wan_dit import HEAD_DIM, WanCoreConfig
 from tiny_weights import tiny_vae
+
+from livetalk_core.errors import InputError
+from livetalk_core.livetalk.pipeline import fit_waveform, livetalk_video_length
+from livetalk_core.media.audio import SAMPLE_RATE, VIDEO_FPS, samples_for_duration
+from livetalk_core.media.video_io import VideoWriter
+from livetalk_core.realvideo.audio import split_segments
+from livetalk_core.realvideo.model import S2VConfig, S2VDiT
+from livetalk_core.realvideo.sampler import latent_frames, plan_blocks, realvideo_video_length, sample_realvideo
+from livetalk_core.runtime.decode_stream import decode_blocks
+from livetalk_core.runtime.noise import SeededNoise
+from livetalk_core.wan.dit import HEAD_DIM, WanCoreConfig
 
 REPO = Path(__file__).resolve().parents[1]
 LIVETALK_SECONDS = [0.1, 0.5, 1.0, 2.3, 3.0, 5.0, 5.97, 7.3]
@@ -191,7 +191,7 @@ def write_wav(path: Path, seconds: float) -> Path:
     return path
 
 
-CLI_MODULES = {"livetalk": "livetalk_core", "realvideo": "livetalk_core.realvideo_cli"}
+CLI_MODULES = {"livetalk": "livetalk_core", "realvideo": "livetalk_core.realvideo.cli"}
 
 
 def run_cli(family: str, *args: str) -> subprocess.CompletedProcess:

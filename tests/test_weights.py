@@ -1,4 +1,4 @@
-"""Fetching weight files (livetalk_core.weights) with a fake hub: the CLI's <repo>/<file> layout, a
+"""Fetching weight files (livetalk_core.media.weights) with a fake hub: the CLI's <repo>/<file> layout, a
 file renamed on the way (the ComfyUI folders), and downloads turned off."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 
-from livetalk_core import weights
 from livetalk_core.errors import MissingWeightsError
-from livetalk_core.weights import WeightFile, ensure_files, fetch_files
+from livetalk_core.media import weights
+from livetalk_core.media.weights import WeightFile, ensure_files, fetch_files
 
 FILE = WeightFile("Org/Repo", "split_files/vae/vae.safetensors", "vae")
 

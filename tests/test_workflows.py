@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from comfy_env import PACK_DIR_NAME, REPO, livetalk_server
 
 UI_DIR = REPO / "workflows"

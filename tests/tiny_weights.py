@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from livetalk_core.livetalk_model import LATENT_CHANNELS, LiveTalkConfig, LiveTalkDiT
-from livetalk_core.s2v_model import RELEASE_INJECT_LAYERS, S2VConfig, S2VDiT
-from livetalk_core.vae import VAEConfig, WanVAE
-from livetalk_core.wan_dit import HEAD_DIM, WanCoreConfig
+from livetalk_core.livetalk.model import LATENT_CHANNELS, LiveTalkConfig, LiveTalkDiT
+from livetalk_core.media.vae import VAEConfig, WanVAE
+from livetalk_core.realvideo.model import RELEASE_INJECT_LAYERS, S2VConfig, S2VDiT
+from livetalk_core.wan.dit import HEAD_DIM, WanCoreConfig
 
 WAV2VEC2_HIDDEN = 64
 WAV2VEC2_LAYERS = 2

@@ -53,8 +53,8 @@ class ToyDiT(torch.nn.Module):
 
 
 def _modules(package: str) -> SimpleNamespace:
-    names = ("family_base", "audio", "pipeline", "image")
-    core = SimpleNamespace(**{n: importlib.import_module(f"{package}.livetalk_core.{n}") for n in names})
+    names = ("family_base", "media.audio", "livetalk.pipeline", "media.image")
+    core = SimpleNamespace(**{n.split(".")[-1]: importlib.import_module(f"{package}.livetalk_core.{n}") for n in names})
     core.options = importlib.import_module(f"{package}.livetalk_core.options")
     return core
 

@@ -9,7 +9,6 @@ import importlib
 
 import pytest
 import torch
-
 from nodes_in_comfyui_cases import PACKAGE, comfy_folders, load, model_files, pack, run, tone  # noqa: F401
 from tiny_weights import AUDIO_FEATURES, UMT5_WIDTH, save_module
 from toy_family import tiny_toy_dit, toy_family

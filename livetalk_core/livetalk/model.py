@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .checkpoint import check_keys, check_state_dict, read_state_dict, resolve_dtype, strip_prefix
-from .cuda_graphs import ForwardGraphs
-from .errors import CheckpointError
-from .kv_cache import KVCache
-from .rope import grid_rotations
-from .wan_dit import HEAD_DIM, WanCoreConfig, WanDiTCore
+from ..errors import CheckpointError
+from ..media.checkpoint import check_keys, check_state_dict, read_state_dict, resolve_dtype, strip_prefix
+from ..runtime.cuda_graphs import ForwardGraphs
+from ..wan.dit import HEAD_DIM, WanCoreConfig, WanDiTCore
+from ..wan.kv_cache import KVCache
+from ..wan.rope import grid_rotations
 
 LATENT_CHANNELS = 16
 VIDEO_FRAMES_PER_LATENT = 4

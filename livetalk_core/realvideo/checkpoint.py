@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import guess_model_family, read_state_dict, strip_prefix
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from ..family_base import COMPLETE, PARTIAL
+from ..media.checkpoint import guess_model_family, read_state_dict, strip_prefix
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ FP8_EXTRA_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
 FP8_MARKERS = ("scaled_fp8",)
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
-COMPLETE, PARTIAL = "complete", "partial fine-tune over a base checkpoint"
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import CheckpointError, InputError, MissingWeightsError
 from .checkpoint import check_state_dict, guess_model_family, read_state_dict, resolve_dtype
-from .errors import CheckpointError, InputError, MissingWeightsError
 
 MODEL_NAME = "umT5-XXL text encoder"
 FILE_HINT = (

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CheckpointError, InputError
 from .checkpoint import check_state_dict, read_state_dict, resolve_dtype, strip_prefix
-from .errors import CheckpointError, InputError
 
 # Per-channel statistics of Wan2.1 latents (Wan's published constants, not stored in the checkpoint).
 WAN21_LATENT_MEAN = (

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention import attention
+from ..errors import CheckpointError, InputError, MissingWeightsError
+from ..wan.attention import attention
 from .checkpoint import check_state_dict, guess_model_family, read_state_dict, strip_prefix
-from .errors import CheckpointError, InputError, MissingWeightsError
 
 if TYPE_CHECKING:
     from transformers import Wav2Vec2Config, Wav2Vec2Model

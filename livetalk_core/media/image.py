@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from ..errors import InputError
 from .exif import apply_orientation, read_orientation
 
 log = logging.getLogger(__name__)

@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .cuda_graphs import session_graphs
-from .kv_cache import CachePolicy
-from .livetalk_model import LATENT_CHANNELS, LiveTalkDiT
-from .noise import NoiseSource, to_device
-from .scheduler import StepSchedule, livetalk_schedule
+from ..runtime.cuda_graphs import session_graphs
+from ..runtime.noise import NoiseSource, to_device
+from ..runtime.scheduler import StepSchedule, livetalk_schedule
+from ..wan.kv_cache import CachePolicy
+from .model import LATENT_CHANNELS, LiveTalkDiT
 
 StepHook = Callable[[int, int, torch.Tensor], None]
 """Called with (block, step, x0) after every denoising step; used by parity tests and previews."""

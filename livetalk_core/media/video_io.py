@@ -37,8 +37,9 @@ import contextlib
 import logging
 import math
 import os
-import tempfile
+import shutil
 import signal
+import tempfile
 import threading
 import uuid
 from fractions import Fraction
@@ -46,13 +47,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Callable, Iterator, NoReturn, Union
 
-import shutil
-
 import av
 import numpy as np
 import torch
 
-from .errors import InputError, LiveTalkError
+from ..errors import InputError, LiveTalkError
 
 log = logging.getLogger(__name__)
 

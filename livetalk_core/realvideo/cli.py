@@ -2,13 +2,13 @@
 
 One GPU::
 
-    python -m livetalk_core.realvideo_cli --dit model.pt --base Wan2.2-S2V-14B/ --vae Wan2.1_VAE.pth \\
+    python -m livetalk_core.realvideo.cli --dit model.pt --base Wan2.2-S2V-14B/ --vae Wan2.1_VAE.pth \\
         --wav2vec2 wav2vec2-large-xlsr-53-english/ --contexts prompts.safetensors \\
         --image face.jpg --audio speech.wav --output out.mp4
 
 Several GPUs (Ulysses sequence parallelism, one process per GPU; same video as one GPU)::
 
-    torchrun --standalone --nproc_per_node=2 -m livetalk_core.realvideo_cli ...same arguments...
+    torchrun --standalone --nproc_per_node=2 -m livetalk_core.realvideo.cli ...same arguments...
 
 Every rank loads the full DiT; rank 0 prepares the inputs (image, audio, prompts), broadcasts
 them, decodes the blocks with the VAE and writes the mp4. ``--contexts`` is a safetensors file with
@@ -21,7 +21,7 @@ under torchrun) to check an installation or a launch.
 from __future__ import annotations
 
 if __name__ == "__main__":  # Ctrl-C while torch imports: one line, no traceback (see interrupts.py)
-    from .interrupts import exit_quietly_while_starting
+    from ..interrupts import exit_quietly_while_starting
 
     exit_quietly_while_starting()
 
@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import sequence_parallel
-from .audio import VIDEO_FPS
-from .cli import add_input_arguments, exit_code, setup_logging
-from .cli_checks import check_duration, check_output
-from .errors import InputError
-from .interrupts import exit_process, ready
-from .options import RuntimeOptions, cli_flag
+from ..cli import add_input_arguments, exit_code, setup_logging
+from ..cli_checks import check_duration, check_output
+from ..errors import InputError
+from ..interrupts import exit_process, ready
+from ..media.audio import VIDEO_FPS
+from ..options import RuntimeOptions, cli_flag
+from ..parallel import sequence_parallel
 
 SMOKE_AREA = 128 * 64
 log = logging.getLogger("livetalk.realvideo")
@@ -98,9 +98,9 @@ def _smoke_models(dtype: torch.dtype, device: torch.device):
 def _smoke_models_in(folder: Path, dtype: torch.dtype, device: torch.device):
     from safetensors.torch import save_file
 
-    from .s2v_model import S2VConfig, S2VDiT, load_s2v_dit
-    from .vae import VAEConfig, WanVAE
-    from .wan_dit import HEAD_DIM, WanCoreConfig
+    from ..media.vae import VAEConfig, WanVAE
+    from ..wan.dit import HEAD_DIM, WanCoreConfig
+    from .model import S2VConfig, S2VDiT, load_s2v_dit
 
     torch.manual_seed(0)
     core = WanCoreConfig(dim=2 * HEAD_DIM, in_dim=16, out_dim=16, ffn_dim=64, num_layers=2, text_dim=32)
@@ -141,8 +141,8 @@ def _contexts(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
         return saved["idle"], saved["talking"]
     if args.text_encoder is None or args.tokenizer is None:
         raise InputError("Give --contexts, or --text-encoder and --tokenizer to compute the two prompt embeddings.")
-    from .realvideo_family import REALVIDEO_IDLE_PROMPT, REALVIDEO_TALKING_PROMPT
-    from .text_encoder import encode_prompt, load_text_encoder, release_text_encoder
+    from ..media.text_encoder import encode_prompt, load_text_encoder, release_text_encoder
+    from .family import REALVIDEO_IDLE_PROMPT, REALVIDEO_TALKING_PROMPT
 
     encoder = load_text_encoder(args.text_encoder, dtype=dtype, device=device)
     prompts = (REALVIDEO_IDLE_PROMPT, REALVIDEO_TALKING_PROMPT)
@@ -160,10 +160,10 @@ MODEL_FILE_OPTIONS = ("dit", "base", "dit_config", "vae", "wav2vec2", "contexts"
 def check_arguments(args: argparse.Namespace) -> RuntimeOptions:
     """Every argument checked, and the image and audio read once, before any model loads (InputError
     otherwise); returns the run's runtime options (on the CPU until :func:`run` knows its device)."""
-    from .audio import load_audio
-    from .image import load_image
-    from .realvideo_image import DEFAULT_AREA, plan_image
-    from .realvideo_sampler import realvideo_video_length
+    from ..media.audio import load_audio
+    from ..media.image import load_image
+    from .image import DEFAULT_AREA, plan_image
+    from .sampler import realvideo_video_length
 
     check_duration(args.duration)
     runtime = runtime_options(args)
@@ -204,27 +204,27 @@ def _check_model_files(args: argparse.Namespace) -> None:
 
 def prepare_inputs(args: argparse.Namespace, vae, device: torch.device, dtype: torch.dtype) -> dict:
     """Reference latent, prompt embeddings, per-segment audio features and the waveform (rank 0)."""
-    from .audio import load_audio
-    from .image import load_image
-    from .realvideo_image import DEFAULT_AREA, preprocess_reference
+    from ..media.audio import load_audio
+    from ..media.image import load_image
+    from .image import DEFAULT_AREA, preprocess_reference
 
     pixels, plan = preprocess_reference(load_image(args.image), SMOKE_AREA if args.smoke else DEFAULT_AREA, device)
     log.info("reference image -> %dx%d (W x H)", pixels.shape[-1], pixels.shape[-2])
     ref_latent = vae.encode(pixels.to(device, dtype).unsqueeze(2)).to(dtype).cpu()
     waveform = load_audio(args.audio)
     if args.duration is not None:  # the video stops at --duration: no features for the audio past it
-        from .realvideo_sampler import realvideo_video_length
+        from .sampler import realvideo_video_length
 
         waveform = waveform[: realvideo_video_length(waveform.numel(), args.duration).num_samples]
     if args.smoke:
-        from .realvideo_audio import split_segments
+        from .audio import split_segments
 
         generator = torch.Generator().manual_seed(0)
         features = [torch.randn(1, 25, 8, s.numel() // 1000, generator=generator) for s in split_segments(waveform)]
         idle, talking = torch.randn(2, 1, 16, 32, generator=generator)
     else:
-        from .audio import load_audio_encoder
-        from .realvideo_audio import realvideo_audio_features
+        from ..media.audio import load_audio_encoder
+        from .audio import realvideo_audio_features
 
         encoder = load_audio_encoder(args.wav2vec2, torch.float32, device)
         features = [f.cpu() for f in realvideo_audio_features(encoder, waveform.to(device), dtype)]
@@ -234,10 +234,10 @@ def prepare_inputs(args: argparse.Namespace, vae, device: torch.device, dtype: t
 
 
 def run(args: argparse.Namespace) -> Path | None:
-    from .noise import SeededNoise
-    from .realvideo_sampler import realvideo_schedule, realvideo_video_length
-    from .realvideo_worker import sample_realvideo_parallel
-    from .vae import load_vae
+    from ..media.vae import load_vae
+    from ..parallel.workers import sample_realvideo_parallel
+    from ..runtime.noise import SeededNoise
+    from .sampler import realvideo_schedule, realvideo_video_length
 
     runtime = check_arguments(args)
     sp = sequence_parallel.init_from_env("gloo" if args.smoke else None)
@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> Path | None:
     if args.smoke:
         dit, vae = _smoke_models(dtype, device)
     else:
-        from .s2v_model import load_s2v_dit
+        from .model import load_s2v_dit
 
         missing = [name for name in ("dit", "vae", "wav2vec2") if getattr(args, name) is None]
         if missing:
@@ -287,8 +287,8 @@ def _write(args: argparse.Namespace, blocks, vae, waveform: torch.Tensor, num_vi
     its frames, up to ``num_video_frames``, into the mp4 (rank 0)."""
     from safetensors.torch import save_file
 
-    from .decode_stream import decode_blocks
-    from .video_io import VideoWriter
+    from ..media.video_io import VideoWriter
+    from ..runtime.decode_stream import decode_blocks
 
     latents = []
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import InputError
-from .image import to_float_image
+from ..errors import InputError
+from ..media.image import to_float_image
 
 DEFAULT_AREA = 512 * 512
 SIDE_MULTIPLE = 64

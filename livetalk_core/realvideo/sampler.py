@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import sequence_parallel
-from .audio import (
+from ..errors import InputError
+from ..livetalk.sampler import StepHook, denoise_block
+from ..media.audio import (
     SAMPLE_RATE,
     VIDEO_FPS,
     VideoLength,
@@ -36,15 +37,14 @@ from .audio import (
     video_frames_for_latents,
     video_frames_for_samples,
 )
-from .cuda_graphs import session_graphs
-from .errors import InputError
-from .kv_cache import CachePolicy
-from .noise import NoiseSource, to_device
-from .rope import grid_rotations
-from .s2v_model import LATENT_CHANNELS, AudioTokens, S2VDiT
-from .sampler import StepHook, denoise_block
-from .scheduler import StepSchedule, warped_schedule
-from .wan_dit import HEAD_DIM
+from ..parallel import sequence_parallel
+from ..runtime.cuda_graphs import session_graphs
+from ..runtime.noise import NoiseSource, to_device
+from ..runtime.scheduler import StepSchedule, warped_schedule
+from ..wan.dit import HEAD_DIM
+from ..wan.kv_cache import CachePolicy
+from ..wan.rope import grid_rotations
+from .model import LATENT_CHANNELS, AudioTokens, S2VDiT
 
 FRAMES_PER_BLOCK = 2
 VIDEO_FRAMES_PER_LATENT = 4

@@ -10,14 +10,14 @@ from typing import Any
 
 import torch
 
-from .audio import CoversVideoLength, VideoLength
-from .family_base import ModelFamily, RemoteSampler, Shapes, StepHook, find_tensor, text_context
-from .kv_cache import CachePolicy
-from .noise import SeededNoise
-from .realvideo_audio import realvideo_audio_features
-from .realvideo_image import preprocess_reference
-from .realvideo_sampler import realvideo_schedule, realvideo_video_length, sample_realvideo
-from .s2v_model import S2VDiT, load_s2v_dit, s2v_checkpoint_kind
+from ..family_base import ModelFamily, RemoteSampler, Shapes, StepHook, find_tensor, text_context
+from ..media.audio import CoversVideoLength, VideoLength
+from ..runtime.noise import SeededNoise
+from ..wan.kv_cache import CachePolicy
+from .audio import realvideo_audio_features
+from .image import preprocess_reference
+from .model import S2VDiT, load_s2v_dit, s2v_checkpoint_kind
+from .sampler import realvideo_schedule, realvideo_video_length, sample_realvideo
 
 WAV2VEC2_LARGE_HINT = (
     "wav2vec2_large_english_fp16.safetensors (Comfy-Org/Wan_2.2_ComfyUI_Repackaged, split_files/audio_encoders) "

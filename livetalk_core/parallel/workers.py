@@ -44,21 +44,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import LiveTalkError
+from ..options import RuntimeOptions
+from ..realvideo.model import S2VDiT, load_s2v_dit
+from ..realvideo.sampler import FRAMES_PER_BLOCK, REALVIDEO_CACHE, sample_realvideo
+from ..runtime.noise import NoiseSource, SeededNoise
+from ..wan.dit import WanCoreConfig
 from . import sequence_parallel
-from .errors import LiveTalkError
-from .noise import NoiseSource, SeededNoise
-from .options import RuntimeOptions
-from .realvideo_sampler import FRAMES_PER_BLOCK, REALVIDEO_CACHE, sample_realvideo
-from .s2v_model import S2VDiT, load_s2v_dit
 from .sequence_parallel import LatentShard, SequenceParallel, ShardedNoise, pick_split_axis
-from .wan_dit import WanCoreConfig
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
 STOP_SECONDS = 10.0  # how long close() waits for a worker to exit before killing it
 FAILURE_GRACE_SECONDS = 1.0  # after one worker fails, how long to listen for the others' reasons
-WORKER_PACKAGE = Path(__file__).resolve().parent.name  # the name a worker imports the engine by
-_ENGINE_ROOT = Path(__file__).resolve().parents[1]
+_ENGINE_DIR = Path(__file__).resolve().parents[1]
+WORKER_PACKAGE = _ENGINE_DIR.name  # the name a worker imports the engine by
+_ENGINE_ROOT = _ENGINE_DIR.parent
+_ENGINE_PACKAGE = __package__.rpartition(".")[0]  # the name this process imported the engine by
 _BOOTSTRAP = (
     "import importlib, pickle, sys\n"
     "setup = pickle.load(sys.stdin.buffer)\n"
@@ -144,12 +146,12 @@ class _EnginePickler(pickle.Pickler):
         self.target = target
 
     def _renamed(self, module: str) -> str | None:
-        if module == __package__ or module.startswith(__package__ + "."):
-            return self.target + module[len(__package__):]
+        if module == _ENGINE_PACKAGE or module.startswith(_ENGINE_PACKAGE + "."):
+            return self.target + module[len(_ENGINE_PACKAGE):]
         return None
 
     def reducer_override(self, obj: Any) -> Any:
-        if self.target == __package__:
+        if self.target == _ENGINE_PACKAGE:
             return NotImplemented
         if isinstance(obj, types.ModuleType):
             renamed = self._renamed(obj.__name__)
@@ -302,8 +304,8 @@ def _start_worker(rank: int, devices: list[str], port: int, load_model: bytes) -
     parent_end, child_end = Pipe()
     setup = dict(
         sys_path=[str(_ENGINE_ROOT), *sys.path],
-        module=f"{WORKER_PACKAGE}.realvideo_worker",
-        parent_package=__package__,
+        module=f"{WORKER_PACKAGE}{__name__[len(_ENGINE_PACKAGE):]}",
+        parent_package=_ENGINE_PACKAGE,
         rank=rank,
         devices=devices,
         port=port,

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import InputError
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import MissingWeightsError
+from ..errors import MissingWeightsError
 
 # Seconds to wait for the hub to answer before a download is started (see ensure_files).
 HUB_PROBE_TIMEOUT_S = 5.0

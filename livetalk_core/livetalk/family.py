@@ -11,15 +11,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .audio import VideoLength
-from .family_base import ModelFamily, Shapes, StepHook, find_tensor, text_context
-from .image import check_target_size, cover_and_crop, to_float_image
-from .kv_cache import CachePolicy
-from .livetalk_model import VIDEO_FRAMES_PER_LATENT, LiveTalkDiT, load_livetalk_dit
-from .noise import SeededNoise
+from ..family_base import ModelFamily, Shapes, StepHook, find_tensor, text_context
+from ..media.audio import VideoLength
+from ..media.image import check_target_size, cover_and_crop, to_float_image
+from ..runtime.noise import SeededNoise
+from ..runtime.scheduler import livetalk_schedule
+from ..wan.kv_cache import CachePolicy
+from .model import VIDEO_FRAMES_PER_LATENT, LiveTalkDiT, load_livetalk_dit
 from .pipeline import AudioConditioning, encode_audio, livetalk_video_length
 from .sampler import sample_livetalk
-from .scheduler import livetalk_schedule
 
 WAV2VEC2_BASE_HINT = "wav2vec2-base-960h (facebook/wav2vec2-base-960h, as a folder or a single .safetensors)"
 

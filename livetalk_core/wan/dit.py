@@ -17,13 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..options import EAGER
 from .attention import attention
 from .kv_cache import EAGER_FP8, CachePolicy, KVCache
-from .options import EAGER
 from .rope import apply_rotary
 
 if TYPE_CHECKING:
-    from .sequence_parallel import SequenceParallel
+    from ..parallel.sequence_parallel import SequenceParallel
 
 HEAD_DIM = 128
 
@@ -304,6 +304,12 @@ class WanDiTCore(nn.Module):
         """Whether the samplers may replay forwards as CUDA graphs (:func:`~.cuda_graphs.eager_reason`
         adds what the session decides: cache, GPU, ranks)."""
         return self.runtime.graphs_asked
+
+    @property
+    def parallel_ranks(self) -> int:
+        """How many ranks share each attention (:mod:`..parallel.sequence_parallel`); 1 on one GPU."""
+        sp = self.blocks[0].self_attn.sp
+        return 1 if sp is None else sp.world_size
 
     @property
     def dtype(self) -> torch.dtype:

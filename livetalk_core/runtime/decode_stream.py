@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .vae import StreamDecoder, WanVAE, frames_to_uint8
+from ..media.vae import StreamDecoder, WanVAE, frames_to_uint8
 
 SAMPLING_STREAM_PRIORITY = -1
 """CUDA priority of the DiT's stream while a decode overlaps it (lower is more urgent; the decode's

@@ -17,9 +17,9 @@ import logging
 
 import torch
 
-from .kv_cache import FP8Codec, dequantize_fp8, quantize_fp8
-from .vae import CausalConv3d, Upsample, WanVAE, causal_conv_step, nearest_2x
-from .wan_dit import WanDiTCore
+from ..media.vae import CausalConv3d, Upsample, WanVAE, causal_conv_step, nearest_2x
+from ..wan.dit import WanDiTCore
+from ..wan.kv_cache import FP8Codec, dequantize_fp8, quantize_fp8
 
 log = logging.getLogger(__name__)
 

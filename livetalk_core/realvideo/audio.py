@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audio import SAMPLE_RATE, AudioEncoder, cnn_frames, hidden_states, normalize_waveform
-from .errors import InputError
+from ..errors import InputError
+from ..media.audio import SAMPLE_RATE, AudioEncoder, cnn_frames, hidden_states, normalize_waveform
 
 SEGMENT_SECONDS = 5
 SEGMENT_SAMPLES = SEGMENT_SECONDS * SAMPLE_RATE

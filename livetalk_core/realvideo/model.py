@@ -29,12 +29,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import check_keys, check_state_dict, resolve_dtype, strip_prefix
-from .cuda_graphs import ForwardGraphs
-from .errors import CheckpointError
-from .kv_cache import KVCache
-from .rope import grid_rotations
-from .wan_dit import HEAD_DIM, CrossAttention, WanCoreConfig, WanDiTCore
+from ..errors import CheckpointError
+from ..media.checkpoint import check_keys, check_state_dict, resolve_dtype, strip_prefix
+from ..runtime.cuda_graphs import ForwardGraphs
+from ..wan.dit import HEAD_DIM, CrossAttention, WanCoreConfig, WanDiTCore
+from ..wan.kv_cache import KVCache
+from ..wan.rope import grid_rotations
 
 LATENT_CHANNELS = 16
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
@@ -490,7 +490,7 @@ def s2v_checkpoint_kind(shapes: Mapping[str, Sequence[int]]) -> str | None:
     """What a checkpoint is from its tensor names and shapes alone (a safetensors header): COMPLETE,
     PARTIAL (a fine-tune that needs a base) or None (no S2V DiT), as :func:`load_s2v_dit` would find
     it (:mod:`.s2v_checkpoint`). The release's audio-injector layers are assumed."""
-    from .s2v_checkpoint import checkpoint_kind, split_fp8_scales
+    from .checkpoint import checkpoint_kind, split_fp8_scales
 
     meta = {k: torch.empty(tuple(shape), device="meta") for k, shape in shapes.items()}
     state, _ = split_fp8_scales(strip_prefix(meta, CHECKPOINT_PREFIXES))
@@ -521,8 +521,8 @@ def load_s2v_dit(
     without fp8 tensor cores they stay fp8 weights). ``audio_inject_layers`` is only needed for non-release depths (see
     :meth:`S2VConfig.from_state_dict`).
     """
-    from .fp8_linear import FP8, dequantize, quantize, to_fp8_linear, use_fp8_matmuls
-    from .s2v_checkpoint import read_s2v_checkpoint
+    from ..wan.fp8_linear import FP8, dequantize, quantize, to_fp8_linear, use_fp8_matmuls
+    from .checkpoint import read_s2v_checkpoint
 
     dtype = resolve_dtype(dtype)
     sd, scales, info = read_s2v_checkpoint(

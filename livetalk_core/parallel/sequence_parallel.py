@@ -34,10 +34,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import cuda_graphs
-from .errors import InputError
-from .kv_cache import CachePolicy
-from .noise import NoiseSource
+from ..errors import InputError
+from ..runtime import cuda_graphs
+from ..runtime.noise import NoiseSource
+from ..wan.kv_cache import CachePolicy
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,8 @@ from typing import Any, Protocol
 
 import torch
 
-from . import sequence_parallel
-from .kv_cache import KVCache
-from .options import graphs_off_reason
+from ..options import graphs_off_reason
+from ..wan.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
@@ -228,10 +227,8 @@ class ForwardGraphs:
 def eager_reason(model: torch.nn.Module, cache: KVCache) -> str | None:
     """Why a session of ``model`` with ``cache`` runs kernel by kernel, or None to use graphs
     (:func:`~.options.graphs_off_reason`, from the model's options and this session's cache and group)."""
-    sp = sequence_parallel.attached(model)
     return graphs_off_reason(asked=model.cuda_graphs, fp8_kv_cache=cache.fp8,
-                             on_gpu=cache.keys[0].device.type == "cuda",
-                             parallel_ranks=1 if sp is None else sp.world_size)
+                             on_gpu=cache.keys[0].device.type == "cuda", parallel_ranks=model.parallel_ranks)
 
 
 def session_graphs(model: torch.nn.Module, cache: KVCache, forwards_per_block: int) -> ForwardGraphs | None:

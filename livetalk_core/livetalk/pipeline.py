@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audio import (
+from ..errors import InputError
+from ..media.audio import (
     SAMPLE_RATE,
     AudioEncoder,
     CoversVideoLength,
@@ -38,13 +39,12 @@ from .audio import (
     video_frames_for_latents,
     video_frames_for_samples,
 )
-from .decode_stream import decode_blocks
-from .errors import InputError
-from .image import cover_and_crop
-from .livetalk_model import LiveTalkDiT
-from .noise import NoiseSource, SeededNoise
+from ..media.image import cover_and_crop
+from ..media.vae import WanVAE
+from ..runtime.decode_stream import decode_blocks
+from ..runtime.noise import NoiseSource, SeededNoise
+from .model import LiveTalkDiT
 from .sampler import LIVETALK_FRAMES_PER_BLOCK, StepHook, sample_livetalk
-from .vae import WanVAE
 
 MIN_AUDIO_SECONDS = 0.05
 

@@ -1,0 +1,1 @@
+"""Sequence parallelism over several GPUs and the worker processes that run it."""

@@ -1,0 +1,1 @@
+"""How a DiT runs: schedules, noise, the denoising loop, compile, CUDA graphs, streaming decode."""
