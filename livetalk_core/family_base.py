@@ -13,18 +13,27 @@ arguments and callbacks.
 
 from __future__ import annotations
 
+import argparse
 import os
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
 from .errors import InputError
+from .media.audio import samples_for_duration
+from .media.weights import WeightFile
+from .runtime.denoise import StepHook
+from .runtime.live_stream import LiveStream, LiveWindow
 from .wan.kv_cache import CachePolicy
 
+if TYPE_CHECKING:
+    from .parallel.sequence_parallel import SequenceParallel
+    from .smoke import TinyWeights
+
 Shapes = Mapping[str, tuple[int, ...]]
-# Called between model forwards with (block, step, x0); ComfyUI's interrupt check raises from it.
-StepHook = Callable[[int, int, torch.Tensor], None]
 
 # umT5 output length the Wan DiTs were trained with: the prompt, then zero rows.
 # What a DiT file holds (ModelFamily.checkpoint_kind): a whole model, or a fine-tune applied over a base.
@@ -60,6 +69,15 @@ def text_context(conditioning: list, text_dim: int, tokens: int = TEXT_CONTEXT_T
         )
     context = cond[:1, :tokens].float()
     return torch.nn.functional.pad(context, (0, 0, 0, tokens - context.shape[1]))
+
+
+def fit_waveform(waveform: torch.Tensor, duration: float | None) -> torch.Tensor:
+    """Trim or pad (with silence) ``[N]`` 16 kHz audio to ``duration`` seconds (None: keep as is);
+    refuses a duration that is not a positive number of seconds."""
+    if duration is None:
+        return waveform
+    samples = samples_for_duration(duration)
+    return F.pad(waveform, (0, samples - waveform.shape[0])) if samples > waveform.shape[0] else waveform[:samples]
 
 
 @runtime_checkable
@@ -145,3 +163,55 @@ class ModelFamily:
         checked when this is called, not when the first block is asked for; closing the iterator
         frees the KV cache."""
         raise NotImplementedError
+
+    # --- the command line (livetalk_core/cli.py) ---------------------------------------------------
+    # talking_prompt: the prompt a video is sampled under (--prompt replaces it); idle_prompt: the one
+    # a prefill runs under (None: none). default_steps / step_counts: the steps per block by default /
+    # all it samples with (None: any). default_cache_policy: the KV cache asked for (None: its own).
+    # reference_is_first_latent: block 0's first latent frame is the reference latent, decoded before
+    # sampling. weight_files: its release files by role (dit, vae, wav2vec2), fetched into --models-dir
+    # for a role not given. smoke_size: the --size of its tiny random model (--smoke).
+    talking_prompt: ClassVar[str]
+    idle_prompt: ClassVar[str | None] = None
+    default_steps: ClassVar[int] = 4
+    step_counts: ClassVar[tuple[int, ...] | None] = None
+    default_cache_policy: ClassVar[CachePolicy | None] = None
+    reference_is_first_latent: ClassVar[bool] = False
+    weight_files: ClassVar[tuple[WeightFile, ...]] = ()
+    smoke_size: ClassVar[str] = "64"
+
+    @property
+    def cli_name(self) -> str:
+        """The word ``--model`` takes for this family: its name's first word, in lower case."""
+        return self.name.split()[0].lower()
+
+    def add_cli_arguments(self, group: argparse._ArgumentGroup) -> None:
+        """Declare the command-line flags only this family has (none by default)."""
+
+    def cli_load_options(self, dit: Path, args: argparse.Namespace) -> dict[str, Any]:
+        """:meth:`load`'s keyword arguments that come from this family's own flags, for the DiT ``dit``."""
+        return {}
+
+    def encode_audio_for_duration(self, dit: Any, encoder: Any, waveform: torch.Tensor,
+                                  output_device: torch.device | str, duration: float | None) -> Any:
+        """:meth:`encode_audio` for a video of ``duration`` seconds (None: the audio's length): the
+        audio trimmed to it, or padded with silence past its end."""
+        return self.encode_audio(dit, encoder, fit_waveform(waveform, duration), output_device)
+
+    def smoke_weights(self, folder: Path) -> TinyWeights:
+        """Tiny random weights written into ``folder``, for ``--smoke``."""
+        raise InputError(f"{self.name} has no tiny random weights for --smoke: give its model files instead.")
+
+    def parallel_sampler(self, dit: Any, sp: SequenceParallel) -> RemoteSampler:
+        """``dit`` sampling this rank's share of every block over the torchrun group ``sp`` (every rank
+        gets the whole blocks); only for a family that ``supports_sequence_parallel``."""
+        raise NotImplementedError
+
+    # --- live mode (livetalk_core/live/session.py) ---------------------------------------------------
+    def open_live_stream(self, dit: Any, encoder: Any, *, conditioning: list, idle_conditioning: list | None,
+                         reference: torch.Tensor, seed: int, steps: int | None, window: LiveWindow) -> LiveStream:
+        """A live stream over the loaded ``dit`` and audio ``encoder``: blocks sampled one at a time
+        from the audio that has arrived for each (:class:`~.runtime.live_stream.LiveStream`);
+        ``reference`` is the VAE latent of :meth:`reference_pixels`, ``steps`` None: the family's
+        choice for real time."""
+        raise InputError(f"{self.name} has no live mode.")

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import InputError
+from ..family_base import fit_waveform
 from ..media.audio import (
     SAMPLE_RATE,
     AudioEncoder,
@@ -42,9 +42,10 @@ from ..media.audio import (
 from ..media.image import cover_and_crop
 from ..media.vae import WanVAE
 from ..runtime.decode_stream import decode_blocks
+from ..runtime.denoise import StepHook
 from ..runtime.noise import NoiseSource, SeededNoise
 from .model import LiveTalkDiT
-from .sampler import LIVETALK_FRAMES_PER_BLOCK, StepHook, sample_livetalk
+from .sampler import LIVETALK_FRAMES_PER_BLOCK, sample_livetalk
 
 MIN_AUDIO_SECONDS = 0.05
 
@@ -90,15 +91,6 @@ def video_frames_for_duration(seconds: float) -> int:
     """Frames at times 0, 1/16, ... up to ``seconds``: ``floor(16 * seconds) + 1`` (see
     :func:`~.audio.video_frames_for_samples`)."""
     return video_frames_for_samples(samples_for_duration(seconds))
-
-
-def fit_waveform(waveform: torch.Tensor, duration: float | None) -> torch.Tensor:
-    """Trim or pad (with silence) ``[N]`` 16 kHz audio to ``duration`` seconds (None: keep as is);
-    refuses a duration that is not a positive number of seconds."""
-    if duration is None:
-        return waveform
-    samples = samples_for_duration(duration)
-    return F.pad(waveform, (0, samples - waveform.shape[0])) if samples > waveform.shape[0] else waveform[:samples]
 
 
 def check_audio_encoder(dit: LiveTalkDiT, audio_encoder: AudioEncoder) -> None:

@@ -22,13 +22,12 @@ One session (upstream ``StreamCausalInferencePipeline`` driven as spec §2.6 des
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import InputError
-from ..livetalk.sampler import StepHook, denoise_block
 from ..media.audio import (
     SAMPLE_RATE,
     VIDEO_FPS,
@@ -39,6 +38,7 @@ from ..media.audio import (
 )
 from ..parallel import sequence_parallel
 from ..runtime.cuda_graphs import session_graphs
+from ..runtime.denoise import StepHook, denoise_block
 from ..runtime.noise import NoiseSource, to_device
 from ..runtime.scheduler import StepSchedule, warped_schedule
 from ..wan.dit import HEAD_DIM
@@ -153,6 +153,13 @@ def _check_audio(audio_features: Sequence[torch.Tensor], layers: int, width: int
             )
 
 
+def _check_plan_entry(entry: BlockPlan, audio_features: Sequence[torch.Tensor]) -> None:
+    if not (0 <= entry.segment < len(audio_features)) or not (
+        0 <= entry.audio_ptr <= latent_frames(audio_features[entry.segment]) - FRAMES_PER_BLOCK
+    ):
+        raise InputError(f"Block plan entry {entry} does not fit the {len(audio_features)} audio segment(s) given.")
+
+
 @torch.no_grad()
 def sample_realvideo(
     model: S2VDiT,
@@ -162,7 +169,7 @@ def sample_realvideo(
     talking_context: torch.Tensor,
     audio_features: Sequence[torch.Tensor],
     noise: NoiseSource,
-    plan: Sequence[BlockPlan] | None = None,
+    plan: Iterable[BlockPlan] | None = None,
     num_blocks: int | None = None,
     schedule: StepSchedule | None = None,
     on_step: StepHook | None = None,
@@ -178,6 +185,8 @@ def sample_realvideo(
         noise: initial draws are requested as ``[1, 2, 16, h, w]`` and re-noise draws as
             ``[2, 16, h, w]`` (upstream's layouts, so recorded noise replays as is).
         plan: per-block conditioning; default :func:`plan_blocks` over the segments (``num_blocks``).
+            A live session passes an endless iterator, read when each block starts, and
+            ``audio_features`` that grow meanwhile (each entry checked when its block starts).
         schedule: default :func:`realvideo_schedule` (4 steps).
         grid_offset: (h, w) patch offset of this latent shard under sequence parallelism.
     Yields:
@@ -188,12 +197,11 @@ def sample_realvideo(
     _check_reference(ref_latent, core.patch_size)
     _check_audio(audio_features, model.s2v_config.audio_layers, model.s2v_config.audio_dim)
     schedule = schedule or realvideo_schedule()
-    plan = list(plan) if plan is not None else plan_blocks([latent_frames(f) for f in audio_features], num_blocks)
-    for b in plan:
-        if not (0 <= b.segment < len(audio_features)) or not (
-            0 <= b.audio_ptr <= latent_frames(audio_features[b.segment]) - FRAMES_PER_BLOCK
-        ):
-            raise InputError(f"Block plan entry {b} does not fit the {len(audio_features)} audio segment(s) given.")
+    if plan is None:
+        plan = plan_blocks([latent_frames(f) for f in audio_features], num_blocks)
+    plan_length = len(plan) if isinstance(plan, Sequence) else None  # None: endless (live)
+    for b in plan if plan_length is not None else ():
+        _check_plan_entry(b, audio_features)
     device, dtype = model.device, model.dtype
     _, _, _, h, w = ref_latent.shape
     # Under sequence parallelism each rank caches every token of its share of the heads.
@@ -213,6 +221,8 @@ def sample_realvideo(
     drift = grid_rotations(torch.tensor([1]), 1, 1, HEAD_DIM).to(device)
     model.prefill(ref_latent.to(device), context_kv[False], cache, REFERENCE_ROPE_POSITION, grid_offset)
     for block, entry in enumerate(plan):
+        if plan_length is None:
+            _check_plan_entry(entry, audio_features)
         start = REALVIDEO_CACHE.sink_frames + FRAMES_PER_BLOCK * block
         if entry.segment not in audio:
             audio = {entry.segment: model.encode_audio(audio_features[entry.segment])}
@@ -238,5 +248,5 @@ def sample_realvideo(
             x0_from_timestep=True,
         )
         yield x0
-        if block + 1 < len(plan):
+        if plan_length is None or block + 1 < plan_length:
             predict(x0, torch.zeros((), device=device), compute_output=False)

@@ -4,7 +4,7 @@ Each :class:`~.wan_dit.WanBlock` runs :meth:`attention_inputs` (norm, modulation
 RoPE) and :meth:`attention_outputs` (output projection, gates, cross-attention, FFN) as plain tensor
 functions; the KV-cache write, the sequence-parallel exchange and the attention kernel stay eager
 between them. A model variant may add regions of its own (the 14B's audio injection,
-:meth:`~.wan_dit.WanDiTCore.compile_regions`). All layers share one compiled graph per function
+:meth:`~..wan.dit.WanDiTCore.compile_regions`). All layers share one compiled graph per function
 (parameters are graph inputs), so compiling takes seconds, not minutes, and the cache's per-block
 slot mapping never recompiles it.
 Most of what it removes is the element-wise traffic of the eager loop (about 40 % of the DiT's GPU
@@ -14,12 +14,15 @@ time, see docs/performance.md).
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..media.vae import CausalConv3d, Upsample, WanVAE, causal_conv_step, nearest_2x
-from ..wan.dit import WanDiTCore
 from ..wan.kv_cache import FP8Codec, dequantize_fp8, quantize_fp8
+
+if TYPE_CHECKING:  # annotations only: the DiT imports the options, which import this module to compile it
+    from ..wan.dit import WanDiTCore
 
 log = logging.getLogger(__name__)
 
