@@ -1,0 +1,205 @@
+"""A live conversation with one avatar: audio in as it arrives, video blocks out.
+
+:class:`LiveSession` drives a model family's :class:`~..runtime.live_stream.LiveStream` block after
+block. Block ``k`` is made from its *tile* of the timeline (``LiveBlock.audio``): the session waits
+until the audio its features read (the tile, plus the look-ahead) has arrived, or until the deadline
+it is given, and fills what is missing with silence, so the video never stops. Each block's latents
+go through the shared streaming VAE decoder, block 0 one latent frame at a time as the offline
+decoder (:func:`~..runtime.decode_stream.decode_blocks`) does, so a session fed a whole clip makes the
+offline video's frames. The reference frame is there before any block.
+
+:func:`open_session` takes loaded models (the ComfyUI node, the CLI); :func:`open_smoke_session` tiny
+random ones on the CPU (``live --smoke`` and the tests). :class:`~.clock.LiveClock` runs a session
+in real time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..family_base import ModelFamily
+from ..media.audio import SAMPLE_RATE, VIDEO_FPS
+from ..media.vae import WanVAE, frames_to_uint8
+from ..runtime.live_stream import LiveStream, LiveWindow
+from .features import AudioTimeline
+
+DEFAULT_CONTEXT_S = 2.0
+"""Seconds of past audio each block's features see (docs/live.md, "Streaming audio features")."""
+DEFAULT_LOOKAHEAD_S = 0.0
+"""Seconds of audio past a block's tile its features see; the session waits for them (latency)."""
+
+
+@dataclass
+class LiveBlock:
+    """One block of a live session: its frames and the audio they were made from, on the session's
+    timeline (frame ``f`` at ``f / fps`` s, sample ``s`` at ``s / sample_rate`` s)."""
+
+    index: int
+    first_frame: int
+    frames: np.ndarray  # uint8 [n, H, W, 3]
+    audio: np.ndarray  # float32 [m]: the block's tile, silence included
+    audio_start: int
+    speech_samples: int  # pushed samples in ``audio`` (they come first; the rest is silence)
+    generated_s: float
+
+
+def seconds_to_samples(seconds: float) -> int:
+    return round(seconds * SAMPLE_RATE)
+
+
+class LiveSession:
+    """One live conversation with one avatar (see the module doc). ``push_audio`` may be called from
+    any thread; ``next_block`` from one thread at a time; ``close`` frees the KV cache."""
+
+    fps = VIDEO_FPS
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, family: ModelFamily, stream: LiveStream, vae: WanVAE, reference_pixels: torch.Tensor,
+                 *, owned: tuple[Any, ...] = ()) -> None:
+        """``reference_pixels`` ``[1, 3, 1, H, W]`` in [-1, 1]; ``owned``: models the session frees on close."""
+        self.family, self._stream, self._vae = family, stream, vae
+        self._reference = frames_to_uint8(reference_pixels.float().cpu())[0].numpy()
+        self.height, self.width = self._reference.shape[:2]
+        geometry = stream.geometry
+        self.first_block_frames, self.block_frames = geometry.first_block_frames, geometry.block_frames
+        self.block_samples = geometry.block_samples
+        self._timeline = AudioTimeline()
+        self._decoder = vae.stream_decoder()
+        self._owned = owned
+        self._index = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # --- what a server shows ---------------------------------------------------------------------
+    def reference_frame(self) -> np.ndarray:
+        """The reference image as the model sees it, uint8 ``[H, W, 3]`` (shown before any block)."""
+        return self._reference
+
+    @property
+    def blocks_made(self) -> int:
+        return self._index
+
+    def next_tile(self) -> tuple[int, int]:
+        """The timeline samples ``[start, end)`` the next block is made from."""
+        return self._stream.geometry.tile(self._index)
+
+    def audio_needed(self) -> int:
+        """The timeline sample the pushed audio must reach before the next block can be made
+        (its tile and look-ahead)."""
+        return max(self.next_tile()[1], self._stream.window(self._index)[1])
+
+    @property
+    def audio_end(self) -> int:
+        """Where the pushed audio ends on the timeline."""
+        return self._timeline.end
+
+    @property
+    def last_push(self) -> float | None:
+        """``time.monotonic()`` of the newest ``push_audio``."""
+        return self._timeline.last_push
+
+    # --- the session ---------------------------------------------------------------------------
+    def push_audio(self, samples: np.ndarray) -> None:
+        """Mono float32 samples at 16 kHz in [-1, 1], any length; thread-safe."""
+        self._timeline.push(samples)
+
+    def next_block(self, *, wait_until: float | None = None) -> LiveBlock:
+        """Make the next block. Waits until its audio has arrived or ``time.monotonic()`` reaches
+        ``wait_until`` (None: no wait), then fills what is missing with silence."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the live session is closed")
+            if wait_until is not None:
+                self._timeline.wait_for(self.audio_needed(), wait_until)
+            return self._make_block()
+
+    @torch.no_grad()
+    def _make_block(self) -> LiveBlock:
+        began = time.perf_counter()
+        index, geometry = self._index, self._stream.geometry
+        tile_start, tile_end = geometry.tile(index)
+        window, audio, speech = self._timeline.use_tile((tile_start, tile_end), self._stream.window(index))
+        latents = self._stream.sample(index, torch.from_numpy(window), silent=speech == 0)
+        frames = self._decode(latents, first=index == 0)
+        self._index += 1
+        next_start = self._stream.window(self._index)[0]
+        self._timeline.forget_before(min(next_start, geometry.tile(self._index)[0]))
+        return LiveBlock(index=index, first_frame=geometry.first_frame(index), frames=frames, audio=audio,
+                         audio_start=tile_start, speech_samples=speech, generated_s=time.perf_counter() - began)
+
+    def _decode(self, latents: torch.Tensor, first: bool) -> np.ndarray:
+        """The block's frames through the streaming decoder; block 0 one latent frame at a time, as
+        the offline decoder does (the same kernels, so the same frames)."""
+        pieces = latents.split(1, dim=2) if first else (latents,)
+        vae = self._vae
+        frames = [frames_to_uint8(self._decoder.decode(piece.to(vae.device, vae.dtype))).cpu() for piece in pieces]
+        return torch.cat(frames).numpy()
+
+    def close(self) -> None:
+        """Free the KV cache, the decoder's state and the models the session owns; idempotent."""
+        self._timeline.close()  # wakes a next_block waiting for audio
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._stream.close()
+            self._decoder = None
+            self._owned = ()
+
+    def __enter__(self) -> LiveSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def as_conditioning(text: Any) -> list | None:
+    """A text encoding as ComfyUI's CONDITIONING carries it: a tensor ``[1, L, D]`` is wrapped."""
+    if isinstance(text, torch.Tensor):
+        return [[text if text.ndim == 3 else text[None], {}]]
+    return text
+
+
+@torch.no_grad()
+def open_session(family: ModelFamily, *, dit: Any, vae: WanVAE, audio_encoder: Any, text: Any, idle_text: Any = None,
+                 reference_image: torch.Tensor | np.ndarray, width: int, height: int, seed: int = 0,
+                 steps: int | None = None, device: torch.device | str | None = None,
+                 context_s: float = DEFAULT_CONTEXT_S, lookahead_s: float = DEFAULT_LOOKAHEAD_S,
+                 owned: tuple[Any, ...] = ()) -> LiveSession:
+    """A live session over loaded models. ``text`` / ``idle_text``: the prompt's encoding (ComfyUI
+    CONDITIONING or a tensor ``[1, L, D]``), the idle one used for silent blocks where the family
+    has one. ``reference_image`` ``[H, W, 3]`` (uint8, or float in [0, 1]); ``width`` x ``height``
+    as the family reads them (:meth:`~..family_base.ModelFamily.reference_pixels`, centre crop).
+    ``device``: where the reference is prepared (default: the VAE's)."""
+    image = torch.as_tensor(np.asarray(reference_image)) if not isinstance(reference_image, torch.Tensor) \
+        else reference_image
+    pixels = family.reference_pixels(image, width, height, "center", device or vae.device)
+    reference = vae.encode(pixels.to(vae.device, vae.dtype))
+    window = LiveWindow(seconds_to_samples(context_s), seconds_to_samples(lookahead_s))
+    stream = family.open_live_stream(dit, audio_encoder, conditioning=as_conditioning(text),
+                                     idle_conditioning=as_conditioning(idle_text), reference=reference, seed=seed,
+                                     steps=steps, window=window)
+    return LiveSession(family, stream, vae, pixels, owned=owned)
+
+
+def open_smoke_session(family_name: str = "livetalk", *, width: int | None = None, height: int | None = None,
+                       seed: int = 0, reference_image: torch.Tensor | np.ndarray | None = None,
+                       context_s: float = DEFAULT_CONTEXT_S, lookahead_s: float = DEFAULT_LOOKAHEAD_S) -> LiveSession:
+    """A live session over tiny random models on the CPU (``live --smoke``, the tests): the video is
+    noise, the whole path is real. ``family_name``: "livetalk" or "realvideo"."""
+    from .smoke import smoke_models
+
+    models = smoke_models(family_name)
+    image = models.reference if reference_image is None else reference_image
+    return open_session(
+        models.family, dit=models.dit, vae=models.vae, audio_encoder=models.encoder, text=models.text,
+        idle_text=models.idle_text, reference_image=image, width=width or models.width,
+        height=height or models.height, seed=seed, context_s=context_s, lookahead_s=lookahead_s,
+        owned=(models,),
+    )

@@ -1,0 +1,97 @@
+"""LiveTalk 1.3B live: each block's audio features from a bounded window of past audio, fed block by
+block into the same sampling loop as the offline path (:func:`~.sampler.sample_livetalk`).
+
+Offline, wav2vec2 runs over the whole clip and its CNN frames are interpolated to the video frames
+(frame ``f`` at sample ``1000 f``). Live, the same function runs over a window ending at the
+block's last sample plus the look-ahead, starting ``context_samples`` before its tile (never before
+the session's first sample): the window's features, frame for frame on the same grid, are those of
+a clip that starts and ends there. The DiT's audio embedding of a latent frame reads only its own 4
+video frames (frame 0 repeated for latent 0), so a block's embedding is computed from its own
+frames and, after block 0, the frame before them, whose latent is dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..media.audio import AudioEncoder, livetalk_audio_features, video_frames_for_latents
+from ..runtime.live_stream import FRAME_SAMPLES, LiveGeometry, LiveWindow
+from ..runtime.noise import SeededNoise
+from ..runtime.scheduler import livetalk_schedule
+from .model import VIDEO_FRAMES_PER_LATENT, LiveTalkDiT
+from .pipeline import check_audio_encoder
+from .sampler import LIVETALK_CACHE, LIVETALK_FRAMES_PER_BLOCK, sample_livetalk
+
+FIRST_BLOCK_FRAMES = video_frames_for_latents(LIVETALK_FRAMES_PER_BLOCK)  # 9: latent 0 is one frame
+BLOCK_FRAMES = VIDEO_FRAMES_PER_LATENT * LIVETALK_FRAMES_PER_BLOCK  # 12
+LIVETALK_LIVE_GEOMETRY = LiveGeometry(
+    first_block_frames=FIRST_BLOCK_FRAMES,
+    block_frames=BLOCK_FRAMES,
+    first_block_samples=FIRST_BLOCK_FRAMES * FRAME_SAMPLES,
+    block_samples=BLOCK_FRAMES * FRAME_SAMPLES,
+)
+
+
+def _whole_frames(samples: int) -> int:
+    return -(-samples // FRAME_SAMPLES)
+
+
+def block_window(block: int, window: LiveWindow) -> tuple[int, int]:
+    """Timeline samples ``[start, end)`` block ``block``'s features read: whole frames from
+    ``context`` before its tile (and the frame before it) to ``lookahead`` past it, from sample 0 on."""
+    tile_start, tile_end = LIVETALK_LIVE_GEOMETRY.tile(block)
+    first = max(0, tile_start // FRAME_SAMPLES - (block > 0) - _whole_frames(window.context_samples))
+    last = tile_end // FRAME_SAMPLES + _whole_frames(window.lookahead_samples)
+    return first * FRAME_SAMPLES, last * FRAME_SAMPLES
+
+
+def block_embeds(dit: LiveTalkDiT, encoder: AudioEncoder, block: int, audio: torch.Tensor,
+                 window: LiveWindow) -> torch.Tensor:
+    """The DiT's audio terms ``[1, P, 3, C]`` for block ``block`` from its window's audio ``[N]``
+    (:func:`block_window`): features for the window's frames, then the block's own frames embedded."""
+    start, end = block_window(block, window)
+    if audio.numel() != end - start:
+        raise ValueError(f"block {block}'s window holds {end - start} samples, got {audio.numel()}")
+    features = livetalk_audio_features(encoder, audio.to(encoder.device), (end - start) // FRAME_SAMPLES + 1)
+    first = LIVETALK_LIVE_GEOMETRY.first_frame(block) - (block > 0)  # one frame before: latent grouping
+    frames = (LIVETALK_LIVE_GEOMETRY.first_block_frames if block == 0 else BLOCK_FRAMES + 1)
+    offset = first - start // FRAME_SAMPLES
+    embeds = dit.embed_audio(features[:, offset : offset + frames].to(dit.device))
+    return embeds if block == 0 else embeds[:, :, 1:]
+
+
+class LiveTalkStream:
+    """LiveTalk's :class:`~.runtime.live_stream.LiveStream`: one prompt throughout (a silent block is
+    sampled from silence; LiveTalk has no idle prompt)."""
+
+    geometry = LIVETALK_LIVE_GEOMETRY
+
+    def __init__(self, dit: LiveTalkDiT, encoder: AudioEncoder, *, context: torch.Tensor, reference: torch.Tensor,
+                 seed: int, steps: int | None, window: LiveWindow) -> None:
+        check_audio_encoder(dit, encoder)
+        self.dit, self.encoder, self.live_window = dit, encoder, window
+        self._embeds: torch.Tensor | None = None
+        schedule = livetalk_schedule() if steps is None else livetalk_schedule(steps)
+        self._blocks = sample_livetalk(
+            dit, ref_latent=reference, audio_embeds=self._block_embeds, context=context, num_blocks=None,
+            noise=SeededNoise(seed), schedule=schedule, cache_policy=LIVETALK_CACHE,
+        )
+
+    def window(self, block: int) -> tuple[int, int]:
+        return block_window(block, self.live_window)
+
+    def sample(self, block: int, audio: torch.Tensor, silent: bool) -> torch.Tensor:
+        self._embeds = block_embeds(self.dit, self.encoder, block, audio, self.live_window)
+        try:
+            return next(self._blocks)
+        finally:
+            self._embeds = None
+
+    def _block_embeds(self, block: int) -> torch.Tensor:
+        if self._embeds is None:
+            raise RuntimeError(f"block {block} was asked for outside LiveTalkStream.sample")
+        return self._embeds
+
+    def close(self) -> None:
+        self._blocks.close()
+
