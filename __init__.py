@@ -12,6 +12,9 @@ MIN_COMFYUI_VERSION = "0.3.75"
 # ComfyUI (warn the user) from a plain Python process such as pytest, which imports this file
 # because the repository root is a package (nothing to warn about there).
 COMFYUI_MODULES = ("folder_paths", "comfy")
+# The front-end extension (the LiveTalk Live node's panel): ComfyUI serves it under /extensions/<pack folder>/
+# and the front end loads every .js file in it.
+WEB_DIRECTORY = "./nodes/web"
 
 try:
     from comfy_api.latest import ComfyExtension
@@ -26,9 +29,11 @@ except ImportError:
     NODE_CLASS_MAPPINGS: dict = {}
 else:
     from .nodes.comfy_models import register_model_folders
+    from .nodes.live_routes import mount as mount_live_routes
     from .nodes.node_list import NODES
 
     register_model_folders()
+    mount_live_routes()  # the live socket and page on ComfyUI's own server (only inside a running one)
 
     class LiveTalkExtension(ComfyExtension):
         async def get_node_list(self):

@@ -1,6 +1,7 @@
 """Every node the pack registers, in menu order."""
 
 from .encoders import LiveTalkEncodeAudioWav2Vec, LiveTalkEncodeReferenceVAE
+from .live import LiveTalkLive
 from .loader import LoadLiveTalkModel
 from .sampling import LiveTalkCausalDiTSampler, LiveTalkDecodeBlocks
 from .save_video import LiveTalkDecodeToVideoFile
@@ -12,4 +13,5 @@ NODES = (
     LiveTalkCausalDiTSampler,
     LiveTalkDecodeBlocks,
     LiveTalkDecodeToVideoFile,
+    LiveTalkLive,
 )

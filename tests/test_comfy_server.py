@@ -26,6 +26,7 @@ DISPLAY_NAMES = {
     "LiveTalkCausalDiTSampler": "Causal DiT Sampler",
     "LiveTalkDecodeBlocks": "Decode Blocks",
     "LiveTalkDecodeToVideoFile": "Decode Blocks to Video File",
+    "LiveTalkLive": "LiveTalk Live",
 }
 NODE_IDS = tuple(DISPLAY_NAMES)
 
