@@ -6,11 +6,11 @@ LIVETALK_GOLDEN_DIRS), made with madebyollin/taehv's and lightx2v's own code (te
 
 from __future__ import annotations
 
+import pytest
 import torch
 from golden import assert_close, case_ids, golden_cases, names_from
 from safetensors.torch import save_file
 
-import pytest
 from livetalk_core.errors import CheckpointError, InputError
 from livetalk_core.media.taehv import (
     NORMALISED,
@@ -139,7 +139,7 @@ def test_the_stream_tolerance_catches_a_lost_state():
         assert_close(lost, decoder.decode(latents)[:, :, -lost.shape[2]:], atol=1e-5, rel_l2=1e-5, name="lost")
 
 
-@pytest.mark.parametrize("latent_frames", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("latent_frames", [1, 2, 5])
 def test_frame_count_equals_the_full_vae(latent_frames):
     """T latent frames -> 1 + 4(T-1) frames of 8x the latent size, as the full VAE; streamed one
     latent frame at a time, both give 1, then 4 per latent frame."""
@@ -155,11 +155,11 @@ def test_frame_count_equals_the_full_vae(latent_frames):
         assert [s.decode(frame).shape[2] for s in streams] in ([1, 1], [4, 4])
 
 
-@pytest.mark.parametrize("changed", [1, 2, 4])
+@pytest.mark.parametrize("changed", [1, 3])
 def test_alignment_equals_the_full_vae(changed):
     """Latent frame k first shows in video frame 1 + 4(k-1), in both decoders: changing it leaves every
     earlier frame as it was and changes that one."""
-    latents = torch.randn(1, 16, 6, 2, 3, generator=torch.Generator().manual_seed(7))
+    latents = torch.randn(1, 16, 4, 2, 3, generator=torch.Generator().manual_seed(7))
     other = latents.clone()
     other[:, :, changed] += 3.0
     first = 1 + 4 * (changed - 1)
@@ -282,7 +282,8 @@ def test_load_names_misshapen_tensors(tmp_path):
     state = _random_decoder().state_dict()
     state["decoder.9.conv.2.weight"] = torch.zeros(8, 8, 1, 1)
     save_file(state, str(tmp_path / "taew2_1.safetensors"))
-    with pytest.raises(CheckpointError, match=r"decoder\.9\.conv\.2\.weight \(8, 8, 1, 1\) \(expected \(8, 8, 3, 3\)\)"):
+    expected = r"decoder\.9\.conv\.2\.weight \(8, 8, 1, 1\) \(expected \(8, 8, 3, 3\)\)"
+    with pytest.raises(CheckpointError, match=expected):
         load_tiny_decoder(tmp_path / "taew2_1.safetensors")
 
 
