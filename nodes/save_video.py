@@ -17,11 +17,13 @@ from comfy.cli_args import args
 from comfy_api.latest import InputImpl, io, ui
 
 from ..livetalk_core.errors import InputError
-from ..livetalk_core.media.audio import VIDEO_FPS, prepare_waveform
+from ..livetalk_core.media.audio_file import prepare_waveform
+from ..livetalk_core.media.timing import VIDEO_FPS
 from ..livetalk_core.media.video_io import OUTPUT_AUDIO_RATE, VideoWriter
 from .comfy_models import Managed, out_of_memory_advice
 from .pack_types import CATEGORY, LatentBlockList, LatentBlocks, LiveTalkVAE
 from .sampling import decoded_blocks
+from .tiny_decoder import TINY_DECODER_TOOLTIP, LiveTalkTinyDecoder
 
 
 class LiveTalkDecodeToVideoFile(io.ComfyNode):
@@ -44,6 +46,7 @@ class LiveTalkDecodeToVideoFile(io.ComfyNode):
                 io.Audio.Input("audio", optional=True,
                                tooltip="The speech to put in the video, normally the clip given to "
                                "Encode Audio (wav2vec2). Not connected: a silent video."),
+                LiveTalkTinyDecoder.Input("tiny_decoder", optional=True, tooltip=TINY_DECODER_TOOLTIP),
             ],
             outputs=[io.Video.Output("video", display_name="video",
                                      tooltip="The saved mp4, for nodes that take a VIDEO.")],
@@ -64,7 +67,7 @@ class LiveTalkDecodeToVideoFile(io.ComfyNode):
     @classmethod
     @out_of_memory_advice
     def execute(cls, vae: Managed, latent_blocks: LatentBlockList, filename_prefix: str,
-                audio: dict | None = None) -> io.NodeOutput:
+                audio: dict | None = None, tiny_decoder: Managed | None = None) -> io.NodeOutput:
         check_filename_prefix(filename_prefix)
         factor = vae.engine.config.spatial_factor
         height, width = (factor * side for side in latent_blocks.blocks[0].shape[-2:])
@@ -80,7 +83,7 @@ class LiveTalkDecodeToVideoFile(io.ComfyNode):
         try:
             with VideoWriter(path, VIDEO_FPS, audio=waveform, audio_sample_rate=OUTPUT_AUDIO_RATE,
                              metadata=cls._workflow_metadata()) as writer:
-                for frames in decoded_blocks(vae, latent_blocks):
+                for frames in decoded_blocks(vae, latent_blocks, tiny_decoder):
                     writer.write(frames)
         finally:
             if writer is None or writer.saved_path is None:

@@ -21,6 +21,7 @@ from comfy_env import SHIPPED_1_3B_API, SHIPPED_14B_API, livetalk_server, with_t
 # Node ids are saved in every workflow: they never change. The names shown are words, as ComfyUI's own.
 DISPLAY_NAMES = {
     "LoadLiveTalkModel": "Load LiveTalk Model",
+    "LoadLiveTalkTinyDecoder": "Load Tiny Decoder (TAEHV)",
     "LiveTalkEncodeAudioWav2Vec": "Encode Audio (wav2vec2)",
     "LiveTalkEncodeReferenceVAE": "Encode Reference (VAE)",
     "LiveTalkCausalDiTSampler": "Causal DiT Sampler",
