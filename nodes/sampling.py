@@ -36,6 +36,7 @@ from .pack_types import (
     LiveTalkVAE,
     Reference,
 )
+from .tiny_decoder import TINY_DECODER_TOOLTIP, LiveTalkTinyDecoder
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -164,6 +165,7 @@ class LiveTalkDecodeBlocks(io.ComfyNode):
             inputs=[
                 LiveTalkVAE.Input("vae", tooltip="The VAE from Load LiveTalk Model."),
                 LatentBlocks.Input("latent_blocks", tooltip="From Causal DiT Sampler."),
+                LiveTalkTinyDecoder.Input("tiny_decoder", optional=True, tooltip=TINY_DECODER_TOOLTIP),
             ],
             outputs=[
                 io.Image.Output("frames", display_name="frames", tooltip="The video frames as an IMAGE batch."),
@@ -173,18 +175,20 @@ class LiveTalkDecodeBlocks(io.ComfyNode):
 
     @classmethod
     @out_of_memory_advice
-    def execute(cls, vae: Managed, latent_blocks: LatentBlockList) -> io.NodeOutput:
+    def execute(cls, vae: Managed, latent_blocks: LatentBlockList,
+                tiny_decoder: Managed | None = None) -> io.NodeOutput:
         # uint8 per block keeps memory at a quarter until the single float copy below.
-        chunks = list(decoded_blocks(vae, latent_blocks))
+        chunks = list(decoded_blocks(vae, latent_blocks, tiny_decoder))
         images = torch.cat(chunks).to(mm.intermediate_device(), torch.float32).div_(255.0)
         return io.NodeOutput(images, float(VIDEO_FPS))
 
 
-def decoded_blocks(vae: Managed, latent_blocks: LatentBlockList) -> Iterator[torch.Tensor]:
+def decoded_blocks(vae: Managed, latent_blocks: LatentBlockList,
+                   tiny_decoder: Managed | None = None) -> Iterator[torch.Tensor]:
     """The video as uint8 frames ``[T, H, W, 3]`` on the CPU, one block at a time, trimmed to the
-    audio length. Advances the progress bar with a preview per block and checks for an interrupt
-    before each one."""
-    model = on_device(vae)
+    audio length, decoded by ``tiny_decoder`` when one is given, else by the VAE. Advances the
+    progress bar with a preview per block and checks for an interrupt before each one."""
+    model = on_device(tiny_decoder if tiny_decoder is not None else vae)
     decoder = model.stream_decoder()
     total = latent_blocks.num_video_frames
     progress = comfy.utils.ProgressBar(len(latent_blocks.blocks))
