@@ -92,10 +92,12 @@ class LiveTalkLive(io.ComfyNode):
             raise InputError("The image input holds no image. Connect a Load Image node to it.")
         dit, vae_engine, encoder = on_device(model, vae, audio_encoder)
 
+        @torch.inference_mode()
         def new_session():
-            return open_session(model.family, dit=dit, vae=vae_engine, audio_encoder=encoder, text=conditioning,
-                                idle_text=idle_conditioning, reference_image=image[0, ..., :3], width=width,
-                                height=height, seed=seed, steps=steps, device=mm.get_torch_device())
+            session = open_session(model.family, dit=dit, vae=vae_engine, audio_encoder=encoder, text=conditioning,
+                                   idle_text=idle_conditioning, reference_image=image[0, ..., :3], width=width,
+                                   height=height, seed=seed, steps=steps, device=mm.get_torch_device())
+            return InferenceModeSession(session)
 
         offer = LiveOffer(open_session=new_session, node_id=cls.hidden.unique_id, family=model.family.name)
         log.info("LiveTalk Live: serving at /livetalk/live/ws. %s", PANEL_HINT)
@@ -106,6 +108,30 @@ class LiveTalkLive(io.ComfyNode):
             log.info("LiveTalk Live: cancelled after %s", summary.text())
             mm.throw_exception_if_processing_interrupted()
         return io.NodeOutput(ui=ui.PreviewText(f"Live session ended (Stop): {summary.text()}"))
+
+
+class InferenceModeSession:
+    """A live session whose work runs under ``torch.inference_mode()`` in whichever thread calls it.
+
+    ComfyUI runs nodes in inference mode, so the models and inputs the graph hands over are inference
+    tensors; outside inference mode even a view of one fails ("Inference tensors do not track version
+    counter"). The session is opened in a server worker thread and its blocks are made in the clock's
+    thread, where that mode is off (it is per thread): each call turns it on. Everything else is the
+    session's own."""
+
+    def __init__(self, session) -> None:
+        self._session = session
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+    @torch.inference_mode()
+    def next_block(self, **options):
+        return self._session.next_block(**options)
+
+    @torch.inference_mode()
+    def close(self) -> None:
+        self._session.close()
 
 
 def _wait_for_stop(offer: LiveOffer) -> bool:
