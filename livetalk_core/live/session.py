@@ -24,10 +24,14 @@ import numpy as np
 import torch
 
 from ..family_base import ModelFamily
-from ..media.audio import SAMPLE_RATE, VIDEO_FPS
+from ..media.audio_file import SAMPLE_RATE
+from ..media.timing import VIDEO_FPS
 from ..media.vae import WanVAE, frames_to_uint8
 from ..runtime.live_stream import LiveStream, LiveWindow
+from .clock import LiveClock
 from .features import AudioTimeline
+
+__all__ = ["LiveBlock", "LiveClock", "LiveSession", "open_session", "open_smoke_session"]
 
 DEFAULT_CONTEXT_S = 2.0
 """Seconds of past audio each block's features see (docs/live.md, "Streaming audio features")."""
@@ -64,7 +68,7 @@ class LiveSession:
                  *, owned: tuple[Any, ...] = ()) -> None:
         """``reference_pixels`` ``[1, 3, 1, H, W]`` in [-1, 1]; ``owned``: models the session frees on close."""
         self.family, self._stream, self._vae = family, stream, vae
-        self._reference = frames_to_uint8(reference_pixels.float().cpu())[0].numpy()
+        self._reference = frames_to_uint8(reference_pixels.float().cpu())[0].numpy().copy()  # no torch storage
         self.height, self.width = self._reference.shape[:2]
         geometry = stream.geometry
         self.first_block_frames, self.block_frames = geometry.first_block_frames, geometry.block_frames
@@ -109,6 +113,10 @@ class LiveSession:
         """Mono float32 samples at 16 kHz in [-1, 1], any length; thread-safe."""
         self._timeline.push(samples)
 
+    def wait_for_audio(self, until: float) -> bool:
+        """Wait until the next block's audio has arrived (True) or ``time.monotonic()`` reaches ``until``."""
+        return self._timeline.wait_for(self.audio_needed(), until)
+
     def next_block(self, *, wait_until: float | None = None) -> LiveBlock:
         """Make the next block. Waits until its audio has arrived or ``time.monotonic()`` reaches
         ``wait_until`` (None: no wait), then fills what is missing with silence."""
@@ -116,7 +124,7 @@ class LiveSession:
             if self._closed:
                 raise RuntimeError("the live session is closed")
             if wait_until is not None:
-                self._timeline.wait_for(self.audio_needed(), wait_until)
+                self.wait_for_audio(wait_until)
             return self._make_block()
 
     @torch.no_grad()
