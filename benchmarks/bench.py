@@ -6,6 +6,7 @@
     torchrun --standalone --nproc_per_node=4 benchmarks/bench.py --configs realvideo-2   # sequence parallel
     python3 benchmarks/bench.py --compare RUN_A/latents_2step.pt RUN_B/latents_2step.pt
     python3 benchmarks/bench.py --tiny                                     # a CPU dry run of this script
+    python3 benchmarks/bench.py --decoder tiny     # the tiny decoder (TAEHV) decodes instead of the VAE
 
 Configurations: ``livetalk`` (1.3B, 512x512, 3 latent frames per block, window 15 with 9 sinks, 4 steps
 + refresh), ``realvideo-2`` and ``realvideo-4`` (14B, 512x512, 2 latent frames per block, 2 or 4
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_livetalk  # noqa: E402
 import bench_realvideo  # noqa: E402
+from tiny_decoder import DECODERS  # noqa: E402
 
 from livetalk_core.parallel import sequence_parallel  # noqa: E402
 
@@ -50,7 +52,8 @@ def table(results: list[dict]) -> str:
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     first = results[0] if results else {}
-    options = ", ".join(f"{k}={first.get(k)}" for k in ("compile", "cuda_graphs", "fp8_matmul", "fp8_kv_cache"))
+    shown = ("compile", "cuda_graphs", "fp8_matmul", "fp8_kv_cache", "decoder")
+    options = ", ".join(f"{k}={first.get(k)}" for k in shown)
     return "\n".join([f"GPU: {first.get('gpu')}  torch {first.get('torch')}  ({options})", *lines])
 
 
@@ -64,6 +67,9 @@ def main() -> None:
                    help="with --compile: replay the DiT's forwards as CUDA graphs (the shipped default)")
     p.add_argument("--fp8-matmul", action="store_true", help="fp8 x fp8 matmuls for the DiT's block Linears")
     p.add_argument("--fp8-kv-cache", action="store_true", help="the KV cache in fp8")
+    p.add_argument("--decoder", choices=DECODERS, default="full",
+                   help="full: the Wan VAE decodes (the shipped default); tiny: the tiny decoder (TAEHV, random "
+                   "weights at the released size), faster at lower quality; the VAE still encodes the reference")
     p.add_argument("--check", action="store_true", help="also compare the optimised path with plain eager bf16")
     p.add_argument("--vae-device", default=None, help="LiveTalk: the VAE on another GPU, e.g. cuda:1")
     p.add_argument("--long-seconds", type=float, default=0, help="LiveTalk: also write an mp4 of this many seconds")

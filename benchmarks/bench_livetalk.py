@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from timing import gpu_ms, gpu_name, median, peak_gib, random_init_, rel_l2, reset_peak, synchronize, wall_ms
+from tiny_decoder import decoder_for
 
 from livetalk_core.livetalk.model import LiveTalkConfig, LiveTalkDiT, load_livetalk_dit
 from livetalk_core.livetalk.pipeline import LiveTalkPipeline
@@ -103,6 +104,7 @@ def run(options: Namespace) -> dict:
     checks = check_against_eager(pipe, image, waveform, context, options) if options.check else None
     if not options.check:
         optimise(pipe, options)
+    pipe.decoder = decoder_for(options, pipe.vae)  # --decoder tiny: the tiny decoder decodes, the VAE encodes
     synchronize()
     build_s = time.perf_counter() - start
 
@@ -127,7 +129,7 @@ def run(options: Namespace) -> dict:
     # the same steps one at a time, for the breakdown
     ref, encode_image_ms = wall_ms(lambda: pipe.encode_reference(image, options.size, options.size))
     audio, encode_audio_ms = wall_ms(lambda: pipe.encode_audio(waveform))
-    decoder = pipe.vae.stream_decoder()
+    decoder = pipe.decoder.stream_decoder()
     _, reference_frame_ms = wall_ms(lambda: frames_to_uint8(decoder.decode(ref.to(dtype))).cpu())
     blocks = pipe.sample(ref, audio, context, 0)
     block0, dit0_ms = wall_ms(lambda: next(blocks))
@@ -168,6 +170,7 @@ def run(options: Namespace) -> dict:
         "fp8_matmul": options.fp8_matmul,
         "fp8_kv_cache": options.fp8_kv_cache,
         "vae_device": str(vae_device),
+        "decoder": getattr(options, "decoder", "full"),
         "frames_per_block": VIDEO_FRAMES_PER_BLOCK,
         "dit_ms_per_block": dit,
         "vae_ms_per_block": vae,

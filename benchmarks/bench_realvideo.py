@@ -32,6 +32,7 @@ from timing import (
     synchronize,
     wall_ms,
 )
+from tiny_decoder import decoder_for
 
 from livetalk_core.media.audio import AudioEncoder, load_audio_encoder
 from livetalk_core.media.vae import VAEConfig, WanVAE, frames_to_uint8
@@ -155,6 +156,7 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
         inputs = shared_inputs(sp, make_inputs)
         eager = {steps: [b.float().cpu() for b in blocks(steps, inputs, CHECK_BLOCKS)] for steps in options.steps}
     runtime.apply(model, vae)
+    decoding = decoder_for(options, vae)  # --decoder tiny: the tiny decoder decodes, the VAE encodes
     if options.fp8_matmul and device.type == "cuda":
         torch.cuda.empty_cache()
     if options.check:
@@ -169,7 +171,7 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
     for steps in options.steps:
         # warm-up: compile (first configuration only), cuDNN plans, the allocator
         start = time.perf_counter()
-        _decode_all(vae, blocks(steps, shared_inputs(sp, make_inputs), 3), rank)
+        _decode_all(decoding, blocks(steps, shared_inputs(sp, make_inputs), 3), rank)
         synchronize()
         warmup_s = time.perf_counter() - start
         reset_peak(device)
@@ -178,7 +180,7 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
         # pipelined as the CLI runs it (block k decoded on a second stream while block k+1 samples)
         synchronize()
         t0 = time.perf_counter()
-        stamps, counts = _decode_all(vae, blocks(steps, shared_inputs(sp, make_inputs)), rank, t0)
+        stamps, counts = _decode_all(decoding, blocks(steps, shared_inputs(sp, make_inputs)), rank, t0)
 
         # the first frame's parts one at a time
         parts = {}
@@ -188,14 +190,14 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
         first = blocks(steps, shared_inputs(sp, make_inputs), 1)
         block0, parts["dit_block0_with_prefill"] = wall_ms(lambda: next(first))
         if rank == 0:
-            decoder = vae.stream_decoder()
+            decoder = decoding.stream_decoder()
             parts["decode_first_latent_frame"] = wall_ms(lambda: frames_to_uint8(decoder.decode(block0[:, :, :1])).cpu())[1]
         first.close()
 
         # each stage on its own: DiT per block (CUDA events; denoising + the previous block's refresh
         # + the all-gather), then the VAE on the same GPU
         inputs = shared_inputs(sp, make_inputs)
-        decoder = vae.stream_decoder() if vae is not None else None
+        decoder = decoding.stream_decoder() if decoding is not None else None
         stream, dit_ms, vae_ms, latents = blocks(steps, inputs), [], [], []
         while True:
             block, ms = gpu_ms(lambda: next(stream, None), device)
@@ -226,6 +228,7 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
             "fp8_matmul": options.fp8_matmul,
             "fp8_kv_cache": options.fp8_kv_cache,
             "vae_device": f"{device} (rank 0)",
+            "decoder": getattr(options, "decoder", "full"),
             "frames_per_block": VIDEO_FRAMES_PER_BLOCK,
             "dit_ms_per_block": dit,
             "vae_ms_per_block": vae_block,

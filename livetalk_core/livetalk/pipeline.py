@@ -126,6 +126,7 @@ class LiveTalkPipeline:
     def __init__(self, dit: LiveTalkDiT, vae: WanVAE, audio_encoder: AudioEncoder) -> None:
         check_audio_encoder(dit, audio_encoder)
         self.dit, self.vae, self.audio_encoder = dit, vae, audio_encoder
+        self.decoder = vae  # what decode() uses: the VAE, or a tiny decoder with its interface (media.taehv)
 
     @torch.no_grad()
     def encode_reference(self, image: torch.Tensor | np.ndarray, height: int = 512, width: int = 512) -> torch.Tensor:
@@ -189,8 +190,9 @@ class LiveTalkPipeline:
         overlap: bool = True,
         first_latent_frame: torch.Tensor | None = None,
     ) -> Iterator[torch.Tensor]:
-        """See :func:`~.decode_stream.decode_blocks` (with this pipeline's VAE)."""
-        return decode_blocks(self.vae, blocks, num_video_frames, overlap=overlap, first_latent_frame=first_latent_frame)
+        """See :func:`~.decode_stream.decode_blocks` (with this pipeline's :attr:`decoder`)."""
+        return decode_blocks(self.decoder, blocks, num_video_frames, overlap=overlap,
+                             first_latent_frame=first_latent_frame)
 
     def generate(
         self,

@@ -149,7 +149,7 @@ class TimeGrow(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        return self.conv(x).reshape(n * self.stride, c, h, w)
+        return _in_layout(self.conv(x).reshape(n * self.stride, c, h, w))
 
 
 @dataclass
@@ -186,6 +186,7 @@ class TinyDecoder(nn.Module):
             width = out
         layers[str(_FINAL)] = _conv3x3(width, IMAGE_CHANNELS)
         self.decoder = nn.ModuleDict(layers)
+        self._channels_last = False  # the weights' layout, switched on the first decode on a GPU
 
     @property
     def dtype(self) -> torch.dtype:
@@ -221,9 +222,10 @@ class TinyDecoder(nn.Module):
         batch through each layer; each memory block takes the frame before each of them from its own
         input (the first from ``state``)."""
         batch, frames_in = latents.shape[0], latents.shape[2]
-        layout = torch.channels_last if latents.is_cuda else torch.contiguous_format
-        x = latents.transpose(1, 2).reshape(batch * frames_in, *latents.shape[1:2], *latents.shape[3:])
-        x = x.contiguous(memory_format=layout)
+        if latents.is_cuda and not self._channels_last:
+            self.to(memory_format=torch.channels_last)  # cuDNN's fast 2-D convs; same values, same names
+            self._channels_last = True
+        x = _in_layout(latents.transpose(1, 2).reshape(batch * frames_in, *latents.shape[1:2], *latents.shape[3:]))
         x = torch.tanh(x / 3) * 3  # TAEHV's soft clamp of its input to (-3, 3)
         x = F.relu(self.decoder[str(_STEM)](x))
         for stage in range(STAGES):
@@ -248,8 +250,12 @@ def _previous_frames(x: torch.Tensor, batch: int, state: StreamState, index: int
     if before is None:
         before = torch.zeros_like(frames[:, :1])
     state.memory[index] = frames[:, -1:].clone()
-    previous = torch.cat([before, frames[:, :-1]], dim=1).reshape(x.shape)
-    return previous.contiguous(memory_format=torch.channels_last if x.is_cuda else torch.contiguous_format)
+    return _in_layout(torch.cat([before, frames[:, :-1]], dim=1).reshape(x.shape))
+
+
+def _in_layout(frames: torch.Tensor) -> torch.Tensor:
+    """``[N,C,H,W]`` activations channels-last on a GPU (cuDNN's fast layout), as they are on a CPU."""
+    return frames.contiguous(memory_format=torch.channels_last if frames.is_cuda else torch.contiguous_format)
 
 
 class TinyStreamDecoder:
