@@ -182,6 +182,29 @@ def test_decode_stream_runs_the_tiny_decoder():
     assert diff.max() <= 1, "streamed uint8 frames differ from the one-shot decode"
 
 
+def test_the_livetalk_pipeline_decodes_with_its_decoder():
+    """LiveTalkPipeline.decode (what stream() and the CLI's path use) decodes with ``pipe.decoder``, the
+    VAE unless a tiny decoder is set: then the tiny decoder's frames, the pinned first latent frame
+    first."""
+    from livetalk_core.livetalk.pipeline import LiveTalkPipeline
+
+    pipe = LiveTalkPipeline.__new__(LiveTalkPipeline)  # decode() needs no DiT or audio encoder
+    pipe.vae = pipe.decoder = WanVAE(VAEConfig(dim=4)).eval()
+    latents = torch.randn(1, 16, 6, 2, 3, generator=torch.Generator().manual_seed(9))
+
+    def frames() -> torch.Tensor:
+        blocks = iter(latents.split(3, dim=2))
+        return torch.cat(list(pipe.decode(blocks, 21, first_latent_frame=latents[:, :, :1])))
+
+    full = frames()
+    pipe.decoder = _random_decoder()
+    tiny = frames()
+    expected = ((pipe.decoder.decode(latents) * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8)
+    assert tiny.shape == full.shape == (21, 16, 24, 3)
+    assert (tiny.int() - expected[0].permute(1, 2, 3, 0).int()).abs().max() <= 1
+    assert (tiny.int() - full.int()).abs().float().mean() > 10, "the tiny decoder was not used"
+
+
 def test_raw_latent_space_scales_like_lightx2v():
     """lighttaew2_1's input: z / (1/std) + mean in the latents' dtype, then the model's dtype."""
     decoder = _random_decoder(latent_space=RAW).to(torch.bfloat16)

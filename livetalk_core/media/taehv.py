@@ -198,7 +198,15 @@ class TinyDecoder(nn.Module):
 
     def stream_decoder(self) -> TinyStreamDecoder:
         """A fresh decoding stream; see :class:`TinyStreamDecoder`."""
+        self.use_gpu_layout()
         return TinyStreamDecoder(self)
+
+    def use_gpu_layout(self) -> None:
+        """On a GPU, store the conv weights channels-last (cuDNN's fast 2-D convs; the same values and
+        names), once: before a stream starts, so not on a side stream that decodes."""
+        if self.device.type == "cuda" and not self._channels_last:
+            self.to(memory_format=torch.channels_last)
+            self._channels_last = True
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """One-shot decode ``[B,16,F,h,w] -> [B,3,1+4(F-1),8h,8w]`` float32 in [-1, 1]."""
@@ -222,9 +230,7 @@ class TinyDecoder(nn.Module):
         batch through each layer; each memory block takes the frame before each of them from its own
         input (the first from ``state``)."""
         batch, frames_in = latents.shape[0], latents.shape[2]
-        if latents.is_cuda and not self._channels_last:
-            self.to(memory_format=torch.channels_last)  # cuDNN's fast 2-D convs; same values, same names
-            self._channels_last = True
+        self.use_gpu_layout()
         x = _in_layout(latents.transpose(1, 2).reshape(batch * frames_in, *latents.shape[1:2], *latents.shape[3:]))
         x = torch.tanh(x / 3) * 3  # TAEHV's soft clamp of its input to (-3, 3)
         x = F.relu(self.decoder[str(_STEM)](x))
