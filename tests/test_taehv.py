@@ -17,6 +17,7 @@ from livetalk_core.media.taehv import (
     RAW,
     TinyDecoder,
     TinyDecoderConfig,
+    check_tiny_decoder_file,
     latent_space_for,
     load_tiny_decoder,
     looks_like_tiny_decoder,
@@ -308,6 +309,15 @@ def test_load_names_misshapen_tensors(tmp_path):
     expected = r"decoder\.9\.conv\.2\.weight \(8, 8, 1, 1\) \(expected \(8, 8, 3, 3\)\)"
     with pytest.raises(CheckpointError, match=expected):
         load_tiny_decoder(tmp_path / "taew2_1.safetensors")
+
+
+def test_a_file_is_checked_without_loading(tmp_path):
+    """check_tiny_decoder_file: the loader's checks on the meta device, for the CLI's checks before loading."""
+    torch.save(_random_decoder().state_dict(), tmp_path / "taew2_1.pth")
+    assert check_tiny_decoder_file(tmp_path / "taew2_1.pth") == SMALL
+    save_file(WanVAE(VAEConfig(dim=4)).state_dict(), str(tmp_path / "wan_2.1_vae.safetensors"))
+    with pytest.raises(CheckpointError, match="a Wan VAE"):
+        check_tiny_decoder_file(tmp_path / "wan_2.1_vae.safetensors")
 
 
 def test_load_refuses_missing_truncated_and_unsafe_files(tmp_path):

@@ -362,6 +362,12 @@ def load_tiny_decoder(
     return tiny_decoder_from_state_dict(state_dict, latent_space=space, dtype=dtype, device=device, source=path)
 
 
+def check_tiny_decoder_file(path: str | os.PathLike) -> TinyDecoderConfig:
+    """Everything :func:`load_tiny_decoder` checks, on the meta device (nothing is materialised), so
+    that a wrong file is refused before any model loads. Returns the architecture it describes."""
+    return load_tiny_decoder(path, torch.float32, "meta").config
+
+
 def looks_like_tiny_decoder(keys) -> bool:
     """Whether state-dict names are a TAEHV's (ComfyUI's own test: its last decoder conv)."""
     return any(re.fullmatch(rf"(?:.*\.)?decoder\.{_FINAL}\.bias", key) for key in keys)
