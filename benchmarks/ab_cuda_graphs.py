@@ -25,7 +25,7 @@ from timing import gpu_ms, median, rel_l2  # noqa: E402
 
 from livetalk_core.options import RuntimeOptions  # noqa: E402
 from livetalk_core.parallel import sequence_parallel  # noqa: E402
-from livetalk_core.parallel.workers import sample_realvideo_parallel  # noqa: E402
+from livetalk_core.realvideo.parallel import sample_realvideo_parallel  # noqa: E402
 from livetalk_core.realvideo.sampler import realvideo_schedule  # noqa: E402
 from livetalk_core.runtime.noise import SeededNoise  # noqa: E402
 

@@ -19,8 +19,8 @@ from tiny_decoder import decoder_for
 
 from livetalk_core.livetalk.model import LiveTalkConfig, LiveTalkDiT, load_livetalk_dit
 from livetalk_core.livetalk.pipeline import LiveTalkPipeline
-from livetalk_core.media.audio import AudioEncoder, load_audio_encoder
 from livetalk_core.media.vae import VAEConfig, WanVAE, frames_to_uint8, load_vae
+from livetalk_core.media.wav2vec2 import AudioEncoder, load_audio_encoder
 from livetalk_core.options import PRECISION_OF_DTYPE, RuntimeOptions
 from livetalk_core.runtime.decode_stream import decode_blocks
 from livetalk_core.wan.dit import WanCoreConfig

@@ -5,7 +5,7 @@ in bf16, seeded, so every run and every rank has the same weights (``fp8_matmul`
 injector Linears as fp8 x fp8 matmuls), plus a random Wan2.1 VAE and wav2vec2-large (fp32, as
 upstream) on rank 0. A 512x512 reference (64x64 latent, 1024 tokens per latent frame), 2 latent
 frames (8 video frames) per block, run through the shipped sampler
-(:func:`~livetalk_core.parallel.workers.sample_realvideo_parallel`; Ulysses sequence parallel under
+(:func:`~livetalk_core.realvideo.parallel.sample_realvideo_parallel`; Ulysses sequence parallel under
 ``torchrun``) and the CLI's streaming decode (:func:`~livetalk_core.runtime.decode_stream.decode_blocks`,
 on rank 0's GPU).
 """
@@ -34,14 +34,14 @@ from timing import (
 )
 from tiny_decoder import decoder_for
 
-from livetalk_core.media.audio import AudioEncoder, load_audio_encoder
 from livetalk_core.media.vae import VAEConfig, WanVAE, frames_to_uint8
+from livetalk_core.media.wav2vec2 import AudioEncoder, load_audio_encoder
 from livetalk_core.options import PRECISION_OF_DTYPE, RuntimeOptions
 from livetalk_core.parallel.sequence_parallel import SequenceParallel
-from livetalk_core.parallel.workers import sample_realvideo_parallel
 from livetalk_core.realvideo.audio import realvideo_audio_features
 from livetalk_core.realvideo.image import preprocess_reference
 from livetalk_core.realvideo.model import RELEASE_INJECT_LAYERS, S2VConfig, S2VDiT
+from livetalk_core.realvideo.parallel import sample_realvideo_parallel
 from livetalk_core.realvideo.sampler import realvideo_schedule
 from livetalk_core.runtime.decode_stream import decode_blocks
 from livetalk_core.runtime.noise import SeededNoise

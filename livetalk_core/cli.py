@@ -25,8 +25,8 @@ import torch
 from .cli_checks import check_duration, check_image_size, check_output, parse_size, pick_device
 from .errors import InputError, LiveTalkError, out_of_memory_help
 from .interrupts import INTERRUPTED_EXIT_CODE, ready, summary
-from .media.audio import VIDEO_FPS
 from .media.image import check_target_size
+from .media.timing import VIDEO_FPS
 from .options import RuntimeOptions, cli_flag
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -115,7 +115,7 @@ def size_note_off() -> Iterator[None]:
 def check_arguments(args: argparse.Namespace) -> RunInputs:
     """Every argument checked, and the image and audio read, before anything loads; InputError otherwise."""
     from .livetalk.pipeline import fit_waveform, livetalk_video_length
-    from .media.audio import load_audio
+    from .media.audio_file import load_audio
     from .media.image import load_image
 
     if args.fps != VIDEO_FPS:
@@ -213,7 +213,7 @@ def assemble_pipeline(inputs: RunInputs, files: tuple[Path, Path, Path]):
     """Load the DiT, VAE and wav2vec2 from ``files`` in the run's precision and apply its runtime options."""
     from .livetalk.model import load_livetalk_dit
     from .livetalk.pipeline import LiveTalkPipeline
-    from .media.audio import load_audio_encoder
+    from .media.wav2vec2 import load_audio_encoder
     from .media.vae import load_vae
 
     dit, vae, wav2vec2 = files

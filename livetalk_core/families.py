@@ -8,15 +8,15 @@ import os
 from pathlib import Path
 
 from .errors import CheckpointError
-from .family_base import TEXT_CONTEXT_TOKENS, ModelFamily, RemoteSampler, Shapes, find_tensor, text_context
+from .family_base import ModelFamily, RemoteSampler, Shapes, find_tensor, text_context
 from .livetalk.family import LIVETALK_13B
 from .media.checkpoint import guess_model_family
 from .realvideo.family import REALVIDEO_14B, RealVideoAudio
 
 __all__ = [
-    "FAMILIES", "LIVETALK_13B", "REALVIDEO_14B", "TEXT_CONTEXT_TOKENS", "ModelFamily", "RealVideoAudio",
-    "RemoteSampler", "Shapes", "detect_family", "find_tensor", "register_family", "sequence_parallel_families",
-    "text_context", "unregister_family",
+    "FAMILIES", "LIVETALK_13B", "REALVIDEO_14B", "ModelFamily", "RealVideoAudio",
+    "RemoteSampler", "Shapes", "audio_encoder_hints", "can_be_base", "default_family", "detect_family", "find_tensor",
+    "named_as_base", "register_family", "sequence_parallel_families", "text_context", "unregister_family",
 ]
 
 FAMILIES: list[ModelFamily] = []
@@ -51,6 +51,27 @@ def detect_family(shapes: Shapes, path: str | os.PathLike) -> ModelFamily:
         f"{Path(path).name} is not a LiveTalk model: it looks like {guess_model_family(shapes)}. "
         f"Pick {SUPPORTED_MODELS} instead."
     )
+
+
+def can_be_base(shapes: Shapes) -> bool:
+    """Whether a checkpoint of ``shapes`` can be the base of some family's partial fine-tune."""
+    return any(family.can_be_base(shapes) for family in FAMILIES)
+
+
+def named_as_base(name: str) -> bool:
+    """Whether the file name ``name`` marks a checkpoint some family's partial fine-tune is applied
+    over (for files whose tensors cannot be listed cheaply)."""
+    return any(f.base_name_mark is not None and f.base_name_mark in name.lower() for f in FAMILIES)
+
+
+def audio_encoder_hints() -> str:
+    """Which wav2vec2 each family needs, for messages: "<hint> for <family>, or ..."."""
+    return ", or ".join(f"{family.audio_encoder_hint} for {family.name}" for family in FAMILIES)
+
+
+def default_family() -> ModelFamily:
+    """The family the nodes' widgets take their defaults from: the first registered (LiveTalk 1.3B)."""
+    return FAMILIES[0]
 
 
 def sequence_parallel_families() -> str:

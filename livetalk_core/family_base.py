@@ -23,22 +23,23 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
-from .media.audio import samples_for_duration
+from .media.text_encoder import TEXT_LEN, pad_to_text_len
+from .media.timing import samples_for_duration
 from .media.weights import WeightFile
 from .runtime.denoise import StepHook
 from .runtime.live_stream import LiveStream, LiveWindow
 from .wan.kv_cache import CachePolicy
 
 if TYPE_CHECKING:
+    from .options import RuntimeOptions
     from .parallel.sequence_parallel import SequenceParallel
+    from .parallel.worker_process import WorkerJob
     from .smoke import TinyWeights
 
 Shapes = Mapping[str, tuple[int, ...]]
 
-# umT5 output length the Wan DiTs were trained with: the prompt, then zero rows.
 # What a DiT file holds (ModelFamily.checkpoint_kind): a whole model, or a fine-tune applied over a base.
 COMPLETE, PARTIAL = "complete", "partial fine-tune over a base checkpoint"
-TEXT_CONTEXT_TOKENS = 512
 
 
 def find_tensor(shapes: Shapes, suffix: str) -> tuple[int, ...] | None:
@@ -49,7 +50,7 @@ def find_tensor(shapes: Shapes, suffix: str) -> tuple[int, ...] | None:
     return None
 
 
-def text_context(conditioning: list, text_dim: int, tokens: int = TEXT_CONTEXT_TOKENS) -> torch.Tensor:
+def text_context(conditioning: list, text_dim: int, tokens: int = TEXT_LEN) -> torch.Tensor:
     """A text encoding as ComfyUI's CONDITIONING carries it -> the DiT's text context
     ``[1, tokens, text_dim]`` float32.
 
@@ -67,8 +68,7 @@ def text_context(conditioning: list, text_dim: int, tokens: int = TEXT_CONTEXT_T
             f"The conditioning has width {cond.shape[-1]}, but the model expects {text_dim} (umT5-XXL). "
             "Load umt5_xxl_fp16.safetensors (or the fp8 one) with CLIPLoader, type 'wan'."
         )
-    context = cond[:1, :tokens].float()
-    return torch.nn.functional.pad(context, (0, 0, 0, tokens - context.shape[1]))
+    return pad_to_text_len(cond[:1, :tokens].float(), tokens)
 
 
 def fit_waveform(waveform: torch.Tensor, duration: float | None) -> torch.Tensor:
@@ -121,6 +121,15 @@ class ModelFamily:
     def checkpoint_kind(self, shapes: Shapes) -> str | None:
         """COMPLETE, PARTIAL (a fine-tune applied over a base checkpoint) or None (not this family's)."""
         return COMPLETE if self.matches(shapes) else None
+
+    # base_name_mark: a word in the file names of checkpoints a partial fine-tune of this family can be
+    # applied over, which offers a file whose tensors cannot be listed cheaply (a pickle) as a base.
+    base_name_mark: ClassVar[str | None] = None
+
+    def can_be_base(self, shapes: Shapes) -> bool:
+        """Whether a checkpoint of ``shapes`` can be the base a partial fine-tune of this family is
+        applied over: a complete checkpoint of a family that takes partial files."""
+        return self.fp8_and_partial_files and self.checkpoint_kind(shapes) == COMPLETE
 
     def load(self, path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str, **options: Any) -> torch.nn.Module:
         """The DiT at ``path`` on ``device``; ``options`` as ``fp8_and_partial_files`` says."""
@@ -205,6 +214,13 @@ class ModelFamily:
     def parallel_sampler(self, dit: Any, sp: SequenceParallel) -> RemoteSampler:
         """``dit`` sampling this rank's share of every block over the torchrun group ``sp`` (every rank
         gets the whole blocks); only for a family that ``supports_sequence_parallel``."""
+        raise NotImplementedError
+
+    def worker_job(self, path: str | os.PathLike, options: RuntimeOptions, **load_options: Any) -> WorkerJob:
+        """What each process of a multi-GPU worker group (:class:`~.parallel.workers.WorkerGroup`)
+        runs for the DiT at ``path``: a picklable loader (``options`` applied, ``load_options`` as
+        :meth:`load` takes them) and the sharded sampler, which takes :meth:`sample_blocks`' inputs
+        for a :class:`RemoteSampler`; only for a family that ``supports_sequence_parallel``."""
         raise NotImplementedError
 
     # --- live mode (livetalk_core/live/session.py) ---------------------------------------------------

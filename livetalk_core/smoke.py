@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from .livetalk.model import LiveTalkConfig, LiveTalkDiT
+from .media.text_encoder import TEXT_LEN
 from .media.vae import VAEConfig, WanVAE
 from .wan.dit import WanCoreConfig
 
@@ -89,7 +90,7 @@ def build_tiny_weights(folder: str | Path, seed: int = 0) -> TinyWeights:
     vae_path = folder / "wan2.1_vae_tiny.pth"
     torch.save(vae.state_dict(), vae_path)
 
-    context = torch.zeros(1, 512, TINY_TEXT_DIM)
+    context = torch.zeros(1, TEXT_LEN, TINY_TEXT_DIM)
     context[:, :TINY_TEXT_TOKENS] = torch.randn(1, TINY_TEXT_TOKENS, TINY_TEXT_DIM, generator=generator)
     context_path = folder / "context_tiny.safetensors"
     save_file({"context": context}, str(context_path))

@@ -25,10 +25,8 @@ import folder_paths
 import torch
 
 from ..livetalk_core.errors import CheckpointError, OutOfMemory, out_of_memory_help
-from ..livetalk_core.families import ModelFamily
-from ..livetalk_core.family_base import COMPLETE
+from ..livetalk_core.families import ModelFamily, can_be_base, named_as_base
 from ..livetalk_core.media.weights import WeightFile
-from ..livetalk_core.realvideo.model import s2v_checkpoint_kind
 from .model_files import DOWNLOADABLE, tensor_shapes
 
 LIVETALK_FOLDER = "livetalk"
@@ -79,39 +77,38 @@ def download_target(choice: str) -> tuple[WeightFile, Path] | None:
 
 
 def _dit_files() -> list[str]:
-    return sorted(set(folder_paths.get_filename_list(LIVETALK_FOLDER)) | set(folder_paths.get_filename_list("diffusion_models")))
+    return sorted(set().union(*(folder_paths.get_filename_list(folder) for folder in DIT_FOLDERS)))
 
 
 def dit_choices() -> list[str]:
     return _with_downloads(_dit_files(), DIT_FOLDERS)
 
 
-# Files named so are taken for Wan2.2-S2V DiTs when their tensor names cannot be read cheaply.
-S2V_NAME_MARK = "s2v"
-_s2v_base_verdicts: dict[tuple[str, int, int], bool] = {}
+_base_verdicts: dict[tuple[str, int, int], bool] = {}
 
 
-def can_be_s2v_base(path: str) -> bool:
-    """Whether the file can serve as the Wan2.2-S2V-14B base of a partial RealVideo fine-tune: a
-    complete S2V DiT by its safetensors header (read once per file version). A pickle is not opened
-    to fill a list; it is offered when its name holds "s2v", and checked in full when the loader runs."""
+def can_be_base_file(path: str) -> bool:
+    """Whether the file can serve as the base of a partial fine-tune of some family: a complete
+    checkpoint of a family that takes partial files, by its safetensors header (read once per file
+    version; :func:`livetalk_core.families.can_be_base`). A pickle is not opened to fill a list; it is
+    offered when its name holds a family's base mark, and checked in full when the loader runs."""
     stat = os.stat(path)
     key = (path, stat.st_size, stat.st_mtime_ns)
-    if key not in _s2v_base_verdicts:
+    if key not in _base_verdicts:
         try:
             shapes = tensor_shapes(path)
         except CheckpointError:
             shapes, verdict = None, False
         else:
-            verdict = S2V_NAME_MARK in Path(path).name.lower() if shapes is None else s2v_checkpoint_kind(shapes) == COMPLETE
-        _s2v_base_verdicts[key] = verdict
-    return _s2v_base_verdicts[key]
+            verdict = named_as_base(Path(path).name) if shapes is None else can_be_base(shapes)
+        _base_verdicts[key] = verdict
+    return _base_verdicts[key]
 
 
-def s2v_base_choices() -> list[str]:
-    """The DiT files that can be a RealVideo base (:func:`can_be_s2v_base`), then the known S2V downloads."""
-    downloads = [choice for choice in _download_choices(DIT_FOLDERS) if S2V_NAME_MARK in choice.lower()]
-    return [name for name in _dit_files() if can_be_s2v_base(dit_path(name))] + downloads
+def base_choices() -> list[str]:
+    """The DiT files that can be a base (:func:`can_be_base_file`), then the known downloads named as one."""
+    downloads = [choice for choice in _download_choices(DIT_FOLDERS) if named_as_base(choice)]
+    return [name for name in _dit_files() if can_be_base_file(dit_path(name))] + downloads
 
 
 def dit_path(name: str) -> str | None:
@@ -144,7 +141,8 @@ def _hf_folders() -> dict[str, Path]:
 def audio_encoder_choices() -> list[str]:
     """Single files plus HF folders; the weight files inside an HF folder are listed as the folder."""
     folders = _hf_folders()
-    files = [f for f in folder_paths.get_filename_list("audio_encoders") if not any(f.startswith(d + "/") for d in folders)]
+    files = [f for f in folder_paths.get_filename_list("audio_encoders")
+             if not any(f.startswith(d + "/") for d in folders)]
     return _with_downloads(sorted(files + list(folders)), ("audio_encoders",))
 
 
@@ -187,7 +185,8 @@ class Managed:
         self.engine = engine
         self.module = module
         self.family = family
-        self.patcher = comfy.model_patcher.ModelPatcher(shell(module), load_device=load_device, offload_device=offload_device)
+        self.patcher = comfy.model_patcher.ModelPatcher(shell(module), load_device=load_device,
+                                                        offload_device=offload_device)
 
 
 def on_device(*models: Managed):

@@ -14,7 +14,8 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-from ..livetalk_core.media.audio import VideoLength, prepare_waveform
+from ..livetalk_core.media.audio_file import prepare_waveform
+from ..livetalk_core.media.timing import VideoLength
 from .comfy_models import Managed, on_device
 from .model_files import EncoderSize, check_audio_encoder_fits
 from .multi_gpu import WorkerDiT

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import comfy.model_management as mm
@@ -16,15 +17,13 @@ import torch
 from comfy_api.latest import io
 
 from ..livetalk_core.errors import InputError, LiveTalkError, MissingWeightsError
-from ..livetalk_core.families import SUPPORTED_MODELS, ModelFamily, detect_family
+from ..livetalk_core.families import SUPPORTED_MODELS, ModelFamily, audio_encoder_hints, detect_family
 from ..livetalk_core.family_base import COMPLETE, PARTIAL
-from ..livetalk_core.livetalk.family import WAV2VEC2_BASE_HINT
-from ..livetalk_core.media.audio import load_audio_encoder
 from ..livetalk_core.media.checkpoint import PRECISIONS
 from ..livetalk_core.media.vae import load_vae
+from ..livetalk_core.media.wav2vec2 import load_audio_encoder
 from ..livetalk_core.media.weights import WeightFile, fetch_files
 from ..livetalk_core.options import RuntimeOptions
-from ..livetalk_core.realvideo.family import WAV2VEC2_LARGE_HINT
 from ..livetalk_core.wan.attention import ATTENTION_BACKENDS
 from ..livetalk_core.wan.fp8_linear import fp8_matmul_supported
 from . import comfy_models as cm
@@ -109,13 +108,15 @@ def _check(files: _Files, model_name: str, audio_encoder_name: str, base_model_n
 
 
 def check_inputs(model_name: str, vae_name: str, audio_encoder_name: str, precision: str = "bf16",
-                 base_model_name: str = NO_BASE, fp8_matmul: bool = False,
-                 gpus: int = 1) -> tuple[_Files, ModelFamily | None, Path | None]:
+                 base_model_name: str = NO_BASE, fp8_matmul: bool = False, gpus: int = 1,
+                 options: RuntimeOptions | None = None) -> tuple[_Files, ModelFamily | None, Path | None]:
     """Catch a missing or wrong file, a mismatched pair, GPUs that are not there or options that do not
     go together, from the files' headers, before anything is fetched or loaded: one error, whose
-    message names the input to change. Returns the files, the model's family and the base (see
-    :func:`_check`)."""
-    RuntimeOptions(precision=precision, fp8_matmul=fp8_matmul).validate()
+    message names the input to change. ``options``: the loader's runtime options, validated already
+    (:func:`runtime_options`); None: ``precision`` and ``fp8_matmul`` are checked here. Returns the
+    files, the model's family and the base (see :func:`_check`)."""
+    if options is None:
+        RuntimeOptions(precision=precision, fp8_matmul=fp8_matmul).validate()
     files = _Files(model_name, vae_name, audio_encoder_name)
     family, base = _check(files, model_name, audio_encoder_name, base_model_name)
     check_gpus(gpus, family, tensor_shapes(files.model) if files.on_disk(files.model) else None)
@@ -124,15 +125,16 @@ def check_inputs(model_name: str, vae_name: str, audio_encoder_name: str, precis
 
 def runtime_options(precision: str, attention: str, compile: bool, cuda_graphs: bool, fp8_weights: bool,
                     fp8_matmul: bool, fp8_kv_cache: bool, gpus: int) -> RuntimeOptions:
-    """The loader's inputs as the engine's runtime options, on ComfyUI's devices (the first GPU for
-    ``gpus`` > 1): ``compile`` on compiles on a GPU only; ``fp8_matmul`` stays on only where the GPU
-    has fp8 kernels (a warning says so otherwise)."""
-    device = mm.get_torch_device() if gpus == 1 else torch.device("cuda", 0)
-    return RuntimeOptions(
+    """The loader's inputs as the engine's runtime options, validated (once, as asked), on ComfyUI's
+    devices (the first GPU for ``gpus`` > 1): ``compile`` on compiles on a GPU only; ``fp8_matmul``
+    stays on only where the GPU has fp8 kernels (a warning says so otherwise)."""
+    asked = RuntimeOptions(
         precision=precision, attention=attention, compile=None if compile else False, cuda_graphs=cuda_graphs,
-        fp8_weights=fp8_weights, fp8_matmul=fp8_matmul and fp8_matmul_supported(device), fp8_kv_cache=fp8_kv_cache,
-        device=device, vae_device=mm.vae_device(),
+        fp8_weights=fp8_weights, fp8_matmul=fp8_matmul, fp8_kv_cache=fp8_kv_cache,
     ).validate()
+    device = mm.get_torch_device() if gpus == 1 else torch.device("cuda", 0)
+    return replace(asked, fp8_matmul=fp8_matmul and fp8_matmul_supported(device), device=device,
+                   vae_device=mm.vae_device())
 
 
 class LoadLiveTalkModel(io.ComfyNode):
@@ -151,8 +153,7 @@ class LoadLiveTalkModel(io.ComfyNode):
                 io.Combo.Input("vae_name", options=cm.vae_choices(),
                                tooltip="The Wan2.1 VAE (wan_2.1_vae.safetensors or Wan2.1_VAE.pth) from models/vae."),
                 io.Combo.Input("audio_encoder_name", options=cm.audio_encoder_choices(),
-                               tooltip=f"The audio encoder from models/audio_encoders. LiveTalk 1.3B: "
-                               f"{WAV2VEC2_BASE_HINT}. RealVideo 14B: {WAV2VEC2_LARGE_HINT}."),
+                               tooltip=f"The audio encoder from models/audio_encoders: {audio_encoder_hints()}."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default="bf16",
                                tooltip="Weight and compute precision of the models. bf16 is what LiveTalk and "
                                "RealVideo were run in upstream; fp32 is for CPUs and debugging. RealVideo's "
@@ -166,7 +167,7 @@ class LoadLiveTalkModel(io.ComfyNode):
                                  tooltip="torch.compile the DiT's blocks and the VAE's conv steps on a GPU (about 30% "
                                  "faster after a few seconds of compiling on the first run). Falls back to eager by itself if "
                                  "compiling is not possible; ignored on the CPU."),
-                io.Combo.Input("base_model_name", options=[NO_BASE, *cm.s2v_base_choices()], default=NO_BASE, optional=True,
+                io.Combo.Input("base_model_name", options=[NO_BASE, *cm.base_choices()], default=NO_BASE, optional=True,
                                tooltip="RealVideo 14B only: the Wan2.2-S2V-14B checkpoint a partial fine-tune (a "
                                f"model.pt holding only some of the DiT's tensors) is applied over, e.g. {S2V_BASE_FILE}. "
                                "Lists the complete Wan2.2-S2V DiTs of models/livetalk and models/diffusion_models "
@@ -227,14 +228,16 @@ class LoadLiveTalkModel(io.ComfyNode):
         base_model_name: str = NO_BASE, fp8_weights: bool = False, fp8_matmul: bool = False,
         fp8_kv_cache: bool = False, gpus: int = 1, cuda_graphs: bool = True,
     ) -> io.NodeOutput:
-        files, family, base = check_inputs(model_name, vae_name, audio_encoder_name, precision, base_model_name,
-                                           fp8_matmul, gpus)
+        runtime = runtime_options(precision, attention, compile, cuda_graphs, fp8_weights, fp8_matmul, fp8_kv_cache,
+                                  gpus)
+        files, family, base = check_inputs(model_name, vae_name, audio_encoder_name, base_model_name=base_model_name,
+                                           gpus=gpus, options=runtime)
         if files.downloads:
             fetch_files(files.downloads, retry=RETRY_DOWNLOAD)
-            files, family, base = check_inputs(model_name, vae_name, audio_encoder_name, precision, base_model_name,
-                                               fp8_matmul, gpus)  # now on disk: checked in full
+            # now on disk: checked in full
+            files, family, base = check_inputs(model_name, vae_name, audio_encoder_name,
+                                               base_model_name=base_model_name, gpus=gpus, options=runtime)
         model_path, vae_path, encoder_path = str(files.model), str(files.vae), str(files.audio_encoder)
-        runtime = runtime_options(precision, attention, compile, cuda_graphs, fp8_weights, fp8_matmul, fp8_kv_cache, gpus)
         dtype = runtime.dtype
         if base is None and base_model_name != NO_BASE:
             log.info("LiveTalk: base_model_name %s is not used: %s is a complete model", base_model_name, model_name)

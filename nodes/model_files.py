@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..livetalk_core.errors import CheckpointError, InputError
+from ..livetalk_core.families import audio_encoder_hints
 from ..livetalk_core.family_base import ModelFamily, Shapes, find_tensor
-from ..livetalk_core.livetalk.family import WAV2VEC2_BASE_HINT
 from ..livetalk_core.media.checkpoint import SAFETENSORS_SUFFIXES, guess_model_family, read_state_dict
 from ..livetalk_core.media.vae import LATENT_CHANNELS, WHERE_TO_GET_IT
 from ..livetalk_core.media.weights import WeightFile
-from ..livetalk_core.realvideo.family import WAV2VEC2_LARGE_HINT
 
 WAN21_REPACKAGED = "Comfy-Org/Wan_2.1_ComfyUI_repackaged"
 WAN22_REPACKAGED = "Comfy-Org/Wan_2.2_ComfyUI_Repackaged"
@@ -112,7 +111,7 @@ def audio_encoder_size(path: str | os.PathLike) -> EncoderSize | None:
     if projection is None:
         raise CheckpointError(
             f"{path.name} is not a wav2vec2 audio encoder: it looks like {guess_model_family(shapes)}. "
-            f"Pick {WAV2VEC2_BASE_HINT} for LiveTalk 1.3B, or {WAV2VEC2_LARGE_HINT} for RealVideo 14B."
+            f"Pick {audio_encoder_hints()}."
         )
     layers = {key.split("encoder.layers.")[1].split(".")[0] for key in shapes if "encoder.layers." in key}
     return EncoderSize(len(layers), projection[0])

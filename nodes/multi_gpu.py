@@ -1,7 +1,9 @@
-"""RealVideo 14B on several GPUs from ComfyUI: the DiT runs in a RealVideoWorkerGroup.
+"""A DiT on several GPUs from ComfyUI: it runs in a worker group (``livetalk_core.parallel.workers``).
 
 With ``gpus`` > 1 the loader does not load the DiT in ComfyUI's process: one worker process per GPU
 loads it (sequence parallel; the video equals the one-GPU video) and stays alive between prompts.
+What the workers run comes from the model's family (``ModelFamily.worker_job``), for any family that
+``supports_sequence_parallel``.
 The VAE and the audio encoder stay in ComfyUI's process.
 
 One group runs at a time (held here, per process): a loader asking for the same settings reuses it,
@@ -28,7 +30,7 @@ from comfy.patcher_extension import CallbacksMP
 from ..livetalk_core.errors import InputError
 from ..livetalk_core.families import ModelFamily, sequence_parallel_families
 from ..livetalk_core.options import RuntimeOptions
-from ..livetalk_core.parallel.workers import RealVideoWorkerGroup, WorkerModelInfo, load_realvideo_dit
+from ..livetalk_core.parallel.workers import WorkerGroup, WorkerJob, WorkerModelInfo
 from ..livetalk_core.wan.dit import HEAD_DIM
 from .comfy_models import Managed
 
@@ -74,28 +76,30 @@ def check_gpus(gpus: int, family: ModelFamily | None, shapes: Mapping[str, tuple
 class WorkerSettings:
     """Everything that decides what the workers load; equal settings share a running group."""
 
+    family: ModelFamily
     model_path: str
     runtime: RuntimeOptions  # placed on each worker's GPU by the worker
     devices: tuple[str, ...]
     load_options: tuple[tuple[str, Any], ...] = ()
 
-    def load_model(self) -> functools.partial:
-        return functools.partial(load_realvideo_dit, self.model_path, self.runtime, **dict(self.load_options))
+    def job(self) -> WorkerJob:
+        return self.family.worker_job(self.model_path, self.runtime, **dict(self.load_options))
 
 
-_running: tuple[WorkerSettings, RealVideoWorkerGroup] | None = None
+_running: tuple[WorkerSettings, WorkerGroup] | None = None
 
 
-def worker_group(settings: WorkerSettings) -> RealVideoWorkerGroup:
+def worker_group(settings: WorkerSettings) -> WorkerGroup:
     """The running group if it runs ``settings`` and is alive; otherwise the running one is closed
-    and a new one started (the workers load the DiT: minutes for the 14B). ComfyUI's interrupt
+    and a new one started (the workers load the DiT: minutes for a large one). ComfyUI's interrupt
     stops a start."""
     global _running
     if _running is not None and _running[0] == settings and _running[1].alive:
         return _running[1]
     stop_workers()
-    log.info("LiveTalk: starting RealVideo workers on %s", ", ".join(settings.devices))
-    group = RealVideoWorkerGroup(settings.load_model(), settings.devices, poll=mm.throw_exception_if_processing_interrupted)
+    log.info("LiveTalk: starting %s workers on %s", settings.family.name, ", ".join(settings.devices))
+    group = WorkerGroup(settings.job(), settings.devices, label=settings.family.name,
+                        poll=mm.throw_exception_if_processing_interrupted)
     _running = (settings, group)
     return group
 
@@ -122,8 +126,8 @@ def _on_cpu(value: Any) -> Any:
 
 
 class WorkerDiT:
-    """The engine of a LIVETALK_MODEL whose DiT runs in worker processes: what the nodes read of an
-    S2VDiT (``config``, ``dtype``, ``weight_shapes``) and :meth:`generate`, which makes it a
+    """The engine of a LIVETALK_MODEL whose DiT runs in worker processes: what the nodes read of a
+    loaded DiT (``config``, ``dtype``, ``weight_shapes``) and :meth:`generate`, which makes it a
     :class:`livetalk_core.family_base.RemoteSampler` (the family samples through it)."""
 
     def __init__(self, settings: WorkerSettings, info: WorkerModelInfo) -> None:
@@ -131,8 +135,8 @@ class WorkerDiT:
         self.config, self.dtype, self.weight_shapes = info.config, info.dtype, info.weight_shapes
 
     def generate(self, *, seed: int, **inputs: Any) -> Iterator[torch.Tensor]:
-        """RealVideo's blocks (CPU) from the workers, started again if they stopped since the loader
-        ran; ``inputs`` are ``sample_realvideo``'s. ComfyUI's interrupt, checked while a block is
+        """The family's blocks (CPU) from the workers, started again if they stopped since the loader
+        ran; ``inputs`` are the family's sampler inputs. ComfyUI's interrupt, checked while a block is
         awaited, or closing the iterator stops the workers and leaves them ready for the next run."""
         group = worker_group(self.settings)
         inputs = {name: _on_cpu(value) for name, value in inputs.items()}
@@ -143,8 +147,9 @@ def load_on_workers(family: ModelFamily, gpus: int, model_path: str, runtime: Ru
                     load_options: Mapping[str, Any]) -> Managed:
     """The loader's model output for ``gpus`` > 1: workers on the first ``gpus`` devices are started
     (or reused) now, and ComfyUI manages an empty stand-in whose unloading closes them.
-    ``load_options``: :func:`load_realvideo_dit`'s other keyword arguments (base, ...)."""
-    settings = WorkerSettings(model_path, runtime, tuple(parallel_devices()[:gpus]), tuple(sorted(load_options.items())))
+    ``load_options``: the family's loader's other keyword arguments (base, ...)."""
+    settings = WorkerSettings(family, model_path, runtime, tuple(parallel_devices()[:gpus]),
+                              tuple(sorted(load_options.items())))
     group = worker_group(settings)
     model = Managed(WorkerDiT(settings, group.model_info), torch.nn.Module(), mm.get_torch_device(),
                     mm.unet_offload_device(), family=family)
@@ -156,5 +161,6 @@ def _on_unload(settings: WorkerSettings, patcher: Any, unpatch_all: bool) -> Non
     # ComfyUI detaches with unpatch_all=True when it unloads a model; with False when a patcher is
     # only garbage-collected or replaced by a clone, which must not stop workers others still use.
     if unpatch_all and _running is not None and _running[0] == settings:
-        log.info("LiveTalk: ComfyUI unloaded the models: the RealVideo workers were stopped (the next run starts them)")
+        log.info("LiveTalk: ComfyUI unloaded the models: the %s workers were stopped (the next run starts them)",
+                 settings.family.name)
         stop_workers(settings)

@@ -11,9 +11,8 @@ CATEGORY = "LiveTalk"
 
 LiveTalkModel = io.Custom("LIVETALK_MODEL")  # nodes.comfy_models.Managed holding the DiT
 LiveTalkVAE = io.Custom("LIVETALK_VAE")  # Managed holding a livetalk_core.media.vae.WanVAE
-LiveTalkAudioEncoder = io.Custom("LIVETALK_AUDIO_ENCODER")  # Managed holding a livetalk_core.media.audio.AudioEncoder
-# the family's conditioning_type: livetalk_core.livetalk.pipeline.AudioConditioning (LiveTalk 1.3B),
-# livetalk_core.realvideo.family.RealVideoAudio (RealVideo 14B), ...
+LiveTalkAudioEncoder = io.Custom("LIVETALK_AUDIO_ENCODER")  # Managed holding a wav2vec2 AudioEncoder
+# what the model's family encodes audio to (ModelFamily.conditioning_type, one type per family)
 AudioEmbeds = io.Custom("LIVETALK_AUDIO_EMBEDS")
 Reference = io.Custom("LIVETALK_REFERENCE")  # reference latent [1, 16, 1, h, w] in the VAE's dtype
 LatentBlocks = io.Custom("LIVETALK_LATENT_BLOCKS")  # LatentBlockList

@@ -1,10 +1,10 @@
 """LiveTalkCausalDiTSampler and LiveTalkDecodeBlocks: latent blocks with a KV cache, then frames.
 
-The sampler runs the loaded family's loop (``model.family.sample_blocks``): LiveTalk 1.3B (blocks of 3 latent frames, a sliding
-cache with sink frames) or RealVideo 14B (blocks of 2 latent frames, the reference prefilled under
-the idle prompt, 2 or 4 steps). The decoder serves both. Both advance ComfyUI's progress bar once
-per block with a preview, and check for an interrupt between model forwards. Closing the sampler
-generator on an interrupt frees its KV cache at once.
+The sampler runs the loaded family's loop (``model.family.sample_blocks``): LiveTalk 1.3B (blocks of 3
+latent frames, a sliding cache with sink frames) or RealVideo 14B (blocks of 2 latent frames, the
+reference prefilled under the idle prompt, 2 or 4 steps). The decoder serves both. Both advance
+ComfyUI's progress bar once per block with a preview, and check for an interrupt between model
+forwards. Closing the sampler generator on an interrupt frees its KV cache at once.
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ from comfy_api.latest import io
 from PIL import Image
 
 from ..livetalk_core.errors import InputError
-from ..livetalk_core.livetalk.sampler import LIVETALK_CACHE
-from ..livetalk_core.media.audio import VIDEO_FPS
+from ..livetalk_core.families import FAMILIES, default_family
+from ..livetalk_core.media.timing import VIDEO_FPS
 from ..livetalk_core.media.vae import frames_to_uint8
-from ..livetalk_core.realvideo.family import REALVIDEO_IDLE_PROMPT, REALVIDEO_TALKING_PROMPT
-from ..livetalk_core.runtime.scheduler import LIVETALK_STEPS
 from ..livetalk_core.wan.kv_cache import CachePolicy
 from .comfy_models import Managed, on_device, out_of_memory_advice
 from .pack_types import (
@@ -66,9 +64,21 @@ def at_own_size(image: Image.Image) -> tuple[str, Image.Image, int]:
     return ("JPEG", image, max(image.size))
 
 
+def default_cache() -> CachePolicy:
+    """The KV cache the sampler's widgets default to: the default family's (upstream LiveTalk's)."""
+    return default_family().default_cache_policy
+
+
+def prefill_prompts(prompt: str) -> str:
+    """Where the families that prefill the reference under an idle prompt name their ``prompt``
+    ("idle_prompt" / "talking_prompt"): "<family> (upstream: '<prompt>')", for the tooltips."""
+    return ", ".join(f"{f.name} (upstream: '{getattr(f, prompt)}')" for f in FAMILIES if f.idle_prompt is not None)
+
+
 class LiveTalkCausalDiTSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        default, cache = default_family(), default_cache()
         return io.Schema(
             node_id="LiveTalkCausalDiTSampler",
             display_name="Causal DiT Sampler",
@@ -78,28 +88,29 @@ class LiveTalkCausalDiTSampler(io.ComfyNode):
             inputs=[
                 LiveTalkModel.Input("model", tooltip="The model from Load LiveTalk Model."),
                 io.Conditioning.Input("conditioning", tooltip="The prompt, from CLIPTextEncode with a CLIPLoader "
-                                      "of type 'wan' (umt5_xxl). For RealVideo 14B it is the talking prompt "
-                                      f"(upstream: '{REALVIDEO_TALKING_PROMPT}')."),
+                                      "of type 'wan' (umt5_xxl). It is the talking prompt for "
+                                      f"{prefill_prompts('talking_prompt')}."),
                 Reference.Input("reference", tooltip="The reference latent from Encode Reference (VAE); it sets "
                                 "the video size."),
                 AudioEmbeds.Input("audio_embeds", tooltip="From Encode Audio (wav2vec2); it sets the video length."),
                 io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                              tooltip="Seed of the sampling noise; the same seed gives the same video."),
-                io.Int.Input("steps", default=LIVETALK_STEPS, min=1, max=50,
-                             tooltip=f"Denoising steps per block. LiveTalk 1.3B is distilled for {LIVETALK_STEPS}. "
+                io.Int.Input("steps", default=default.default_steps, min=1, max=50,
+                             tooltip=f"Denoising steps per block. {default.name} is distilled for "
+                             f"{default.default_steps}. "
                              "RealVideo 14B takes 2 or 4: 4 is upstream's default; 2 needs 3 DiT forwards per block "
                              "instead of 5."),
-                io.Int.Input("sink_frames", default=LIVETALK_CACHE.sink_frames, min=0, max=1024,
+                io.Int.Input("sink_frames", default=cache.sink_frames, min=0, max=1024,
                              tooltip="LiveTalk 1.3B: latent frames at the start of the video that stay in the KV "
-                             "cache for the whole video (identity anchors; upstream: 9). Must be below "
-                             "window_frames. Ignored by RealVideo 14B, whose cache is fixed (the reference and "
+                             f"cache for the whole video (identity anchors; upstream: {cache.sink_frames}). Must be "
+                             "below window_frames. Ignored by RealVideo 14B, whose cache is fixed (the reference and "
                              "the previous block)."),
-                io.Int.Input("window_frames", default=LIVETALK_CACHE.window_frames, min=2, max=1024,
+                io.Int.Input("window_frames", default=cache.window_frames, min=2, max=1024,
                              tooltip="LiveTalk 1.3B: latent frames each block attends to, sink frames included "
-                             "(upstream: 15). Memory grows with it. Ignored by RealVideo 14B."),
+                             f"(upstream: {cache.window_frames}). Memory grows with it. Ignored by RealVideo 14B."),
                 io.Conditioning.Input("idle_conditioning", optional=True,
-                                      tooltip=f"RealVideo 14B only: the idle prompt the reference is prefilled with "
-                                      f"(upstream: '{REALVIDEO_IDLE_PROMPT}'), from a second CLIPTextEncode. Not "
+                                      tooltip="The idle prompt the reference is prefilled with, for "
+                                      f"{prefill_prompts('idle_prompt')}, from a second CLIPTextEncode. Not "
                                       "connected: the talking prompt is used for the prefill too. LiveTalk 1.3B "
                                       "ignores it."),
             ],
@@ -114,7 +125,7 @@ class LiveTalkCausalDiTSampler(io.ComfyNode):
         takes, so this one problem would show twice (the widgets' own min/max are checked when queued)."""
         if not 0 <= sink_frames < window_frames:
             raise InputError(f"sink_frames ({sink_frames}) must be below window_frames ({window_frames}); "
-                             f"upstream uses {LIVETALK_CACHE.sink_frames} and {LIVETALK_CACHE.window_frames}.")
+                             f"upstream uses {default_cache().sink_frames} and {default_cache().window_frames}.")
 
     @classmethod
     @out_of_memory_advice
@@ -169,7 +180,8 @@ class LiveTalkDecodeBlocks(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output("frames", display_name="frames", tooltip="The video frames as an IMAGE batch."),
-                io.Float.Output("fps", display_name="fps", tooltip=f"The frame rate the model generates at ({VIDEO_FPS})."),
+                io.Float.Output("fps", display_name="fps",
+                                tooltip=f"The frame rate the model generates at ({VIDEO_FPS})."),
             ],
         )
 

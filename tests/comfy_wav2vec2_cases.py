@@ -10,7 +10,7 @@ saved in fp16, with and without the ``wav2vec2.`` prefix ComfyUI's loader strips
 * the hidden states: ComfyUI returns ``(out, all_layers)`` where ``all_layers`` is the encoder input
   (after the positional conv) and each layer's output, the last after the final LayerNorm in the
   stable-layer-norm (large) variant, i.e. transformers-4.x ``hidden_states``, which is what
-  :func:`livetalk_core.media.audio.hidden_states` returns. Ours are interpolated to the video frame count
+  :func:`livetalk_core.media.wav2vec2.hidden_states` returns. Ours are interpolated to the video frame count
   before the transformer; asked for exactly the CNN's frame count the interpolation is the identity,
   so both must agree to float32 rounding.
 * the waveform normalisation: ComfyUI's ``do_normalize`` divides by the unbiased variance of the clip,
@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from livetalk_core.media.audio import cnn_frames, hidden_states, load_audio_encoder, normalize_waveform
+from livetalk_core.media.wav2vec2 import cnn_frames, hidden_states, load_audio_encoder, normalize_waveform
 
 HIDDEN = 64  # one head of 64: the pack infers heads = hidden / 64, as for every released wav2vec2
 LAYERS = 2

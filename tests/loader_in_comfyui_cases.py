@@ -148,13 +148,13 @@ def test_only_complete_s2v_dits_are_offered_as_a_base(lt, models, tiny_files):
     put(tiny_files["partial"], models / "livetalk" / "realvideo_s2v_full.pt")
     (models / "livetalk" / "broken.safetensors").write_bytes(b"not safetensors")
     downloads = ["wan2.2_s2v_14B_bf16.safetensors (download)", "wan2.2_s2v_14B_fp8_scaled.safetensors (download)"]
-    assert lt.comfy_models.s2v_base_choices() == [
+    assert lt.comfy_models.base_choices() == [
         "realvideo_s2v_full.pt", "renamed_complete.safetensors", "s2v_base.safetensors", *downloads]
     options = lt.loader.LoadLiveTalkModel.INPUT_TYPES()["optional"]["base_model_name"][1]["options"]
-    assert options == ["none", *lt.comfy_models.s2v_base_choices()]
+    assert options == ["none", *lt.comfy_models.base_choices()]
     put(tiny_files["dit"], models / "diffusion_models" / "s2v_base.safetensors")  # replaced: read again
     os.utime(models / "diffusion_models" / "s2v_base.safetensors", ns=(1, 1))
-    assert "s2v_base.safetensors" not in lt.comfy_models.s2v_base_choices()
+    assert "s2v_base.safetensors" not in lt.comfy_models.base_choices()
 
 
 def test_download_choices_are_fetched_into_the_comfy_folders_then_loaded(lt, models, hub):
@@ -406,3 +406,13 @@ def test_fp8_matmul_needs_bf16_before_anything_loads(lt, realvideo):
     assert message == ("fp8_matmul runs with bf16 activations, but precision is fp32: set precision to bf16, "
                        "or turn fp8_matmul off.")
     assert validate(lt, **names, precision="bf16", fp8_matmul=True) is True
+
+
+def test_the_loader_validates_its_runtime_options_once(lt, realvideo, monkeypatch):
+    """One check where the options are made (before any file is read), not again for the files' check."""
+    options = module("livetalk_core.options").RuntimeOptions
+    checked = []
+    validate = options.validate
+    monkeypatch.setattr(options, "validate", lambda self, *args: checked.append(self) or validate(self, *args))
+    load(lt, **{**realvideo, "model_name": "dit.safetensors", "audio_encoder_name": "w2v.safetensors"})
+    assert len(checked) == 1

@@ -1,4 +1,5 @@
-"""livetalk_core.media.audio: decoding, frame arithmetic, wav2vec2 loading and golden parity.
+"""Audio: decoding (media.audio_file), LiveTalk's frame arithmetic (livetalk.audio), wav2vec2 loading
+and features (media.wav2vec2) and golden parity.
 
 Audio files and small wav2vec2 checkpoints are written on the fly (no binary fixtures in the repo).
 """
@@ -18,18 +19,10 @@ from golden import assert_close, case_ids, golden_cases, names_from, require_sha
 from safetensors.torch import load_file, save_file
 
 from livetalk_core.errors import CheckpointError, InputError, MissingWeightsError
-from livetalk_core.media.audio import (
-    hidden_states,
-    livetalk_audio_features,
-    load_audio,
-    load_audio_encoder,
-    normalize_waveform,
-    pad_waveform_to_blocks,
-    prepare_waveform,
-    samples_for_latents,
-    trim_waveform_for_latents,
-    video_frames_for_latents,
-)
+from livetalk_core.livetalk.audio import pad_waveform_to_blocks, samples_for_latents, trim_waveform_for_latents
+from livetalk_core.media.audio_file import load_audio, prepare_waveform
+from livetalk_core.media.timing import video_frames_for_latents
+from livetalk_core.media.wav2vec2 import hidden_states, livetalk_audio_features, load_audio_encoder, normalize_waveform
 
 CASES = [case for case in golden_cases("livetalk") if case.model == "livetalk"]
 
@@ -382,7 +375,7 @@ def test_positional_conv_as_matmuls_equals_the_convolution(frames, large):
     """The grouped 128-tap positional conv computed as chunked matmuls (cuDNN is slow for it) is the same function."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    from livetalk_core.media.audio import positional_conv
+    from livetalk_core.media.wav2vec2 import positional_conv
 
     hidden, heads = (64, 4) if not large else (96, 4)
     config = Wav2Vec2Config(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=1, intermediate_size=32,
@@ -401,7 +394,7 @@ def test_feature_extractor_as_matmuls_equals_the_convolutions(large):
     """The CNN layers run as unfold + matmul (no cuDNN plan per clip length) give the feature extractor's output."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-    from livetalk_core.media.audio import _cnn_layer
+    from livetalk_core.media.wav2vec2 import _cnn_layer
 
     config = Wav2Vec2Config(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=16,
                             conv_dim=(24,) * 7, feat_extract_norm="layer" if large else "group", conv_bias=large)

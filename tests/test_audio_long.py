@@ -6,12 +6,7 @@ import pytest
 import torch
 from fresh_process import last_printed_int
 
-from livetalk_core.media.audio import (
-    AudioEncoder,
-    chunked_cnn_features,
-    hidden_states,
-    normalize_waveform,
-)
+from livetalk_core.media.wav2vec2 import AudioEncoder, chunked_cnn_features, hidden_states, normalize_waveform
 
 
 def tiny_encoder(norm: str) -> AudioEncoder:
@@ -28,9 +23,9 @@ def tiny_encoder(norm: str) -> AudioEncoder:
 
 @pytest.mark.parametrize("norm", ["group", "layer"])
 def test_chunked_cnn_equals_one_pass(norm, monkeypatch):
-    import livetalk_core.media.audio as audio
+    import livetalk_core.media.wav2vec2 as wav2vec2
 
-    monkeypatch.setattr(audio, "_CNN_CHUNK_FRAMES", 97)  # many uneven chunks
+    monkeypatch.setattr(wav2vec2, "_CNN_CHUNK_FRAMES", 97)  # many uneven chunks
     encoder = tiny_encoder(norm)
     x = normalize_waveform(torch.randn(16000 * 7) * 0.1)[None]
     whole = encoder.model.feature_extractor(x)
@@ -60,7 +55,7 @@ def test_thirty_minutes_of_audio_encode_in_bounded_memory():
     code = (
         "import resource, torch\n"
         "from tests.test_audio_long import tiny_encoder\n"
-        "from livetalk_core.media.audio import hidden_states, normalize_waveform\n"
+        "from livetalk_core.media.wav2vec2 import hidden_states, normalize_waveform\n"
         "enc = tiny_encoder('group')\n"
         "x = normalize_waveform(torch.randn(16000 * 1800) * 0.1)[None]\n"
         "states = hidden_states(enc, x, 1800 * 16 + 1)\n"

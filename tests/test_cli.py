@@ -72,13 +72,14 @@ def test_same_seed_same_video_bit_identical(tmp_path):
 
     from livetalk_core.livetalk.model import load_livetalk_dit
     from livetalk_core.livetalk.pipeline import LiveTalkPipeline
-    from livetalk_core.media.audio import load_audio, load_audio_encoder
+    from livetalk_core.media.audio_file import load_audio
     from livetalk_core.media.image import load_image
     from livetalk_core.media.vae import load_vae
     from livetalk_core.smoke import build_tiny_weights, load_context
 
     w = build_tiny_weights(tmp_path / "w")
     pipe = LiveTalkPipeline(load_livetalk_dit(w.dit, "fp32"), load_vae(w.vae, "fp32"), load_audio_encoder(w.wav2vec2, torch.float32))
+    from livetalk_core.media.wav2vec2 import load_audio_encoder
     image, wave, ctx = load_image(str(REPO / "assets" / "portrait.jpg")), load_audio(REPO / "assets" / "speech.flac")[:24000], load_context(w.context)
     runs = [torch.cat(list(pipe.generate(image, wave, ctx, seed=seed, height=64, width=64))) for seed in (7, 7, 8)]
     assert torch.equal(runs[0], runs[1])

@@ -32,9 +32,9 @@ def nothing_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise LoadedTooEarly("a model was loaded before the arguments were checked")
 
-    # Imported before the patch: a module first imported while it is on (the RealVideo CLI imports the
-    # worker module inside run) would keep the refusing stand-in for good, and later tests would load with it.
-    importlib.import_module("livetalk_core.parallel.workers")
+    # Imported before the patch: a module first imported while it is on would keep the refusing stand-in
+    # for good (RealVideo's worker loader imports load_s2v_dit by name), and later tests would load with it.
+    importlib.import_module("livetalk_core.realvideo.parallel")
     monkeypatch.setattr(cli, "load_pipeline", refuse)
     monkeypatch.setattr(realvideo_cli, "_smoke_models", refuse)
     monkeypatch.setattr("livetalk_core.realvideo.model.load_s2v_dit", refuse)

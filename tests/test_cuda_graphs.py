@@ -246,7 +246,7 @@ def _replays_on_rank(rank: int, world: int, port: int) -> None:
     from test_sequence_parallel import tiny_model as three_layer_model
 
     from livetalk_core.parallel.sequence_parallel import SequenceParallel
-    from livetalk_core.parallel.workers import sample_realvideo_parallel
+    from livetalk_core.realvideo.parallel import sample_realvideo_parallel
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

@@ -79,7 +79,7 @@ def test_fp8_sink_rotation_tracks_the_exact_one():
 def test_the_workers_loader_sets_the_cache_storage(tmp_path):
     from safetensors.torch import save_file
 
-    from livetalk_core.parallel.workers import load_realvideo_dit
+    from livetalk_core.realvideo.parallel import load_realvideo_dit
 
     save_file({k: v.contiguous() for k, v in tiny_model().state_dict().items()}, str(tmp_path / "dit.safetensors"))
     for fp8 in (False, True):

@@ -7,9 +7,9 @@ from golden import case_ids, golden_cases, require_shared
 from safetensors.torch import save_file
 
 from livetalk_core.errors import CheckpointError
+from livetalk_core.livetalk.audio import pad_waveform_to_blocks
 from livetalk_core.livetalk.model import LiveTalkConfig, LiveTalkDiT, load_livetalk_dit
 from livetalk_core.livetalk.pipeline import fit_waveform, video_frames_for_duration
-from livetalk_core.media.audio import pad_waveform_to_blocks
 from livetalk_core.wan.dit import WanCoreConfig
 
 CASES = [c for c in golden_cases("livetalk") if c.model == "livetalk"]

@@ -180,7 +180,7 @@ def test_options_travel_to_the_workers():
 def test_the_workers_loader_applies_the_options(tmp_path):
     from safetensors.torch import save_file
 
-    from livetalk_core.parallel.workers import load_realvideo_dit
+    from livetalk_core.realvideo.parallel import load_realvideo_dit
 
     save_file({k: v.contiguous() for k, v in tiny_realvideo().state_dict().items()}, str(tmp_path / "dit.safetensors"))
     options = RuntimeOptions(precision="fp32", attention="math", fp8_kv_cache=True, device="cuda:0")

@@ -24,17 +24,13 @@ from golden import (
     tolerance,
 )
 
+from livetalk_core.livetalk.audio import samples_for_latents
 from livetalk_core.livetalk.model import load_livetalk_dit
 from livetalk_core.livetalk.pipeline import LiveTalkPipeline
-from livetalk_core.media.audio import (
-    livetalk_audio_features,
-    load_audio_encoder,
-    normalize_waveform,
-    samples_for_latents,
-    video_frames_for_latents,
-)
 from livetalk_core.media.image import cover_and_crop
+from livetalk_core.media.timing import video_frames_for_latents
 from livetalk_core.media.vae import load_vae
+from livetalk_core.media.wav2vec2 import livetalk_audio_features, load_audio_encoder, normalize_waveform
 from livetalk_core.runtime.noise import ReplayNoise
 
 CASES = [c for c in golden_cases("livetalk") if c.model == "livetalk"]

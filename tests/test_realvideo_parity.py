@@ -19,8 +19,8 @@ import pytest
 import torch
 from golden import GoldenCase, assert_close, case_ids, golden_cases, names_from, require_shared_cases
 
-from livetalk_core.media.audio import load_audio_encoder
 from livetalk_core.media.vae import frames_to_uint8, load_vae
+from livetalk_core.media.wav2vec2 import load_audio_encoder
 from livetalk_core.realvideo.audio import (
     interpolate_to_30fps,
     realvideo_audio_features,

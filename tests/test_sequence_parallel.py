@@ -21,8 +21,9 @@ from livetalk_core.parallel.sequence_parallel import (
     check_cache_policy,
     pick_split_axis,
 )
-from livetalk_core.parallel.workers import RealVideoWorkerGroup
+from livetalk_core.parallel.workers import WorkerGroup, WorkerJob
 from livetalk_core.realvideo.model import S2VDiT, load_s2v_dit
+from livetalk_core.realvideo.parallel import sample_realvideo_parallel
 from livetalk_core.realvideo.sampler import FRAMES_PER_BLOCK, REALVIDEO_CACHE, realvideo_schedule, sample_realvideo
 from livetalk_core.runtime.noise import SeededNoise
 from livetalk_core.wan.kv_cache import CachePolicy
@@ -113,7 +114,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, caplog):
     model = tiny_model()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     load = functools.partial(load_s2v_dit, path, torch.float32, audio_inject_layers=INJECT)
-    with RealVideoWorkerGroup(load, ["cpu", "cpu"]) as group:
+    with WorkerGroup(WorkerJob(load, sample_realvideo_parallel), ["cpu", "cpu"], label="RealVideo") as group:
         for latent_hw in ((4, 8), (8, 4)):  # split along H, then along W
             inputs = sampler_inputs(latent_hw)
             single = list(sample_realvideo(model, noise=SeededNoise(3), **inputs))
@@ -158,7 +159,8 @@ def test_out_of_memory_on_one_worker_is_the_one_message(tmp_path):
     """Rank 0 then fails too (its exchange with rank 1 breaks): the message is rank 1's reason."""
     path = tmp_path / "tiny_s2v.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_model().state_dict().items()}, path)
-    group = RealVideoWorkerGroup(functools.partial(load_running_out_of_memory_on_rank_1, path), ["cpu", "cpu"])
+    job = WorkerJob(functools.partial(load_running_out_of_memory_on_rank_1, path), sample_realvideo_parallel)
+    group = WorkerGroup(job, ["cpu", "cpu"], label="RealVideo")
     with pytest.raises(LiveTalkError, match=r"^RealVideo worker 1 \(cpu\) ran out of GPU memory \(.*OutOfMemoryError: "
                        r"CUDA out of memory. Tried to allocate 2.00 GiB\)\. The worker group was stopped"):
         list(group.generate(seed=3, **sampler_inputs((4, 8))))
@@ -168,7 +170,7 @@ def test_out_of_memory_on_one_worker_is_the_one_message(tmp_path):
 def test_a_worker_that_cannot_load_its_model_says_why(tmp_path):
     load = functools.partial(load_s2v_dit, tmp_path / "missing.safetensors", torch.float32)
     with pytest.raises(LiveTalkError, match="missing.safetensors"):
-        RealVideoWorkerGroup(load, ["cpu"])
+        WorkerGroup(WorkerJob(load, sample_realvideo_parallel), ["cpu"])
 
 
 def test_cli_under_torchrun_equals_one_process(tmp_path):

@@ -1,6 +1,6 @@
 """A video as long as its audio, to the frame, for both families (issue 16).
 
-The rule (``livetalk_core.media.audio.video_frames_for_samples``): D seconds of audio give
+The rule (``livetalk_core.media.timing.video_frames_for_samples``): D seconds of audio give
 ``floor(16 D) + 1`` frames, one at every 1/16 s instant from 0 through the end of the audio, so the
 mp4's video lasts ``(D, D + 1/16]``: never shorter than the audio (no speech is cut when the audio
 is muxed), at most one frame longer. ``--duration`` takes the place of D.
@@ -28,7 +28,8 @@ from tiny_weights import tiny_vae
 
 from livetalk_core.errors import InputError
 from livetalk_core.livetalk.pipeline import fit_waveform, livetalk_video_length
-from livetalk_core.media.audio import SAMPLE_RATE, VIDEO_FPS, samples_for_duration
+from livetalk_core.media.audio_file import SAMPLE_RATE
+from livetalk_core.media.timing import VIDEO_FPS, samples_for_duration
 from livetalk_core.media.video_io import VideoWriter
 from livetalk_core.realvideo.audio import split_segments
 from livetalk_core.realvideo.model import S2VConfig, S2VDiT

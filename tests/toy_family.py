@@ -53,7 +53,7 @@ class ToyDiT(torch.nn.Module):
 
 
 def _modules(package: str) -> SimpleNamespace:
-    names = ("family_base", "media.audio", "livetalk.pipeline", "media.image")
+    names = ("family_base", "media.timing", "media.wav2vec2", "livetalk.audio", "livetalk.pipeline", "media.image")
     core = SimpleNamespace(**{n.split(".")[-1]: importlib.import_module(f"{package}.livetalk_core.{n}") for n in names})
     core.options = importlib.import_module(f"{package}.livetalk_core.options")
     return core
@@ -65,12 +65,12 @@ def toy_family(package: str):
     core = _modules(package)
 
     @dataclass
-    class ToyAudio(core.audio.CoversVideoLength):
+    class ToyAudio(core.timing.CoversVideoLength):
         """The toy's conditioning: wav2vec2 features per latent frame ``[F, A]`` and the video's
         length (:class:`VideoLength`), which gives the blocks and frames through the shared mixin."""
 
         features: torch.Tensor
-        length: core.audio.VideoLength
+        length: core.timing.VideoLength
 
     class ToyFamily(core.family_base.ModelFamily):
         name = "Toy Talker"
@@ -99,8 +99,8 @@ def toy_family(package: str):
         def encode_audio(self, dit, encoder, waveform, output_device):
             length = self.video_length(waveform.numel())
             padded, latents = core.audio.pad_waveform_to_blocks(waveform.float(), TOY_FRAMES_PER_BLOCK)
-            per_video_frame = core.audio.livetalk_audio_features(
-                encoder, padded.to(encoder.device), core.audio.video_frames_for_latents(latents))[0]
+            per_video_frame = core.wav2vec2.livetalk_audio_features(
+                encoder, padded.to(encoder.device), core.timing.video_frames_for_latents(latents))[0]
             # latent frame 0 is video frame 0; latent frame i > 0 covers video frames 4i-3 .. 4i: take the last
             per_latent = per_video_frame[torch.arange(latents) * 4]
             return ToyAudio(features=per_latent.to(output_device), length=length)

@@ -3,7 +3,7 @@ shorter than one block is announced (run by test_video_length_in_comfyui.py thro
 
 Encode Audio (wav2vec2) -> Causal DiT Sampler -> Decode Blocks and Decode Blocks to Video File with
 tiny random weights at 64x64: the frames are ``floor(16 D) + 1`` for D seconds of audio (the rule of
-``livetalk_core.media.audio.video_frames_for_samples``), and the mp4 holds all of the audio.
+``livetalk_core.media.timing.video_frames_for_samples``), and the mp4 holds all of the audio.
 """
 
 from __future__ import annotations

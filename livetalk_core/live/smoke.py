@@ -67,8 +67,8 @@ def smoke_models(name: str) -> SmokeModels:
     """Write the family's tiny weights to a temporary folder, load them (CPU, float32), delete the folder."""
     from safetensors.torch import load_file
 
-    from ..media.audio import load_audio_encoder
     from ..media.vae import load_vae
+    from ..media.wav2vec2 import load_audio_encoder
 
     family = family_named(name)
     with tempfile.TemporaryDirectory(prefix="livetalk-live-smoke-") as folder:

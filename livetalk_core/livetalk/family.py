@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..family_base import ModelFamily, Shapes, StepHook, find_tensor, text_context
-from ..media.audio import VideoLength
 from ..media.image import check_target_size, cover_and_crop, to_float_image
+from ..media.timing import VideoLength
 from ..runtime.noise import SeededNoise
 from ..runtime.scheduler import livetalk_schedule
 from ..wan.kv_cache import CachePolicy

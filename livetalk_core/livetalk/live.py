@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ..media.audio import AudioEncoder, livetalk_audio_features, video_frames_for_latents
+from ..media.timing import video_frames_for_latents
+from ..media.wav2vec2 import AudioEncoder, livetalk_audio_features
 from ..runtime.live_stream import FRAME_SAMPLES, LiveGeometry, LiveWindow
 from ..runtime.noise import SeededNoise
 from ..runtime.scheduler import livetalk_schedule

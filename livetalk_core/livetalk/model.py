@@ -21,13 +21,13 @@ import torch.nn as nn
 
 from ..errors import CheckpointError
 from ..media.checkpoint import check_keys, check_state_dict, read_state_dict, resolve_dtype, strip_prefix
+from ..media.timing import VIDEO_FRAMES_PER_LATENT
+from ..media.vae import LATENT_CHANNELS
 from ..runtime.cuda_graphs import ForwardGraphs
 from ..wan.dit import HEAD_DIM, WanCoreConfig, WanDiTCore
 from ..wan.kv_cache import KVCache
 from ..wan.rope import grid_rotations
 
-LATENT_CHANNELS = 16
-VIDEO_FRAMES_PER_LATENT = 4
 FIRST_AUDIO_LAYER = 2
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.", "generator.")
 MODEL_NAME = "LiveTalk 1.3B DiT"

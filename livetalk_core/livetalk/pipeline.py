@@ -26,24 +26,21 @@ import torch
 
 from ..errors import InputError
 from ..family_base import fit_waveform
-from ..media.audio import (
-    SAMPLE_RATE,
-    AudioEncoder,
+from ..media.audio_file import SAMPLE_RATE
+from ..media.image import cover_and_crop
+from ..media.timing import (
     CoversVideoLength,
     VideoLength,
-    latents_covering,
-    livetalk_audio_features,
-    pad_waveform_to_blocks,
     samples_for_duration,
-    samples_for_latents,
     video_frames_for_latents,
     video_frames_for_samples,
 )
-from ..media.image import cover_and_crop
 from ..media.vae import WanVAE
+from ..media.wav2vec2 import AudioEncoder, livetalk_audio_features
 from ..runtime.decode_stream import decode_blocks
 from ..runtime.denoise import StepHook
 from ..runtime.noise import NoiseSource, SeededNoise
+from .audio import latents_covering, pad_waveform_to_blocks, samples_for_latents
 from .model import LiveTalkDiT
 from .sampler import LIVETALK_FRAMES_PER_BLOCK, sample_livetalk
 

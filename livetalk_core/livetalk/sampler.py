@@ -13,12 +13,13 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ..media.vae import LATENT_CHANNELS
 from ..runtime.cuda_graphs import session_graphs
 from ..runtime.denoise import StepHook, denoise_block
 from ..runtime.noise import NoiseSource, to_device
 from ..runtime.scheduler import StepSchedule, livetalk_schedule
 from ..wan.kv_cache import CachePolicy
-from .model import LATENT_CHANNELS, LiveTalkDiT
+from .model import LiveTalkDiT
 
 LIVETALK_FRAMES_PER_BLOCK = 3
 LIVETALK_CACHE = CachePolicy(window_frames=15, sink_frames=9)

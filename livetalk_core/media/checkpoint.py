@@ -8,6 +8,7 @@ the file, what it looks like, and what is missing or unexpected.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -201,3 +202,66 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"Unknown precision {name!r}: use one of {', '.join(DTYPES)}.") from None
+
+
+# Comfy's fp8_scaled files: fp8 weights, each with a float per-tensor scale. Legacy files name it
+# "<layer>.scale_weight" and carry a "scaled_fp8" marker; newer ones "<layer>.weight_scale" with a
+# "<layer>.comfy_quant" JSON record of the format. Input scales only serve fp8 matmuls.
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+FP8_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+_FP8_INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
+_FP8_FORMAT_SUFFIX = ".comfy_quant"
+_FP8_MARKER = "scaled_fp8"
+_FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
+
+
+def split_fp8_scales(
+    state: Mapping[str, torch.Tensor], path: str | os.PathLike = "<state dict>", *, unscaled_fp8: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Separate a Comfy fp8_scaled state dict's weights from their scales.
+
+    Returns the model tensors as stored (scales, input scales, markers and format records removed)
+    and ``{weight key: float32 scale}`` for every weight that has a scale, so a caller can form
+    ``weight * scale`` one tensor at a time. An fp8 tensor without a scale is refused unless
+    ``unscaled_fp8`` (the caller then upcasts it); a format record other than fp8 is refused.
+    Meta tensors (shapes from a header) skip the format check.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    scale_of: dict[str, tuple[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if key.endswith(_FP8_FORMAT_SUFFIX):
+            _check_fp8_format(key, tensor, path)
+        elif key.endswith(FP8_SCALE_SUFFIXES):
+            scale_of[key.rsplit(".", 1)[0] + ".weight"] = (key, tensor)
+        elif key != _FP8_MARKER and not key.endswith(_FP8_INPUT_SCALE_SUFFIXES):
+            tensors[key] = tensor
+    scales = {}
+    for weight, (key, scale) in scale_of.items():
+        if weight not in tensors:
+            raise CheckpointError(
+                f"{path} has a quantisation scale {key} {tuple(scale.shape)} but no {weight} to scale: it is not "
+                "a Comfy fp8_scaled file this pack reads. Use the bf16 / fp16 file instead."
+            )
+        scales[weight] = scale.float()
+    for key, tensor in tensors.items():
+        if tensor.dtype in FP8_DTYPES and key not in scales and not unscaled_fp8:
+            raise CheckpointError(
+                f"{key} is stored in {tensor.dtype} without a {key.rsplit('.', 1)[0]}.scale_weight: this is not a "
+                "Comfy fp8_scaled file this loader knows. Use the bf16 file instead."
+            )
+    return tensors, scales
+
+
+def _check_fp8_format(key: str, record: torch.Tensor, path: str | os.PathLike) -> None:
+    """A ``comfy_quant`` record (UTF-8 JSON bytes) must name an fp8 format this pack dequantises."""
+    if record.is_meta:
+        return
+    try:
+        fmt = json.loads(bytes(record.to(torch.uint8).tolist()).decode("utf-8")).get("format")
+    except (ValueError, AttributeError):
+        fmt = None
+    if fmt not in _FP8_FORMATS:
+        raise CheckpointError(
+            f"{path} stores {key.removesuffix(_FP8_FORMAT_SUFFIX)} in the quantisation format {fmt!r}, which "
+            "this pack cannot dequantise. Use the bf16 / fp16 file, or a per-tensor scaled fp8 one, instead."
+        )

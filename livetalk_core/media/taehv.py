@@ -37,7 +37,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InputError
 from .checkpoint import check_state_dict, read_state_dict, resolve_dtype, strip_prefix
-from .vae import LATENT_CHANNELS, WAN21_LATENT_MEAN, WAN21_LATENT_STD, nearest_2x
+from .vae import LATENT_CHANNELS, WAN21_LATENT_MEAN, WAN21_LATENT_STD
 
 MODEL_NAME = "TAEHV tiny decoder for Wan2.1"
 WHERE_TO_GET_IT = (
@@ -238,7 +238,7 @@ class TinyDecoder(nn.Module):
             start = self.config.stage_start(stage)
             for index in range(start, start + BLOCKS_PER_STAGE):
                 x = self.decoder[str(index)](x, _previous_frames(x, batch, state, index))
-            x = _in_layout(nearest_2x(x))  # F.interpolate(mode="nearest")'s values, faster channels-last
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
             x = self.decoder[str(start + BLOCKS_PER_STAGE + 1)](x)
             x = self.decoder[str(start + BLOCKS_PER_STAGE + 2)](x)
         x = self.decoder[str(_FINAL)](F.relu(x)).clamp_(0, 1)

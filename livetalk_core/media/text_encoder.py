@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import html
 import importlib
-import json
 import math
 import os
 import re
@@ -32,13 +31,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, InputError, MissingWeightsError
-from .checkpoint import check_state_dict, guess_model_family, read_state_dict, resolve_dtype
+from .checkpoint import (
+    FP8_DTYPES,
+    check_state_dict,
+    guess_model_family,
+    read_state_dict,
+    resolve_dtype,
+    split_fp8_scales,
+)
 
 MODEL_NAME = "umT5-XXL text encoder"
 FILE_HINT = (
     "models_t5_umt5-xxl-enc-bf16.pth (Wan-AI/Wan2.1-T2V-1.3B) or umt5_xxl_fp16.safetensors / "
     "umt5_xxl_fp8_e4m3fn_scaled.safetensors (ComfyUI models/text_encoders)"
 )
+# The umT5 context length the Wan DiTs were trained with: the prompt's tokens, then zero rows.
 TEXT_LEN = 512
 NORM_EPS = 1e-6
 MAX_DISTANCE = 128
@@ -276,50 +283,25 @@ _HF_POS_SUFFIX = HF_BLOCK_KEYS["pos_embedding.embedding.weight"]
 # sentencepiece model ComfyUI embeds, and the decoder / LM head of full T5 checkpoints.
 _HF_UNUSED = re.compile(r"encoder\.embed_tokens\.weight|spiece_model|decoder\..*|lm_head\..*")
 
-_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-_FP8_FORMATS = ("float8_e4m3fn", "float8_e5m2")
-
 
 def _is_hf_layout(keys: Mapping[str, torch.Tensor]) -> bool:
     return "shared.weight" in keys or any(k.startswith("encoder.block.") for k in keys)
 
 
 def _dequantize_fp8(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Turn ComfyUI "scaled fp8" weights back into float32: weight * per-tensor scale.
-
-    Legacy files mark themselves with a ``scaled_fp8`` tensor and store ``<layer>.scale_weight``
-    (and ``scale_input``, only used by fp8 matmuls); newer ones store ``<layer>.weight_scale`` with a
-    ``<layer>.comfy_quant`` JSON record of the format. Unscaled fp8 tensors are just upcast.
-    """
-    out = dict(state_dict)
-    for key in [k for k in out if k.endswith(".comfy_quant")]:
-        record = out.pop(key)
-        try:
-            fmt = json.loads(bytes(record.to(torch.uint8).tolist()).decode("utf-8")).get("format")
-        except (ValueError, AttributeError):
-            fmt = None
-        if fmt not in _FP8_FORMATS:
+    """Turn ComfyUI "scaled fp8" weights back into float32: weight * per-tensor scale
+    (:func:`~.checkpoint.split_fp8_scales` reads the layout). Unscaled fp8 tensors are just upcast."""
+    out, scales = split_fp8_scales(state_dict, path, unscaled_fp8=True)
+    for weight_key, scale in scales.items():
+        if scale.numel() != 1:
             raise CheckpointError(
-                f"{path} stores {key[: -len('.comfy_quant')]} in the quantisation format {fmt!r}, which this "
-                f"pack cannot dequantise. Use umt5_xxl_fp16.safetensors, umt5_xxl_fp8_e4m3fn_scaled.safetensors "
-                "or models_t5_umt5-xxl-enc-bf16.pth instead."
+                f"{path} has a quantisation scale of {weight_key} {tuple(scale.shape)} that is not a single "
+                "per-tensor scale; this pack only reads per-tensor scaled fp8. Use umt5_xxl_fp16.safetensors or "
+                "models_t5_umt5-xxl-enc-bf16.pth instead."
             )
-    out.pop("scaled_fp8", None)
-    for key in [k for k in out if k.endswith((".scale_input", ".input_scale"))]:
-        del out[key]
-    for suffix in (".scale_weight", ".weight_scale"):
-        for key in [k for k in out if k.endswith(suffix)]:
-            scale = out.pop(key)
-            weight_key = key[: -len(suffix)] + ".weight"
-            if weight_key not in out or scale.numel() != 1:
-                raise CheckpointError(
-                    f"{path} has a quantisation scale {key} {tuple(scale.shape)} that is not a single per-tensor "
-                    f"scale of an existing weight; this pack only reads per-tensor scaled fp8. Use "
-                    "umt5_xxl_fp16.safetensors or models_t5_umt5-xxl-enc-bf16.pth instead."
-                )
-            out[weight_key] = out[weight_key].float() * scale.float()
+        out[weight_key] = out[weight_key].float() * scale
     for key, value in out.items():
-        if value.dtype in _FP8_DTYPES:
+        if value.dtype in FP8_DTYPES:
             # e4m3fn has no infinity: an out-of-range value saved to it becomes NaN; treat it as 0.
             out[key] = value.float().nan_to_num(nan=0.0)
     return out
@@ -496,6 +478,12 @@ def tokenize(prompt: str, tokenizer_dir: str | os.PathLike, text_len: int = TEXT
         return_tensors="pt",
     )
     return batch["input_ids"].long(), batch["attention_mask"].long()
+
+
+def pad_to_text_len(context: torch.Tensor, text_len: int = TEXT_LEN) -> torch.Tensor:
+    """A prompt's embedding ``[B, L, D]`` (L <= ``text_len``) with zero rows appended up to ``text_len``:
+    the Wan DiTs attend to all of them, unmasked, as upstream does, so the padding is part of the prompt."""
+    return F.pad(context, (0, 0, 0, text_len - context.shape[1]))
 
 
 def encode_prompt(

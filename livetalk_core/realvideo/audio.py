@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..media.audio import SAMPLE_RATE, AudioEncoder, cnn_frames, hidden_states, normalize_waveform
+from ..media.audio_file import SAMPLE_RATE
+from ..media.timing import VIDEO_FPS
+from ..media.wav2vec2 import AudioEncoder, cnn_frames, hidden_states, normalize_waveform
 
 SEGMENT_SECONDS = 5
 SEGMENT_SAMPLES = SEGMENT_SECONDS * SAMPLE_RATE
 CNN_FPS = 50
 INTERPOLATED_FPS = 30
-VIDEO_FPS = 16
 # One block of two latent frames = 8 video frames = 0.5 s: the shortest segment the DiT can use.
 MIN_SEGMENT_SAMPLES = SAMPLE_RATE // 2
 

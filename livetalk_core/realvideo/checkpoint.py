@@ -28,16 +28,11 @@ import torch
 
 from ..errors import CheckpointError
 from ..family_base import COMPLETE, PARTIAL
-from ..media.checkpoint import guess_model_family, read_state_dict, strip_prefix
+from ..media.checkpoint import guess_model_family, read_state_dict, split_fp8_scales, strip_prefix
 
 log = logging.getLogger(__name__)
 
 SHARD_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-FP8_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
-# Bookkeeping entries of Comfy's quantised files that are not model tensors.
-FP8_EXTRA_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
-FP8_MARKERS = ("scaled_fp8",)
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 
@@ -87,31 +82,6 @@ def _read_shards(index: Path, what: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def split_fp8_scales(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Separate Comfy fp8-scaled weights from their scales.
-
-    Returns the model tensors (fp8 ones as stored, scale / marker entries removed) and
-    ``{weight key: float32 scale}`` for every fp8 tensor; :func:`~.fp8_linear.dequantize` turns a
-    pair back into ``weight * scale`` one tensor at a time, so no full-size float32 copy exists.
-    """
-    scale_of = {k[: -len(s)]: v for k, v in state.items() for s in FP8_SCALE_SUFFIXES if k.endswith(s)}
-    tensors: dict[str, torch.Tensor] = {}
-    scales: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        if key in FP8_MARKERS or key.endswith(FP8_SCALE_SUFFIXES + FP8_EXTRA_SUFFIXES):
-            continue
-        if tensor.dtype in FP8_DTYPES:
-            module = key.rsplit(".", 1)[0]
-            if module not in scale_of:
-                raise CheckpointError(
-                    f"{key} is stored in {tensor.dtype} without a {module}.scale_weight: this is not a Comfy "
-                    "fp8_scaled file this loader knows. Use the bf16 file instead."
-                )
-            scales[key] = scale_of[module].float()
-        tensors[key] = tensor
-    return tensors, scales
-
-
 def read_dit_file(
     path: str | os.PathLike, prefixes: tuple[str, ...], what: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -119,7 +89,7 @@ def read_dit_file(
     path = Path(path)
     index = _shard_index(path)
     state = _read_shards(index, what) if index is not None else read_state_dict(path, what=what)
-    return split_fp8_scales(strip_prefix(state, prefixes))
+    return split_fp8_scales(strip_prefix(state, prefixes), path)
 
 
 def _layout_pattern(key: str) -> str:

@@ -11,12 +11,15 @@ from typing import Any
 import torch
 
 from ..family_base import ModelFamily, RemoteSampler, Shapes, StepHook, find_tensor, text_context
-from ..media.audio import CoversVideoLength, VideoLength
+from ..media.timing import CoversVideoLength, VideoLength
+from ..options import RuntimeOptions
+from ..parallel.worker_process import WorkerJob
 from ..runtime.noise import SeededNoise
 from ..wan.kv_cache import CachePolicy
 from .audio import realvideo_audio_features
 from .image import preprocess_reference
 from .model import S2VDiT, load_s2v_dit, s2v_checkpoint_kind
+from .parallel import worker_job as realvideo_worker_job
 from .sampler import realvideo_schedule, realvideo_video_length, sample_realvideo
 
 WAV2VEC2_LARGE_HINT = (
@@ -51,6 +54,7 @@ class RealVideoFamily(ModelFamily):
     audio_uses_dit = False  # the DiT takes the features per block; only its dtype is read here
     idle_prompt = REALVIDEO_IDLE_PROMPT
     talking_prompt = REALVIDEO_TALKING_PROMPT
+    base_name_mark = "s2v"  # Wan2.2-S2V-14B, which RealVideo's partial model.pt is applied over
 
     def matches(self, shapes: Shapes) -> bool:
         """The marker, or a partial fine-tune (which may lack it)."""
@@ -107,6 +111,9 @@ class RealVideoFamily(ModelFamily):
         if isinstance(dit, RemoteSampler):
             return dit.generate(seed=seed, **inputs)
         return sample_realvideo(dit, noise=SeededNoise(seed), on_step=on_step, **inputs)
+
+    def worker_job(self, path: str | os.PathLike, options: RuntimeOptions, **load_options: Any) -> WorkerJob:
+        return realvideo_worker_job(path, options, **load_options)
 
 
 REALVIDEO_14B = RealVideoFamily()

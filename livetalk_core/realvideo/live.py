@@ -20,7 +20,9 @@ import torch
 
 from ..errors import InputError
 from ..family_base import RemoteSampler
-from ..media.audio import SAMPLE_RATE, AudioEncoder, video_frames_for_latents
+from ..media.audio_file import SAMPLE_RATE
+from ..media.timing import video_frames_for_latents
+from ..media.wav2vec2 import AudioEncoder
 from ..runtime.live_stream import FRAME_SAMPLES, LiveGeometry, LiveWindow
 from ..runtime.noise import SeededNoise
 from .audio import segment_features

@@ -30,13 +30,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError
-from ..media.checkpoint import check_keys, check_state_dict, resolve_dtype, strip_prefix
+from ..media.checkpoint import check_keys, check_state_dict, resolve_dtype, split_fp8_scales, strip_prefix
+from ..media.vae import LATENT_CHANNELS
 from ..runtime.cuda_graphs import ForwardGraphs
 from ..wan.dit import HEAD_DIM, CrossAttention, WanCoreConfig, WanDiTCore
 from ..wan.kv_cache import KVCache
 from ..wan.rope import grid_rotations
 
-LATENT_CHANNELS = 16
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 MODEL_NAME = "RealVideo / Wan2.2-S2V DiT"
 # Wan2.2-S2V-14B (40 layers): the only released layout; other depths must name their layers.
@@ -490,7 +490,7 @@ def s2v_checkpoint_kind(shapes: Mapping[str, Sequence[int]]) -> str | None:
     """What a checkpoint is from its tensor names and shapes alone (a safetensors header): COMPLETE,
     PARTIAL (a fine-tune that needs a base) or None (no S2V DiT), as :func:`load_s2v_dit` would find
     it (:mod:`.s2v_checkpoint`). The release's audio-injector layers are assumed."""
-    from .checkpoint import checkpoint_kind, split_fp8_scales
+    from .checkpoint import checkpoint_kind
 
     meta = {k: torch.empty(tuple(shape), device="meta") for k, shape in shapes.items()}
     state, _ = split_fp8_scales(strip_prefix(meta, CHECKPOINT_PREFIXES))

@@ -22,36 +22,38 @@ One session (upstream ``StreamCausalInferencePipeline`` driven as spec §2.6 des
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..errors import InputError
-from ..media.audio import (
-    SAMPLE_RATE,
+from ..media.audio_file import SAMPLE_RATE
+from ..media.text_encoder import TEXT_LEN, pad_to_text_len
+from ..media.timing import (
     VIDEO_FPS,
+    VIDEO_FRAMES_PER_LATENT,
     VideoLength,
     samples_for_duration,
     video_frames_for_latents,
     video_frames_for_samples,
 )
+from ..media.vae import LATENT_CHANNELS
 from ..parallel import sequence_parallel
-from ..runtime.cuda_graphs import session_graphs
+from ..runtime.cuda_graphs import ForwardGraphs, session_graphs
 from ..runtime.denoise import StepHook, denoise_block
 from ..runtime.noise import NoiseSource, to_device
 from ..runtime.scheduler import StepSchedule, warped_schedule
 from ..wan.dit import HEAD_DIM
-from ..wan.kv_cache import CachePolicy
+from ..wan.kv_cache import CachePolicy, KVCache
 from ..wan.rope import grid_rotations
-from .model import LATENT_CHANNELS, AudioTokens, S2VDiT
+from .model import AudioTokens, S2VDiT
 
 FRAMES_PER_BLOCK = 2
-VIDEO_FRAMES_PER_LATENT = 4
 REALVIDEO_CACHE = CachePolicy(window_frames=1 + 2 * FRAMES_PER_BLOCK, sink_frames=1)
 REFERENCE_ROPE_POSITION = 30
 SINK_DRIFT_AFTER_FRAME = 20
-TEXT_LEN = 512
 SCHEDULE_SHIFT = 3.0
 STEP_LISTS = {2: (1000, 500), 4: (1000, 750, 500, 250)}
 
@@ -120,7 +122,7 @@ def plan_blocks(segment_frames: Sequence[int], num_blocks: int | None = None) ->
 
 
 def pad_context(context: torch.Tensor, text_dim: int) -> torch.Tensor:
-    """A prompt embedding ``[1, L, text_dim]`` (L <= 512) zero-padded to 512 rows.
+    """A prompt embedding ``[1, L, text_dim]`` (L <= ``TEXT_LEN``) zero-padded to ``TEXT_LEN`` rows.
 
     Padding rows are attended, unmasked, as upstream does, so the padding is part of the prompt.
     """
@@ -130,7 +132,7 @@ def pad_context(context: torch.Tensor, text_dim: int) -> torch.Tensor:
         raise InputError(
             f"A prompt embedding must be [1, <= {TEXT_LEN}, {text_dim}] (umT5 output); got {tuple(context.shape)}."
         )
-    return torch.nn.functional.pad(context, (0, 0, 0, TEXT_LEN - context.shape[1]))
+    return pad_to_text_len(context)
 
 
 def _check_reference(ref_latent: torch.Tensor, patch: tuple[int, int, int]) -> None:
@@ -202,20 +204,14 @@ def sample_realvideo(
     plan_length = len(plan) if isinstance(plan, Sequence) else None  # None: endless (live)
     for b in plan if plan_length is not None else ():
         _check_plan_entry(b, audio_features)
-    device, dtype = model.device, model.dtype
-    _, _, _, h, w = ref_latent.shape
-    # Under sequence parallelism each rank caches every token of its share of the heads.
-    ranks = 1 if (sp := sequence_parallel.attached(model)) is None else sp.world_size
-    cache = model.new_kv_cache(
-        REALVIDEO_CACHE,
-        frame_tokens=(h // core.patch_size[1]) * (w // core.patch_size[2]) * ranks,
-        num_heads=core.num_heads // ranks,
-    )
+    device = model.device
+    cache = _new_cache(model, ref_latent)
     context_kv = {
         talking: model.project_context(pad_context(ctx, core.text_dim).to(device))
         for talking, ctx in ((False, idle_context), (True, talking_context))
     }
-    graphs = session_graphs(model, cache, forwards_per_block=len(schedule) + 1)
+    session = _Session(model, cache, session_graphs(model, cache, forwards_per_block=len(schedule) + 1), grid_offset,
+                       noise, schedule, on_step, ref_latent.shape[-2:])
     audio: dict[int, AudioTokens] = {}
     # One temporal RoPE step, spatial pairs untouched (identity): the per-block sink drift.
     drift = grid_rotations(torch.tensor([1]), 1, 1, HEAD_DIM).to(device)
@@ -226,27 +222,64 @@ def sample_realvideo(
         start = REALVIDEO_CACHE.sink_frames + FRAMES_PER_BLOCK * block
         if entry.segment not in audio:
             audio = {entry.segment: model.encode_audio(audio_features[entry.segment])}
-        window = audio[entry.segment].window(entry.audio_ptr, FRAMES_PER_BLOCK)
-        kv = context_kv[entry.talking]
         if start > SINK_DRIFT_AFTER_FRAME:
             for layer in range(core.num_layers):
                 cache.rotate_sink_keys(layer, drift)
-
-        def predict(x: torch.Tensor, t: torch.Tensor, compute_output: bool = True) -> torch.Tensor | None:
-            # float64 so the sinusoid sees the float32 timestep without a second rounding.
-            return model(x, t.double(), window, kv, cache, start, compute_output, grid_offset, graphs)
-
-        x = to_device(noise.initial(block, (1, FRAMES_PER_BLOCK, LATENT_CHANNELS, h, w)), device).to(dtype).transpose(1, 2)
-        x0 = denoise_block(
-            predict,
-            x,
-            schedule,
-            renoise=lambda step: noise.renoise(block, step, (FRAMES_PER_BLOCK, LATENT_CHANNELS, h, w))
-            .transpose(0, 1)
-            .unsqueeze(0),
-            on_step=None if on_step is None else (lambda step, x0: on_step(block, step, x0)),
-            x0_from_timestep=True,
-        )
+        predict = session.predictor(audio[entry.segment].window(entry.audio_ptr, FRAMES_PER_BLOCK),
+                                    context_kv[entry.talking], start)
+        x0 = session.denoise(block, predict)
         yield x0
         if plan_length is None or block + 1 < plan_length:
             predict(x0, torch.zeros((), device=device), compute_output=False)
+
+
+def _new_cache(model: S2VDiT, ref_latent: torch.Tensor) -> KVCache:
+    """RealVideo's KV cache for a reference latent of this size (this rank's shard of it)."""
+    core = model.config
+    h, w = ref_latent.shape[-2:]
+    # Under sequence parallelism each rank caches every token of its share of the heads.
+    ranks = 1 if (sp := sequence_parallel.attached(model)) is None else sp.world_size
+    return model.new_kv_cache(
+        REALVIDEO_CACHE,
+        frame_tokens=(h // core.patch_size[1]) * (w // core.patch_size[2]) * ranks,
+        num_heads=core.num_heads // ranks,
+    )
+
+
+@dataclass(frozen=True)
+class _Session:
+    """What every block of one :func:`sample_realvideo` call shares."""
+
+    model: S2VDiT
+    cache: KVCache
+    graphs: ForwardGraphs | None
+    grid_offset: tuple[int, int]
+    noise: NoiseSource
+    schedule: StepSchedule
+    on_step: StepHook | None
+    latent_hw: tuple[int, int]
+
+    def predictor(self, window: Any, context_kv: Any, start: int) -> Callable[..., torch.Tensor | None]:
+        """The DiT's flow prediction for the block at stream frame ``start`` (its audio ``window``)."""
+
+        def predict(x: torch.Tensor, t: torch.Tensor, compute_output: bool = True) -> torch.Tensor | None:
+            # float64 so the sinusoid sees the float32 timestep without a second rounding.
+            return self.model(x, t.double(), window, context_kv, self.cache, start, compute_output, self.grid_offset,
+                              self.graphs)
+
+        return predict
+
+    def denoise(self, block: int, predict: Callable[..., torch.Tensor | None]) -> torch.Tensor:
+        """Block ``block``'s clean latents ``[1, 16, 2, h, w]`` from its noise (upstream's layouts:
+        initial draws ``[1, 2, 16, h, w]``, re-noise draws ``[2, 16, h, w]``)."""
+        frames = (FRAMES_PER_BLOCK, LATENT_CHANNELS, *self.latent_hw)
+        x = to_device(self.noise.initial(block, (1, *frames)), self.model.device).to(self.model.dtype).transpose(1, 2)
+        on_step = self.on_step
+        return denoise_block(
+            predict,
+            x,
+            self.schedule,
+            renoise=lambda step: self.noise.renoise(block, step, frames).transpose(0, 1).unsqueeze(0),
+            on_step=None if on_step is None else (lambda step, x0: on_step(block, step, x0)),
+            x0_from_timestep=True,
+        )

@@ -17,7 +17,8 @@ from typing import Protocol
 
 import torch
 
-from ..media.audio import SAMPLE_RATE, VIDEO_FPS
+from ..media.audio_file import SAMPLE_RATE
+from ..media.timing import VIDEO_FPS
 
 FRAME_SAMPLES = SAMPLE_RATE // VIDEO_FPS
 """Audio samples per video frame (1000): frame ``f`` is shown at sample ``f * FRAME_SAMPLES``."""

@@ -1,11 +1,5 @@
-"""Audio for LiveTalk: decoding, frame arithmetic and wav2vec2 features.
-
-Decoding goes through PyAV (FFmpeg): every channel is converted to float, the channels are averaged
-(the mono downmix librosa does), and the mono signal is resampled to 16 kHz by FFmpeg's
-**swresample** with its default settings (a Kaiser-windowed sinc filter) through
-``av.AudioResampler``. Upstream uses ``librosa.load`` (soxr); both are band-limited resamplers that
-differ far below what the model can notice, and neither shifts the signal in time. Audio that is
-already at 16 kHz is passed through untouched, so the parity cases see exactly upstream's samples.
+"""The wav2vec2 audio encoder: loading (a Hugging Face folder or one weights file, offline), a
+hand-written forward, and LiveTalk's per-frame features.
 
 Features follow upstream's ``Wav2VecModel.forward`` with transformers-4.x hidden-state semantics,
 recomputed here by hand so that transformers 4.x and 5.x give the same numbers (5.x no longer returns
@@ -24,273 +18,22 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, InputError, MissingWeightsError
 from ..wan.attention import attention
+from .audio_file import SAMPLE_RATE
 from .checkpoint import check_state_dict, guess_model_family, read_state_dict, strip_prefix
 
 if TYPE_CHECKING:
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-SAMPLE_RATE = 16000
-VIDEO_FPS = 16
 NORMALIZE_EPS = 1e-7
-# Samples per frame fed to swresample, so a long clip is never handed over as one huge AVFrame.
-_RESAMPLE_CHUNK = 1 << 16
-
-
-# --------------------------------------------------------------------------------------------------
-# Decoding and resampling
-# --------------------------------------------------------------------------------------------------
-
-
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
-    """Decode an audio file (WAV, MP3, FLAC, OGG, or anything FFmpeg reads) to mono float32.
-
-    Returns:
-        ``[N]`` float32 at ``sample_rate``: channels averaged, then resampled with swresample.
-    Raises:
-        InputError: the file is missing, is not audio, is corrupt, has no audio stream, or holds no
-            samples.
-    """
-    path = Path(path)
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise InputError(f"The audio file {path} {what}. Check the path or file name.")
-    channels, rate = _decode_channels(path)
-    return torch.from_numpy(_mono_at_rate(channels, rate, sample_rate, what=str(path)))
-
-
-def prepare_waveform(
-    samples: torch.Tensor | np.ndarray,
-    sample_rate: int,
-    layout: Literal["channels_first", "channels_last"] = "channels_first",
-    target_rate: int = SAMPLE_RATE,
-) -> torch.Tensor:
-    """In-memory audio to ``[N]`` float32 mono at ``target_rate``.
-
-    Accepts ``[T]``, ``[C, T]`` (``layout="channels_first"``), ``[T, C]`` (``"channels_last"``), or
-    ComfyUI's AUDIO waveform ``[B, C, T]`` with ``B == 1``.
-    """
-    if layout not in ("channels_first", "channels_last"):
-        raise InputError(f"Unknown audio layout {layout!r}: use 'channels_first' or 'channels_last'.")
-    if isinstance(samples, torch.Tensor):
-        samples = samples.detach().to("cpu", torch.float32).numpy()
-    array = np.asarray(samples, dtype=np.float32)
-    if array.ndim == 3:
-        if layout != "channels_first":
-            raise InputError("A batched waveform must be laid out [batch, channels, samples].")
-        if array.shape[0] != 1:
-            raise InputError(
-                f"The audio input holds a batch of {array.shape[0]} clips; LiveTalk needs exactly one. "
-                "Split the batch or pick one clip."
-            )
-        array = array[0]
-    elif array.ndim == 1:
-        array = array[None]
-    elif array.ndim == 2 and layout == "channels_last":
-        array = array.T
-    elif array.ndim != 2:
-        raise InputError(f"Expected a waveform of 1 to 3 dimensions, got shape {tuple(array.shape)}.")
-    if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise InputError(f"The audio sample rate must be a positive integer, got {sample_rate!r}.")
-    return torch.from_numpy(_mono_at_rate(array, int(sample_rate), target_rate, what="the audio input"))
-
-
-def _decode_channels(path: Path) -> tuple[np.ndarray, int]:
-    """All samples of the first audio stream as float32 ``[C, T]`` and the stream's sample rate."""
-    unreadable = (
-        f"{path} could not be read as audio: it is not an audio file or it is corrupt. "
-        "Use a WAV, MP3, FLAC or OGG file."
-    )
-    try:
-        container = av.open(str(path))
-    except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError):
-        raise InputError(unreadable) from None
-    with container:
-        if not container.streams.audio:
-            raise InputError(f"{path} has no audio stream. Pick a file that contains sound.")
-        stream = container.streams.audio[0]
-        # Format conversion only (same rate and layout): integer PCM becomes float in [-1, 1].
-        to_float = av.AudioResampler(format="fltp")
-        frames: list[av.AudioFrame] = []
-        try:
-            for frame in container.decode(stream):
-                frames += to_float.resample(frame)
-            frames += to_float.resample(None)
-        except (av.FFmpegError, ValueError):
-            raise InputError(unreadable) from None
-    if sum(f.samples for f in frames) == 0:
-        raise InputError(f"{path} holds no audio samples (the clip is empty).")
-    return np.concatenate([f.to_ndarray() for f in frames], axis=1), int(frames[0].sample_rate)
-
-
-def _mono_at_rate(channels: np.ndarray, rate: int, target_rate: int, *, what: str) -> np.ndarray:
-    """``[C, T]`` float32 at ``rate`` to ``[N]`` float32 mono at ``target_rate``."""
-    if channels.shape[-1] == 0 or channels.shape[0] == 0:
-        raise InputError(f"{what} holds no audio samples (the clip is empty).")
-    if not np.isfinite(channels).all():
-        raise InputError(f"{what} contains NaN or infinite samples. Re-export the audio.")
-    mono = channels.mean(axis=0, dtype=np.float32) if channels.shape[0] > 1 else channels[0]
-    if rate != target_rate:
-        mono = resample(mono, rate, target_rate)
-    return np.ascontiguousarray(mono, dtype=np.float32)
-
-
-def resample(waveform: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
-    """Resample ``[T]`` float32 mono with swresample; the result has ``ceil(T * target / rate)``
-    samples (librosa's length rule), trimmed or zero-extended by at most a sample or two."""
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=target_rate)
-    out: list[np.ndarray] = []
-    for start in range(0, len(waveform), _RESAMPLE_CHUNK):
-        chunk = np.ascontiguousarray(waveform[None, start : start + _RESAMPLE_CHUNK], dtype=np.float32)
-        frame = av.AudioFrame.from_ndarray(chunk, format="flt", layout="mono")
-        frame.sample_rate = rate
-        out += [f.to_ndarray()[0] for f in resampler.resample(frame)]
-    out += [f.to_ndarray()[0] for f in resampler.resample(None)]
-    result = np.concatenate(out) if out else np.zeros(0, np.float32)
-    length = -(-len(waveform) * target_rate // rate)
-    if len(result) < length:
-        result = np.pad(result, (0, length - len(result)))
-    return result[:length]
-
-
-# --------------------------------------------------------------------------------------------------
-# Frame arithmetic (scripts/inference_example.py:133-134, 162-168)
-# --------------------------------------------------------------------------------------------------
-
-
-def video_frames_for_samples(num_samples: int, sample_rate: int = SAMPLE_RATE, fps: int = VIDEO_FPS) -> int:
-    """Video frames for ``N`` samples of audio (D = N / rate seconds), for both model families.
-
-    One frame for every instant ``k / fps`` from 0 through the end of the audio:
-    ``floor(fps * D) + 1`` (upstream LiveTalk's ``16 D + 1`` for whole seconds). At ``fps``, the
-    mp4's video then lasts ``(D, D + 1/fps]``: never shorter than the audio (so no speech is cut
-    when the audio track is muxed), at most one frame longer. Integer arithmetic: no rounding drift.
-    """
-    return num_samples * fps // sample_rate + 1
-
-
-def samples_for_duration(seconds: float, sample_rate: int = SAMPLE_RATE) -> int:
-    """Audio samples in ``seconds`` (a requested video duration), refusing what is not a positive
-    finite number of seconds of at least one sample."""
-    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
-        raise InputError(f"The duration must be a positive number of seconds (e.g. 3.5); got {seconds}.")
-    samples = round(seconds * sample_rate)
-    if samples < 1:
-        raise InputError(f"The duration {seconds} s is shorter than one audio sample (1/{sample_rate} s).")
-    return samples
-
-
-@dataclass(frozen=True)
-class VideoLength:
-    """How long a video is and how many blocks make it (each family's function in
-    ``pipeline.livetalk_video_length`` / ``realvideo_sampler.realvideo_video_length`` fills it).
-
-    num_samples: the 16 kHz audio the video covers (the clip, or ``duration`` seconds of it).
-    num_blocks: blocks to sample; their decoded frames cover ``num_video_frames`` (the surplus of
-        the last block is trimmed after decoding).
-    num_video_frames: :func:`video_frames_for_samples` of ``num_samples``.
-    block_samples: the audio one block covers, for the short-clip message.
-    """
-
-    num_samples: int
-    num_blocks: int
-    num_video_frames: int
-    block_samples: int
-
-    @property
-    def seconds(self) -> float:
-        return self.num_samples / SAMPLE_RATE
-
-    @property
-    def short_clip_message(self) -> str | None:
-        """What a clip shorter than one block gives (None for a clip of one block or more)."""
-        if self.num_samples >= self.block_samples:
-            return None
-        frames = self.num_video_frames
-        return (
-            f"{self.seconds:.2f} s of audio is shorter than one block ({self.block_samples / SAMPLE_RATE:.2f} s): "
-            f"the video will be {frames} frame{'s' if frames != 1 else ''} ({frames / VIDEO_FPS:.2f} s at {VIDEO_FPS} "
-            "fps). A longer clip gives a longer video."
-        )
-
-
-class CoversVideoLength:
-    """What an audio conditioning with a ``length`` (:class:`VideoLength`) tells the sampler and the
-    decoder: the blocks to sample and the frames to keep."""
-
-    length: VideoLength
-
-    @property
-    def num_blocks(self) -> int:
-        return self.length.num_blocks
-
-    @property
-    def num_video_frames(self) -> int:
-        return self.length.num_video_frames
-
-
-def video_frames_for_latents(num_latent_frames: int) -> int:
-    """Video frames decoded from ``F`` latent frames: ``4F - 3`` (latent 0 is one frame, the rest 4)."""
-    return 4 * num_latent_frames - 3
-
-
-def samples_for_latents(num_latent_frames: int, sample_rate: int = SAMPLE_RATE, fps: int = VIDEO_FPS) -> int:
-    """Audio samples upstream keeps for ``F`` latent frames: ``int((4F - 4) / fps * sample_rate)``.
-
-    Upstream trims longer audio to this many samples and never pads shorter audio. The expression
-    is evaluated in the same float order as upstream so the count is identical.
-    """
-    return int(((num_latent_frames * 4 - 4) / fps) * sample_rate)
-
-
-def trim_waveform_for_latents(waveform: torch.Tensor, num_latent_frames: int) -> torch.Tensor:
-    """Upstream's rule: keep the first ``samples_for_latents(F)`` samples (shorter audio is kept as is)."""
-    return waveform[: samples_for_latents(num_latent_frames)]
-
-
-def latents_covering(num_samples: int, frames_per_block: int = 3) -> int:
-    """The smallest multiple ``F`` of ``frames_per_block`` whose audio span
-    ``samples_for_latents(F)`` holds ``num_samples`` (see :func:`pad_waveform_to_blocks`)."""
-    num_latent_frames = frames_per_block
-    while samples_for_latents(num_latent_frames) < num_samples:
-        num_latent_frames += frames_per_block
-    return num_latent_frames
-
-
-def pad_waveform_to_blocks(waveform: torch.Tensor, frames_per_block: int = 3) -> tuple[torch.Tensor, int]:
-    """Pad ``[N]`` 16 kHz audio with silence to a whole number of generation blocks.
-
-    Picks the smallest ``F`` that is a multiple of ``frames_per_block`` with ``(4F - 4) / 16`` seconds
-    >= the audio duration, and zero-pads to exactly ``samples_for_latents(F)`` samples, so every video
-    frame has audio aligned to it (upstream instead stretches short audio over the whole video).
-    Durations upstream accepts (3n + 2 whole seconds) get upstream's ``F`` and no padding. The caller
-    trims the decoded video back to the audio length.
-
-    Returns:
-        ``(padded [samples_for_latents(F)] float32, F)``.
-    """
-    num_samples = int(waveform.shape[-1])
-    if waveform.ndim != 1 or num_samples == 0:
-        raise InputError(f"Expected a non-empty mono waveform [N], got shape {tuple(waveform.shape)}.")
-    num_latent_frames = latents_covering(num_samples, frames_per_block)
-    padding = samples_for_latents(num_latent_frames) - num_samples
-    return F.pad(waveform.float(), (0, padding)), num_latent_frames
-
-
-# --------------------------------------------------------------------------------------------------
-# wav2vec2 encoder
-# --------------------------------------------------------------------------------------------------
-
 # Heads of the HF checkpoint classes (CTC, pre-training); LiveTalk uses only the bare encoder.
 _HEAD_PREFIXES = ("lm_head.", "quantizer.", "project_q.", "project_hid.")
 _POS_CONV = "encoder.pos_conv_embed.conv."
@@ -526,11 +269,6 @@ def _build_model(config: Wav2Vec2Config, state: dict[str, torch.Tensor], path: P
         raise CheckpointError(f"{exc}{hint}") from None
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
-
-
-# --------------------------------------------------------------------------------------------------
-# Forward
-# --------------------------------------------------------------------------------------------------
 
 
 def normalize_waveform(waveform: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -1,0 +1,46 @@
+"""RealVideo 14B on several GPUs: the sharded sampler every rank runs and what a worker process of
+a :class:`~..parallel.workers.WorkerGroup` runs (:func:`worker_job`)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..options import RuntimeOptions
+from ..parallel.sequence_parallel import SequenceParallel
+from ..parallel.sharded_sampling import sample_sharded
+from ..parallel.worker_process import WorkerJob
+from ..runtime.noise import NoiseSource
+from .model import S2VDiT, load_s2v_dit
+from .sampler import FRAMES_PER_BLOCK, REALVIDEO_CACHE, sample_realvideo
+
+
+def sample_realvideo_parallel(model: S2VDiT, sp: SequenceParallel | None, *, ref_latent: torch.Tensor,
+                              noise: NoiseSource, **kwargs: Any) -> Iterator[torch.Tensor]:
+    """:func:`~.sampler.sample_realvideo` over the group ``sp`` (None: one process), through
+    :func:`~..parallel.sharded_sampling.sample_sharded`: every rank passes the same full-size inputs
+    and yields full blocks ``[1, 16, 2, h, w]``; ``kwargs`` are ``sample_realvideo``'s other
+    arguments (``on_step`` gets this rank's shard of x0)."""
+    return sample_sharded(sample_realvideo, model, sp, cache=REALVIDEO_CACHE, frames_per_block=FRAMES_PER_BLOCK,
+                          ref_latent=ref_latent, noise=noise, **kwargs)
+
+
+def load_realvideo_dit(path: str | os.PathLike, options: RuntimeOptions, *, device: torch.device,
+                       **load_options: Any) -> S2VDiT:
+    """:func:`~.model.load_s2v_dit` on ``device`` in ``options``' precision and fp8 weight forms,
+    set up by :meth:`~..options.RuntimeOptions.apply` (the blocks compiled on a GPU unless ``options``
+    say otherwise); ``load_options`` are ``load_s2v_dit``'s other keyword arguments (``base``, ...)."""
+    options = options.on(device)
+    model = load_s2v_dit(path, options.dtype, device, fp8_weights=options.fp8_weights, fp8_matmul=options.fp8_matmul,
+                         **load_options)
+    options.apply(model)
+    return model
+
+
+def worker_job(path: str | os.PathLike, options: RuntimeOptions, **load_options: Any) -> WorkerJob:
+    """What each worker of a multi-GPU group runs for the RealVideo DiT at ``path``."""
+    return WorkerJob(functools.partial(load_realvideo_dit, path, options, **load_options), sample_realvideo_parallel)
