@@ -62,7 +62,7 @@ class LiveTalkLive(io.ComfyNode):
                              tooltip="Video width in pixels, as in Encode Reference (VAE). Smaller is faster."),
                 io.Int.Input("height", default=512, min=64, max=2048, step=16,
                              tooltip="Video height in pixels, as in Encode Reference (VAE)."),
-                io.Int.Input("seed", default=0, min=0, max=MAX_SEED,
+                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                              tooltip="Seed of the sampling noise of each session."),
                 io.Int.Input("steps", default=4, min=1, max=50,
                              tooltip="Denoising steps per block: fewer is faster. LiveTalk 1.3B is distilled for 4; "

@@ -210,10 +210,16 @@ def test_overlaps_are_found():
 
 
 def run_for_client(comfy, prompt: dict, client_id: str) -> None:
-    """Queue ``prompt`` for the page's websocket client (so it gets the progress and previews) and wait for it."""
+    """Queue ``prompt`` for the page's websocket client (so it gets the progress and previews) and wait for it.
+    A live workflow runs until Stop: once its LiveTalk Live node serves, Stop is pressed (its route)."""
     status, body = comfy.post("/prompt", {"prompt": prompt, "client_id": client_id})
     assert status == 200, body
     prompt_id, deadline = body["prompt_id"], time.monotonic() + 600
+    if any(node["class_type"] == "LiveTalkLive" for node in prompt.values()):
+        while not comfy.get("/livetalk/live/status")["running"]:
+            assert time.monotonic() < deadline, "the LiveTalk Live node never ran"
+            time.sleep(0.5)
+        assert comfy.post("/livetalk/live/stop", {})[0] == 200
     while not comfy.get(f"/history/{prompt_id}").get(prompt_id, {}).get("status", {}).get("completed"):
         assert time.monotonic() < deadline, f"prompt {prompt_id} did not finish"
         time.sleep(1)
@@ -242,7 +248,9 @@ def test_example_workflow_opens_in_the_real_front_end(ui_path, browser_port, req
         shutil.copyfile(shots / shot, artifacts / name)
 
     # The template browser's cards are exactly the UI workflows, and this one opens from its card.
-    assert state["template_cards"] == {"cards": [p.stem for p in UI_FILES], "status": 200}, state["template_cards"]
+    # (in any order: the server lists the folder in the file system's order)
+    cards = state["template_cards"]
+    assert sorted(cards["cards"]) == [p.stem for p in UI_FILES] and cards["status"] == 200, cards
     assert not [d for d in state["dialogs"] if "missing" in d.lower() and "node" in d.lower()], state["dialogs"]
     # The test server holds every model file except the full umT5 (CI cannot), so that is the only
     # download the front end may ask for.
