@@ -164,9 +164,9 @@ class LoadLiveTalkModel(io.ComfyNode):
                                "flash_attn / sageattention packages and fall back to sdpa without them; math "
                                "is a slow reference."),
                 io.Boolean.Input("compile", default=True, optional=True,
-                                 tooltip="torch.compile the DiT's blocks and the VAE's conv steps on a GPU (about 30% "
-                                 "faster after a few seconds of compiling on the first run). Falls back to eager by itself if "
-                                 "compiling is not possible; ignored on the CPU."),
+                                 tooltip="torch.compile the DiT's blocks and the VAE's conv steps on a GPU (faster "
+                                 "after a few seconds of compiling on the first run). Falls back to eager by itself "
+                                 "if compiling is not possible; ignored on the CPU."),
                 io.Combo.Input("base_model_name", options=[NO_BASE, *cm.base_choices()], default=NO_BASE, optional=True,
                                tooltip="RealVideo 14B only: the Wan2.2-S2V-14B checkpoint a partial fine-tune (a "
                                f"model.pt holding only some of the DiT's tensors) is applied over, e.g. {S2V_BASE_FILE}. "
@@ -181,8 +181,8 @@ class LoadLiveTalkModel(io.ComfyNode):
                 io.Boolean.Input("fp8_matmul", default=False, optional=True,
                                  tooltip="Run the DiT's block Linear layers as fp8 x fp8 matmuls (weights kept in fp8 "
                                  "with one scale per output channel, inputs scaled per row): faster on Ada/Hopper "
-                                 "GPUs (e.g. 14B 2-step blocks about 20% faster on an H100), outputs move by fp8 "
-                                 "rounding. Needs bf16 precision; on older GPUs it logs a warning and runs bf16."),
+                                 "GPUs (mostly for RealVideo 14B), outputs move by fp8 rounding. Needs bf16 "
+                                 "precision; on older GPUs it logs a warning and runs bf16."),
                 io.Int.Input("gpus", default=1, min=1, max=16, optional=True,
                              tooltip="RealVideo 14B only: run the DiT sequence parallel on the first N CUDA GPUs "
                              "(1, 2, 4 or 8; the same video as one GPU, faster). Above 1 the DiT is not loaded in "
@@ -198,8 +198,7 @@ class LoadLiveTalkModel(io.ComfyNode):
                                  tooltip="With compile: replay the DiT's forwards as CUDA graphs once the KV cache's "
                                  "layout repeats (from about the 8th block; with 4 or more gpus, graphs between the "
                                  "GPUs' exchanges; not used on 2, where they do not pay). The same video bit for bit; "
-                                 "the DiT no longer waits on a slow or busy CPU (1.3B on an H100 with a slow host: "
-                                 "226 -> 181 ms per block; RealVideo 14B on 4 H200s: 307 -> 121 ms per block). "
+                                 "the DiT no longer waits on a slow or busy CPU. "
                                  "Off: every kernel is launched one by one. Not used with fp8_kv_cache."),
             ],
             outputs=[

@@ -173,3 +173,35 @@ def test_nodes_name_no_family():
         if pattern.search(line)
     ]
     assert not found, "\n".join(found)
+
+
+MAX_FUNCTION_LINES = 80
+# A time, a speed-up or a throughput: measurements, which belong in docs/performance.md only.
+MEASURED = re.compile(r"\b\d+(\.\d+)? ?(ms|us|µs)\b|\b\d+(\.\d+)? ?x (faster|slower)|TFLOP|\b\d+(\.\d+)? ?FPS\b"
+                      r"|\b\d+ ?% (faster|slower)")
+
+
+def python_files() -> list[Path]:
+    return [path for package in PACKAGES for path in sorted((REPO / package).rglob("*.py"))]
+
+
+def test_no_function_over_80_lines():
+    long = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in python_files()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, "\n".join(long)
+
+
+def test_no_measured_numbers_in_code_comments_or_tooltips():
+    assert MEASURED.search("226 -> 181 ms per block") and MEASURED.search("2.5x slower")
+    found = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in python_files()
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if MEASURED.search(line)
+    ]
+    assert not found, "\n".join(found)

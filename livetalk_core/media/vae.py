@@ -190,7 +190,7 @@ def causal_conv_step(
     if gamma is not None:
         x = F.silu(rms_norm(x, gamma, scale))
     # The layouts are spelled out for the compiler, which would otherwise store the padded input and
-    # the history in its own order and convert every frame back for cuDNN (+20 % decode time).
+    # the history in its own order and convert every frame back for cuDNN (a slower decode).
     padded = torch.cat([history, x], dim=2).contiguous(memory_format=FRAMES_LAST)
     out = conv_by_frames(padded, tap_weights, bias, padding_hw)
     if residual is not None:
@@ -360,8 +360,8 @@ class Downsample(nn.Module):
 def nearest_2x(frames: torch.Tensor) -> torch.Tensor:
     """Nearest-neighbour 2x upsampling of channels-last images ``[N,C,H,W] -> [N,C,2H,2W]`` (channels-
     last out). The same values as ``F.interpolate(..., mode="nearest")``, written as one broadcast
-    copy: PyTorch's channels-last nearest kernel runs at a quarter of the memory bandwidth (1.18 ms
-    for 192x256x256x4 frames on an H100; this, compiled: 0.18 ms)."""
+    copy: PyTorch's channels-last nearest kernel runs far below the memory bandwidth
+    (docs/performance.md)."""
     n, c, h, w = frames.shape
     pixels = frames.permute(0, 2, 3, 1)  # [N, H, W, C]
     doubled = pixels[:, :, None, :, None, :].expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c)

@@ -350,8 +350,8 @@ _POS_CONV_CHUNK_FRAMES = 256
 def conv1d_as_matmul(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """An ungrouped, unpadded strided ``conv(x)`` ``[B, C, L] -> [B, C', L']`` as one matmul.
 
-    cuDNN builds a new plan for every input length it has not seen (each new clip), which cost tens
-    of milliseconds per clip in the feature extractor; cuBLAS needs none and is as fast here.
+    cuDNN builds a new plan for every input length it has not seen (each new clip), host time spent
+    again per clip in the feature extractor; cuBLAS needs none and is as fast here.
     """
     kernel, stride = conv.kernel_size[0], conv.stride[0]
     batch, channels, _ = x.shape
@@ -376,9 +376,9 @@ def _cnn_layer(layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
 def positional_conv(embed: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     """wav2vec2's positional embedding (grouped same-padded conv, then its activation): ``[1, T, C] -> [1, T, C]``.
 
-    Computed as one batched matmul per group and time chunk instead of the convolution: cuDNN takes
-    about 30 ms on an H200 for this 128-tap grouped conv over a 12 s clip (most of the audio encoding
-    time), the matmuls well under 1 ms. The chunks bound the unfolded copy for long clips.
+    Computed as one batched matmul per group and time chunk instead of the convolution: cuDNN's
+    128-tap grouped conv took most of the audio encoding time (docs/performance.md), the matmuls a
+    small part of it. The chunks bound the unfolded copy for long clips.
     """
     conv = embed.conv
     kernel, groups, pad = conv.kernel_size[0], conv.groups, conv.padding[0]

@@ -7,8 +7,8 @@ between them. A model variant may add regions of its own (the 14B's audio inject
 :meth:`~..wan.dit.WanDiTCore.compile_regions`). All layers share one compiled graph per function
 (parameters are graph inputs), so compiling takes seconds, not minutes, and the cache's per-block
 slot mapping never recompiles it.
-Most of what it removes is the element-wise traffic of the eager loop (about 40 % of the DiT's GPU
-time, see docs/performance.md).
+Most of what it removes is the element-wise traffic of the eager loop (docs/performance.md has the
+profile).
 """
 
 from __future__ import annotations

@@ -2,9 +2,8 @@
 
 A compiled forward still launches over a thousand kernels (per layer: the compiled regions, the
 cache write, the attention; the 14B's audio injectors). A fast host launches them faster than the
-GPU runs them; a slow or busy one does not, and the GPU then idles between kernels (on one H100
-whose host was slow, the 1.3B DiT took 220 ms per block launched kernel by kernel, 178 ms
-replayed: docs/performance.md). Under sequence parallelism the gaps are worse: every layer's
+GPU runs them; a slow or busy one does not, and the GPU then idles between kernels
+(docs/performance.md has the measurements). Under sequence parallelism the gaps are worse: every layer's
 exchanges wait for the slowest rank's launches, so each rank's launch jitter costs all of them
 (:data:`~.options.MIN_PARALLEL_RANKS` says where that starts to matter).
 
@@ -14,7 +13,7 @@ mapping for the block, the shapes). What changes from forward to forward goes th
 input buffers (the noisy latents, the timestep, RoPE positions, audio). A session's blocks settle
 into a couple of slot mappings, so a handful of graphs serve a whole video.
 
-Collectives are never captured (NCCL all-to-alls inside a graph hung on 2 and 4 H200s). A forward
+Collectives are never captured (NCCL all-to-alls inside a graph hung). A forward
 that calls :func:`outside_graph` (the sequence-parallel exchanges do) is captured as a chain of
 graphs cut at those calls; a replay runs the graphs in order with the exchanges between them, from
 static send and receive buffers that all graphs of the session share.

@@ -22,7 +22,7 @@ try:  # cuDNN's fused attention is about 2x FlashAttention-2 on Hopper for these
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     _GPU_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    # cuDNN builds a plan per new shape (~40 ms of CPU on an H100): not worth it for shapes seen once.
+    # cuDNN builds a plan per new shape (host time, docs/performance.md): not worth it for shapes seen once.
     _GPU_SDPA_ORDER_VARYING = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
 except ImportError:  # older torch: its default order
     sdpa_kernel = None

@@ -246,8 +246,8 @@ class WanBlock(nn.Module):
     def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
         """``ffn(h)``, ``[B, S, C] -> [B, S, C]``. With :attr:`gelu_in_gemm`, on a GPU with plain Linears,
         the tanh GELU runs in the first GEMM's epilogue (cuBLASLt, on the float32 accumulator before
-        rounding): one pass over the ``[S, ffn_dim]`` activations less (-20 % for that GEMM on an
-        H100), and closer to float32."""
+        rounding): one pass over the ``[S, ffn_dim]`` activations less (docs/performance.md), and
+        closer to float32."""
         up, _, down = self.ffn
         if self.gelu_in_gemm and h.is_cuda and type(up) is nn.Linear:
             hidden = torch._addmm_activation(up.bias, h.flatten(0, 1), up.weight.t(), use_gelu=True)

@@ -11,8 +11,7 @@ first, ``+sin`` on the second). A rotation is then ``x * cos + swap(x) * signed_
 ``swap`` exchanging the two channels of each pair: bit for bit the float64 products and sums of
 the pairwise form of upstream's complex multiplication, ``(re*cos - im*sin, re*sin + im*cos)``
 (``tests/test_core.py``), in a form that ``torch.compile`` turns into one pass at memory speed
-(the pairwise form, with a stack of its two halves, compiled to a kernel 2.5x slower: 110 -> 43 us
-for the 14B's q and k, docs/performance.md).
+(the pairwise form, with a stack of its two halves, compiled to a slower kernel: docs/performance.md).
 
 Upstream precomputes a 1024-position table, which caps a video at 1024 latent frames. The angles
 here are computed for whatever positions are asked for, with the same float64 arithmetic
