@@ -6,6 +6,8 @@ LIVETALK_GOLDEN_DIRS), made with madebyollin/taehv's and lightx2v's own code (te
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from golden import assert_close, case_ids, golden_cases, names_from
@@ -288,6 +290,18 @@ def test_load_rejects_other_latent_spaces(tmp_path):
     save_file(TinyDecoder(config).state_dict(), str(tmp_path / "taew2_2.safetensors"))
     with pytest.raises(CheckpointError, match="48-channel latents .*Wan2.2 5B.*taew2_1"):
         load_tiny_decoder(tmp_path / "taew2_2.safetensors")
+
+
+@pytest.mark.parametrize("name", ["taehv.pth", "taehv.safetensors", "taecvx.pth", "taeos1_3.pth"])
+def test_load_refuses_other_models_tiny_decoders_by_name(tmp_path, name):
+    """madebyollin's TAEHVs for HunyuanVideo, CogVideoX and Open-Sora also take 16-channel latents: their
+    weights would load and decode wrong frames, so the name refuses them."""
+    state = _random_decoder().state_dict()
+    (torch.save(state, tmp_path / name) if name.endswith(".pth") else save_file(state, str(tmp_path / name)))
+    with pytest.raises(CheckpointError, match="by its name.*taew2_1"):
+        load_tiny_decoder(tmp_path / name)
+    renamed = (tmp_path / name).rename(tmp_path / ("taew2_1" + Path(name).suffix))
+    assert load_tiny_decoder(renamed).config == SMALL
 
 
 def test_load_names_missing_and_unexpected_keys(tmp_path):

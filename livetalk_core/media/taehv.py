@@ -37,7 +37,7 @@ from torch import nn
 
 from ..errors import CheckpointError, InputError
 from .checkpoint import check_state_dict, read_state_dict, resolve_dtype, strip_prefix
-from .vae import LATENT_CHANNELS, WAN21_LATENT_MEAN, WAN21_LATENT_STD
+from .vae import LATENT_CHANNELS, WAN21_LATENT_MEAN, WAN21_LATENT_STD, nearest_2x
 
 MODEL_NAME = "TAEHV tiny decoder for Wan2.1"
 WHERE_TO_GET_IT = (
@@ -238,7 +238,7 @@ class TinyDecoder(nn.Module):
             start = self.config.stage_start(stage)
             for index in range(start, start + BLOCKS_PER_STAGE):
                 x = self.decoder[str(index)](x, _previous_frames(x, batch, state, index))
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
+            x = _in_layout(nearest_2x(x))  # F.interpolate(mode="nearest")'s values, faster channels-last
             x = self.decoder[str(start + BLOCKS_PER_STAGE + 1)](x)
             x = self.decoder[str(start + BLOCKS_PER_STAGE + 2)](x)
         x = self.decoder[str(_FINAL)](F.relu(x)).clamp_(0, 1)
@@ -357,6 +357,7 @@ def load_tiny_decoder(
     """Load ``taew2_1`` (``.pth``, read with ``weights_only=True``, or ``.safetensors``) or lightx2v's
     ``lighttaew2_1``. ``latent_space`` None: by the file name (:func:`latent_space_for`). Raises
     :class:`CheckpointError`."""
+    _reject_other_models_by_name(path)
     state_dict = read_state_dict(path, what=MODEL_NAME)
     space = latent_space_for(str(path)) if latent_space is None else latent_space
     return tiny_decoder_from_state_dict(state_dict, latent_space=space, dtype=dtype, device=device, source=path)
@@ -371,6 +372,23 @@ def check_tiny_decoder_file(path: str | os.PathLike) -> TinyDecoderConfig:
 def looks_like_tiny_decoder(keys) -> bool:
     """Whether state-dict names are a TAEHV's (ComfyUI's own test: its last decoder conv)."""
     return any(re.fullmatch(rf"(?:.*\.)?decoder\.{_FINAL}\.bias", key) for key in keys)
+
+
+OTHER_MODELS_16_CHANNELS = {r"taehv(?!\d)": "HunyuanVideo", "taecvx": "CogVideoX", "taeos": "Open-Sora"}
+"""madebyollin's TAEHV files for other models whose latents also have 16 channels, by how their names
+start (``taehv1_5``, 32 channels, is refused by its shapes): their weights load, so only the name tells
+them from taew2_1."""
+
+
+def _reject_other_models_by_name(path: str | os.PathLike) -> None:
+    stem = os.path.splitext(os.path.basename(str(path)))[0].lower()
+    for start, model in OTHER_MODELS_16_CHANNELS.items():
+        if re.match(start, stem):
+            raise CheckpointError(
+                f"{path} is, by its name, madebyollin's tiny decoder for {model}, whose latents differ from "
+                f"Wan2.1's (its frames would be wrong). LiveTalk needs the Wan2.1 one: {WHERE_TO_GET_IT}. (If the "
+                "file is a renamed taew2_1, name it taew2_1.)"
+            )
 
 
 def _reject_other_latent_spaces(tensors: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
