@@ -27,6 +27,7 @@ from comfy_api.latest import io, ui
 from ..livetalk_core.errors import InputError
 from .comfy_models import Managed, on_device, out_of_memory_advice
 from .live_routes import HOST, LiveOffer, LiveSummary
+from .multi_gpu import WorkerDiT
 from .pack_types import CATEGORY, LiveTalkAudioEncoder, LiveTalkModel, LiveTalkVAE
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,7 @@ class LiveTalkLive(io.ComfyNode):
                 width: int, height: int, seed: int, steps: int, idle_conditioning=None) -> io.NodeOutput:
         from ..livetalk_core.live.session import open_session  # the live core loads only when a node runs
 
-        if image.ndim != 4 or image.shape[0] < 1:
-            raise InputError("The image input holds no image. Connect a Load Image node to it.")
+        check_inputs(model, image)
         dit, vae_engine, encoder = on_device(model, vae, audio_encoder)
 
         @torch.inference_mode()
@@ -108,6 +108,16 @@ class LiveTalkLive(io.ComfyNode):
             log.info("LiveTalk Live: cancelled after %s", summary.text())
             mm.throw_exception_if_processing_interrupted()
         return io.NodeOutput(ui=ui.PreviewText(f"Live session ended (Stop): {summary.text()}"))
+
+
+def check_inputs(model: Managed, image: torch.Tensor) -> None:
+    """Refuse what a live session cannot use before anything loads: the session samples on one GPU in this
+    process (a model loaded with gpus > 1 runs in worker processes), and it needs a reference image."""
+    if isinstance(model.engine, WorkerDiT):
+        raise InputError("LiveTalk Live runs the model on one GPU in ComfyUI's process, but this model was loaded "
+                         "on several (gpus > 1 in Load LiveTalk Model). Set gpus to 1 for a live workflow.")
+    if image.ndim != 4 or image.shape[0] < 1:
+        raise InputError("The image input holds no image. Connect a Load Image node with the face to animate.")
 
 
 class InferenceModeSession:

@@ -213,3 +213,10 @@ def test_live_realvideo_workflow_serves_a_session(comfy, speech):
     assert recording.info["family"] == "RealVideo 14B" and report["returned_audio_exact"], report
     assert abs(report["frames"] - 16) <= recording.info["block_frames"], report
     assert stop_live(comfy, prompt_id)["status"]["status_str"] == "success"
+
+
+def test_node_cases_in_a_comfyui_process():
+    """live_comfyui_cases.py: the node's refusals before loading, and no caching (see comfy_in_process)."""
+    from comfy_in_process import run_in_comfyui
+
+    run_in_comfyui(Path(__file__).with_name("live_comfyui_cases.py"))

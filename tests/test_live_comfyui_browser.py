@@ -1,0 +1,147 @@
+"""The LiveTalk Live panel in ComfyUI's real front end, in headless Chromium with a fake microphone.
+
+Chromium's fake capture device plays a WAV of speech (``--use-fake-device-for-media-stream
+--use-file-for-fake-audio-capture``). The page opens the live workflow from its template card; the
+tiny-model twin is queued for the page's client, so the node's panel connects when the node starts; the
+test presses the panel's microphone button, waits until the panel has shown video frames and played
+the blocks' audio, takes a picture of the panel (``$LIVETALK_ARTIFACTS``/live_comfyui.png, default the
+test's temporary folder), presses Stop and checks that the prompt finished and no session is left in
+memory. Fails when no Chromium or no ComfyUI is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from comfy_env import PACK_DIR_NAME, free_port, livetalk_server
+from test_comfy_server_frontend import DevTools, _browser
+from test_live_comfyui import LIVE_1_3B_API, PREFIX, live_prompt, speech_16k, status, wait_for_status, write_wav
+
+SPEECH_SECONDS = 3.0
+LIVE_NODE_ID = "5"  # the LiveTalk Live node's id in the shipped live workflows
+# Enough of the session for the test: frames drawn and block audio played after the microphone was on.
+FRAMES_WANTED = 24
+PANEL = f"app.graph.getNodeById({LIVE_NODE_ID}).livetalkLivePanel"
+
+
+@pytest.fixture(scope="module")
+def fake_microphone_browser(tmp_path_factory):
+    """Chromium whose microphone is a WAV of speech (played in a loop), permissions granted, autoplay allowed."""
+    browser = _browser()
+    if browser is None:
+        pytest.fail("no Chromium installed (apt-get install chromium)")
+    wav = write_wav(tmp_path_factory.mktemp("mic") / "speech.wav", speech_16k(SPEECH_SECONDS))
+    port = free_port()
+    profile = tempfile.mkdtemp(prefix="chromium-live-")
+    process = subprocess.Popen(
+        [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+         f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
+         f"--remote-debugging-port={port}", f"--user-data-dir={profile}", "--window-size=1400,900", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/json/version", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                pytest.fail("Chromium did not start")
+            time.sleep(0.3)
+    yield port
+    process.terminate()
+    process.wait(timeout=20)
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+OPEN_LIVE_TEMPLATE = f"""(async () => {{
+  const response = await fetch('api/workflow_templates/{PACK_DIR_NAME}/live_livetalk_1.3b.json');
+  await app.loadGraphData(await response.json());
+  return response.status;
+}})()"""
+# What the panel shows: the shared client's counters and the status line.
+PANEL_STATE = f"""(() => {{
+  const panel = {PANEL};
+  const client = panel.client;
+  return JSON.stringify({{
+    status: panel.status.textContent,
+    connected: !!client,
+    frames: client ? client.framesShown : 0,
+    audio: client ? client.audioBlocksPlayed : 0,
+    microphone: panel.microphoneOn,
+  }});
+}})()"""
+PANEL_RECT = f"""(() => {{
+  const r = {PANEL}.root.getBoundingClientRect();
+  return JSON.stringify([r.x, r.y, r.width, r.height]);
+}})()"""
+
+
+async def _panel_state(tools: DevTools) -> dict:
+    return json.loads(await tools.evaluate(PANEL_STATE))
+
+
+async def _drive_panel(port: int, comfy, artifacts: Path) -> dict:
+    """Open the live workflow, queue the tiny twin for this page, talk, look, Stop. Returns the panel's states."""
+    import aiohttp
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/version", timeout=10) as response:
+        browser_websocket = json.loads(response.read())["webSocketDebuggerUrl"]
+    async with aiohttp.ClientSession() as session, session.ws_connect(browser_websocket, max_msg_size=0) as ws:
+        browser = DevTools(ws)
+        target = await browser.call("Target.createTarget", url="about:blank")
+        page = f"ws://127.0.0.1:{port}/devtools/page/{target['targetId']}"
+        async with session.ws_connect(page, max_msg_size=0) as page_ws:
+            tools = DevTools(page_ws)
+            await tools.call("Page.enable")
+            await tools.call("Page.navigate", url=comfy.url)
+            await tools.wait_for("!!(window.app && window.app.graph && window.LiteGraph && "
+                                 "Object.keys(LiteGraph.registered_node_types).length > 100)", timeout=120)
+            assert await tools.evaluate(OPEN_LIVE_TEMPLATE) == 200
+            await tools.wait_for(f"!!{PANEL}", timeout=30)
+            client_id = await tools.evaluate("window.app.api.clientId || sessionStorage.getItem('clientId')")
+            status_code, body = comfy.post("/prompt", {"prompt": live_prompt(), "client_id": client_id})
+            assert status_code == 200, body
+            await tools.wait_for(f"!!{PANEL}.client", timeout=300)  # the panel connected by itself
+            await tools.evaluate(f"{PANEL}.micButton.click()")
+            deadline = time.monotonic() + 300
+            while (state := await _panel_state(tools))["frames"] < FRAMES_WANTED or state["audio"] < 2:
+                assert time.monotonic() < deadline, f"the panel showed too little: {state}"
+                await asyncio.sleep(0.5)
+            x, y, width, height = json.loads(await tools.evaluate(PANEL_RECT))
+            shot = await tools.call("Page.captureScreenshot", format="png",
+                                    clip={"x": x, "y": y - 40, "width": width, "height": height + 40, "scale": 1})
+            (artifacts / "live_comfyui.png").write_bytes(base64.b64decode(shot["data"]))
+            await tools.evaluate(f"{PANEL}.stopButton.click()")
+            history = comfy.wait_for(body["prompt_id"], timeout=120)
+            await tools.wait_for(f"!{PANEL}.client", timeout=60)  # the server closed the panel's socket
+            return {"talking": state, "after_stop": await _panel_state(tools), "history": history}
+
+
+def test_panel_shows_the_avatar_answering_the_fake_microphone(fake_microphone_browser, request, tmp_path):
+    comfy = livetalk_server(request)
+    comfy.post("/settings/Comfy.TutorialCompleted", True)
+    artifacts = Path(os.environ.get("LIVETALK_ARTIFACTS", tmp_path))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    assert LIVE_1_3B_API.is_file()
+    result = asyncio.run(_drive_panel(fake_microphone_browser, comfy, artifacts))
+    talking = result["talking"]
+    assert talking["microphone"] and talking["frames"] >= FRAMES_WANTED and talking["audio"] >= 2, talking
+    assert result["history"]["status"]["status_str"] == "success", result["history"]["status"]
+    assert (artifacts / "live_comfyui.png").stat().st_size > 5_000
+    state = wait_for_status(comfy, lambda s: not s["running"], "the node to end")
+    assert state["sessions_alive"] == 0 and not status(comfy)["busy"]
+    assert result["after_stop"]["connected"] is False
+    assert json.loads(urllib.request.urlopen(f"{comfy.url}{PREFIX}/status", timeout=10).read())["running"] is False
