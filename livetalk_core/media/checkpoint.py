@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -22,6 +23,8 @@ from ..errors import CheckpointError
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+# A safetensors header larger than this is not a real file (the 14B DiT's is a few MB).
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 def read_state_dict(path: str | os.PathLike, *, what: str = "model") -> dict[str, torch.Tensor]:
@@ -202,6 +205,35 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"Unknown precision {name!r}: use one of {', '.join(DTYPES)}.") from None
+
+
+def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
+    """``{name: shape}`` from a safetensors header, or None for other formats (pickles).
+
+    Raises:
+        CheckpointError: the file claims to be safetensors but its header is unreadable.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return None
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > _MAX_HEADER_BYTES:
+                raise ValueError(f"header of {size} bytes")
+            header = json.loads(f.read(size))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}). Download it again.") from None
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of any checkpoint: the safetensors header, or the pickle's tensors
+    (memory-mapped, so even the 14B ``model.pt`` is not read into RAM)."""
+    shapes = tensor_shapes(path)
+    if shapes is None:
+        shapes = {k: tuple(v.shape) for k, v in read_state_dict(path, what="model").items()}
+    return shapes
 
 
 # Comfy's fp8_scaled files: fp8 weights, each with a float per-tensor scale. Legacy files name it

@@ -41,9 +41,10 @@ WAV2VEC2_BASE = "facebook/wav2vec2-base-960h"
 LIVETALK_REPO = "GAIR/LiveTalk-1.3B-V0.1"
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
+WAN_VAE_FILE = WeightFile(WAN_T2V, "Wan2.1_VAE.pth", "vae")  # the 16-channel VAE both families decode with
 LIVETALK_FILES: tuple[WeightFile, ...] = (
     WeightFile(LIVETALK_REPO, "model.safetensors", "dit"),
-    WeightFile(WAN_T2V, "Wan2.1_VAE.pth", "vae"),
+    WAN_VAE_FILE,
     WeightFile(WAV2VEC2_BASE, "config.json", "wav2vec2"),
     WeightFile(WAV2VEC2_BASE, "preprocessor_config.json", "wav2vec2"),
     WeightFile(WAV2VEC2_BASE, "model.safetensors", "wav2vec2"),
