@@ -173,6 +173,11 @@ def test_bad_messages_and_disconnects_close_only_their_socket_then_cancel(comfy,
     texts, code, reason = asyncio.run(raw_client(comfy, too_long, start=True))
     assert code == protocol.CLOSE_TOO_BIG and reason, (texts, code, reason)
     wait_for_status(comfy, lambda s: not s["busy"] and s["sessions_alive"] == 0, "the refused client's session to go")
+    # oversized: any message over 8 MiB -> error too_big with the reason, then 1009 (or, as the server drops the
+    # connection while the client is still sending the rest, an abnormal closure on this side)
+    texts, code, reason = asyncio.run(raw_client(comfy, "x" * (protocol.MAX_MESSAGE_BYTES + 1)))
+    assert texts[-1]["code"] == "too_big" and "exceeds the limit" in texts[-1]["message"], (texts, code, reason)
+    assert code in (protocol.CLOSE_TOO_BIG, 1006), code
     # a client that vanishes mid-session frees its session; the next client is served
     asyncio.run(_start_then_vanish(comfy))
     wait_for_status(comfy, lambda s: not s["busy"] and s["sessions_alive"] == 0, "the vanished client's session to go")
