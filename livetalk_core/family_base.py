@@ -50,6 +50,17 @@ def find_tensor(shapes: Shapes, suffix: str) -> tuple[int, ...] | None:
     return None
 
 
+def check_encoder_features(given: int, expected: int, *, layers: int, hidden: int, encoder_name: str, model: str,
+                           hint: str) -> None:
+    """The one audio-encoder fit check: an InputError naming the encoder, the widths and the
+    encoder to pick (``hint``) unless the encoder gives the ``expected`` features per frame."""
+    if given != expected:
+        raise InputError(
+            f"The audio encoder {encoder_name} gives {given} features per frame ({layers} layers of width {hidden}), "
+            f"but the {model} expects {expected}. Pick {hint} instead."
+        )
+
+
 def text_context(conditioning: list, text_dim: int, tokens: int = TEXT_LEN) -> torch.Tensor:
     """A text encoding as ComfyUI's CONDITIONING carries it -> the DiT's text context
     ``[1, tokens, text_dim]`` float32.
@@ -143,6 +154,13 @@ class ModelFamily:
     def encoder_features(self, layers: int, hidden: int) -> int:
         """The width a wav2vec2 of ``layers`` x ``hidden`` gives this family's audio pipeline."""
         raise NotImplementedError
+
+    def check_audio_encoder(self, dit_shapes: Shapes, layers: int, hidden: int, encoder_name: str) -> None:
+        """Refuse a wav2vec2 of ``layers`` x ``hidden`` whose features are not what the DiT with
+        ``dit_shapes`` was trained on (from headers, before anything loads, or from loaded models)."""
+        check_encoder_features(self.encoder_features(layers, hidden), self.audio_features(dit_shapes), layers=layers,
+                               hidden=hidden, encoder_name=encoder_name, model=f"{self.name} model",
+                               hint=self.audio_encoder_hint)
 
     # --- inputs --------------------------------------------------------------------------------
     def video_length(self, num_samples: int):

@@ -19,7 +19,12 @@ from golden import assert_close, case_ids, golden_cases, names_from, require_sha
 from safetensors.torch import load_file, save_file
 
 from livetalk_core.errors import CheckpointError, InputError, MissingWeightsError
-from livetalk_core.livetalk.audio import pad_waveform_to_blocks, samples_for_latents, trim_waveform_for_latents
+from livetalk_core.livetalk.audio import (
+    encoder_features,
+    pad_waveform_to_blocks,
+    samples_for_latents,
+    trim_waveform_for_latents,
+)
 from livetalk_core.media.audio_file import load_audio, prepare_waveform
 from livetalk_core.media.timing import video_frames_for_latents
 from livetalk_core.media.wav2vec2 import hidden_states, livetalk_audio_features, load_audio_encoder, normalize_waveform
@@ -69,7 +74,7 @@ def test_golden_audio_features(case):
     expected = case.load("expected.safetensors")["audio_features"]
     actual = livetalk_audio_features(encoder, audio, video_frames_for_latents(num_latent_frames))
     assert actual.dtype == expected.dtype
-    assert actual.shape[-1] == encoder.features_per_frame
+    assert actual.shape[-1] == encoder_features(encoder.num_layers, encoder.hidden_size)
     assert_close(actual, expected, **_tol(case, "audio_features"), name="audio_features")
 
 

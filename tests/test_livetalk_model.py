@@ -156,3 +156,25 @@ def test_sampling_runs_past_1024_latent_frames_with_a_fixed_cache():
         KVCache.__init__ = original
     assert last == blocks - 1
     assert len(sizes) == 1 and sizes[0] == 4 * 2 * 15 * 1 * 128 * 4  # layers x (k, v) x window x tokens x dim x fp32
+
+
+def test_the_core_refuses_a_mismatched_audio_encoder_with_the_family_check(tmp_path):
+    """LiveTalk's own guard (pipeline, live stream) and the family's check (nodes, CLI) are one check:
+    the same words for the same mismatch, naming the encoder and the one to pick."""
+    from tiny_weights import save_tiny_wav2vec2, tiny_dit
+
+    from livetalk_core.errors import InputError
+    from livetalk_core.families import LIVETALK_13B
+    from livetalk_core.livetalk.audio import check_audio_encoder
+    from livetalk_core.media.wav2vec2 import load_audio_encoder
+
+    dit = tiny_dit()
+    large = load_audio_encoder(save_tiny_wav2vec2(tmp_path / "large.safetensors", large=True), torch.float32)
+    with pytest.raises(InputError) as core:
+        check_audio_encoder(dit, large)
+    shapes = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
+    with pytest.raises(InputError) as family:
+        LIVETALK_13B.check_audio_encoder(shapes, large.num_layers, large.hidden_size, "large.safetensors")
+    assert str(core.value).replace("LiveTalk 1.3B DiT", "LiveTalk 1.3B model") == str(family.value)
+    assert "large.safetensors gives" in str(core.value) and "wav2vec2-base-960h" in str(core.value)
+    check_audio_encoder(dit, load_audio_encoder(save_tiny_wav2vec2(tmp_path / "base.safetensors"), torch.float32))

@@ -7,8 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..family_base import check_encoder_features
 from ..media.audio_file import SAMPLE_RATE
 from ..media.timing import VIDEO_FPS, VIDEO_FRAMES_PER_LATENT
+from ..media.wav2vec2 import AudioEncoder
+from .model import MODEL_NAME, LiveTalkDiT
 
 
 def samples_for_latents(num_latent_frames: int, sample_rate: int = SAMPLE_RATE, fps: int = VIDEO_FPS) -> int:
@@ -52,3 +55,20 @@ def pad_waveform_to_blocks(waveform: torch.Tensor, frames_per_block: int = 3) ->
     num_latent_frames = latents_covering(num_samples, frames_per_block)
     padding = samples_for_latents(num_latent_frames) - num_samples
     return F.pad(waveform.float(), (0, padding)), num_latent_frames
+
+
+WAV2VEC2_BASE_HINT = "wav2vec2-base-960h (facebook/wav2vec2-base-960h, as a folder or a single .safetensors)"
+
+
+def encoder_features(layers: int, hidden: int) -> int:
+    """LiveTalk's audio features per video frame from a wav2vec2 of ``layers`` x ``hidden``:
+    ``cat(last hidden state, h0 ... hL)`` (:func:`~..media.wav2vec2.livetalk_audio_features`)."""
+    return (layers + 2) * hidden
+
+
+def check_audio_encoder(dit: LiveTalkDiT, audio_encoder: AudioEncoder) -> None:
+    """The DiT's audio projection takes :func:`encoder_features` per frame; refuse a mismatch."""
+    layers, hidden = audio_encoder.num_layers, audio_encoder.hidden_size
+    check_encoder_features(encoder_features(layers, hidden), dit.livetalk_config.audio_features, layers=layers,
+                           hidden=hidden, encoder_name=audio_encoder.source.name, model=MODEL_NAME,
+                           hint=WAV2VEC2_BASE_HINT)

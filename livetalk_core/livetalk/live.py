@@ -19,8 +19,8 @@ from ..media.wav2vec2 import AudioEncoder, livetalk_audio_features
 from ..runtime.live_stream import FRAME_SAMPLES, LiveGeometry, LiveWindow
 from ..runtime.noise import SeededNoise
 from ..runtime.scheduler import livetalk_schedule
+from .audio import check_audio_encoder
 from .model import VIDEO_FRAMES_PER_LATENT, LiveTalkDiT
-from .pipeline import check_audio_encoder
 from .sampler import LIVETALK_CACHE, LIVETALK_FRAMES_PER_BLOCK, sample_livetalk
 
 FIRST_BLOCK_FRAMES = video_frames_for_latents(LIVETALK_FRAMES_PER_BLOCK)  # 9: latent 0 is one frame

@@ -40,7 +40,7 @@ from ..media.wav2vec2 import AudioEncoder, livetalk_audio_features
 from ..runtime.decode_stream import decode_blocks
 from ..runtime.denoise import StepHook
 from ..runtime.noise import NoiseSource, SeededNoise
-from .audio import latents_covering, pad_waveform_to_blocks, samples_for_latents
+from .audio import check_audio_encoder, latents_covering, pad_waveform_to_blocks, samples_for_latents
 from .model import LiveTalkDiT
 from .sampler import LIVETALK_FRAMES_PER_BLOCK, sample_livetalk
 
@@ -88,17 +88,6 @@ def video_frames_for_duration(seconds: float) -> int:
     """Frames at times 0, 1/16, ... up to ``seconds``: ``floor(16 * seconds) + 1`` (see
     :func:`~.audio.video_frames_for_samples`)."""
     return video_frames_for_samples(samples_for_duration(seconds))
-
-
-def check_audio_encoder(dit: LiveTalkDiT, audio_encoder: AudioEncoder) -> None:
-    """The DiT's audio projection takes ``(layers + 2) x hidden`` features per frame; refuse a mismatch."""
-    expected = dit.livetalk_config.audio_features
-    if audio_encoder.features_per_frame != expected:
-        raise InputError(
-            f"The audio encoder gives {audio_encoder.features_per_frame} features per frame, but this "
-            f"DiT expects {expected}: LiveTalk needs facebook/wav2vec2-base-960h "
-            f"({expected} = (layers + 2) x hidden)."
-        )
 
 
 @torch.no_grad()

@@ -79,11 +79,6 @@ class AudioEncoder:
         return self.config.num_hidden_layers
 
     @property
-    def features_per_frame(self) -> int:
-        """Width of :func:`livetalk_audio_features`: ``(L + 2) * hidden``."""
-        return (self.num_layers + 2) * self.hidden_size
-
-    @property
     def receptive_field(self) -> int:
         """Samples one CNN frame sees (400 for every released wav2vec2): the shortest usable input."""
         field = 1
