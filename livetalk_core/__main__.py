@@ -1,4 +1,4 @@
-"""``python -m livetalk_core``: the LiveTalk command line (see cli.py)."""
+"""``python -m livetalk_core``: the command line of every model family, and its subcommands (see cli.py)."""
 
 from .interrupts import exit_process, exit_quietly_while_starting
 

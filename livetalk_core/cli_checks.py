@@ -1,7 +1,7 @@
-"""Checks of the command lines' arguments (both families), run before any model loads.
+"""Checks of the command line's arguments (every family), run before any model loads.
 
 Each failure is an :class:`~.errors.InputError` whose message names the option, the value and what
-to give instead; the CLIs print it and exit with status 2.
+to give instead; the CLI prints it and exits with status 2.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def parse_size(size: str, max_hw: int | None = None) -> tuple[int, int]:
     else:
         parts = [part.strip() for part in size.lower().split("x")]
         if len(parts) > 2 or not all(part.isdigit() for part in parts):
-            raise InputError(f"--size {size!r} is not a size: give N for a square or WxH, e.g. --size 512 or --size 640x512.")
+            raise InputError(f"--size {size!r} is not a size: give N for a square or WxH, e.g. --size 512 or "
+                             "--size 640x512.")
         width, height = int(parts[0]), int(parts[-1])
     check_target_size(height, width)
     return height, width
@@ -68,7 +69,8 @@ def check_image_size(image: torch.Tensor, path: str) -> None:
     """The reference image must have at least ``MIN_SIDE`` pixels on each side."""
     height, width = image.shape[:2]
     if min(height, width) < MIN_SIDE:
-        raise InputError(f"The image {path} is {width}x{height} pixels; give a face image at least {MIN_SIDE} pixels on "
+        raise InputError(f"The image {path} is {width}x{height} pixels; give a face image at least {MIN_SIDE} pixels "
+                         "on "
                          "each side (512 or more looks best).")
 
 
@@ -89,7 +91,8 @@ def check_output(output: Path, inputs: Mapping[str, Path | None], option: str = 
         raise InputError(f"{option} {output} is a folder; give a file name, e.g. {option} {output / 'video.mp4'}.")
     for name, path in inputs.items():
         if path is not None and _same_file(output, Path(path)):
-            raise InputError(f"{option} {output} is the same file as {name} {path}: writing there would destroy that input. "
+            raise InputError(f"{option} {output} is the same file as {name} {path}: writing there would destroy that "
+                             "input. "
                              f"Give {option} another file name.")
     check_folder_writable(output.parent if str(output.parent) else Path("."), f"{option} {output}")
 

@@ -1,7 +1,7 @@
-"""Ctrl-C in the command lines: one line that says what was kept, exit status 130, never a traceback.
+"""Ctrl-C in the command line: one line that says what was kept, exit status 130, never a traceback.
 
 Importing torch takes seconds, and a KeyboardInterrupt raised inside an import can only end in a
-traceback. So the CLIs' entry points call :func:`exit_quietly_while_starting` before their heavy
+traceback. So the CLI's entry point calls :func:`exit_quietly_while_starting` before its heavy
 imports (only this light module is imported first): until :func:`ready` is called, Ctrl-C prints
 the line and ends the process at once (nothing has been written yet). From then on Ctrl-C raises
 KeyboardInterrupt as usual; the video writer holds it back while it encodes and notes on it what it

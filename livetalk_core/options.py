@@ -1,6 +1,6 @@
 """The runtime options of a run, in one object: checked once, applied to a model in one place.
 
-:class:`RuntimeOptions` holds what the loader node, the CLIs, the multi-GPU workers and the benchmarks
+:class:`RuntimeOptions` holds what the loader node, the CLI, the multi-GPU workers and the benchmarks
 choose about *how* a model runs (precision, attention kernel, compiling, CUDA graphs, fp8 weights,
 fp8 matmuls, an fp8 KV cache, devices); :meth:`RuntimeOptions.validate` refuses options that do not go
 together, before anything loads; :meth:`RuntimeOptions.apply` sets a loaded DiT (and VAE) up for them

@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..livetalk_core.errors import CheckpointError
 from ..livetalk_core.families import audio_encoder_hints
 from ..livetalk_core.family_base import ModelFamily, Shapes, find_tensor
-from ..livetalk_core.media.checkpoint import SAFETENSORS_SUFFIXES, guess_model_family, read_state_dict
+from ..livetalk_core.media.checkpoint import checkpoint_shapes, guess_model_family, tensor_shapes  # noqa: F401
 from ..livetalk_core.media.vae import LATENT_CHANNELS, WHERE_TO_GET_IT
 from ..livetalk_core.media.weights import WeightFile
 
 WAN21_REPACKAGED = "Comfy-Org/Wan_2.1_ComfyUI_repackaged"
 WAN22_REPACKAGED = "Comfy-Org/Wan_2.2_ComfyUI_Repackaged"
-# A safetensors header larger than this is not a real file (the 14B DiT's is a few MB).
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -52,35 +49,6 @@ DOWNLOADABLE: tuple[Downloadable, ...] = (
     Downloadable("audio_encoders", "wav2vec2_large_english_fp16.safetensors",
                  WeightFile(WAN22_REPACKAGED, "split_files/audio_encoders/wav2vec2_large_english_fp16.safetensors", "wav2vec2")),
 )
-
-
-def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
-    """``{name: shape}`` from a safetensors header, or None for other formats (pickles).
-
-    Raises:
-        CheckpointError: the file claims to be safetensors but its header is unreadable.
-    """
-    path = Path(path)
-    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
-        return None
-    try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > _MAX_HEADER_BYTES:
-                raise ValueError(f"header of {size} bytes")
-            header = json.loads(f.read(size))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}). Download it again.") from None
-    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-
-
-def checkpoint_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """``{name: shape}`` of any checkpoint: the safetensors header, or the pickle's tensors
-    (memory-mapped, so even the 14B ``model.pt`` is not read into RAM)."""
-    shapes = tensor_shapes(path)
-    if shapes is None:
-        shapes = {k: tuple(v.shape) for k, v in read_state_dict(path, what="model").items()}
-    return shapes
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command on a fresh machine: make a venv, install the pack, fetch the weights (only the files
 # needed) and render the shipped portrait speaking the shipped clip to livetalk.mp4.
-# Extra arguments go to the CLI, e.g. `bash scripts/demo.sh --smoke` (tiny random weights, CPU, no
-# download) or `bash scripts/demo.sh --image me.jpg --audio me.wav --output me.mp4`.
+# Extra arguments go to the CLI (`python -m livetalk_core`, one for both model families), e.g.
+# `bash scripts/demo.sh --smoke` (tiny random weights, CPU, no download), `bash scripts/demo.sh --smoke
+# --model realvideo` (RealVideo 14B's path, tiny) or `bash scripts/demo.sh --image me.jpg --audio me.wav --output me.mp4`.
 # Relative paths are taken from the folder you run this in, and livetalk.mp4 lands there too.
 # The venv is the repository's .venv (LIVETALK_VENV picks another). A torch already installed, in the
 # venv or the system's (a new venv sees the system's packages), is used as it is. Otherwise --smoke

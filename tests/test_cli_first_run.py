@@ -23,7 +23,8 @@ def run_module(module: str, *args: str, cwd: Path = REPO, env_extra: dict | None
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
     env.pop("HF_HUB_OFFLINE", None)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def closed_port() -> int:
@@ -61,12 +62,14 @@ def test_downloads_off_lists_every_file_too(tmp_path):
 
 
 def test_a_cached_prompt_needs_no_text_encoder(tmp_path):
-    from livetalk_core.cli import DEFAULT_PROMPT, context_cache
+    from livetalk_core.cli import context_cache
+    from livetalk_core.families import LIVETALK_13B
 
-    cache = context_cache(tmp_path, DEFAULT_PROMPT)
+    cache = context_cache(tmp_path, LIVETALK_13B.talking_prompt)
     cache.parent.mkdir(parents=True)
     cache.write_bytes(b"cached")
-    done = run_module("livetalk_core", "--models-dir", str(tmp_path), "--skip-download", "--output", str(tmp_path / "x.mp4"))
+    done = run_module("livetalk_core", "--models-dir", str(tmp_path), "--skip-download", "--output",
+                      str(tmp_path / "x.mp4"))
     assert done.returncode == 2
     assert "umt5" not in done.stderr and "LiveTalk-1.3B-V0.1/model.safetensors" in done.stderr
 
@@ -103,7 +106,7 @@ def test_realvideo_smoke_leaves_no_folder(tmp_path):
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     out = tmp_path / "smoke.mp4"
-    done = run_module("livetalk_core.realvideo.cli", "--smoke", "--duration", "0.5", "--output", str(out),
+    done = run_module("livetalk_core", "--smoke", "--model", "realvideo", "--duration", "0.5", "--output", str(out),
                       env_extra={"TMPDIR": str(scratch)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert read_video_info(out)["frames"] > 0

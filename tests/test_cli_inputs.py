@@ -1,6 +1,7 @@
-"""Both command lines (``python -m livetalk_core`` and the RealVideo CLI) check every argument before
-anything loads: a bad value is one ``error:`` line and exit status 2, an output that would overwrite an
-input or cannot be written is refused, and nothing is loaded or written."""
+"""The command line (``python -m livetalk_core``) checks every argument before anything loads, for both
+families (LiveTalk, and RealVideo through ``--model realvideo``): a bad value is one ``error:`` line and
+exit status 2, an output that would overwrite an input or cannot be written is refused, and nothing is
+loaded, fetched or written."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import pytest
 import torch
 
 from livetalk_core import cli
-from livetalk_core.realvideo import cli as realvideo_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PORTRAIT = REPO / "assets" / "portrait.jpg"
@@ -28,15 +28,16 @@ class LoadedTooEarly(Exception):
 
 @pytest.fixture()
 def nothing_loads(monkeypatch):
-    """Any model loading (or prompt encoding) in either CLI fails the test."""
+    """Any model loading, tiny-weight building, fetching or prompt encoding fails the test."""
     def refuse(*args, **kwargs):
         raise LoadedTooEarly("a model was loaded before the arguments were checked")
 
     # Imported before the patch: a module first imported while it is on would keep the refusing stand-in
     # for good (RealVideo's worker loader imports load_s2v_dit by name), and later tests would load with it.
     importlib.import_module("livetalk_core.realvideo.parallel")
-    monkeypatch.setattr(cli, "load_pipeline", refuse)
-    monkeypatch.setattr(realvideo_cli, "_smoke_models", refuse)
+    monkeypatch.setattr(cli, "load_models", refuse)
+    monkeypatch.setattr(cli, "weight_files", refuse)
+    monkeypatch.setattr(cli, "fetch_weights", refuse)
     monkeypatch.setattr("livetalk_core.realvideo.model.load_s2v_dit", refuse)
     monkeypatch.setattr("livetalk_core.parallel.sequence_parallel.init_from_env", refuse)
 
@@ -51,8 +52,7 @@ def inputs(tmp_path) -> dict[str, Path]:
 
 
 def run_family(family: str, args: list[str]) -> int:
-    main = cli.main if family == "livetalk" else realvideo_cli.main
-    return main(["--smoke", *args])
+    return cli.main(["--smoke", "--model", family, *args])
 
 
 def refused(capsys, code: int, *words: str) -> str:
@@ -85,7 +85,8 @@ def same_file_spellings(path: Path, tmp_path: Path) -> dict[str, str]:
 def test_an_input_is_never_overwritten(tmp_path, capsys, nothing_loads, inputs, family, which, spelling):
     original = inputs[which].read_bytes()
     output = same_file_spellings(inputs[which], tmp_path)[spelling]
-    code = run_family(family, ["--image", str(inputs["--image"]), "--audio", str(inputs["--audio"]), "--output", output])
+    code = run_family(family, ["--image", str(inputs["--image"]), "--audio", str(inputs["--audio"]),
+                               "--output", output])
     refused(capsys, code, f"same file as {which}", "another file name")
     assert inputs[which].read_bytes() == original
 
@@ -156,7 +157,8 @@ def test_a_duration_too_short_for_the_family_is_refused_before_loading(tmp_path,
 
 
 @pytest.mark.parametrize("size, words", [("abc", "not a size"), ("512x", "not a size"), ("12x34x56", "not a size"),
-                                         ("100", "multiples of 16"), ("32", "at least 64"), ("512x200", "multiples of 16")])
+                                         ("100", "multiples of 16"), ("32", "at least 64"),
+                                         ("512x200", "multiples of 16")])
 @pytest.mark.parametrize("smoke", [True, False])
 def test_a_bad_size_is_refused(tmp_path, capsys, nothing_loads, size, words, smoke):
     code = cli.main([*(["--smoke"] if smoke else []), "--size", size, "--output", str(tmp_path / "x.mp4")])
@@ -210,14 +212,63 @@ def test_an_unreadable_input_is_refused_before_loading(tmp_path, capsys, nothing
 def test_realvideo_model_files_are_checked_before_loading(tmp_path, capsys, nothing_loads):
     present = tmp_path / "present.safetensors"
     present.write_bytes(b"x")
-    args = ["--output", str(tmp_path / "x.mp4"), "--vae", str(present), "--wav2vec2", str(tmp_path), "--contexts", str(present)]
-    refused(capsys, realvideo_cli.main(args), "--dit")
-    refused(capsys, realvideo_cli.main([*args, "--dit", str(tmp_path / "absent.pt")]), "--dit", "absent.pt", "does not exist")
-    code = realvideo_cli.main(["--output", str(tmp_path / "x.mp4"), "--vae", str(present), "--wav2vec2", str(tmp_path),
-                               "--dit", str(present)])
-    refused(capsys, code, "--contexts", "--text-encoder")
-    code = realvideo_cli.main([*args, "--dit", str(present), "--latents-out", str(present)])
+    args = ["--model", "realvideo", "--output", str(tmp_path / "x.mp4"), "--vae", str(present),
+            "--wav2vec2", str(tmp_path)]
+    refused(capsys, cli.main(args), "Give --dit:", "RealVideo 14B has no release file")
+    refused(capsys, cli.main(["--model", "realvideo", "--output", str(tmp_path / "x.mp4")]),
+            "Give --dit and --wav2vec2")
+    refused(capsys, cli.main([*args, "--dit", str(tmp_path / "absent.pt")]), "--dit", "absent.pt", "does not exist")
+    s2v = tiny_s2v_file(tmp_path)
+    code = cli.main([*args, "--dit", str(s2v), "--text-encoder", str(present)])
+    refused(capsys, code, "--text-encoder and --tokenizer together")
+    code = cli.main([*args, "--dit", str(s2v), "--latents-out", str(s2v)])
     refused(capsys, code, "--latents-out", "same file as --dit")
+    code = cli.main([*args, "--dit", str(s2v), "--output", str(s2v)])
+    refused(capsys, code, "--output", "same file as --dit")
+
+
+def tiny_s2v_file(folder: Path) -> Path:
+    """A RealVideo DiT file (a tiny one): the family is read from its tensors."""
+    from safetensors.torch import save_file
+    from test_realvideo import tiny_model
+
+    path = folder / "s2v.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model().state_dict().items()}, str(path))
+    return path
+
+
+def test_the_family_comes_from_the_dit_file(tmp_path, capsys, nothing_loads):
+    """--dit decides the family: a RealVideo file runs RealVideo (its flags are taken, LiveTalk's size rule
+    is not asked), --model that contradicts the file is refused, and a file of no family names what it is."""
+    s2v = tiny_s2v_file(tmp_path)
+    out = ["--output", str(tmp_path / "x.mp4"), "--vae", str(s2v), "--wav2vec2", str(tmp_path)]
+    refused(capsys, cli.main([*out, "--dit", str(s2v), "--model", "livetalk"]), "--model livetalk",
+            "RealVideo 14B model")
+    refused(capsys, cli.main([*out, "--dit", str(s2v), "--steps", "3"]), "--steps 3",
+            "RealVideo 14B samples with 2 or 4")
+    refused(capsys, cli.main([*out, "--dit", str(s2v), "--dit-config", str(tmp_path / "no.json"), "--latents-out",
+                              str(s2v)]), "same file as --dit")  # --dit-config is RealVideo's: accepted
+    vae = tmp_path / "vae.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"conv2.weight": torch.zeros(32, 32, 1, 1, 1)}, str(vae))
+    refused(capsys, cli.main([*out, "--dit", str(vae)]), "vae.safetensors is not a LiveTalk model")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--dit-config", "c.json"], ["--dit-config is for RealVideo 14B", "this run is LiveTalk 1.3B"]),
+    (["--fp8"], ["--fp8 is for families whose loader takes it", "LiveTalk 1.3B does not"]),
+    (["--base", "b.safetensors"], ["--base is for families whose loader takes it"]),
+    (["--steps", "0"], ["--steps 0", "1 or more"]),
+])
+def test_flags_the_family_does_not_use_are_refused(tmp_path, capsys, nothing_loads, args, words):
+    refused(capsys, cli.main([*args, "--output", str(tmp_path / "x.mp4")]), *words)
+
+
+def test_torchrun_is_refused_for_a_family_on_one_gpu(tmp_path, capsys, nothing_loads, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    refused(capsys, cli.main(["--smoke", "--output", str(tmp_path / "x.mp4")]), "LiveTalk 1.3B runs on one GPU",
+            "for RealVideo 14B")
 
 
 def test_usable_durations_and_sizes_pass_the_checks():
@@ -225,5 +276,6 @@ def test_usable_durations_and_sizes_pass_the_checks():
 
     for seconds in (0.01, 1.0, 3.0, 600.0, None):
         check_duration(seconds)
-    assert parse_size("512") == (512, 512) and parse_size("640x384") == (384, 640) and parse_size(" 64 X 80 ") == (80, 64)
+    assert parse_size("512") == (512, 512) and parse_size("640x384") == (384, 640)
+    assert parse_size(" 64 X 80 ") == (80, 64)
     assert parse_size("abc", max_hw=720) == (512, 512)

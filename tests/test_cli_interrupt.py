@@ -17,10 +17,11 @@ from livetalk_core.media.video_io import read_video_info
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start(module: str, out: Path) -> subprocess.Popen:
+def start(family: str, out: Path) -> subprocess.Popen:
     # The child gets Ctrl-C's default disposition even when this run was started in the background,
     # where the shell ignores SIGINT for it (and Python would then never raise KeyboardInterrupt).
-    return subprocess.Popen([sys.executable, "-m", module, "--smoke", "--duration", "60", "--output", str(out)], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "livetalk_core", "--smoke", "--model", family, "--duration", "60",
+                             "--output", str(out)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
@@ -35,12 +36,12 @@ def interrupt(proc: subprocess.Popen) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("module", ["livetalk_core", "livetalk_core.realvideo.cli"])
+@pytest.mark.parametrize("family", ["livetalk", "realvideo"])
 @pytest.mark.parametrize("after_s", [0.3, 1.5, 3.0])
-def test_ctrl_c_before_any_frame_says_nothing_was_written(tmp_path, module, after_s):
+def test_ctrl_c_before_any_frame_says_nothing_was_written(tmp_path, family, after_s):
     """Within the first seconds: imports (torch), argument checks, the tiny models being built and loaded."""
     out = tmp_path / "video.mp4"
-    proc = start(module, out)
+    proc = start(family, out)
     time.sleep(after_s)
     line = interrupt(proc)
     assert "no file was written" in line or "kept the" in line  # on a fast machine the first block may be out
@@ -48,10 +49,10 @@ def test_ctrl_c_before_any_frame_says_nothing_was_written(tmp_path, module, afte
     assert [p.name for p in tmp_path.iterdir()] == ([out.name] if out.exists() else [])
 
 
-@pytest.mark.parametrize("module", ["livetalk_core", "livetalk_core.realvideo.cli"])
-def test_ctrl_c_while_generating_says_what_was_kept(tmp_path, module):
+@pytest.mark.parametrize("family", ["livetalk", "realvideo"])
+def test_ctrl_c_while_generating_says_what_was_kept(tmp_path, family):
     out = tmp_path / "video.mp4"
-    proc = start(module, out)
+    proc = start(family, out)
     deadline = time.time() + 300
     while time.time() < deadline and not list(tmp_path.glob(".video.mp4.*")):
         time.sleep(0.1)

@@ -164,9 +164,8 @@ def test_a_failed_capture_warns_once_and_stays_eager(caplog, fail_at):
     assert _get_current_dispatch_mode() is None  # the half-made capture was ended
 
 
-def test_the_runtime_options_are_the_switch_and_both_clis_expose_it():
+def test_the_runtime_options_are_the_switch_and_the_cli_exposes_it():
     from livetalk_core import cli
-    from livetalk_core.realvideo import cli as realvideo_cli
 
     def graphs(**options) -> bool:
         model = tiny_model()
@@ -175,8 +174,10 @@ def test_the_runtime_options_are_the_switch_and_both_clis_expose_it():
 
     assert graphs(compile=True) and not graphs(compile=True, cuda_graphs=False)
     assert not graphs() and not graphs(compile=False)  # not compiled (on the CPU, auto is off): nothing to replay
-    for parser in (cli.build_parser(), realvideo_cli.build_parser()):
-        assert parser.parse_args([]).cuda_graphs and not parser.parse_args(["--no-cuda-graphs"]).cuda_graphs
+    for family in ([], ["--model", "realvideo"]):
+        parser = cli.build_parser()
+        assert cli.runtime_options(parser.parse_args(family)).cuda_graphs
+        assert not cli.runtime_options(parser.parse_args([*family, "--no-cuda-graphs"])).cuda_graphs
 
 
 def test_no_graphs_on_the_cpu_with_an_fp8_cache_on_2_gpus_or_when_not_asked():

@@ -15,7 +15,6 @@ from livetalk_core import cli
 from livetalk_core.errors import InputError
 from livetalk_core.options import EAGER, MIN_PARALLEL_RANKS, RuntimeOptions, cli_flag, graphs_off_reason
 from livetalk_core.parallel.sequence_parallel import SequenceParallel, attach
-from livetalk_core.realvideo import cli as realvideo_cli
 from livetalk_core.runtime.compile import compile_blocks
 from livetalk_core.runtime.cuda_graphs import eager_reason
 from livetalk_core.wan.attention import available_backends
@@ -47,20 +46,21 @@ def test_unknown_attention_and_precision_are_refused():
         RuntimeOptions(precision="fp64").validate(cli_flag)
 
 
-def test_both_clis_check_their_flags_before_loading():
-    args = cli.build_parser().parse_args(["--precision", "fp32", "--fp8-matmul"])
+def test_the_cli_checks_its_flags_before_loading():
+    parser = cli.build_parser()
     with pytest.raises(InputError, match="--fp8-matmul runs with bf16 activations, but --precision is fp32"):
-        cli.runtime_options(args, torch.device("cpu"), torch.device("cpu"))
-    # smoke mode: the tiny model runs in fp32, or bf16 with --fp8-matmul, whatever --precision says
-    smoke = cli.build_parser().parse_args(["--smoke", "--precision", "fp32", "--fp8-matmul"])
-    assert cli.runtime_options(smoke, torch.device("cpu"), torch.device("cpu")).precision == "bf16"
-    rv = realvideo_cli.build_parser()
+        cli.runtime_options(parser.parse_args(["--precision", "fp32", "--fp8-matmul"]))
     with pytest.raises(InputError, match="--fp8-matmul runs with bf16 activations, but --precision is fp16"):
-        realvideo_cli.runtime_options(rv.parse_args(["--precision", "fp16", "--fp8-matmul"]))
-    # RealVideo's smoke model is fp32 and keeps its weights: --fp8 / --fp8-matmul are not used there
-    options = realvideo_cli.runtime_options(rv.parse_args(["--smoke", "--fp8", "--fp8-matmul", "--no-cuda-graphs"]))
-    assert (options.precision, options.fp8_weights, options.fp8_matmul, options.cuda_graphs) == ("fp32", False, False, False)
-    full = realvideo_cli.runtime_options(rv.parse_args(["--fp8", "--fp8-matmul", "--fp8-kv-cache", "--attention", "math"]))
+        cli.runtime_options(parser.parse_args(["--model", "realvideo", "--precision", "fp16", "--fp8-matmul"]))
+    # smoke mode: the tiny model runs in fp32, or bf16 with --fp8-matmul, whatever --precision says, on the CPU;
+    # its weights stay as they are (--fp8 is not used)
+    smoke = cli.runtime_options(parser.parse_args(["--smoke", "--precision", "fp32", "--fp8-matmul"]))
+    assert (smoke.precision, smoke.device) == ("bf16", torch.device("cpu"))
+    options = cli.runtime_options(parser.parse_args(["--smoke", "--model", "realvideo", "--fp8", "--no-cuda-graphs"]))
+    assert (options.precision, options.fp8_weights, options.fp8_matmul, options.cuda_graphs) == (
+        "fp32", False, False, False)
+    full = cli.runtime_options(parser.parse_args(["--model", "realvideo", "--fp8", "--fp8-matmul", "--fp8-kv-cache",
+                                                  "--attention", "math", "--device", "cpu"]))
     assert (full.fp8_weights, full.fp8_matmul, full.fp8_kv_cache, full.attention) == (True, True, True, "math")
 
 

@@ -174,7 +174,7 @@ def test_a_worker_that_cannot_load_its_model_says_why(tmp_path):
 
 
 def test_cli_under_torchrun_equals_one_process(tmp_path):
-    """``torchrun --nproc_per_node=2 -m livetalk_core.realvideo.cli --smoke`` (gloo) writes the same
+    """``torchrun --nproc_per_node=2 -m livetalk_core --smoke --model realvideo`` (gloo) writes the same
     latents as the single-process CLI, and rank 0 alone writes the mp4."""
     import subprocess
     import sys
@@ -182,14 +182,14 @@ def test_cli_under_torchrun_equals_one_process(tmp_path):
 
     from safetensors.torch import load_file
 
-    from livetalk_core.realvideo.cli import main
+    from livetalk_core.cli import main
 
-    assert main(["--smoke", "--duration", "1", "--output", str(tmp_path / "one.mp4"),
+    assert main(["--smoke", "--model", "realvideo", "--duration", "1", "--output", str(tmp_path / "one.mp4"),
                  "--latents-out", str(tmp_path / "one.safetensors")]) == 0
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-         "livetalk_core.realvideo.cli", "--smoke", "--duration", "1", "--output", str(tmp_path / "two.mp4"),
+         "livetalk_core", "--smoke", "--model", "realvideo", "--duration", "1", "--output", str(tmp_path / "two.mp4"),
          "--latents-out", str(tmp_path / "two.safetensors")],
         cwd=repo, capture_output=True, text=True, timeout=300,
     )

@@ -53,15 +53,17 @@ class ToyDiT(torch.nn.Module):
 
 
 def _modules(package: str) -> SimpleNamespace:
+    core_package = f"{package}.livetalk_core" if package else "livetalk_core"
     names = ("family_base", "media.timing", "media.wav2vec2", "livetalk.audio", "livetalk.pipeline", "media.image")
-    core = SimpleNamespace(**{n.split(".")[-1]: importlib.import_module(f"{package}.livetalk_core.{n}") for n in names})
-    core.options = importlib.import_module(f"{package}.livetalk_core.options")
+    core = SimpleNamespace(**{n.split(".")[-1]: importlib.import_module(f"{core_package}.{n}") for n in names})
+    core.options = importlib.import_module(f"{core_package}.options")
     return core
 
 
-def toy_family(package: str):
-    """The toy family, subclassing ``<package>.livetalk_core.family_base.ModelFamily``; pass it to
-    that package's ``families.register_family``."""
+def toy_family(package: str = ""):
+    """The toy family, subclassing ``<package>.livetalk_core.family_base.ModelFamily`` (no package: the
+    engine imported as ``livetalk_core``, as the command line does); pass it to that package's
+    ``families.register_family``."""
     core = _modules(package)
 
     @dataclass
@@ -77,6 +79,7 @@ def toy_family(package: str):
         marker = TOY_MARKER
         audio_encoder_hint = "the tiny wav2vec2 of tests/tiny_weights.py"
         conditioning_type = ToyAudio
+        talking_prompt = "A toy talks."
 
         def load(self, path, dtype, device, **options) -> ToyDiT:
             from safetensors.torch import load_file

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,14 +15,19 @@ import torch.nn.functional as F
 from ..family_base import ModelFamily, Shapes, StepHook, find_tensor, text_context
 from ..media.image import check_target_size, cover_and_crop, to_float_image
 from ..media.timing import VideoLength
+from ..media.weights import LIVETALK_FILES
 from ..runtime.noise import SeededNoise
-from ..runtime.scheduler import livetalk_schedule
+from ..runtime.scheduler import LIVETALK_STEPS, livetalk_schedule
 from ..wan.kv_cache import CachePolicy
 from .audio import WAV2VEC2_BASE_HINT, encoder_features
 from .model import VIDEO_FRAMES_PER_LATENT, LiveTalkDiT, load_livetalk_dit
 from .pipeline import AudioConditioning, encode_audio, livetalk_video_length
-from .sampler import sample_livetalk
+from .sampler import LIVETALK_CACHE, sample_livetalk
 
+LIVETALK_PROMPT = (
+    "A person talks to the camera with a steady gaze, natural facial expressions and lip movements "
+    "that follow the speech."
+)
 
 
 def stretch(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -37,6 +43,11 @@ class LiveTalkFamily(ModelFamily):
     marker = "audio_proj.proj.weight"
     audio_encoder_hint = WAV2VEC2_BASE_HINT
     conditioning_type = AudioConditioning
+    talking_prompt = LIVETALK_PROMPT
+    default_steps = LIVETALK_STEPS
+    default_cache_policy = LIVETALK_CACHE
+    reference_is_first_latent = True  # the sampler pins block 0's first latent frame to the reference
+    weight_files = LIVETALK_FILES
 
     def load(self, path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str, **options: Any) -> LiveTalkDiT:
         return load_livetalk_dit(path, dtype, device, **options)
@@ -77,6 +88,11 @@ class LiveTalkFamily(ModelFamily):
             cache_policy=cache_policy,
             on_step=on_step,
         )
+
+    def smoke_weights(self, folder: Path):
+        from ..smoke import build_tiny_weights
+
+        return build_tiny_weights(folder)
 
 
 LIVETALK_13B = LiveTalkFamily()

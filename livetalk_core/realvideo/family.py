@@ -4,14 +4,20 @@ reference, blocks of 2 latent frames after a prefill of the reference under the 
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..family_base import ModelFamily, RemoteSampler, Shapes, StepHook, find_tensor, text_context
+from ..errors import InputError
+from ..family_base import ModelFamily, RemoteSampler, Shapes, StepHook, find_tensor, fit_waveform, text_context
 from ..media.timing import CoversVideoLength, VideoLength
+from ..media.weights import WAN_VAE_FILE
 from ..options import RuntimeOptions
 from ..parallel.worker_process import WorkerJob
 from ..runtime.noise import SeededNoise
@@ -19,8 +25,9 @@ from ..wan.kv_cache import CachePolicy
 from .audio import realvideo_audio_features
 from .image import preprocess_reference
 from .model import S2VDiT, load_s2v_dit, s2v_checkpoint_kind
+from .parallel import sample_realvideo_parallel
 from .parallel import worker_job as realvideo_worker_job
-from .sampler import realvideo_schedule, realvideo_video_length, sample_realvideo
+from .sampler import STEP_LISTS, realvideo_schedule, realvideo_video_length, sample_realvideo
 
 WAV2VEC2_LARGE_HINT = (
     "wav2vec2_large_english_fp16.safetensors (Comfy-Org/Wan_2.2_ComfyUI_Repackaged, split_files/audio_encoders) "
@@ -54,7 +61,10 @@ class RealVideoFamily(ModelFamily):
     audio_uses_dit = False  # the DiT takes the features per block; only its dtype is read here
     idle_prompt = REALVIDEO_IDLE_PROMPT
     talking_prompt = REALVIDEO_TALKING_PROMPT
+    step_counts = tuple(STEP_LISTS)
+    weight_files = (WAN_VAE_FILE,)  # the DiT and its wav2vec2 are given (--dit, --wav2vec2)
     base_name_mark = "s2v"  # Wan2.2-S2V-14B, which RealVideo's partial model.pt is applied over
+    smoke_size = "128x64"  # an area: the tiny model's video keeps the image's aspect ratio
 
     def matches(self, shapes: Shapes) -> bool:
         """The marker, or a partial fine-tune (which may lack it)."""
@@ -114,6 +124,56 @@ class RealVideoFamily(ModelFamily):
 
     def worker_job(self, path: str | os.PathLike, options: RuntimeOptions, **load_options: Any) -> WorkerJob:
         return realvideo_worker_job(path, options, **load_options)
+
+    # --- the command line ----------------------------------------------------------------------
+    def add_cli_arguments(self, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--dit-config", type=Path, default=None,
+                           help="the DiT's config.json, read for audio_inject_layers (default: config.json next to "
+                           "--dit, if any; only needed for non-release depths)")
+
+    def cli_load_options(self, dit: Path, args: argparse.Namespace) -> dict[str, Any]:
+        return {"audio_inject_layers": inject_layers(dit, args.dit_config)}
+
+    def encode_audio_for_duration(self, dit: Any, encoder: Any, waveform: torch.Tensor,
+                                  output_device: torch.device | str, duration: float | None) -> RealVideoAudio:
+        """Past the end of the audio the blocks repeat its final window (upstream's idling), not silence:
+        features for the audio up to ``duration``, and the length of ``duration``."""
+        length = self.video_length(fit_waveform(waveform, duration).numel())
+        audio = self.encode_audio(dit, encoder, waveform[: length.num_samples], output_device)
+        return dataclasses.replace(audio, length=length)
+
+    def smoke_weights(self, folder: Path):
+        from ..smoke import build_tiny_realvideo_weights
+
+        return build_tiny_realvideo_weights(folder)
+
+    def parallel_sampler(self, dit: S2VDiT, sp: Any) -> RemoteSampler:
+        return ShardedRealVideo(dit, sp)
+
+
+def inject_layers(dit: Path, config: Path | None) -> list[int] | None:
+    """``audio_inject_layers`` from the DiT's config.json (``config``, else the one next to ``dit``), if any."""
+    path = config or (dit if dit.is_dir() else dit.parent) / "config.json"
+    if not path.is_file():
+        if config is not None:
+            raise InputError(f"--dit-config {config} does not exist.")
+        return None
+    try:
+        return json.loads(path.read_text()).get("audio_inject_layers")
+    except ValueError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}).") from None
+
+
+class ShardedRealVideo:
+    """The DiT of one rank of a torchrun group, as a :class:`~.family_base.RemoteSampler`: each rank
+    samples its share of every block and gets the whole blocks (the same video as one GPU)."""
+
+    def __init__(self, dit: S2VDiT, sp: Any) -> None:
+        self.dit, self.sp = dit, sp
+        self.config, self.dtype = dit.config, dit.dtype
+
+    def generate(self, *, seed: int, **inputs: Any):
+        return sample_realvideo_parallel(self.dit, self.sp, noise=SeededNoise(seed), **inputs)
 
 
 REALVIDEO_14B = RealVideoFamily()

@@ -1,0 +1,437 @@
+"""The live server (docs/live.md): ``python -m livetalk_core live [--smoke] [--host 127.0.0.1] [--port N]``.
+
+:class:`LiveEndpoint` is the protocol over one aiohttp WebSocket, whatever server hosts it: the standalone
+app built here and the ComfyUI routes (nodes/live.py) both hand their socket requests to it, so both accept,
+refuse and stream alike. One session per endpoint: a second client gets "busy". A session's blocks come
+from a ``LiveClock`` thread; each is encoded to H.264 in a thread of its own (the clock goes on sampling)
+and sent by an asyncio task. At most ``max_pending_blocks`` blocks wait for a client: a slow reader loses
+whole blocks (counted, and a keyframe follows), never server memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from aiohttp import WebSocketError, WSMsgType, web
+
+from ..errors import LiveTalkError
+from . import protocol
+from .encoder import BlockEncoder, encode_png
+from .protocol import Audio, ProtocolError, Start, Stop
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+DEFAULT_PORT = 8765
+MAX_PENDING_BLOCKS = 4  # blocks made but not yet sent to the client; a fifth is dropped
+STOP_DRAIN_S = 10.0  # after stop, how long the blocks already made may take to go out
+PAGE_FILES = ("index.html", "live_client.js", "audio_capture.js")
+
+SessionOpener = Callable[[Start], object]  # a Start message -> a LiveSession (blocking: runs in a worker thread)
+
+
+class SendBudget:
+    """How many blocks wait for the client; thread-safe (the clock thread reserves, the event loop releases)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.pending, self.most_pending = limit, 0, 0
+        self._lock = threading.Lock()
+
+    def try_reserve(self) -> bool:
+        with self._lock:
+            if self.pending >= self.limit:
+                return False
+            self.pending += 1
+            self.most_pending = max(self.most_pending, self.pending)
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self.pending -= 1
+
+
+@dataclass
+class SessionStats:
+    """What a session did, for ``/live/status`` and the tests."""
+
+    blocks_made: int = 0
+    blocks_sent: int = 0
+    blocks_dropped: int = 0
+    frames_sent: int = 0
+    most_buffered_bytes: int = 0
+    most_pending: int = 0
+    client_samples: int = 0
+    closed_with: int | None = None
+    close_reason: str = ""
+
+
+@dataclass(frozen=True)
+class EncodedBlock:
+    message: bytes
+    frames: int
+
+
+class LiveSocket(web.WebSocketResponse):
+    """aiohttp closes an oversized message's socket itself, with no reason: this says why first."""
+
+    async def close(self, *, code: int = 1000, message: bytes = b"", drain: bool = True) -> bool:
+        if code == protocol.CLOSE_TOO_BIG and not message and not self.closed:
+            text = f"message exceeds the limit of {protocol.MAX_MESSAGE_BYTES} bytes"
+            with contextlib.suppress(Exception):
+                await self.send_str(protocol.error_message("too_big", text))
+            message = text.encode()
+        return await super().close(code=code, message=message, drain=drain)
+
+
+@dataclass
+class LiveEndpoint:
+    """The live protocol for one server: at most one session at a time.
+
+    ``open_session(start)`` makes the session (blocking; it runs in a worker thread and may raise
+    LiveTalkError for input it cannot use). ``image`` says what the server does with a start message's image:
+    "optional" (standalone) or "ignored" (ComfyUI: the node's reference). ``clock`` builds the driver:
+    ``clock(session, on_block, on_error=...)`` (session.LiveClock)."""
+
+    open_session: SessionOpener
+    image: str = "optional"
+    family: str = ""
+    max_pending_blocks: int = MAX_PENDING_BLOCKS
+    send_buffer_bytes: int | None = None  # SO_SNDBUF for the socket (None: the system's); small = drops sooner
+    clock: Callable | None = None
+    sessions_served: int = 0
+    last: SessionStats = field(default_factory=SessionStats)
+    _active: object | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._active is not None
+
+    async def status(self, request: web.Request) -> web.Response:
+        """``GET .../live/status``: whether a session runs and the counters of the current or last one."""
+        return web.json_response({"busy": self.busy, "sessions_served": self.sessions_served, "last": vars(self.last)})
+
+    async def handle_socket(self, request: web.Request) -> web.StreamResponse:
+        """``GET .../live/ws``: one client's whole connection."""
+        ws = LiveSocket(max_msg_size=protocol.MAX_MESSAGE_BYTES, heartbeat=30)
+        await ws.prepare(request)
+        if self.busy:
+            await _refuse(ws, ProtocolError(protocol.CLOSE_BUSY, "busy: another client is in a live session; "
+                                                                 "one session per server, try again when it ends"))
+            return ws
+        self._limit_send_buffer(request)
+        connection = LiveConnection(self, ws)
+        self._active, self.last = connection, connection.stats
+        try:
+            await connection.run()
+        finally:
+            self._active = None
+            self.sessions_served += 1
+        return ws
+
+    def _limit_send_buffer(self, request: web.Request) -> None:
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if self.send_buffer_bytes and sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
+
+
+async def _refuse(ws: web.WebSocketResponse, error: ProtocolError) -> None:
+    """Say why (an error message, then the close frame's reason) and close."""
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await ws.send_str(protocol.error_message(error.error_code, error.reason))
+    await ws.close(code=error.code, message=error.close_reason.encode())
+
+
+class LiveConnection:
+    """One client's session: receive start, audio and stop; stream the blocks back."""
+
+    def __init__(self, endpoint: LiveEndpoint, ws: web.WebSocketResponse):
+        self.endpoint, self.ws = endpoint, ws
+        self.stats = SessionStats()
+        self.loop = asyncio.get_running_loop()
+        self.budget = SendBudget(endpoint.max_pending_blocks)
+        self.outbox: asyncio.Queue[EncodedBlock | BaseException] = asyncio.Queue()
+        self.encoding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="live-encode")
+        self.session = self.clock = self.encoder = None
+        self._client_samples_used = 0
+        self._sender: asyncio.Task | None = None
+        self._stopping = False
+
+    async def run(self) -> None:
+        try:
+            await self.ws.send_str(protocol.text_message("hello", protocol=protocol.PROTOCOL_VERSION,
+                                                         image=self.endpoint.image, limits=_limits()))
+            await self._serve()
+        except ProtocolError as error:
+            self._closing(error.code, error.reason)
+            await _refuse(self.ws, error)
+        finally:
+            await self._shut_down()
+
+    async def _serve(self) -> None:
+        async for message in self.ws:
+            if message.type == WSMsgType.ERROR:  # aiohttp refused the frame (too big, broken) and closed
+                code = message.data.code if isinstance(message.data, WebSocketError) else self.ws.close_code
+                self._closing(code, str(message.data))
+                return
+            parsed = protocol.parse_client_message(message.data)
+            if isinstance(parsed, Start):
+                await self._start(parsed)
+            elif isinstance(parsed, Audio):
+                self._push(parsed.samples)
+            elif isinstance(parsed, Stop):
+                await self._stop()
+                return
+        self._closing(self.ws.close_code or protocol.CLOSE_NORMAL, "client closed the socket")
+
+    def _closing(self, code: int, reason: str) -> None:
+        self.stats.closed_with, self.stats.close_reason = code, reason
+
+    async def _start(self, start: Start) -> None:
+        if self.session is not None:
+            raise ProtocolError(protocol.CLOSE_POLICY, "start sent twice; one start per connection")
+        await self.ws.send_str(protocol.text_message("loading"))
+        try:
+            self.session = await self.loop.run_in_executor(None, self.endpoint.open_session, start)
+        except LiveTalkError as err:
+            raise ProtocolError(protocol.CLOSE_POLICY, str(err), protocol.BAD_INPUT) from err
+        except Exception as err:  # the model failed to start: the client hears why, the server goes on
+            log.exception("live session failed to open")
+            raise ProtocolError(protocol.CLOSE_SERVER_ERROR, f"the session could not start: {err}") from err
+        session = self.session
+        self.encoder = BlockEncoder(session.width, session.height, session.fps)
+        reference = encode_png(session.reference_frame())
+        header = {"width": session.width, "height": session.height, "mime": "image/png"}
+        await self.ws.send_bytes(protocol.pack_binary(protocol.REFERENCE, header, reference))
+        await self.ws.send_str(protocol.text_message("ready", **_session_info(session), family=self.endpoint.family))
+        self._sender = asyncio.create_task(self._send_blocks())
+        self.clock = self.endpoint.clock(session, self._on_block, on_error=self._on_error)
+        self.clock.start()
+
+    def _push(self, samples: np.ndarray) -> None:
+        if self.clock is None:
+            raise ProtocolError(protocol.CLOSE_POLICY, "audio before ready; send start and wait for ready")
+        self.stats.client_samples += len(samples)
+        self.session.push_audio(samples)
+
+    # --- blocks: clock thread -> encoder thread -> event loop -> socket -------------------------------
+    def _on_block(self, block) -> None:
+        """Called by the clock thread for each block, in order: keep it (encode, queue) or drop it whole."""
+        if self._stopping:
+            return
+        self.stats.blocks_made += 1
+        self._client_samples_used += int(block.speech_samples)
+        header = {**_block_header(block, self._client_samples_used), "dropped_blocks": self.stats.blocks_dropped}
+        if not self.budget.try_reserve():
+            self.stats.blocks_dropped += 1
+            self.encoding.submit(self.encoder.force_keyframe)
+            return
+        self.stats.most_pending = max(self.stats.most_pending, self.budget.most_pending)
+        future = self.encoding.submit(self._encode, block, header)
+        future.add_done_callback(self._queue_encoded)
+
+    def _encode(self, block, header: dict) -> EncodedBlock:
+        units, keyframe = self.encoder.encode(block.frames)
+        header["keyframe"] = keyframe
+        return EncodedBlock(protocol.block_message(header, units, protocol.float_to_pcm(block.audio)), len(units))
+
+    def _queue_encoded(self, future) -> None:
+        result = future.exception() or future.result()
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the server is shutting down
+            self.loop.call_soon_threadsafe(self.outbox.put_nowait, result)
+
+    def _on_error(self, error: BaseException) -> None:
+        """The clock thread's session failed (e.g. out of GPU memory): close the socket with 1011."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.outbox.put_nowait, error)
+
+    async def _send_blocks(self) -> None:
+        while True:
+            item = await self.outbox.get()
+            if isinstance(item, BaseException):
+                log.error("live session failed: %s", item)
+                error = ProtocolError(protocol.CLOSE_SERVER_ERROR, f"the session failed: {item}")
+                self._closing(error.code, error.reason)
+                await _refuse(self.ws, error)
+                return
+            try:
+                await self.ws.send_bytes(item.message)
+            finally:
+                self.budget.release()
+            self.stats.blocks_sent += 1
+            self.stats.frames_sent += item.frames
+            self._note_buffered()
+
+    def _note_buffered(self) -> None:
+        """Record the most bytes the socket's transport has held unsent (bounded: aiohttp waits to drain)."""
+        transport = self.ws._req.transport if self.ws._req is not None else None
+        if transport is not None:
+            self.stats.most_buffered_bytes = max(self.stats.most_buffered_bytes, transport.get_write_buffer_size())
+
+    async def _stop(self) -> None:
+        """Stop the clock, send what was made, then "stopped" and close normally."""
+        self._stopping = True  # a block finished after the stop request is not sent
+        if self.clock is not None:
+            await self.loop.run_in_executor(None, self.clock.stop)
+            await self.loop.run_in_executor(None, self.encoding.shutdown, True)
+            deadline = time.monotonic() + STOP_DRAIN_S
+            while self.budget.pending and time.monotonic() < deadline and not self._sender.done():
+                await asyncio.sleep(0.01)  # the blocks already made still go out
+        await self.ws.send_str(protocol.text_message(
+            "stopped", blocks=self.stats.blocks_sent, frames=self.stats.frames_sent,
+            dropped_blocks=self.stats.blocks_dropped))
+        self._closing(protocol.CLOSE_NORMAL, "stopped")
+        await self.ws.close(code=protocol.CLOSE_NORMAL, message=b"stopped")
+
+    async def _shut_down(self) -> None:
+        """Whatever ended the connection: stop the clock, free the session (its KV cache), stop the sender."""
+        if self.clock is not None:
+            await self.loop.run_in_executor(None, self.clock.stop)
+        self.encoding.shutdown(wait=False, cancel_futures=True)
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
+                await self._sender
+        if self.session is not None:
+            await self.loop.run_in_executor(None, self.session.close)
+        if self.encoder is not None:
+            self.encoder.close()
+        if not self.ws.closed:
+            await self.ws.close()
+
+
+def _limits() -> dict:
+    return {"max_message_bytes": protocol.MAX_MESSAGE_BYTES, "max_audio_chunk_bytes": protocol.MAX_AUDIO_CHUNK_BYTES,
+            "max_prompt_chars": protocol.MAX_PROMPT_CHARS, "sample_rate": protocol.SAMPLE_RATE}
+
+
+def _session_info(session) -> dict:
+    return {"fps": session.fps, "width": session.width, "height": session.height, "sample_rate": session.sample_rate,
+            "block_frames": session.block_frames, "first_block_frames": session.first_block_frames,
+            "codec": protocol.VIDEO_CODEC, "format": protocol.VIDEO_FORMAT}
+
+
+def _block_header(block, client_samples_end: int) -> dict:
+    return {"index": int(block.index), "first_frame": int(block.first_frame), "frames": int(len(block.frames)),
+            "audio_start": int(block.audio_start), "audio_samples": int(len(block.audio)),
+            "speech_samples": int(block.speech_samples), "client_samples_end": client_samples_end,
+            "generated_s": round(float(block.generated_s), 4), "sent_at": time.time()}
+
+
+def build_app(endpoint: LiveEndpoint, prefix: str = "/live") -> web.Application:
+    """The standalone server's app: the page, its scripts, the socket and the status under ``prefix``."""
+    app = web.Application()
+    app.router.add_get("/", redirect_handler(f"{prefix}/"))
+    add_routes(app.router, endpoint, prefix)
+    return app
+
+
+def add_routes(router, endpoint: LiveEndpoint, prefix: str) -> None:
+    """The page, scripts, socket and status under ``prefix`` on an aiohttp router (ComfyUI's too)."""
+    router.add_get(f"{prefix}/ws", endpoint.handle_socket)
+    router.add_get(f"{prefix}/status", endpoint.status)
+    router.add_get(f"{prefix}", redirect_handler(f"{prefix}/"))
+    router.add_get(f"{prefix}/", page_file_handler("index.html"))
+    for name in PAGE_FILES:
+        router.add_get(f"{prefix}/{name}", page_file_handler(name))
+
+
+def redirect_handler(location: str):
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(location)
+    return redirect
+
+
+def page_file_handler(name: str):
+    """A handler serving ``web/<name>`` (only the page's own files: no directory listing or traversal)."""
+    async def serve(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(WEB_DIR / name, headers={"Cache-Control": "no-cache"})
+    return serve
+
+
+# --- the command ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="livetalk live", description="Talk to the avatar: serve the live page and socket.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only; "
+                   "the server has no authentication)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
+    p.add_argument("--smoke", action="store_true", help="tiny random weights on the CPU: checks the install")
+    p.add_argument("--family", default="livetalk", help="model family for --smoke (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    return p
+
+
+def smoke_opener(args: argparse.Namespace) -> SessionOpener:
+    """Sessions on tiny random weights (CPU); the start message's prompt and image are checked but not used."""
+    from .session import open_smoke_session
+
+    def open_for(start: Start):
+        if start.image is not None:
+            decode_image(start.image)
+        return open_smoke_session(args.family, seed=args.seed)
+    return open_for
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """A start message's image file -> uint8 [H, W, 3]; LiveTalkError (bad_input) if it cannot be read."""
+    import io
+
+    import av
+
+    from ..errors import InputError
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            frame = next(container.decode(video=0))
+            return frame.to_ndarray(format="rgb24")
+    except (av.error.FFmpegError, StopIteration) as err:
+        raise InputError(f"the image could not be read ({err}); send a JPEG, PNG or WebP file") from err
+
+
+@contextlib.contextmanager
+def serving_in_thread(endpoint: LiveEndpoint, host: str = "127.0.0.1", port: int = 0):
+    """Run the standalone app on its own event loop in a thread (tests, benchmarks); yields its http:// URL."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="live-server", daemon=True)
+    thread.start()
+    runner = web.AppRunner(build_app(endpoint))
+
+    async def start() -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]
+    try:
+        bound = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
+        yield f"http://{host}:{bound}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def serve(endpoint: LiveEndpoint, host: str, port: int) -> None:
+    """Run the standalone server until Ctrl-C."""
+    print(f"live page: http://{host}:{port}/live/  (Ctrl-C stops)", flush=True)
+    web.run_app(build_app(endpoint), host=host, port=port, print=None, handle_signals=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.smoke:
+        raise SystemExit("live: only --smoke is wired up so far")
+    from .session import LiveClock
+
+    endpoint = LiveEndpoint(open_session=smoke_opener(args), family=args.family, clock=LiveClock)
+    serve(endpoint, args.host, args.port)
+    return 0
