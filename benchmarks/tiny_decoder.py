@@ -8,9 +8,9 @@ from argparse import Namespace
 import torch
 from timing import random_init_
 
-from livetalk_core.media.taehv import TinyDecoder, TinyDecoderConfig
+from livetalk_core.media.taehv import DECODERS, TinyDecoder, TinyDecoderConfig
 
-DECODERS = ("full", "tiny")
+__all__ = ["DECODERS", "decoder_for", "random_tiny_decoder"]
 DRY_RUN = TinyDecoderConfig(stem_width=16, stage_widths=(16, 16, 16), stage_outputs=(16, 16, 16))
 """Its widths under ``bench.py --tiny`` (a CPU run that checks the script, not the speed)."""
 

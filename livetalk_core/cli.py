@@ -44,6 +44,7 @@ from .family_base import fit_waveform
 from .interrupts import INTERRUPTED_EXIT_CODE, ready, summary
 from .media.checkpoint import PRECISIONS, checkpoint_shapes
 from .media.image import check_target_size
+from .media.taehv import DECODERS
 from .media.timing import VIDEO_FPS
 from .media.weights import TEXT_ENCODER_FILES, WeightFile
 from .options import RuntimeOptions, cli_flag
@@ -97,6 +98,9 @@ def _add_model_arguments(g: argparse._ArgumentGroup) -> None:
                    help="the DiT file (its family is read from it); default: the family's release file in --models-dir")
     g.add_argument("--base", type=Path, default=None, help="base checkpoint a partial fine-tune --dit is applied over")
     g.add_argument("--vae", type=Path, default=None, help="Wan2.1_VAE.pth (default: fetched into --models-dir)")
+    g.add_argument("--tiny-decoder", type=Path, default=None,
+                   help="with --decoder tiny: taew2_1.pth / .safetensors (madebyollin/taehv) or "
+                   "lighttaew2_1.safetensors (lightx2v/Autoencoders); never downloaded")
     g.add_argument("--wav2vec2", type=Path, default=None, help="the audio encoder the family needs (folder or file)")
     g.add_argument("--text-encoder", type=Path, default=None, help="umT5 .pth (default: fetched into --models-dir; "
                    "used once per prompt, the embedding is cached in <models-dir>/contexts)")
@@ -131,6 +135,10 @@ def _add_runtime_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--vae-device", default=None,
                    help="run the VAE on another GPU (e.g. cuda:1), so decoding never competes with the DiT; "
                    "default: --device")
+    g.add_argument("--decoder", choices=DECODERS, default="full",
+                   help="full: the Wan VAE decodes the frames (default); tiny: the tiny decoder (TAEHV, "
+                   "--tiny-decoder) decodes them much faster but trades quality for speed (softer frames, less "
+                   "fine detail)")
     g.add_argument("--attention", default="sdpa", choices=ATTENTION_BACKENDS, help="attention kernel")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the DiT blocks and the VAE's conv steps (default: on for GPUs)")
@@ -205,6 +213,7 @@ def check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     prompts = (args.prompt or family.talking_prompt, family.idle_prompt)
     files, fetch = (None, ()) if args.smoke else model_files(args, family, models_dir, prompts)
     check_outputs(args, files)
+    check_decoder(args)
     steps = family.default_steps if args.steps is None else args.steps
     return RunInputs(family, runtime, image, pixels, waveform, Path(args.output), steps, prompts, models_dir, files,
                      fetch)
@@ -305,13 +314,30 @@ def weight_path(files: list[WeightFile], models_dir: Path) -> Path:
 
 def check_outputs(args: argparse.Namespace, files: ModelFiles | None) -> None:
     """--output (and --latents-out) must not be an input, nor a folder, and must be writable."""
-    inputs = {"--image": Path(args.image), "--audio": Path(args.audio), "--base": args.base}
+    inputs = {"--image": Path(args.image), "--audio": Path(args.audio), "--base": args.base,
+              "--tiny-decoder": args.tiny_decoder}
     if files is not None:
         inputs.update({"--dit": files.dit, "--vae": files.vae, "--wav2vec2": files.wav2vec2,
                        "--text-encoder": files.text_encoder})
     check_output(Path(args.output), inputs)
     if args.latents_out is not None:
         check_output(args.latents_out, {**inputs, "--output": Path(args.output)}, "--latents-out")
+
+
+def check_decoder(args: argparse.Namespace) -> None:
+    """--decoder tiny needs --tiny-decoder, a Wan2.1 TAEHV file, checked now (nothing is loaded); the file
+    without --decoder tiny is a mistake too."""
+    from .media.taehv import QUALITY_NOTE, WHERE_TO_GET_IT, check_tiny_decoder_file
+
+    if args.decoder == "full":
+        if args.tiny_decoder is not None:
+            raise InputError(f"--tiny-decoder {args.tiny_decoder} is only used with --decoder tiny: add --decoder tiny "
+                             "(faster, lower quality) or leave --tiny-decoder out.")
+        return
+    if args.tiny_decoder is None:
+        raise InputError(f"--decoder tiny needs --tiny-decoder FILE: {WHERE_TO_GET_IT} (it is not downloaded).")
+    check_tiny_decoder_file(args.tiny_decoder)
+    log.info(QUALITY_NOTE)
 
 
 @contextlib.contextmanager
@@ -367,11 +393,13 @@ class Models:
     dit: Any
     vae: Any = None
     audio_encoder: Any = None
+    decoder: Any = None  # what decodes the frames: the VAE, or the tiny decoder (--decoder tiny)
 
 
 def load_models(inputs: RunInputs, files: ModelFiles, runtime: RuntimeOptions, rank: int,
                 args: argparse.Namespace) -> Models:
     """Load the DiT (and on rank 0 the VAE and audio encoder) in the run's precision, with its options applied."""
+    from .media.taehv import load_tiny_decoder
     from .media.vae import load_vae
     from .media.wav2vec2 import load_audio_encoder
 
@@ -383,6 +411,8 @@ def load_models(inputs: RunInputs, files: ModelFiles, runtime: RuntimeOptions, r
     if rank == 0:
         models.vae = load_vae(files.vae, dtype, runtime.vae_device or runtime.device)
         models.audio_encoder = load_audio_encoder(files.wav2vec2, family.audio_encoder_dtype or dtype, runtime.device)
+        models.decoder = models.vae if args.decoder == "full" else \
+            load_tiny_decoder(args.tiny_decoder, dtype, runtime.vae_device or runtime.device)
     runtime.apply(models.dit, models.vae)
     return models
 
@@ -524,7 +554,7 @@ def write_video(args: argparse.Namespace, inputs: RunInputs, models: Models, con
     frames_done, start = 0, time.perf_counter()
     with tqdm(total=num_frames, unit="frame", desc="generating", file=sys.stderr) as bar, \
             VideoWriter(inputs.output, fps=VIDEO_FPS, audio=inputs.waveform) as writer:
-        for frames in decode_blocks(models.vae, blocks, num_frames, first_latent_frame=first):
+        for frames in decode_blocks(models.decoder, blocks, num_frames, first_latent_frame=first):
             writer.write(frames)
             frames_done += frames.shape[0]
             bar.set_postfix(fps=f"{frames_done / (time.perf_counter() - start):.1f}")

@@ -49,6 +49,10 @@ QUALITY_NOTE = (
     "than the full Wan VAE, which stays the default."
 )
 
+DECODERS = ("full", "tiny")
+"""What can decode the frames (the CLI's and the benchmarks' ``--decoder``): the full Wan VAE, the
+default, or this tiny decoder."""
+
 NORMALISED = "normalised"
 """Latent space of ``taew2_1``: the DiT's latents as they are."""
 RAW = "raw"
