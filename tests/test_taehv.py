@@ -133,6 +133,23 @@ def test_streaming_equals_one_shot(dtype, sizes):
     assert_close(_streamed(decoder, latents, sizes), one_shot, atol=atol, rel_l2=atol, name=f"split {sizes}")
 
 
+def test_the_gpu_layout_gives_the_same_frames():
+    """Channels-last weights and activations (what a GPU runs; here on the CPU): the frames of the
+    default layout, one-shot and streamed; the time grow splits channels-last frames in one copy."""
+    latents = torch.randn(1, 16, 5, 3, 2, generator=torch.Generator().manual_seed(10))
+    plain, fast = _random_decoder(), _random_decoder()
+    fast.use_channels_last()
+    assert fast.decoder["1"].weight.is_contiguous(memory_format=torch.channels_last)
+    expected = plain.decode(latents)
+    assert_close(fast.decode(latents), expected, atol=1e-5, rel_l2=1e-6, name="channels-last one-shot")
+    assert_close(_streamed(fast, latents, [1, 1, 3]), expected, atol=1e-5, rel_l2=1e-6, name="channels-last streamed")
+    grow = fast.decoder["13"]
+    x = torch.randn(3, 8, 4, 5).contiguous(memory_format=torch.channels_last)
+    split = grow(x)
+    assert split.is_contiguous(memory_format=torch.channels_last) and not split.is_contiguous()
+    assert_close(split, grow.conv(x.contiguous()).reshape(6, 8, 4, 5), atol=1e-6, rel_l2=1e-6, name="time grow")
+
+
 def test_the_stream_tolerance_catches_a_lost_state():
     """Restarting the stream at each block (the memory blocks' state lost) is caught."""
     decoder = _random_decoder()

@@ -153,7 +153,13 @@ class TimeGrow(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        return _in_layout(self.conv(x).reshape(n * self.stride, c, h, w))
+        y = self.conv(x)
+        if y.is_contiguous() or not y.is_contiguous(memory_format=torch.channels_last):
+            return y.reshape(n * self.stride, c, h, w)
+        # Channels-last, y's memory is [N, H, W, stride, C]: reordered to [N, stride, H, W, C] in one copy,
+        # that is the output's channels-last memory.
+        grouped = y.permute(0, 2, 3, 1).reshape(n, h, w, self.stride, c).permute(0, 3, 1, 2, 4).contiguous()
+        return grouped.view(n * self.stride, h, w, c).permute(0, 3, 1, 2)
 
 
 @dataclass
@@ -190,7 +196,7 @@ class TinyDecoder(nn.Module):
             width = out
         layers[str(_FINAL)] = _conv3x3(width, IMAGE_CHANNELS)
         self.decoder = nn.ModuleDict(layers)
-        self._channels_last = False  # the weights' layout, switched on the first decode on a GPU
+        self.channels_last = False  # the layout of weights and activations: channels-last on a GPU
 
     @property
     def dtype(self) -> torch.dtype:
@@ -206,11 +212,16 @@ class TinyDecoder(nn.Module):
         return TinyStreamDecoder(self)
 
     def use_gpu_layout(self) -> None:
-        """On a GPU, store the conv weights channels-last (cuDNN's fast 2-D convs; the same values and
-        names), once: before a stream starts, so not on a side stream that decodes."""
-        if self.device.type == "cuda" and not self._channels_last:
-            self.to(memory_format=torch.channels_last)
-            self._channels_last = True
+        """On a GPU, go channels-last (:meth:`use_channels_last`), once: before a stream starts, so not
+        on a side stream that decodes."""
+        if self.device.type == "cuda" and not self.channels_last:
+            self.use_channels_last()
+
+    def use_channels_last(self) -> None:
+        """Store the conv weights and the activations channels-last: cuDNN's fast 2-D convs on a GPU (the
+        same values and names; on a CPU only for the tests of that path)."""
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """One-shot decode ``[B,16,F,h,w] -> [B,3,1+4(F-1),8h,8w]`` float32 in [-1, 1]."""
@@ -235,14 +246,17 @@ class TinyDecoder(nn.Module):
         input (the first from ``state``)."""
         batch, frames_in = latents.shape[0], latents.shape[2]
         self.use_gpu_layout()
-        x = _in_layout(latents.transpose(1, 2).reshape(batch * frames_in, *latents.shape[1:2], *latents.shape[3:]))
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = latents.transpose(1, 2).reshape(batch * frames_in, *latents.shape[1:2], *latents.shape[3:])
+        x = x.contiguous(memory_format=layout)
         x = torch.tanh(x / 3) * 3  # TAEHV's soft clamp of its input to (-3, 3)
         x = F.relu(self.decoder[str(_STEM)](x))
         for stage in range(STAGES):
             start = self.config.stage_start(stage)
             for index in range(start, start + BLOCKS_PER_STAGE):
-                x = self.decoder[str(index)](x, _previous_frames(x, batch, state, index))
-            x = _in_layout(nearest_2x(x))  # F.interpolate(mode="nearest")'s values, faster channels-last
+                x = self.decoder[str(index)](x, _previous_frames(x, batch, state, index, layout))
+            # F.interpolate(mode="nearest")'s values, faster channels-last
+            x = nearest_2x(x).contiguous(memory_format=layout)
             x = self.decoder[str(start + BLOCKS_PER_STAGE + 1)](x)
             x = self.decoder[str(start + BLOCKS_PER_STAGE + 2)](x)
         x = self.decoder[str(_FINAL)](F.relu(x)).clamp_(0, 1)
@@ -252,20 +266,17 @@ class TinyDecoder(nn.Module):
         return video[:, :, dropped:]
 
 
-def _previous_frames(x: torch.Tensor, batch: int, state: StreamState, index: int) -> torch.Tensor:
+def _previous_frames(
+    x: torch.Tensor, batch: int, state: StreamState, index: int, layout: torch.memory_format
+) -> torch.Tensor:
     """For memory block ``index``'s input ``x`` ``[B*T,C,H,W]``: the input one frame earlier for each
-    frame (zeros before a stream's first), and ``state`` keeps this call's last frame."""
+    frame (zeros before a stream's first), in ``layout``; ``state`` keeps this call's last frame."""
     frames = x.reshape(batch, -1, *x.shape[1:])  # [B, T, C, H, W]
     before = state.memory.get(index)
     if before is None:
         before = torch.zeros_like(frames[:, :1])
     state.memory[index] = frames[:, -1:].clone()
-    return _in_layout(torch.cat([before, frames[:, :-1]], dim=1).reshape(x.shape))
-
-
-def _in_layout(frames: torch.Tensor) -> torch.Tensor:
-    """``[N,C,H,W]`` activations channels-last on a GPU (cuDNN's fast layout), as they are on a CPU."""
-    return frames.contiguous(memory_format=torch.channels_last if frames.is_cuda else torch.contiguous_format)
+    return torch.cat([before, frames[:, :-1]], dim=1).reshape(x.shape).contiguous(memory_format=layout)
 
 
 class TinyStreamDecoder:
