@@ -23,7 +23,7 @@ from ..errors import InputError, LiveTalkError
 from . import protocol
 
 CHUNK_SECONDS = 0.1  # audio is sent in messages of this length, each when its last sample "has been spoken"
-STOP_GRACE_S = 30.0  # after the last audio, how long to wait for the blocks that cover it
+STOP_GRACE_S = 30.0  # after the last audio, how long to wait by default for the blocks that cover it
 
 
 def socket_url(url: str) -> str:
@@ -175,7 +175,8 @@ class LiveRecording:
 
 
 async def stream_audio(url: str, audio: np.ndarray, *, image: bytes | None = None, prompt: str | None = None,
-                       chunk_s: float = CHUNK_SECONDS, connect_timeout: float = 600.0) -> LiveRecording:
+                       chunk_s: float = CHUNK_SECONDS, connect_timeout: float = 600.0,
+                       coverage_timeout: float = STOP_GRACE_S) -> LiveRecording:
     """Send ``audio`` (float32 mono at 16 kHz) at real-time pace after the session is ready, receive every block
     until the blocks cover all of it, then stop. Raises LiveTalkError with the server's reason if refused."""
     import aiohttp
@@ -186,9 +187,9 @@ async def stream_audio(url: str, audio: np.ndarray, *, image: bytes | None = Non
         await _open(ws, recording, image, prompt, connect_timeout)
         receiver = asyncio.create_task(_receive_blocks(ws, recording))
         await _send_paced(ws, recording, pcm, chunk_s)
-        await _wait_for_coverage(recording, len(pcm), receiver)
+        await _wait_for_coverage(recording, len(pcm), receiver, coverage_timeout)
         await ws.send_str(protocol.text_message("stop"))
-        await asyncio.wait_for(receiver, STOP_GRACE_S)
+        await asyncio.wait_for(receiver, coverage_timeout)
     return recording
 
 
@@ -258,9 +259,9 @@ async def _receive_blocks(ws, recording: LiveRecording) -> None:
                 raise LiveTalkError(f"the live server ended the session: {data['message']} ({data['code']})")
 
 
-async def _wait_for_coverage(recording: LiveRecording, samples: int, receiver: asyncio.Task) -> None:
-    """Until a block has used the client's last sample (or the grace time passes, or the socket ends)."""
-    deadline = time.monotonic() + STOP_GRACE_S
+async def _wait_for_coverage(recording: LiveRecording, samples: int, receiver: asyncio.Task, timeout: float) -> None:
+    """Until a block has used the client's last sample (or ``timeout`` passes, or the socket ends)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not receiver.done():
         if recording.blocks and recording.blocks[-1].header["client_samples_end"] >= samples:
             return

@@ -101,7 +101,7 @@ class LiveEndpoint:
     ``open_session(start)`` makes the session (blocking; it runs in a worker thread and may raise
     LiveTalkError for input it cannot use). ``image`` says what the server does with a start message's image:
     "optional" (standalone) or "ignored" (ComfyUI: the node's reference). ``clock`` builds the driver:
-    ``clock(session, on_block, on_error=...)`` (session.LiveClock)."""
+    ``clock(session, on_block, on_error=...)`` (clock.LiveClock)."""
 
     open_session: SessionOpener
     image: str = "optional"
@@ -372,13 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def smoke_opener(args: argparse.Namespace) -> SessionOpener:
-    """Sessions on tiny random weights (CPU); the start message's prompt and image are checked but not used."""
+    """Sessions on tiny random weights (CPU): the start message's image is the reference; its prompt is not
+    encoded (the tiny model has no text encoder)."""
     from .session import open_smoke_session
 
     def open_for(start: Start):
-        if start.image is not None:
-            decode_image(start.image)
-        return open_smoke_session(args.family, seed=args.seed)
+        image = None if start.image is None else decode_image(start.image)
+        return open_smoke_session(args.family, seed=args.seed, reference_image=image)
     return open_for
 
 
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.smoke:
         raise SystemExit("live: only --smoke is wired up so far")
-    from .session import LiveClock
+    from .clock import LiveClock
 
     endpoint = LiveEndpoint(open_session=smoke_opener(args), family=args.family, clock=LiveClock)
     serve(endpoint, args.host, args.port)
