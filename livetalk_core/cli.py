@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     """Every flag, each declared once: the shared ones here, each family's own in a group of its own
     (:meth:`~.family_base.ModelFamily.add_cli_arguments`)."""
     p = argparse.ArgumentParser(prog="livetalk", description="Lip-synced talking-avatar video from a face image and "
-                                "speech, with any model family of the pack (LiveTalk 1.3B by default).")
+                                "speech, with any model family of the pack (LiveTalk 1.3B by default).",
+                                epilog=f"Subcommands: {', '.join(SUBCOMMANDS)} (e.g. livetalk live --help).")
     _add_input_arguments(p.add_argument_group("inputs and output"))
     _add_model_arguments(p.add_argument_group("model and weight files"))
     _add_video_arguments(p.add_argument_group("the video"))

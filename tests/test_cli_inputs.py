@@ -279,3 +279,22 @@ def test_usable_durations_and_sizes_pass_the_checks():
     assert parse_size("512") == (512, 512) and parse_size("640x384") == (384, 640)
     assert parse_size(" 64 X 80 ") == (80, 64)
     assert parse_size("abc", max_hw=720) == (512, 512)
+
+
+def test_realvideo_offline_lists_every_file_it_fetches_in_one_message(tmp_path, capsys, monkeypatch):
+    """RealVideo through the one CLI gets #16's first-run behaviour: its VAE and the umT5 encoder with its
+    tokenizer (fetched like LiveTalk's) are listed together, once, before anything loads; --skip-download."""
+    from livetalk_core.media.weights import TEXT_ENCODER_FILES, WAN_VAE_FILE
+
+    def refuse(*args, **kwargs):
+        raise LoadedTooEarly("a model was loaded before the missing files were listed")
+
+    monkeypatch.setattr(cli, "load_models", refuse)
+    s2v = tiny_s2v_file(tmp_path)
+    models = tmp_path / "models"
+    code = cli.main(["--dit", str(s2v), "--wav2vec2", str(tmp_path), "--models-dir", str(models), "--skip-download",
+                     "--output", str(tmp_path / "x.mp4")])
+    err = refused(capsys, code, "missing")
+    for f in (WAN_VAE_FILE, *TEXT_ENCODER_FILES):
+        assert err.count(f"  {f.local_path(models)}\n") == 1, f.filename
+    assert err.count("error:") == 1 and not (tmp_path / "x.mp4").exists()
