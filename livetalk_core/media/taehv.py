@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError
 from .checkpoint import check_state_dict, read_state_dict, resolve_dtype, strip_prefix
-from .vae import LATENT_CHANNELS, WAN21_LATENT_MEAN, WAN21_LATENT_STD, nearest_2x
+from .vae import LATENT_CHANNELS, WAN21_LATENT_MEAN, WAN21_LATENT_STD, continued_stream, nearest_2x
 
 MODEL_NAME = "TAEHV tiny decoder for Wan2.1"
 WHERE_TO_GET_IT = (
@@ -301,18 +301,7 @@ class TinyStreamDecoder:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``[B,16,f,h,w]`` normalised latents -> ``[B,3,frames,8h,8w]`` float32 clamped to [-1, 1]."""
         channels = self.model.config.latent_channels
-        if latents.ndim != 5 or latents.shape[1] != channels or latents.shape[2] == 0:
-            raise InputError(
-                f"The tiny decoder decodes latents shaped [batch, {channels}, frames >= 1, height, width]; got "
-                f"{tuple(latents.shape)}."
-            )
-        shape = (latents.shape[0], *latents.shape[3:])
-        if self._latent_shape is not None and shape != self._latent_shape:
-            raise InputError(
-                f"These latents (batch, h, w = {shape}) do not continue the stream being decoded "
-                f"({self._latent_shape}). Call reset() before decoding a different video."
-            )
-        self._latent_shape = shape
+        self._latent_shape = continued_stream(latents, channels, self._latent_shape, "The tiny decoder")
         frames = self.model.decode_frames(self.model.to_decoder_input(latents), self._state)
         return frames.float().mul_(2).sub_(1)
 

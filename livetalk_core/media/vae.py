@@ -566,21 +566,29 @@ class StreamDecoder:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``[B,z,f,h,w]`` normalised latents -> ``[B,3,frames,8h,8w]`` float32 clamped to [-1, 1]."""
-        z_dim = self.vae.config.z_dim
-        if latents.ndim != 5 or latents.shape[1] != z_dim or latents.shape[2] == 0:
-            raise InputError(
-                f"The VAE decodes latents shaped [batch, {z_dim}, frames >= 1, height, width]; got "
-                f"{tuple(latents.shape)}. (Frame-major [batch, frames, {z_dim}, h, w] latents need "
-                ".transpose(1, 2).)"
-            )
-        shape = (latents.shape[0], *latents.shape[3:])
-        if self._latent_shape is not None and shape != self._latent_shape:
-            raise InputError(
-                f"These latents (batch, h, w = {shape}) do not continue the stream being decoded "
-                f"({self._latent_shape}). Call reset() before decoding a different video."
-            )
-        self._latent_shape = shape
+        self._latent_shape = continued_stream(latents, self.vae.config.z_dim, self._latent_shape, "The VAE")
         return self.vae._decode_chunk(latents, self._cache)
+
+
+def continued_stream(
+    latents: torch.Tensor, channels: int, stream_shape: tuple[int, ...] | None, decoder: str
+) -> tuple[int, ...]:
+    """``(batch, h, w)`` of ``latents`` ``[B, channels, f >= 1, h, w]`` that continue a decoding stream of
+    ``stream_shape`` (None: a new stream); :class:`InputError` naming ``decoder`` otherwise. Every
+    stream decoder's check (the VAE's, the tiny decoder's)."""
+    if latents.ndim != 5 or latents.shape[1] != channels or latents.shape[2] == 0:
+        raise InputError(
+            f"{decoder} decodes latents shaped [batch, {channels}, frames >= 1, height, width]; got "
+            f"{tuple(latents.shape)}. (Frame-major [batch, frames, {channels}, h, w] latents need "
+            ".transpose(1, 2).)"
+        )
+    shape = (latents.shape[0], *latents.shape[3:])
+    if stream_shape is not None and shape != stream_shape:
+        raise InputError(
+            f"These latents (batch, h, w = {shape}) do not continue the stream being decoded "
+            f"({stream_shape}). Call reset() before decoding a different video."
+        )
+    return shape
 
 
 def frames_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
