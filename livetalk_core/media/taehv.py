@@ -197,6 +197,7 @@ class TinyDecoder(nn.Module):
         layers[str(_FINAL)] = _conv3x3(width, IMAGE_CHANNELS)
         self.decoder = nn.ModuleDict(layers)
         self.channels_last = False  # the layout of weights and activations: channels-last on a GPU
+        self._raw_scales: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -233,11 +234,19 @@ class TinyDecoder(nn.Module):
         too), then cast."""
         z = latents.to(device=self.device)
         if self.latent_space == RAW:
-            # From the float32 constants each time (a buffer would be cast to the model's dtype first).
-            mean = torch.tensor(WAN21_LATENT_MEAN, device=z.device).to(z.dtype).view(1, -1, 1, 1, 1)
-            inv_std = 1.0 / torch.tensor(WAN21_LATENT_STD, device=z.device).to(z.dtype).view(1, -1, 1, 1, 1)
+            mean, inv_std = self._raw_scale(z.device, z.dtype)
             z = z / inv_std + mean
         return z.to(self.dtype)
+
+    def _raw_scale(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, 1/std)`` ``[1,16,1,1,1]`` in ``dtype``, from the float32 constants (a buffer would be cast
+        to the model's dtype first), made once per device and dtype rather than per block."""
+        key = (device, dtype)
+        if key not in self._raw_scales:
+            mean = torch.tensor(WAN21_LATENT_MEAN, device=device).to(dtype).view(1, -1, 1, 1, 1)
+            inv_std = 1.0 / torch.tensor(WAN21_LATENT_STD, device=device).to(dtype).view(1, -1, 1, 1, 1)
+            self._raw_scales[key] = (mean, inv_std)
+        return self._raw_scales[key]
 
     def decode_frames(self, latents: torch.Tensor, state: StreamState) -> torch.Tensor:
         """Decoder-space latents ``[B,16,f,h,w]`` (continuing ``state``'s stream) -> the stream's next
