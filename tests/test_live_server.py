@@ -584,3 +584,41 @@ def test_the_page_shows_the_avatar_and_plays_its_audio_with_a_fake_microphone(sm
     assert state["last"]["client_samples"] > RATE  # the fake microphone's audio reached the session
     assert opened.starts[0].prompt == "a friendly face" and opened.starts[0].image == PORTRAIT.read_bytes()
     assert session_closed(opened.sessions[0])
+
+
+# --- the live command ------------------------------------------------------------------------------------
+def test_live_command_serves_the_page_on_localhost(tmp_path):
+    """``python -m livetalk_core live --smoke``: binds 127.0.0.1, says where the page is, serves it."""
+    import subprocess
+    import sys
+
+    import psutil
+    from comfy_env import REPO, free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "livetalk_core", "live", "--smoke", "--port", str(port)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = process.stdout.readline()
+        assert f"http://127.0.0.1:{port}/live/" in line, line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/live/", timeout=10) as response:
+            assert b"LiveClient" in response.read()
+        state = status(f"http://127.0.0.1:{port}")
+        assert not state["busy"] and state["sessions_served"] == 0
+        listening = [c for c in psutil.Process(process.pid).net_connections() if c.status == "LISTEN"]
+        assert [c.laddr.ip for c in listening] == ["127.0.0.1"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--smoke", "--dit", "x.safetensors"], "--smoke runs the tiny model"),
+    (["--smoke", "--port", "70000"], "--port 70000 is not a port"),
+    (["--dit", "missing.safetensors"], "does not exist"),
+])
+def test_live_command_refuses_bad_options_before_loading(argv, words, capsys):
+    from livetalk_core.cli import main
+
+    assert main(["live", *argv]) == 2
+    assert words in capsys.readouterr().err

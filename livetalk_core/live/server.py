@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from aiohttp import WebSocketError, WSMsgType, web
 
-from ..errors import LiveTalkError
+from ..errors import InputError, LiveTalkError
 from . import protocol
 from .encoder import BlockEncoder, encode_png
 from .protocol import Audio, ProtocolError, Start, Stop
@@ -361,12 +361,17 @@ def page_file_handler(name: str):
 
 # --- the command ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="livetalk live", description="Talk to the avatar: serve the live page and socket.")
+    p = argparse.ArgumentParser(
+        prog="livetalk live", description="Talk to the avatar: serve the live page and its socket (docs/live.md).",
+        epilog="Any other option is a model option of the main command (python -m livetalk_core --help): --model, "
+        "--dit, --models-dir, --skip-download, --size, --steps, --prompt (the default prompt), --precision, --device, "
+        "--compile, --fp8, --fp8-kv-cache, ... They are checked, and the models loaded, once at start-up.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only; "
                    "the server has no authentication)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
     p.add_argument("--smoke", action="store_true", help="tiny random weights on the CPU: checks the install")
-    p.add_argument("--family", default="livetalk", help="model family for --smoke (default %(default)s)")
+    p.add_argument("--family", default="livetalk", choices=("livetalk", "realvideo"),
+                   help="the tiny model's family with --smoke (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     return p
 
@@ -382,8 +387,36 @@ def smoke_opener(args: argparse.Namespace) -> SessionOpener:
     return open_for
 
 
+@dataclass
+class ModelOpener:
+    """Sessions over the models the main command's options load (once, at start-up): a start message's
+    prompt is encoded as the command encodes one (cached per prompt), its image is the reference."""
+
+    inputs: object  # cli.RunInputs
+    files: object  # cli.ModelFiles
+    models: object  # cli.Models
+    seed: int
+
+    def __call__(self, start: Start):
+        from dataclasses import replace
+
+        from .. import cli
+        from .session import open_session
+
+        inputs = self.inputs
+        prompts = (start.prompt or inputs.prompts[0], inputs.prompts[1])
+        talking, idle = cli.prompt_contexts(replace(inputs, prompts=prompts), self.files, inputs.runtime)
+        device = inputs.runtime.device
+        height, width = inputs.reference_pixels.shape[-2:]
+        image = inputs.image if start.image is None else decode_image(start.image)
+        return open_session(
+            inputs.family, dit=self.models.dit, vae=self.models.vae, audio_encoder=self.models.audio_encoder,
+            text=talking.to(device), idle_text=None if idle is None else idle.to(device), reference_image=image,
+            width=width, height=height, seed=self.seed, steps=inputs.steps)
+
+
 def decode_image(data: bytes) -> np.ndarray:
-    """A start message's image file -> uint8 [H, W, 3]; LiveTalkError (bad_input) if it cannot be read."""
+    """A start message's image file -> uint8 [H, W, 3]; InputError (bad_input) if it cannot be read."""
     import io
 
     import av
@@ -422,16 +455,41 @@ def serving_in_thread(endpoint: LiveEndpoint, host: str = "127.0.0.1", port: int
 
 def serve(endpoint: LiveEndpoint, host: str, port: int) -> None:
     """Run the standalone server until Ctrl-C."""
-    print(f"live page: http://{host}:{port}/live/  (Ctrl-C stops)", flush=True)
-    web.run_app(build_app(endpoint), host=host, port=port, print=None, handle_signals=True)
+    app = build_app(endpoint)
+    try:
+        web.run_app(app, host=host, port=port, print=lambda _: print(
+            f"live page: http://{host}:{port}/live/  (Ctrl-C stops)", flush=True))
+    except OSError as err:
+        raise InputError(f"cannot listen on {host}:{port} ({err.strerror or err}); pick another --port or --host") \
+            from err
+
+
+def run(args: argparse.Namespace, model_argv: list[str]) -> None:
+    """Check everything, load the models once (unless --smoke), then serve until Ctrl-C."""
+    from .. import cli
+    from .clock import LiveClock
+
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port {args.port} is not a port; use 1-65535 (0: any free port)")
+    if args.smoke:
+        if model_argv:
+            raise InputError(f"--smoke runs the tiny model; leave out {' '.join(model_argv)}")
+        serve(LiveEndpoint(open_session=smoke_opener(args), family=args.family, clock=LiveClock), args.host, args.port)
+        return
+    parser = cli.build_parser()
+    parser.prog = "livetalk live"
+    model_args = parser.parse_args(model_argv)
+    inputs = cli.check_arguments(model_args, parser)
+    cli.fetch_weights(inputs, download=not model_args.skip_download)
+    with cli.weight_files(inputs) as files:
+        models = cli.load_models(inputs, files, inputs.runtime, 0, model_args)
+        opener = ModelOpener(inputs, files, models, args.seed)
+        serve(LiveEndpoint(open_session=opener, family=inputs.family.name, clock=LiveClock), args.host, args.port)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if not args.smoke:
-        raise SystemExit("live: only --smoke is wired up so far")
-    from .clock import LiveClock
+    from .. import cli
 
-    endpoint = LiveEndpoint(open_session=smoke_opener(args), family=args.family, clock=LiveClock)
-    serve(endpoint, args.host, args.port)
-    return 0
+    args, model_argv = build_parser().parse_known_args(argv)
+    cli.setup_logging()
+    return cli.exit_code(lambda: run(args, model_argv))
