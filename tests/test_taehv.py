@@ -351,6 +351,15 @@ def test_a_file_is_checked_without_loading(tmp_path):
         check_tiny_decoder_file(tmp_path / "wan_2.1_vae.safetensors")
 
 
+def test_load_names_widths_that_do_not_chain(tmp_path):
+    """A stage conv wider than the next stage takes: one CheckpointError naming the tensors, no traceback."""
+    state = _random_decoder().state_dict()
+    state["decoder.8.weight"] = torch.zeros(12, 8, 3, 3)
+    save_file(state, str(tmp_path / "taew2_1.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected shape.*decoder\.1\.weight"):
+        load_tiny_decoder(tmp_path / "taew2_1.safetensors")
+
+
 def test_load_refuses_missing_truncated_and_unsafe_files(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_tiny_decoder(tmp_path / "taew2_1.pth")

@@ -26,6 +26,7 @@ VAE's :class:`~.vae.StreamDecoder`. The encoder is not implemented (the full VAE
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -63,7 +64,6 @@ STAGES = 3
 BLOCKS_PER_STAGE = 3
 WAN21_TIME_STRIDES = (1, 2, 2)
 """Video frames each stage's time grow makes of one frame, for Wan2.1 (4 per latent frame in all)."""
-SPATIAL_FACTOR = 2**STAGES
 IMAGE_CHANNELS = 3
 _PREFIXES = ("first_stage_model.", "vae.", "taehv.")
 _STEM, _FINAL = 1, 4 + STAGES * (BLOCKS_PER_STAGE + 3)  # decoder.1 and decoder.22
@@ -89,10 +89,7 @@ class TinyDecoderConfig:
     @property
     def time_factor(self) -> int:
         """Video frames per latent frame."""
-        factor = 1
-        for stride in self.time_strides:
-            factor *= stride
-        return factor
+        return math.prod(self.time_strides)
 
     @staticmethod
     def stage_start(stage: int) -> int:
@@ -101,22 +98,25 @@ class TinyDecoderConfig:
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> TinyDecoderConfig:
-        """The widths, read from the convs' shapes. Raises ``ValueError`` naming a missing tensor."""
+        """The widths, read from the convs' shapes. Raises ``ValueError`` naming a missing tensor, or
+        when the widths do not chain from layer to layer."""
 
         def out_channels(name: str) -> int:
             if name not in state_dict or state_dict[name].ndim != 4:
                 raise ValueError(f"there is no 4-D tensor {name}")
             return state_dict[name].shape[0]
 
-        if f"decoder.{_STEM}.weight" not in state_dict:
-            raise ValueError(f"there is no tensor decoder.{_STEM}.weight")
+        stem_width = out_channels(f"decoder.{_STEM}.weight")
         starts = [cls.stage_start(s) for s in range(STAGES)]
-        return cls(
+        config = cls(
             latent_channels=state_dict[f"decoder.{_STEM}.weight"].shape[1],
-            stem_width=out_channels(f"decoder.{_STEM}.weight"),
+            stem_width=stem_width,
             stage_widths=tuple(out_channels(f"decoder.{start}.conv.0.weight") for start in starts),
             stage_outputs=tuple(out_channels(f"decoder.{start + BLOCKS_PER_STAGE + 2}.weight") for start in starts),
         )
+        if (config.stem_width, *config.stage_outputs[:-1]) != config.stage_widths:
+            raise ValueError("each stage's width is not the width of the layer before it")
+        return config
 
 
 def _conv3x3(channels_in: int, channels_out: int, bias: bool = True) -> nn.Conv2d:
