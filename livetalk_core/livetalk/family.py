@@ -16,10 +16,12 @@ from ..family_base import ModelFamily, Shapes, StepHook, find_tensor, text_conte
 from ..media.image import check_target_size, cover_and_crop, to_float_image
 from ..media.timing import VideoLength
 from ..media.weights import LIVETALK_FILES
+from ..runtime.live_stream import LiveWindow
 from ..runtime.noise import SeededNoise
 from ..runtime.scheduler import LIVETALK_STEPS, livetalk_schedule
 from ..wan.kv_cache import CachePolicy
 from .audio import WAV2VEC2_BASE_HINT, encoder_features
+from .live import LiveTalkStream
 from .model import VIDEO_FRAMES_PER_LATENT, LiveTalkDiT, load_livetalk_dit
 from .pipeline import AudioConditioning, encode_audio, livetalk_video_length
 from .sampler import LIVETALK_CACHE, sample_livetalk
@@ -88,6 +90,12 @@ class LiveTalkFamily(ModelFamily):
             cache_policy=cache_policy,
             on_step=on_step,
         )
+
+    def open_live_stream(self, dit: LiveTalkDiT, encoder: Any, *, conditioning: list, idle_conditioning: list | None,
+                         reference: torch.Tensor, seed: int, steps: int | None, window: LiveWindow) -> LiveTalkStream:
+        """LiveTalk's live blocks (:mod:`.live`); ``idle_conditioning`` is not used (silence only)."""
+        return LiveTalkStream(dit, encoder, context=text_context(conditioning, self.text_dim(dit)),
+                              reference=reference, seed=seed, steps=steps, window=window)
 
     def smoke_weights(self, folder: Path):
         from ..smoke import build_tiny_weights

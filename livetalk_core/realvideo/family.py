@@ -20,10 +20,12 @@ from ..media.timing import CoversVideoLength, VideoLength
 from ..media.weights import WAN_VAE_FILE
 from ..options import RuntimeOptions
 from ..parallel.worker_process import WorkerJob
+from ..runtime.live_stream import LiveWindow
 from ..runtime.noise import SeededNoise
 from ..wan.kv_cache import CachePolicy
 from .audio import realvideo_audio_features
 from .image import preprocess_reference
+from .live import RealVideoStream
 from .model import S2VDiT, load_s2v_dit, s2v_checkpoint_kind
 from .parallel import sample_realvideo_parallel
 from .parallel import worker_job as realvideo_worker_job
@@ -124,6 +126,15 @@ class RealVideoFamily(ModelFamily):
 
     def worker_job(self, path: str | os.PathLike, options: RuntimeOptions, **load_options: Any) -> WorkerJob:
         return realvideo_worker_job(path, options, **load_options)
+
+    def open_live_stream(self, dit: Any, encoder: Any, *, conditioning: list, idle_conditioning: list | None,
+                         reference: torch.Tensor, seed: int, steps: int | None, window: LiveWindow) -> RealVideoStream:
+        """RealVideo's live blocks (:mod:`.live`): silent blocks under ``idle_conditioning`` (the
+        talking prompt when None), 2 steps unless told."""
+        talking = text_context(conditioning, self.text_dim(dit))
+        idle = talking if idle_conditioning is None else text_context(idle_conditioning, self.text_dim(dit))
+        return RealVideoStream(dit, encoder, idle_context=idle, talking_context=talking, reference=reference,
+                               seed=seed, steps=steps, window=window)
 
     # --- the command line ----------------------------------------------------------------------
     def add_cli_arguments(self, group: argparse._ArgumentGroup) -> None:
