@@ -263,7 +263,7 @@ class TinyDecoder(nn.Module):
         for stage in range(STAGES):
             start = self.config.stage_start(stage)
             for index in range(start, start + BLOCKS_PER_STAGE):
-                x = self.decoder[str(index)](x, _previous_frames(x, batch, state, index, layout))
+                x = self.decoder[str(index)](x, _previous_frames(x, batch, state, index))
             # F.interpolate(mode="nearest")'s values, faster channels-last
             x = nearest_2x(x).contiguous(memory_format=layout)
             x = self.decoder[str(start + BLOCKS_PER_STAGE + 1)](x)
@@ -275,17 +275,21 @@ class TinyDecoder(nn.Module):
         return video[:, :, dropped:]
 
 
-def _previous_frames(
-    x: torch.Tensor, batch: int, state: StreamState, index: int, layout: torch.memory_format
-) -> torch.Tensor:
+def _previous_frames(x: torch.Tensor, batch: int, state: StreamState, index: int) -> torch.Tensor:
     """For memory block ``index``'s input ``x`` ``[B*T,C,H,W]``: the input one frame earlier for each
-    frame (zeros before a stream's first), in ``layout``; ``state`` keeps this call's last frame."""
-    frames = x.reshape(batch, -1, *x.shape[1:])  # [B, T, C, H, W]
+    frame (zeros before a stream's first), written once into a tensor of ``x``'s layout; ``state``
+    keeps this call's last frame."""
+    frames = x.view(batch, -1, *x.shape[1:])  # [B, T, C, H, W]
+    previous = torch.empty_like(x)
+    shifted = previous.view(frames.shape)
     before = state.memory.get(index)
     if before is None:
-        before = torch.zeros_like(frames[:, :1])
+        shifted[:, :1].zero_()
+    else:
+        shifted[:, :1].copy_(before)
+    shifted[:, 1:].copy_(frames[:, :-1])
     state.memory[index] = frames[:, -1:].clone()
-    return torch.cat([before, frames[:, :-1]], dim=1).reshape(x.shape).contiguous(memory_format=layout)
+    return previous
 
 
 class TinyStreamDecoder:
