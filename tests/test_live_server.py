@@ -622,3 +622,21 @@ def test_live_command_refuses_bad_options_before_loading(argv, words, capsys):
 
     assert main(["live", *argv]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_bench_live_tiny_runs_and_reports(tmp_path):
+    """benchmarks/bench_live.py --tiny: the GPU benchmark's script, end to end on the CPU (speed is not measured)."""
+    import subprocess
+    import sys
+
+    from comfy_env import REPO
+
+    out = tmp_path / "live.json"
+    done = subprocess.run([sys.executable, "benchmarks/bench_live.py", "--family", "livetalk", "--tiny",
+                           "--minutes", "0.05", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["frames"] > 0 and report["latency_p95_s"] > 0 and report["bitrate_mbps"] > 0
+    assert report["latency_p95_first_minute_s"] is not None and report["returned_audio_exact"]
+    assert "latency p50" in done.stdout

@@ -77,10 +77,17 @@ class LiveRecording:
 
     def frame_latencies(self) -> list[float]:
         """Per frame covering client speech: its arrival minus the time its audio had been fully sent."""
-        latencies = []
-        for block in self.blocks:
-            latencies.extend(self._block_latencies(block))
-        return latencies
+        return [latency for _, latency in self.timed_latencies()]
+
+    def timed_latencies(self) -> list[tuple[float, float]]:
+        """(arrival time.monotonic(), latency) of every frame that covers client speech, in order."""
+        return [(block.arrived, latency) for block in self.blocks for latency in self._block_latencies(block)]
+
+    def latency_p95_between(self, start_s: float, end_s: float) -> float | None:
+        """p95 latency of the frames that arrived between ``start_s`` and ``end_s`` after the first audio was sent."""
+        first = self.send_log[0][1] if self.send_log else 0.0
+        chosen = [lat for at, lat in self.timed_latencies() if start_s <= at - first < end_s]
+        return round(float(np.percentile(chosen, 95)), 4) if chosen else None
 
     def _block_latencies(self, block: ReceivedBlock) -> list[float]:
         h, spf = block.header, self.samples_per_frame
@@ -176,9 +183,11 @@ class LiveRecording:
 
 async def stream_audio(url: str, audio: np.ndarray, *, image: bytes | None = None, prompt: str | None = None,
                        chunk_s: float = CHUNK_SECONDS, connect_timeout: float = 600.0,
-                       coverage_timeout: float = STOP_GRACE_S) -> LiveRecording:
+                       coverage_timeout: float = STOP_GRACE_S, pauses: dict[int, float] | None = None) -> LiveRecording:
     """Send ``audio`` (float32 mono at 16 kHz) at real-time pace after the session is ready, receive every block
-    until the blocks cover all of it, then stop. Raises LiveTalkError with the server's reason if refused."""
+    until the blocks cover all of it, then stop. ``pauses``: {sample offset: seconds} during which nothing is
+    sent (a voice agent that stops talking; the offsets should be multiples of ``chunk_s``). Raises LiveTalkError
+    with the server's reason if refused."""
     import aiohttp
 
     pcm = np.frombuffer(protocol.float_to_pcm(audio), dtype="<i2")
@@ -186,7 +195,7 @@ async def stream_audio(url: str, audio: np.ndarray, *, image: bytes | None = Non
     async with aiohttp.ClientSession() as http, http.ws_connect(socket_url(url), max_msg_size=0) as ws:
         await _open(ws, recording, image, prompt, connect_timeout)
         receiver = asyncio.create_task(_receive_blocks(ws, recording))
-        await _send_paced(ws, recording, pcm, chunk_s)
+        await _send_paced(ws, recording, pcm, chunk_s, pauses or {})
         await _wait_for_coverage(recording, len(pcm), receiver, coverage_timeout)
         await ws.send_str(protocol.text_message("stop"))
         await asyncio.wait_for(receiver, coverage_timeout)
@@ -232,11 +241,14 @@ def _text(message, ws) -> dict:
     return data
 
 
-async def _send_paced(ws, recording: LiveRecording, pcm: np.ndarray, chunk_s: float) -> None:
-    """Each chunk goes out when its last sample would have been spoken, counting from the first send."""
+async def _send_paced(ws, recording: LiveRecording, pcm: np.ndarray, chunk_s: float,
+                      pauses: dict[int, float]) -> None:
+    """Each chunk goes out when its last sample would have been spoken, counting from the first send; at an
+    offset in ``pauses`` nothing is sent for that long."""
     step = max(1, int(chunk_s * protocol.SAMPLE_RATE))
     start = time.monotonic()
     for offset in range(0, len(pcm), step):
+        start += pauses.get(offset, 0.0)
         chunk = pcm[offset:offset + step]
         await asyncio.sleep(max(0.0, start + (offset + len(chunk)) / protocol.SAMPLE_RATE - time.monotonic()))
         await ws.send_bytes(protocol.audio_message(chunk.astype("<i2").tobytes()))
