@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from comfy_env import PACK_DIR_NAME, free_port, livetalk_server
-from test_comfy_server_frontend import DevTools, _browser
+from test_comfy_server_frontend import CLOSE_DIALOGS, DevTools, _browser
 from test_live_comfyui import LIVE_1_3B_API, PREFIX, live_prompt, speech_16k, status, wait_for_status, write_wav
 
 SPEECH_SECONDS = 3.0
@@ -47,7 +47,7 @@ def fake_microphone_browser(tmp_path_factory):
         [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
          "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
          f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
-         f"--remote-debugging-port={port}", f"--user-data-dir={profile}", "--window-size=1400,900", "about:blank"],
+         f"--remote-debugging-port={port}", f"--user-data-dir={profile}", "--window-size=1400,1100", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 60
@@ -71,26 +71,47 @@ OPEN_LIVE_TEMPLATE = f"""(async () => {{
   await app.loadGraphData(await response.json());
   return response.status;
 }})()"""
-# What the panel shows: the shared client's counters and the status line.
+# What the panel shows: the shared client's counters and the node's state line.
 PANEL_STATE = f"""(() => {{
   const panel = {PANEL};
   const client = panel.client;
   return JSON.stringify({{
-    status: panel.status.textContent,
-    connected: !!client,
-    frames: client ? client.framesShown : 0,
-    audio: client ? client.audioBlocksPlayed : 0,
-    microphone: panel.microphoneOn,
+    node_state: panel.nodeState.textContent,
+    client_status: client ? client.statusText : null,
+    connected: !!(client && client.socket && client.socket.readyState === WebSocket.OPEN),
+    reference_shown: !!(client && client.stats.referenceShown),
+    frames: client ? client.stats.framesDrawn : 0,
+    audio: client ? client.stats.audioBuffersScheduled : 0,
+    speech_sent: client ? client.stats.speechSamplesSent : 0,
   }});
 }})()"""
-PANEL_RECT = f"""(() => {{
-  const r = {PANEL}.root.getBoundingClientRect();
-  return JSON.stringify([r.x, r.y, r.width, r.height]);
+# The live node at full scale in the top left corner of the canvas, for the picture.
+SHOW_LIVE_NODE = f"""(() => {{
+  const node = app.graph.getNodeById({LIVE_NODE_ID});
+  app.canvas.ds.scale = 1;
+  app.canvas.ds.offset = [420 - node.pos[0], 160 - node.pos[1]];
+  app.canvas.setDirty(true, true);
+  return true;
 }})()"""
-
-
+NODE_RECT = f"""(() => {{
+  const node = app.graph.getNodeById({LIVE_NODE_ID});
+  const [x, y, w, h] = node.getBounding();
+  const [left, top] = app.canvas.ds.convertOffsetToCanvas([x, y]);
+  const box = app.canvas.canvas.getBoundingClientRect();
+  const scale = app.canvas.ds.scale;
+  return JSON.stringify([box.left + left, box.top + top, w * scale, h * scale]);
+}})()"""
 async def _panel_state(tools: DevTools) -> dict:
     return json.loads(await tools.evaluate(PANEL_STATE))
+
+
+def _finished(comfy, prompt_id: str, timeout: float = 120.0) -> dict:
+    """The history of a prompt queued for the page's client (this test's listener does not get its messages)."""
+    deadline = time.monotonic() + timeout
+    while not (entry := comfy.get(f"/history/{prompt_id}").get(prompt_id, {})).get("status", {}).get("completed"):
+        assert time.monotonic() < deadline, f"prompt {prompt_id} did not finish:\n{comfy.log()[-3000:]}"
+        time.sleep(0.5)
+    return entry
 
 
 async def _drive_panel(port: int, comfy, artifacts: Path) -> dict:
@@ -111,23 +132,31 @@ async def _drive_panel(port: int, comfy, artifacts: Path) -> dict:
                                  "Object.keys(LiteGraph.registered_node_types).length > 100)", timeout=120)
             assert await tools.evaluate(OPEN_LIVE_TEMPLATE) == 200
             await tools.wait_for(f"!!{PANEL}", timeout=30)
+            await asyncio.sleep(2)  # the missing-model dialog (the full umT5, not in CI) opens, then goes
+            await tools.evaluate(CLOSE_DIALOGS)
+            await tools.evaluate(SHOW_LIVE_NODE)
             client_id = await tools.evaluate("window.app.api.clientId || sessionStorage.getItem('clientId')")
             status_code, body = comfy.post("/prompt", {"prompt": live_prompt(), "client_id": client_id})
             assert status_code == 200, body
-            await tools.wait_for(f"!!{PANEL}.client", timeout=300)  # the panel connected by itself
-            await tools.evaluate(f"{PANEL}.micButton.click()")
+            # the panel connects by itself once the node serves: the reference frame shows at once
+            await tools.wait_for(f"!!({PANEL}.client && {PANEL}.client.stats.referenceShown)", timeout=300)
+            connected = await _panel_state(tools)
+            await tools.evaluate(f"{PANEL}.view.querySelector('.live-mic').click()")
+            wanted = connected["frames"] + FRAMES_WANTED  # frames drawn once the microphone is on
             deadline = time.monotonic() + 300
-            while (state := await _panel_state(tools))["frames"] < FRAMES_WANTED or state["audio"] < 2:
+            while (state := await _panel_state(tools))["frames"] < wanted or state["audio"] < 2 \
+                    or not state["speech_sent"]:
                 assert time.monotonic() < deadline, f"the panel showed too little: {state}"
                 await asyncio.sleep(0.5)
-            x, y, width, height = json.loads(await tools.evaluate(PANEL_RECT))
+            x, y, width, height = json.loads(await tools.evaluate(NODE_RECT))
             shot = await tools.call("Page.captureScreenshot", format="png",
-                                    clip={"x": x, "y": y - 40, "width": width, "height": height + 40, "scale": 1})
+                                    clip={"x": x, "y": y, "width": width, "height": height, "scale": 1})
             (artifacts / "live_comfyui.png").write_bytes(base64.b64decode(shot["data"]))
-            await tools.evaluate(f"{PANEL}.stopButton.click()")
-            history = comfy.wait_for(body["prompt_id"], timeout=120)
-            await tools.wait_for(f"!{PANEL}.client", timeout=60)  # the server closed the panel's socket
-            return {"talking": state, "after_stop": await _panel_state(tools), "history": history}
+            await tools.evaluate(f"{PANEL}.endButton.click()")
+            history = _finished(comfy, body["prompt_id"])
+            await tools.wait_for(f"{PANEL}.client.socket.readyState === WebSocket.CLOSED", timeout=60)
+            return {"connected": connected, "talking": state, "after_stop": await _panel_state(tools),
+                    "history": history}
 
 
 def test_panel_shows_the_avatar_answering_the_fake_microphone(fake_microphone_browser, request, tmp_path):
@@ -137,8 +166,10 @@ def test_panel_shows_the_avatar_answering_the_fake_microphone(fake_microphone_br
     artifacts.mkdir(parents=True, exist_ok=True)
     assert LIVE_1_3B_API.is_file()
     result = asyncio.run(_drive_panel(fake_microphone_browser, comfy, artifacts))
+    assert result["connected"]["connected"] and result["connected"]["reference_shown"], result["connected"]
     talking = result["talking"]
-    assert talking["microphone"] and talking["frames"] >= FRAMES_WANTED and talking["audio"] >= 2, talking
+    # the fake microphone's speech went out, frames were drawn and the blocks' audio was scheduled to play
+    assert talking["speech_sent"] > 0 and talking["frames"] >= FRAMES_WANTED and talking["audio"] >= 2, talking
     assert result["history"]["status"]["status_str"] == "success", result["history"]["status"]
     assert (artifacts / "live_comfyui.png").stat().st_size > 5_000
     state = wait_for_status(comfy, lambda s: not s["running"], "the node to end")

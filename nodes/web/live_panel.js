@@ -1,13 +1,12 @@
 // The LiveTalk Live node's panel (ComfyUI front-end extension, loaded from the pack's WEB_DIRECTORY).
 //
-// A panel on the node: the live video, a microphone button, an audio file to stream, Stop, and a status
-// line. The video, the audio playback and the microphone capture are the shared live client
-// (livetalk_core/live/web/live_client.js, the standalone page's), loaded from the pack's route on
-// ComfyUI's own server; this file only adds the buttons and follows the node's run:
-// - when this tab queues a workflow and its LiveTalk Live node starts, the panel connects (the reference
-//   frame shows at once, then the avatar idles until someone speaks);
-// - the microphone button (or "Stream a file") sends speech; pressing it again stops the microphone;
-// - Stop ends the node (POST /livetalk/live/stop): its session is closed and the prompt finishes.
+// The panel is the shared live client (livetalk_core/live/web/live_client.js, the standalone page's: the
+// video canvas, 🎤 Microphone, 🎵 Audio file, ■ Stop of the session and the latency line), loaded from the
+// pack's route on ComfyUI's own server, plus what only ComfyUI has:
+// - when this tab queues a workflow and its LiveTalk Live node starts serving, the panel connects by itself
+//   (the reference frame shows at once, then the avatar idles until someone speaks);
+// - "⏏ End live node" ends the node (POST /livetalk/live/stop): the session is closed, the prompt finishes;
+// - a line saying whether the node runs.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -15,11 +14,20 @@ const NODE_TYPE = "LiveTalkLive";
 const ROUTE = "/livetalk/live";
 const PANEL_MIN_HEIGHT = 420;
 const STATUS_POLL_MS = 500;
-const CONNECT_WAIT_MS = 120000; // the node loads its models before it serves
-
+const CONNECT_WAIT_MS = 300000; // the node loads its models before it serves
 const PANELS = new Set(); // the panels of the LiveTalk Live nodes on the canvas
+const STYLE = `
+.livetalk-live-panel { display:flex; flex-direction:column; gap:4px; width:100%; height:100%; font:12px sans-serif;
+  color:var(--input-text, #ddd); }
+.livetalk-live-panel .livetalk-live { flex:1; min-height:0; display:flex; flex-direction:column; gap:4px; }
+.livetalk-live-panel canvas.live-video { flex:1 1 0; min-height:0; height:0; width:100%; object-fit:contain;
+  background:#111; }
+.livetalk-live-panel .live-controls, .livetalk-live-panel .livetalk-live-node { display:flex; gap:6px; flex-wrap:wrap; }
+.livetalk-live-panel button, .livetalk-live-panel label { cursor:pointer; }
+.livetalk-live-panel .live-file-label { padding:1px 6px; border:1px solid #666; border-radius:3px; background:#444; }
+`;
 
-const routeURL = (path) => `${api.api_base}${ROUTE}${path}`;
+const routeURL = (path) => api.fileURL(`${ROUTE}${path}`);
 
 function socketURL() {
   const url = new URL(routeURL("/ws"), window.location.href);
@@ -44,109 +52,59 @@ function element(tag, props = {}, children = []) {
   return el;
 }
 
+function addStyleOnce() {
+  if (document.getElementById("livetalk-live-style")) return;
+  document.head.append(element("style", { id: "livetalk-live-style", textContent: STYLE }));
+}
+
 // One panel per LiveTalk Live node on the canvas.
 class LivePanel {
   constructor(node) {
     this.node = node;
     this.client = null;
-    this.microphoneOn = false;
     this.waitingSince = null; // while connect() waits for the node to serve
-    this.status = element("div", { className: "livetalk-live-status", textContent: "Not running: press Run (Queue)." });
-    this.view = element("div", { className: "livetalk-live-view" });
-    this.micButton = element("button", { className: "livetalk-live-mic", textContent: "🎤 Talk",
-      title: "Stream your microphone to the avatar (press again to stop the microphone)" });
-    this.fileInput = element("input", { type: "file", accept: "audio/*", hidden: true });
-    this.fileButton = element("button", { textContent: "Stream a file", title: "Stream an audio file at real-time pace" });
-    this.stopButton = element("button", { textContent: "■ Stop", title: "End the live session: the node returns" });
+    this.view = element("div");
+    this.nodeState = element("span", { textContent: "Not running: press Run to start the live node." });
+    this.endButton = element("button", { type: "button", textContent: "⏏ End live node",
+      title: "End the LiveTalk Live node: its session is closed and the prompt finishes (ComfyUI's Cancel does too)" });
+    this.endButton.onclick = () => this.endNode();
     this.root = element("div", { className: "livetalk-live-panel" }, [
-      this.view,
-      element("div", { className: "livetalk-live-buttons" }, [this.micButton, this.fileButton, this.stopButton, this.fileInput]),
-      this.status,
-    ]);
-    this.root.style.cssText = "display:flex;flex-direction:column;gap:6px;width:100%;height:100%;font:12px sans-serif;";
-    this.view.style.cssText = "flex:1;min-height:256px;background:#111;display:flex;align-items:center;justify-content:center;";
-    this.micButton.onclick = () => this.toggleMicrophone();
-    this.fileButton.onclick = () => this.fileInput.click();
-    this.fileInput.onchange = () => this.fileInput.files[0] && this.streamFile(this.fileInput.files[0]);
-    this.stopButton.onclick = () => this.stopNode();
+      this.view, element("div", { className: "livetalk-live-node" }, [this.endButton, this.nodeState])]);
+    this.created = loadClientModule().then(({ LiveClient }) => {
+      this.client = new LiveClient(socketURL(), this.view, { onStatus: () => {} });
+      return this.client;
+    }).catch((error) => this.say(`The live client did not load: ${error.message ?? error}`));
   }
 
   say(text) {
-    this.status.textContent = text;
+    this.nodeState.textContent = text;
   }
 
-  // Connect to the running node's session (waiting for the node to serve); a no-op when connected.
+  // Connect to the running node's session once it serves (it loads its models first).
   async connect() {
-    if (this.client) return this.client;
+    const client = await this.created;
     const waiting = (this.waitingSince = Date.now());
-    this.say("Waiting for the LiveTalk Live node to serve…");
+    this.say("Starting: the node loads its models…");
     while (!(await liveStatus()).running) {
-      if (this.waitingSince !== waiting || Date.now() > waiting + CONNECT_WAIT_MS) {
-        throw new Error("the LiveTalk Live node is not running: press Run (Queue) first");
-      }
+      if (this.waitingSince !== waiting || Date.now() > waiting + CONNECT_WAIT_MS) return;
       await new Promise((resolve) => setTimeout(resolve, STATUS_POLL_MS));
     }
     this.waitingSince = null;
-    const { LiveClient } = await loadClientModule();
-    const client = new LiveClient(socketURL(), this.view, {
-      onStatus: (text) => this.say(text),
-      onClose: ({ code, reason }) => this.disconnected(client, code, reason),
-    });
-    this.client = client;
-    this.say("Opening the session…");
+    this.say("Running: press 🎤 Microphone and speak, or stream an audio file.");
     await client.connect();
-    this.say("Live: press 🎤 Talk and speak.");
-    return client;
   }
 
-  disconnected(client, code, reason) {
-    if (this.client !== client) return;
-    this.client = null;
-    this.setMicrophone(false);
-    this.say(code === 1000 ? "Session ended." : `Session closed (${code}${reason ? `: ${reason}` : ""}).`);
-  }
-
-  // The prompt ended (Stop, Cancel, an error): stop waiting for the node; the server closes a connected client.
+  // The prompt ended (End, Cancel, an error): stop waiting; the server has closed a connected session.
   promptEnded(outcome) {
     this.waitingSince = null;
-    if (!this.client) this.say(`Not running (${outcome}): press Run (Queue) to start again.`);
+    this.say(`Not running (${outcome}): press Run to start the live node again.`);
   }
 
-  setMicrophone(on) {
-    this.microphoneOn = on;
-    this.micButton.textContent = on ? "🎤 Listening… (press to mute)" : "🎤 Talk";
-  }
-
-  async toggleMicrophone() {
-    try {
-      if (this.microphoneOn) {
-        this.client?.stopMicrophone();
-        this.setMicrophone(false);
-        return;
-      }
-      const client = await this.connect();
-      await client.startMicrophone();
-      this.setMicrophone(true);
-    } catch (error) {
-      this.say(`Microphone: ${error.message ?? error}`);
-    }
-  }
-
-  async streamFile(file) {
-    try {
-      const client = await this.connect();
-      this.say(`Streaming ${file.name}…`);
-      await client.streamFile(file);
-    } catch (error) {
-      this.say(`Stream: ${error.message ?? error}`);
-    }
-  }
-
-  async stopNode() {
-    this.client?.stopMicrophone();
+  async endNode() {
+    this.client?.stop();
     const response = await fetch(routeURL("/stop"), { method: "POST" });
     const body = await response.json();
-    this.say(body.stopped ? "Stopping…" : body.message);
+    this.say(body.stopped ? "Ending the live node…" : body.message);
   }
 }
 
@@ -155,13 +113,14 @@ app.registerExtension({
 
   async nodeCreated(node) {
     if (node.comfyClass !== NODE_TYPE) return;
+    addStyleOnce();
     const panel = new LivePanel(node);
     node.livetalkLivePanel = panel;
     PANELS.add(panel);
     const onRemoved = node.onRemoved;
     node.onRemoved = function () {
       PANELS.delete(panel);
-      panel.client?.close();
+      panel.client?.stop();
       return onRemoved?.apply(this, arguments);
     };
     node.addDOMWidget("live_panel", "livetalk_live_panel", panel.root, {
@@ -175,11 +134,10 @@ app.registerExtension({
     // ComfyUI tells the tab that queued a prompt which node runs: a LiveTalk Live node starting connects its panel.
     api.addEventListener("executing", ({ detail }) => {
       const nodeId = detail?.node ?? detail;
-      const node = nodeId == null ? null : app.graph.getNodeById(Number(nodeId));
-      const panel = node?.livetalkLivePanel;
+      const panel = nodeId == null ? null : app.graph.getNodeById(Number(nodeId))?.livetalkLivePanel;
       panel?.connect().catch((error) => panel.say(String(error.message ?? error)));
     });
-    for (const [event, outcome] of [["execution_success", "finished"], ["execution_error", "failed"],
+    for (const [event, outcome] of [["execution_success", "ended"], ["execution_error", "failed"],
       ["execution_interrupted", "cancelled"]]) {
       api.addEventListener(event, () => PANELS.forEach((panel) => panel.promptEnded(outcome)));
     }
