@@ -73,6 +73,13 @@ OPEN_LIVE_TEMPLATE = f"""(async () => {{
 }})()"""
 # What the panel shows: the shared client's counters and the node's state line.
 PANEL_STATE = f"""(() => {{
+  // how much the drawn picture varies (0 for a blank canvas)
+  const spread = (canvas) => {{
+    const data = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+    let min = 255, max = 0;
+    for (let i = 0; i < data.length; i += 4) {{ min = Math.min(min, data[i]); max = Math.max(max, data[i]); }}
+    return max - min;
+  }};
   const panel = {PANEL};
   const client = panel.client;
   return JSON.stringify({{
@@ -83,6 +90,8 @@ PANEL_STATE = f"""(() => {{
     frames: client ? client.stats.framesDrawn : 0,
     audio: client ? client.stats.audioBuffersScheduled : 0,
     speech_sent: client ? client.stats.speechSamplesSent : 0,
+    audio_running: !!(client && client.audio && client.audio.state === "running"),
+    canvas_spread: client ? spread(client.canvas) : 0,
   }});
 }})()"""
 # The live node at full scale in the top left corner of the canvas, for the picture.
@@ -170,6 +179,7 @@ def test_panel_shows_the_avatar_answering_the_fake_microphone(fake_microphone_br
     talking = result["talking"]
     # the fake microphone's speech went out, frames were drawn and the blocks' audio was scheduled to play
     assert talking["speech_sent"] > 0 and talking["frames"] >= FRAMES_WANTED and talking["audio"] >= 2, talking
+    assert talking["audio_running"] and talking["canvas_spread"] > 0, talking  # sound playing, a picture drawn
     assert result["history"]["status"]["status_str"] == "success", result["history"]["status"]
     assert (artifacts / "live_comfyui.png").stat().st_size > 5_000
     state = wait_for_status(comfy, lambda s: not s["running"], "the node to end")
