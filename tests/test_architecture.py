@@ -205,3 +205,27 @@ def test_no_measured_numbers_in_code_comments_or_tooltips():
         if MEASURED.search(line)
     ]
     assert not found, "\n".join(found)
+
+
+def literal_constants(path: Path) -> dict[str, object]:
+    """The module-level UPPER_CASE names of ``path`` bound to a literal (number, text, tuple of them)."""
+    found = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            if name.isupper() and not name.startswith("_"):
+                try:
+                    found[name] = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+    return found
+
+
+def test_each_constant_is_defined_once():
+    """No name bound to the same value in two modules of the core (import it from where it lives)."""
+    where: dict[tuple[str, str], list[str]] = {}
+    for path in sorted((REPO / "livetalk_core").rglob("*.py")):
+        for name, value in literal_constants(path).items():
+            where.setdefault((name, repr(value)), []).append(str(path.relative_to(REPO)))
+    twice = {key: paths for key, paths in where.items() if len(paths) > 1}
+    assert not twice, twice

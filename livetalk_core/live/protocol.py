@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..media.timing import SAMPLE_RATE  # the client sends, and gets back, 16 kHz mono PCM
+
 PROTOCOL_VERSION = 1
-SAMPLE_RATE = 16_000  # Hz; the client sends, and gets back, 16 kHz mono PCM
 PCM_MAX = 32768.0  # int16 full scale: float sample = int16 / PCM_MAX
 
 # Binary message kinds (byte 0).

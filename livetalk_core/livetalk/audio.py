@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..family_base import check_encoder_features
-from ..media.audio_file import SAMPLE_RATE
-from ..media.timing import VIDEO_FPS, VIDEO_FRAMES_PER_LATENT
+from ..media.timing import SAMPLE_RATE, VIDEO_FPS, VIDEO_FRAMES_PER_LATENT
 from ..media.wav2vec2 import AudioEncoder
 from .model import MODEL_NAME, LiveTalkDiT
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from .timing import SAMPLE_RATE
 
-SAMPLE_RATE = 16000
 # Samples per frame fed to swresample, so a long clip is never handed over as one huge AVFrame.
 _RESAMPLE_CHUNK = 1 << 16
 

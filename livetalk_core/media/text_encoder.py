@@ -39,6 +39,7 @@ from .checkpoint import (
     resolve_dtype,
     split_fp8_scales,
 )
+from .weights import TOKENIZER_FILES
 
 MODEL_NAME = "umT5-XXL text encoder"
 FILE_HINT = (
@@ -51,7 +52,6 @@ NORM_EPS = 1e-6
 MAX_DISTANCE = 128
 
 TOKENIZER_REPO = "google/umt5-xxl"
-TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
 # AutoTokenizer can build the umT5 tokenizer from either of these; the others only refine it.
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "spiece.model")
 

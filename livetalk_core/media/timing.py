@@ -1,4 +1,4 @@
-"""Audio-to-video timing both model families share: the frame rate, the video frames a clip gets,
+"""Audio-to-video timing both model families share: the sample and frame rates, the video frames a clip gets,
 the frames the VAE decodes from latent frames, and :class:`VideoLength`, which each family's
 ``video_length`` fills (upstream ``scripts/inference_example.py:133-134, 162-168``)."""
 
@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass
 
 from ..errors import InputError
-from .audio_file import SAMPLE_RATE
 
+SAMPLE_RATE = 16000  # Hz: the audio every encoder here takes (and the live protocol carries)
 VIDEO_FPS = 16
 # The Wan VAE's temporal compression: latent frame 0 decodes to one video frame, every later one to 4.
 VIDEO_FRAMES_PER_LATENT = 4

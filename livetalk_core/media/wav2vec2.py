@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, InputError, MissingWeightsError
 from ..wan.attention import attention
-from .audio_file import SAMPLE_RATE
 from .checkpoint import check_state_dict, guess_model_family, read_state_dict, strip_prefix
+from .timing import SAMPLE_RATE
 
 if TYPE_CHECKING:
     from transformers import Wav2Vec2Config, Wav2Vec2Model
