@@ -1,18 +1,18 @@
-"""LiveTalkLive: talk to the avatar in ComfyUI. The node opens a live session on the loaded models and
-serves it from ComfyUI's own server until Stop or ComfyUI's interrupt.
+"""LiveTalkLive: talk to the avatar in ComfyUI. The node opens live sessions on the loaded models and
+serves them from ComfyUI's own server until Stop or ComfyUI's interrupt.
 
-While the node runs, one client (the node's panel, or any client of docs/live.md's protocol) connects
-to ``/livetalk/live/ws`` on ComfyUI's port, streams speech in and gets the video back; the socket
-and its messages are the standalone server's (``livetalk_core.live.server``), mounted here on
+While the node runs, one client at a time (the node's panel, or any client of docs/live.md's protocol)
+connects to ``/livetalk/live/ws`` on ComfyUI's port, streams speech in and gets the video back; the
+socket and its messages are the standalone server's (``livetalk_core.live.server``), mounted on
 ComfyUI's PromptServer by :mod:`.live_routes`. Each client gets a fresh session (KV cache) that is
-closed when it disconnects; the models stay loaded for the next client. A second client while one is
-connected is answered "busy". Stop (the panel's button, ``POST /livetalk/live/stop`` or the protocol's
-stop message) ends the node normally; ComfyUI's Cancel ends it as an interrupt. Either way the
-client is told why, its session is closed (freeing the KV cache) and the node returns.
+closed when it stops or disconnects; the models stay loaded for the next client. A second client while
+one is connected is answered "busy". Stop (the panel's "End live node" button, ``POST
+/livetalk/live/stop``) ends the node normally, ComfyUI's Cancel as an interrupt; either way the
+connected client's session is closed (freeing the KV cache) and its socket closed before the node returns.
 
 The node outputs nothing: it is an output node (ComfyUI only runs graphs that end in one) whose result
-is a line of text on the node saying how many clients, blocks and seconds it served. A session lasts
-as long as people talk, so it is not recorded into an IMAGE batch, whose memory would grow with it.
+is a line of text saying how many client sessions and frames it served. A session lasts as long as
+people talk, so it is not recorded into an IMAGE batch, whose memory would grow with it.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from comfy_api.latest import io, ui
 
 from ..livetalk_core.errors import InputError
 from .comfy_models import Managed, on_device, out_of_memory_advice
-from .live_routes import HOST, LiveOffer, LiveSummary
+from .live_routes import HOST, LiveOffer
 from .multi_gpu import WorkerDiT
 from .pack_types import CATEGORY, LiveTalkAudioEncoder, LiveTalkModel, LiveTalkVAE
+from .sampling import MAX_SEED
 
 log = logging.getLogger(__name__)
 
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 # How often the waiting node looks at ComfyUI's interrupt flag (seconds): the Cancel button's delay.
 INTERRUPT_POLL_S = 0.1
 PANEL_HINT = "Press the microphone button on this node (or connect a live client to /livetalk/live/ws)."
@@ -153,5 +153,3 @@ def _wait_for_stop(offer: LiveOffer) -> bool:
             return True
     return False
 
-
-__all__ = ["LiveTalkLive", "LiveSummary"]
