@@ -37,17 +37,21 @@ class Downloadable:
     source: WeightFile
 
 
+def _repackaged(repo: str, folder: str, name: str, role: str) -> Downloadable:
+    """A file of a Comfy-Org repackaged repository: ``split_files/<folder>/<name>`` there, and
+    ``models/<folder>/<name>`` here."""
+    return Downloadable(folder, name, WeightFile(repo, f"split_files/{folder}/{name}", role))
+
+
 DOWNLOADABLE: tuple[Downloadable, ...] = (
-    Downloadable("livetalk", "LiveTalk-1.3B-V0.1.safetensors", WeightFile("GAIR/LiveTalk-1.3B-V0.1", "model.safetensors", "dit")),
-    Downloadable("diffusion_models", "wan2.2_s2v_14B_bf16.safetensors",
-                 WeightFile(WAN22_REPACKAGED, "split_files/diffusion_models/wan2.2_s2v_14B_bf16.safetensors", "dit")),
-    Downloadable("diffusion_models", "wan2.2_s2v_14B_fp8_scaled.safetensors",
-                 WeightFile(WAN22_REPACKAGED, "split_files/diffusion_models/wan2.2_s2v_14B_fp8_scaled.safetensors", "dit")),
-    Downloadable("vae", "wan_2.1_vae.safetensors", WeightFile(WAN21_REPACKAGED, "split_files/vae/wan_2.1_vae.safetensors", "vae")),
+    Downloadable("livetalk", "LiveTalk-1.3B-V0.1.safetensors",
+                 WeightFile("GAIR/LiveTalk-1.3B-V0.1", "model.safetensors", "dit")),
+    _repackaged(WAN22_REPACKAGED, "diffusion_models", "wan2.2_s2v_14B_bf16.safetensors", "dit"),
+    _repackaged(WAN22_REPACKAGED, "diffusion_models", "wan2.2_s2v_14B_fp8_scaled.safetensors", "dit"),
+    _repackaged(WAN21_REPACKAGED, "vae", "wan_2.1_vae.safetensors", "vae"),
     Downloadable("audio_encoders", "wav2vec2-base-960h.safetensors",
                  WeightFile("facebook/wav2vec2-base-960h", "model.safetensors", "wav2vec2")),
-    Downloadable("audio_encoders", "wav2vec2_large_english_fp16.safetensors",
-                 WeightFile(WAN22_REPACKAGED, "split_files/audio_encoders/wav2vec2_large_english_fp16.safetensors", "wav2vec2")),
+    _repackaged(WAN22_REPACKAGED, "audio_encoders", "wav2vec2_large_english_fp16.safetensors", "wav2vec2"),
 )
 
 
