@@ -100,11 +100,10 @@ def offline_realvideo(models, clip: np.ndarray, window: LiveWindow, num_blocks: 
     """RealVideo's offline loop (sample_realvideo, which family.sample_blocks runs) over a plan of one
     segment per block, the live windows' features, talking where the block's tile holds speech."""
     windows = windows_of(clip, lambda b: realvideo_live.block_window(b, window), num_blocks)
-    features = [segment_features(models.encoder, audio, models.dit.dtype) for audio in windows]
-    lookahead = realvideo_live.lookahead_latents(window)
+    segments = [realvideo_live.block_segment(b, window, audio) for b, audio in enumerate(windows)]
+    features = [segment_features(models.encoder, segment, models.dit.dtype) for segment, _ in segments]
     geometry = realvideo_live.REALVIDEO_LIVE_GEOMETRY
-    plan = [BlockPlan(b, f.shape[-1] // 4 - 2 - lookahead, talking=geometry.tile(b)[0] < clip.size)
-            for b, f in enumerate(features)]
+    plan = [BlockPlan(b, ptr, talking=geometry.tile(b)[0] < clip.size) for b, (_, ptr) in enumerate(segments)]
     dim = models.family.text_dim(models.dit)
     blocks = sample_realvideo(
         models.dit, ref_latent=reference_latent(models).to(models.dit.dtype),

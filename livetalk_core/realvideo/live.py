@@ -2,10 +2,11 @@
 sampling loop as the offline path (:func:`~.sampler.sample_realvideo` with an endless plan).
 
 Offline, the audio is cut into 5 s segments and a segment's blocks take consecutive 2-latent
-windows of its features. Live, block ``k``'s segment is a window of whole seconds (upstream pads
-every segment to whole seconds) ending at its tile's end plus the look-ahead (whole latent frames),
-with silence before the session began: its wav2vec2 features and the DiT's causal audio encoder run
-over that window, and the block takes the 2 latent frames that cover its tile. A block whose tile
+windows of its features. Live, block ``k``'s segment is a window from its tile's end plus the
+look-ahead back through the context (whole seconds, starting on the offline segments' 0.5 s grid,
+silence before the session began), padded with silence at its end to whole seconds as upstream pads
+each segment: its wav2vec2 features and the DiT's causal audio encoder run over it, and the block
+takes the 2 latent frames that cover its tile. A block whose tile
 holds no speech is sampled under the idle prompt, as upstream's live app does between sentences.
 Block ``k``'s frames are the offline ones (``[8k - 3, 8k + 5)``, block 0 ``[0, 5)``) and its tile the
 audio its latents were made from (``[8000 k, 8000 k + 8000)``): the 3-frame shift of upstream's
@@ -31,28 +32,38 @@ from .sampler import FRAMES_PER_BLOCK, VIDEO_FRAMES_PER_LATENT, BlockPlan, realv
 LIVE_STEPS = 2  # real time on one H100 needs 2 steps (upstream offers 2 or 4)
 BLOCK_FRAMES = VIDEO_FRAMES_PER_LATENT * FRAMES_PER_BLOCK  # 8
 LATENT_SAMPLES = VIDEO_FRAMES_PER_LATENT * FRAME_SAMPLES  # 4000: one latent frame of audio
+BLOCK_SAMPLES = BLOCK_FRAMES * FRAME_SAMPLES  # 8000
 REALVIDEO_LIVE_GEOMETRY = LiveGeometry(
     first_block_frames=video_frames_for_latents(FRAMES_PER_BLOCK),  # 5: the VAE's first latent is one frame
     block_frames=BLOCK_FRAMES,
-    first_block_samples=BLOCK_FRAMES * FRAME_SAMPLES,
-    block_samples=BLOCK_FRAMES * FRAME_SAMPLES,
+    first_block_samples=BLOCK_SAMPLES,
+    block_samples=BLOCK_SAMPLES,
 )
 
 
-def lookahead_latents(window: LiveWindow) -> int:
-    return -(-window.lookahead_samples // LATENT_SAMPLES)
-
-
-def segment_samples(window: LiveWindow) -> int:
-    """The whole seconds of audio each block's segment holds: its tile, context and look-ahead."""
-    needed = window.context_samples + REALVIDEO_LIVE_GEOMETRY.block_samples + lookahead_latents(window) * LATENT_SAMPLES
-    return -(-needed // SAMPLE_RATE) * SAMPLE_RATE
-
-
 def block_window(block: int, window: LiveWindow) -> tuple[int, int]:
-    """Timeline samples ``[start, end)`` of block ``block``'s segment (``start`` < 0 early on: silence)."""
-    end = REALVIDEO_LIVE_GEOMETRY.tile(block)[1] + lookahead_latents(window) * LATENT_SAMPLES
-    return end - segment_samples(window), end
+    """Timeline samples ``[start, end)`` block ``block``'s segment reads (``start`` < 0 early on: silence).
+
+    ``end`` is the tile's end plus the look-ahead (whole frames). ``start`` reaches ``context``
+    back, further to make whole seconds, and down to a multiple of 0.5 s: the offline segments start
+    on that grid too, so the 30 fps features a video frame picks are the ones at the same time.
+    """
+    tile_start, tile_end = REALVIDEO_LIVE_GEOMETRY.tile(block)
+    end = tile_end + -(-window.lookahead_samples // FRAME_SAMPLES) * FRAME_SAMPLES
+    needed = end - tile_start + window.context_samples
+    start = end - -(-needed // SAMPLE_RATE) * SAMPLE_RATE
+    return start // BLOCK_SAMPLES * BLOCK_SAMPLES, end
+
+
+def block_segment(block: int, window: LiveWindow, audio: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The block's segment from its window's audio ``[N]`` (:func:`block_window`): padded with silence
+    at the end to whole seconds, as upstream pads each segment; and the first latent frame of the block in it."""
+    start, end = block_window(block, window)
+    if audio.numel() != end - start:
+        raise ValueError(f"block {block}'s window holds {end - start} samples, got {audio.numel()}")
+    padded = -(-audio.numel() // SAMPLE_RATE) * SAMPLE_RATE
+    segment = torch.nn.functional.pad(audio.float(), (0, padded - audio.numel()))
+    return segment, (REALVIDEO_LIVE_GEOMETRY.tile(block)[0] - start) // LATENT_SAMPLES
 
 
 class LatestSegment(Sequence):
@@ -96,12 +107,8 @@ class RealVideoStream:
         return block_window(block, self.live_window)
 
     def sample(self, block: int, audio: torch.Tensor, silent: bool) -> torch.Tensor:
-        start, end = self.window(block)
-        if audio.numel() != end - start:
-            raise ValueError(f"block {block}'s window holds {end - start} samples, got {audio.numel()}")
-        features = segment_features(self.encoder, audio.to(self.encoder.device), self.dit.dtype)
-        self._segments.set(block, features)
-        ptr = features.shape[-1] // VIDEO_FRAMES_PER_LATENT - FRAMES_PER_BLOCK - lookahead_latents(self.live_window)
+        segment, ptr = block_segment(block, self.live_window, audio)
+        self._segments.set(block, segment_features(self.encoder, segment.to(self.encoder.device), self.dit.dtype))
         self._entry = BlockPlan(block, ptr, talking=not silent)
         try:
             return next(self._blocks)
