@@ -325,7 +325,7 @@ def _block_header(block, client_samples_end: int) -> dict:
     return {"index": int(block.index), "first_frame": int(block.first_frame), "frames": int(len(block.frames)),
             "audio_start": int(block.audio_start), "audio_samples": int(len(block.audio)),
             "speech_samples": int(block.speech_samples), "client_samples_end": client_samples_end,
-            "generated_s": round(float(block.generated_s), 4), "sent_at": time.time()}
+            "generated_s": round(float(block.generated_s), 4)}
 
 
 def build_app(endpoint: LiveEndpoint, prefix: str = "/live") -> web.Application:
