@@ -175,6 +175,8 @@ class LiveConnection:
         except ProtocolError as error:
             self._closing(error.code, error.reason)
             await _refuse(self.ws, error)
+        except ConnectionError as error:  # the client went away while we were sending (e.g. during start)
+            self._closing(1006, f"connection lost: {error}")
         finally:
             await self._shut_down()
 
