@@ -279,3 +279,16 @@ def test_close_frees_the_kv_cache_and_is_idempotent(livetalk_models):
     assert tensor_bytes() == before
     with pytest.raises(RuntimeError, match="closed"):
         session.next_block()
+
+
+def test_closing_the_session_under_a_waiting_clock_stops_it_quietly(livetalk_models):
+    """The owner closes the session while the clock waits for audio: the clock's thread ends at once, no error."""
+    errors = []
+    session = open_on(livetalk_models)
+    clock = LiveClock(session, lambda block: None, slack_s=30.0, on_error=errors.append)
+    clock.start()
+    time.sleep(0.1)
+    session.close()
+    clock._thread.join(timeout=5)
+    assert not clock.running and clock.error is None and not errors
+    clock.stop()

@@ -26,7 +26,8 @@ _POLL_S = 0.02  # how often a waiting clock looks again (a new push may move the
 class LiveClock:
     """Drives ``session`` block after block in a thread, calling ``on_block(block)`` from that thread.
     ``on_error(exc)`` (from that thread) is called if making a block or ``on_block`` raises; the
-    clock then stops. :meth:`stop` joins the thread; closing the session is its owner's job."""
+    clock then stops. :meth:`stop` joins the thread; closing the session is its owner's job (a session
+    closed under a running clock stops it too, without an error)."""
 
     def __init__(self, session: LiveSession, on_block: Callable[[LiveBlock], None], *,
                  slack_s: float = DEFAULT_SLACK_S,
@@ -66,7 +67,7 @@ class LiveClock:
 
     def _wait_for_audio(self) -> None:
         """Until the next block's audio is there, its deadline passes or stop is asked."""
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self.session.closed:
             if self.session.audio_end >= self.session.audio_needed():
                 return
             now = time.monotonic()
@@ -83,6 +84,8 @@ class LiveClock:
                     return
                 self.on_block(self.session.next_block())
         except BaseException as exc:  # reported, not lost in a thread
+            if self.session.closed:  # closed under the clock (its owner ends the session): a stop, not a failure
+                return
             self.error = exc
             if self.on_error is not None:
                 self.on_error(exc)

@@ -86,6 +86,10 @@ class LiveSession:
         return self._reference
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def blocks_made(self) -> int:
         return self._index
 
