@@ -114,15 +114,16 @@ class StandInClock:
 
 
 class Opened:
-    """The endpoint's session opener, keeping every session it made (to check they were closed)."""
+    """The endpoint's session opener (``make(start)``), keeping every start and session (to check they were closed)."""
 
-    def __init__(self):
-        self.sessions: list[StandInSession] = []
+    def __init__(self, make=lambda start: StandInSession()):
+        self.make = make
+        self.sessions: list = []
         self.starts: list[protocol.Start] = []
 
-    def __call__(self, start: protocol.Start) -> StandInSession:
+    def __call__(self, start: protocol.Start):
         self.starts.append(start)
-        self.sessions.append(StandInSession())
+        self.sessions.append(self.make(start))
         return self.sessions[-1]
 
 
@@ -134,35 +135,27 @@ def speech_like(seconds: float, seed: int = 0) -> np.ndarray:
     return (np.round(np.clip(wave, -1, 1) * 32767) / 32768).astype(np.float32)
 
 
-@pytest.fixture
-def server():
-    opened = Opened()
-    endpoint = LiveEndpoint(open_session=opened, family="stand-in", clock=StandInClock)
+def serving(opened: Opened, clock):
+    endpoint = LiveEndpoint(open_session=opened, clock=clock)
     with serving_in_thread(endpoint) as url:
         yield url, endpoint, opened
 
 
-class SmokeOpened(Opened):
-    """Real sessions: tiny random models on the CPU (session.open_smoke_session, what ``live --smoke`` serves)."""
-
-    def __call__(self, start: protocol.Start):
-        from livetalk_core.live.server import decode_image
-        from livetalk_core.live.session import open_smoke_session
-
-        self.starts.append(start)
-        image = None if start.image is None else decode_image(start.image)
-        self.sessions.append(open_smoke_session("livetalk", reference_image=image))
-        return self.sessions[-1]
+@pytest.fixture
+def server():
+    """The server over stand-in sessions (fast, deterministic frames)."""
+    yield from serving(Opened(), StandInClock)
 
 
 @pytest.fixture
 def smoke_server():
-    from livetalk_core.live.clock import LiveClock
+    """The server as ``live --smoke`` runs it: its smoke opener (tiny random models on the CPU) and LiveClock."""
+    from argparse import Namespace
 
-    opened = SmokeOpened()
-    endpoint = LiveEndpoint(open_session=opened, family="livetalk", clock=LiveClock)
-    with serving_in_thread(endpoint) as url:
-        yield url, endpoint, opened
+    from livetalk_core.live.clock import LiveClock
+    from livetalk_core.live.server import smoke_opener
+
+    yield from serving(Opened(smoke_opener(Namespace(family="livetalk", seed=0))), LiveClock)
 
 
 def session_closed(session) -> bool:
@@ -532,8 +525,17 @@ def launch_chromium(tmp_path: Path, wav: Path):
             time.sleep(0.3)
 
 
-async def talk_through_the_page(port: int, page_url: str, screenshot: Path) -> tuple[dict, int]:
-    """Open the page, press the microphone button, wait until frames are shown and audio is scheduled."""
+async def set_file(tools, selector: str, path: Path) -> None:
+    """Choose ``path`` in the page's file input ``selector``, as a person picking a file does."""
+    document = await tools.call("DOM.getDocument")
+    node = await tools.call("DOM.querySelector", nodeId=document["root"]["nodeId"], selector=selector)
+    await tools.call("DOM.setFileInputFiles", files=[str(path)], nodeId=node["nodeId"])
+
+
+async def talk_through_the_page(port: int, page_url: str, screenshot: Path, audio_file: Path | None = None
+                                ) -> tuple[dict, int]:
+    """Open the page, pick the face, press the microphone button (or choose ``audio_file`` to stream), wait until
+    frames are shown and audio is scheduled."""
     import aiohttp
     from test_comfy_server_frontend import DevTools
 
@@ -545,12 +547,14 @@ async def talk_through_the_page(port: int, page_url: str, screenshot: Path) -> t
         await tools.call("Emulation.setDeviceMetricsOverride", width=980, height=700, deviceScaleFactor=1, mobile=False)
         await tools.call("Page.navigate", url=page_url)
         await tools.wait_for("!!window.liveClient", timeout=30)
-        document = await tools.call("DOM.getDocument")
-        picker = await tools.call("DOM.querySelector", nodeId=document["root"]["nodeId"], selector="#image")
-        await tools.call("DOM.setFileInputFiles", files=[str(PORTRAIT)], nodeId=picker["nodeId"])
+        await set_file(tools, "#image", PORTRAIT)
         await tools.wait_for("!document.getElementById('face').hidden", timeout=10)  # the face is read
         await tools.evaluate("document.getElementById('prompt').value = 'a friendly face'")
-        await tools.evaluate("document.querySelector('.live-mic').click()")
+        if audio_file is None:
+            await tools.evaluate("document.querySelector('.live-mic').click()")
+        else:
+            await set_file(tools, ".live-file", audio_file)
+            await tools.wait_for("!window.liveClient.streaming && window.liveClient.stats.speechSamplesSent", 60)
         try:
             await tools.wait_for(PLAYED, timeout=240)
         except TimeoutError as timeout:  # say what the page got to
@@ -700,3 +704,19 @@ def test_a_client_that_leaves_while_its_session_opens_frees_it(server):
     assert state["last"]["closed_with"] == 1006, state  # recorded, not an exception out of the handler
     assert opened.sessions[0].closed
     assert run_client(url, speech_like(0.3)).report()["frames"] > 0
+
+
+def test_the_page_streams_an_audio_file(server, tmp_path):
+    """The Audio file button: the file is decoded, resampled to 16 kHz and streamed; its blocks are shown and played."""
+    url, endpoint, opened = server
+    song = write_wav(tmp_path / "answer.wav", speech_like(2.5, seed=3))
+    silent_mic = write_wav(tmp_path / "mic.wav", np.zeros(RATE, np.float32))
+    process, port = launch_chromium(tmp_path, silent_mic)
+    try:
+        stats, _ = asyncio.run(talk_through_the_page(port, f"{url}/live/", tmp_path / "file.png", audio_file=song))
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    assert stats["framesDrawn"] >= 24 and stats["audioBuffersScheduled"] >= 3 and stats["latencyMs"] > 0, stats
+    state = wait_until_free(url)
+    assert state["last"]["client_samples"] == stats["speechSamplesSent"] == 40_000  # the whole file, at 16 kHz

@@ -227,6 +227,8 @@ export class LiveClient {
       await new Promise((done) => setTimeout(done, Math.max(0, due - performance.now())));
       this.sendAudio(chunk);
     }
+    if (this.streaming) this.status(`${file.name} sent; the avatar listens again`);
+    this.streaming = false;
   }
 
   async to16kMono(buffer) {
