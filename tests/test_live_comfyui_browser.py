@@ -15,55 +15,33 @@ import asyncio
 import base64
 import json
 import os
-import shutil
-import subprocess
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from comfy_env import PACK_DIR_NAME, free_port, livetalk_server
-from test_comfy_server_frontend import CLOSE_DIALOGS, DevTools, _browser
+from comfy_env import PACK_DIR_NAME, livetalk_server
+from test_comfy_server_frontend import CLOSE_DIALOGS, DevTools
 from test_live_comfyui import LIVE_1_3B_API, PREFIX, live_prompt, speech_16k, status, wait_for_status, write_wav
+from test_live_server import launch_chromium
 
 SPEECH_SECONDS = 3.0
 LIVE_NODE_ID = "5"  # the LiveTalk Live node's id in the shipped live workflows
 # Enough of the session for the test: frames drawn and block audio played after the microphone was on.
 FRAMES_WANTED = 24
+PAGE_SIZE = {"width": 1400, "height": 1100}  # room for the whole node beside ComfyUI's floating menus
 PANEL = f"app.graph.getNodeById({LIVE_NODE_ID}).livetalkLivePanel"
 
 
 @pytest.fixture(scope="module")
 def fake_microphone_browser(tmp_path_factory):
-    """Chromium whose microphone is a WAV of speech (played in a loop), permissions granted, autoplay allowed."""
-    browser = _browser()
-    if browser is None:
-        pytest.fail("no Chromium installed (apt-get install chromium)")
-    wav = write_wav(tmp_path_factory.mktemp("mic") / "speech.wav", speech_16k(SPEECH_SECONDS))
-    port = free_port()
-    profile = tempfile.mkdtemp(prefix="chromium-live-")
-    process = subprocess.Popen(
-        [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-         f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
-         f"--remote-debugging-port={port}", f"--user-data-dir={profile}", "--window-size=1400,1100", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/json/version", timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                pytest.fail("Chromium did not start")
-            time.sleep(0.3)
+    """Chromium whose microphone is a WAV of speech (played in a loop), permissions granted, autoplay allowed
+    (test_live_server's launcher, as for the standalone page)."""
+    folder = tmp_path_factory.mktemp("chromium")
+    process, port = launch_chromium(folder, write_wav(folder / "speech.wav", speech_16k(SPEECH_SECONDS)))
     yield port
     process.terminate()
     process.wait(timeout=20)
-    shutil.rmtree(profile, ignore_errors=True)
 
 
 OPEN_LIVE_TEMPLATE = f"""(async () => {{
@@ -94,7 +72,7 @@ PANEL_STATE = f"""(() => {{
     canvas_spread: client ? spread(client.canvas) : 0,
   }});
 }})()"""
-# The live node at full scale in the top left corner of the canvas, for the picture.
+# The whole live node on screen, right of the workflow menu, for the picture.
 SHOW_LIVE_NODE = f"""(() => {{
   const node = app.graph.getNodeById({LIVE_NODE_ID});
   app.canvas.ds.scale = 1;
@@ -136,6 +114,7 @@ async def _drive_panel(port: int, comfy, artifacts: Path) -> dict:
         async with session.ws_connect(page, max_msg_size=0) as page_ws:
             tools = DevTools(page_ws)
             await tools.call("Page.enable")
+            await tools.call("Emulation.setDeviceMetricsOverride", **PAGE_SIZE, deviceScaleFactor=1, mobile=False)
             await tools.call("Page.navigate", url=comfy.url)
             await tools.wait_for("!!(window.app && window.app.graph && window.LiteGraph && "
                                  "Object.keys(LiteGraph.registered_node_types).length > 100)", timeout=120)
