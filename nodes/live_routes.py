@@ -176,8 +176,8 @@ HOST = LiveHost()
 
 
 def _clock(session, on_block, **options):
-    """The session's driver (``livetalk_core.live.session.LiveClock``), imported when a client starts."""
-    from ..livetalk_core.live.session import LiveClock
+    """The session's driver (``livetalk_core.live.clock.LiveClock``), imported when a client starts."""
+    from ..livetalk_core.live.clock import LiveClock
 
     return LiveClock(session, on_block, **options)
 

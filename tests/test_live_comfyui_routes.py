@@ -56,7 +56,7 @@ def serving(routes_module):
     """A fresh LiveHost with the live routes mounted, served in a thread; yields (host, base URL)."""
     from aiohttp import web
 
-    from livetalk_core.live.session import LiveClock
+    from livetalk_core.live.clock import LiveClock
 
     host = routes_module.LiveHost()
     table = web.RouteTableDef()
