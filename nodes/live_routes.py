@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import threading
 import weakref
@@ -80,10 +81,6 @@ class LiveHost:
         self._handlers_done = threading.Condition(self._lock)
         self._sessions: weakref.WeakSet = weakref.WeakSet()  # every session opened and not yet garbage
         self.endpoint = None  # the LiveEndpoint, once mounted
-
-    @property
-    def offer(self) -> LiveOffer | None:
-        return self._offer
 
     @contextlib.contextmanager
     def offering(self, offer: LiveOffer) -> Iterator[None]:
@@ -156,7 +153,7 @@ class LiveHost:
         """The endpoint's status plus whether a node runs."""
         response = await self.endpoint.status(request)
         offer = self._offer
-        body = {**_json(response), "running": offer is not None, "node_id": None if offer is None else offer.node_id,
+        body = {**json.loads(response.body), "running": offer is not None, "node_id": None if offer is None else offer.node_id,
                 "sessions_alive": self.sessions_alive()}
         return web.json_response(body)
 
@@ -164,12 +161,6 @@ class LiveHost:
         if self.stop():
             return web.json_response({"stopped": True})
         return web.json_response({"stopped": False, "message": NO_NODE_RUNNING}, status=409)
-
-
-def _json(response: web.Response) -> dict:
-    import json
-
-    return json.loads(response.body)
 
 
 HOST = LiveHost()
