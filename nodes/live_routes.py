@@ -153,8 +153,8 @@ class LiveHost:
         """The endpoint's status plus whether a node runs."""
         response = await self.endpoint.status(request)
         offer = self._offer
-        body = {**json.loads(response.body), "running": offer is not None, "node_id": None if offer is None else offer.node_id,
-                "sessions_alive": self.sessions_alive()}
+        body = {**json.loads(response.body), "running": offer is not None,
+                "node_id": None if offer is None else offer.node_id, "sessions_alive": self.sessions_alive()}
         return web.json_response(body)
 
     async def stop_route(self, request: web.Request) -> web.Response:
