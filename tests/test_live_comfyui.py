@@ -85,6 +85,20 @@ def wait_for_status(comfy, condition, what: str, timeout: float = 300.0) -> dict
     return state
 
 
+def end_any_live_node(comfy) -> None:
+    """A live prompt runs until Stop: end one a failed test left running, or every later prompt of this server
+    would wait behind it."""
+    if status(comfy)["running"]:
+        comfy.post(f"{PREFIX}/stop", {})
+        wait_for_status(comfy, lambda s: not s["running"], "the left-over live node to end", timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def no_live_node_left(comfy):
+    yield
+    end_any_live_node(comfy)
+
+
 def start_live(comfy, workflow: Path = LIVE_1_3B_API) -> str:
     prompt_id = comfy.queue(live_prompt(workflow))
     wait_for_status(comfy, lambda s: s["running"], "the LiveTalk Live node to run")

@@ -22,7 +22,16 @@ from pathlib import Path
 import pytest
 from comfy_env import PACK_DIR_NAME, livetalk_server
 from test_comfy_server_frontend import CLOSE_DIALOGS, DevTools
-from test_live_comfyui import LIVE_1_3B_API, PREFIX, live_prompt, speech_16k, status, wait_for_status, write_wav
+from test_live_comfyui import (
+    LIVE_1_3B_API,
+    PREFIX,
+    end_any_live_node,
+    live_prompt,
+    speech_16k,
+    status,
+    wait_for_status,
+    write_wav,
+)
 from test_live_server import launch_chromium
 
 SPEECH_SECONDS = 3.0
@@ -153,6 +162,7 @@ def test_panel_shows_the_avatar_answering_the_fake_microphone(fake_microphone_br
     artifacts = Path(os.environ.get("LIVETALK_ARTIFACTS", tmp_path))
     artifacts.mkdir(parents=True, exist_ok=True)
     assert LIVE_1_3B_API.is_file()
+    request.addfinalizer(lambda: end_any_live_node(comfy))
     result = asyncio.run(_drive_panel(fake_microphone_browser, comfy, artifacts))
     assert result["connected"]["connected"] and result["connected"]["reference_shown"], result["connected"]
     talking = result["talking"]
