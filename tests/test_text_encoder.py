@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from livetalk_core.errors import CheckpointError, InputError, MissingWeightsError
 from livetalk_core.media.checkpoint import read_state_dict
 from livetalk_core.media.text_encoder import (
+    FIT_MARGIN_BYTES,
     HF_BLOCK_KEYS,
     HF_TOP_KEYS,
     UMT5Config,
@@ -32,6 +33,7 @@ from livetalk_core.media.text_encoder import (
     encode_text,
     load_text_encoder,
     release_text_encoder,
+    streams_layers,
     tokenize,
 )
 
@@ -384,3 +386,49 @@ def test_encode_prompt(tiny_encoder, tokenizer_dir):
     assert context.shape == (1, 512, tiny_encoder.config.dim)
     assert torch.equal(context, encode_text(tiny_encoder, ids, mask))
     assert torch.count_nonzero(context[:, int(mask.sum()):]) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer streaming (a GPU without room for the whole encoder)
+
+
+def test_streams_layers_only_when_the_gpu_lacks_room():
+    weights = 11 << 30
+    assert streams_layers(weights, "cuda:0", free_bytes=8 << 30)
+    assert streams_layers(weights, "cuda:0", free_bytes=weights)  # no margin left for activations
+    assert not streams_layers(weights, "cuda:0", free_bytes=weights + FIT_MARGIN_BYTES)
+    assert not streams_layers(weights, "cpu", free_bytes=0)  # host memory is never streamed from
+
+
+def test_load_keeps_weights_on_host_when_the_gpu_lacks_room(case):
+    """The free-memory number is injected, so no GPU is touched: the weights stay on the CPU and the
+    encoder computes on the GPU it was asked for."""
+    encoder = load_text_encoder(t5_weights(case), dtype=torch.float32, device="cuda:0", free_bytes=0)
+    assert encoder.stream_to == torch.device("cuda:0")
+    assert encoder.compute_device == torch.device("cuda:0")
+    assert all(p.device.type == "cpu" for p in encoder.parameters())
+    roomy = load_text_encoder(t5_weights(case), dtype=torch.float32, device="cpu", free_bytes=0)
+    assert roomy.stream_to is None
+
+
+@pytest.mark.parametrize("tag", ["fp32", "bf16"])
+def test_streamed_layers_give_the_whole_encoders_context(case, tag):
+    """Layer by layer (each layer's weights copied in just before it runs, the kept ones untouched) the
+    context equals the whole encoder's: the same kernels on the same values, so exactly (tolerance 0)."""
+    whole = load_text_encoder(t5_weights(case), dtype=DTYPES[tag])
+    streamed = load_text_encoder(t5_weights(case), dtype=DTYPES[tag])
+    streamed.stream_to = torch.device("cpu")
+    kept = {name: p.data for name, p in streamed.named_parameters()}
+    kept_pointers = {t.data_ptr() for t in kept.values()}
+    copies_used = []
+
+    def check_copies(block, _args):  # runs inside weights_on: the block computes with copies
+        copies_used.append(all(p.data_ptr() not in kept_pointers for p in block.parameters()))
+    for block in streamed.blocks:
+        block.register_forward_pre_hook(check_copies)
+    ids, mask = t5_inputs(case)
+    expected = encode_text(whole, ids, mask)
+    got = encode_text(streamed, ids, mask)
+    assert copies_used == [True] * len(streamed.blocks)
+    assert all(p.data_ptr() == kept[name].data_ptr() for name, p in streamed.named_parameters())  # put back
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -4,7 +4,8 @@ LiveTalk conditions its DiT on the output of Wan's own umT5-XXL encoder: a T5 en
 is unscaled, whose every layer carries its own relative-position table, and whose padded rows are
 zeroed before the DiT sees them. The encoder is only needed once per run (the context is cached),
 and at full size it weighs about 11 GB in bf16, so callers encode the prompt, keep the context and
-drop the encoder (:func:`release_text_encoder`).
+drop the encoder (:func:`release_text_encoder`). On a GPU without room for the whole encoder, its
+weights stay in host memory and each layer is copied to the GPU only while it runs (:func:`load_text_encoder`).
 
 Two checkpoint layouts are accepted by :func:`load_text_encoder`:
 
@@ -21,7 +22,8 @@ import importlib
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -54,6 +56,9 @@ MAX_DISTANCE = 128
 TOKENIZER_REPO = "google/umt5-xxl"
 # AutoTokenizer can build the umT5 tokenizer from either of these; the others only refine it.
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "spiece.model")
+# GPU memory kept free beyond the weights when deciding whether the whole encoder fits: its activations
+# (512 tokens: attention scores of 64 heads in float32 are ~64 MiB) and the allocator's rounding.
+FIT_MARGIN_BYTES = 1 << 30
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,10 +233,31 @@ class UMT5Block(nn.Module):
         return _clamp_fp16(x + self.ffn(self.norm2(x)))
 
 
+@contextmanager
+def weights_on(module: nn.Module | None, device: torch.device | None) -> Iterator[None]:
+    """Within the block, ``module``'s parameters are copies on ``device`` (None: left where they are);
+    on exit the kept weights are put back and the copies freed. The copy is always a new tensor (even
+    to the same device), so a CPU test runs the streamed path as a GPU does."""
+    if module is None or device is None:
+        yield
+        return
+    kept = [(param, param.data) for param in module.parameters()]
+    try:
+        for param, data in kept:
+            param.data = data.to(device, copy=True)
+        yield
+    finally:
+        for param, data in kept:
+            param.data = data
+
+
 class UMT5Encoder(nn.Module):
     """Wan-native umT5 encoder: ids [B, L] int64 (+ mask [B, L]) -> hidden states [B, L, dim].
 
     Parameter names match ``models_t5_umt5-xxl-enc-bf16.pth``. Dropout is omitted (inference only).
+    ``stream_to``: None, the layers run where their weights are; a device, the weights stay where they
+    are (host memory) and each layer runs on that device with a copy of its weights made just before
+    and freed just after (:func:`weights_on`): the same kernels, one layer's weights in device memory.
     """
 
     def __init__(self, config: UMT5Config):
@@ -241,17 +267,29 @@ class UMT5Encoder(nn.Module):
         self.pos_embedding = RelativePositionBias(config.num_buckets, config.num_heads) if config.shared_pos else None
         self.blocks = nn.ModuleList(UMT5Block(config) for _ in range(config.num_layers))
         self.norm = T5RMSNorm(config.dim, config.eps)
+        self.stream_to: torch.device | None = None
+
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the encoder computes (its inputs go there)."""
+        return self.stream_to if self.stream_to is not None else self.token_embedding.weight.device
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """ids: [B, L] int64; mask: [B, L] (0 = padding) or None -> [B, L, dim] in the model dtype."""
-        x = self.token_embedding(ids)
+        stream = self.stream_to
+        # Streamed, the embedding rows are gathered where the table is (a copy: exact) and only they move.
+        table = self.token_embedding.weight
+        x = F.embedding(ids.to(table.device), table).to(ids.device)
         buckets = relative_position_buckets(ids.shape[1], self.config.num_buckets, self.config.max_distance, ids.device)
         padding = None if mask is None else (mask == 0)[:, None, None, :]
-        shared_bias = self.pos_embedding(buckets) if self.pos_embedding is not None else None
+        with weights_on(self.pos_embedding, stream):
+            shared_bias = self.pos_embedding(buckets) if self.pos_embedding is not None else None
         for block in self.blocks:
-            position_bias = shared_bias if block.pos_embedding is None else block.pos_embedding(buckets)
-            x = block(x, position_bias, padding)
-        return self.norm(x)
+            with weights_on(block, stream):
+                position_bias = shared_bias if block.pos_embedding is None else block.pos_embedding(buckets)
+                x = block(x, position_bias, padding)
+        with weights_on(self.norm, stream):
+            return self.norm(x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,18 +377,45 @@ def to_native_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.
     return native
 
 
+def free_device_bytes(device: torch.device) -> int:
+    """Bytes this process can still allocate on a CUDA ``device``: the driver's free memory plus what
+    PyTorch's allocator holds reserved but unused."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def streams_layers(weight_bytes: int, device: torch.device | str, free_bytes: int | None = None) -> bool:
+    """Whether an encoder of ``weight_bytes`` must keep its weights in host memory and stream its layers
+    to ``device``: only on a CUDA device whose free memory (``free_bytes``, else measured) is less than
+    the weights plus :data:`FIT_MARGIN_BYTES`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    if free_bytes is None:
+        free_bytes = free_device_bytes(device)
+    return free_bytes < weight_bytes + FIT_MARGIN_BYTES
+
+
 def load_text_encoder(
     path: str | os.PathLike,
     dtype: torch.dtype | str = torch.bfloat16,
     device: torch.device | str = "cpu",
+    free_bytes: int | None = None,
 ) -> UMT5Encoder:
-    """Load a umT5-XXL encoder (Wan ``.pth`` or HF/ComfyUI ``.safetensors``) in ``dtype`` on ``device``.
+    """Load a umT5-XXL encoder (Wan ``.pth`` or HF/ComfyUI ``.safetensors``) in ``dtype`` to compute on ``device``.
 
     The config is read from the tensor shapes. Weights are cast tensor by tensor, so the peak memory
-    stays near one copy of the model in ``dtype`` (the Wan ``.pth`` is memory-mapped).
+    stays near one copy of the model in ``dtype`` (the Wan ``.pth`` is memory-mapped). When a CUDA
+    ``device`` lacks room for the whole encoder (:func:`streams_layers`; ``free_bytes`` stands for its
+    free memory, else measured), the weights stay in host memory and the layers stream to ``device``
+    one at a time (:class:`UMT5Encoder`'s ``stream_to``): slower, the same context.
     """
     dtype = resolve_dtype(dtype)
     state = to_native_state_dict(read_state_dict(path, what=MODEL_NAME), path)
+    weight_bytes = sum(t.numel() for t in state.values()) * dtype.itemsize
+    stream_to = torch.device(device) if streams_layers(weight_bytes, device, free_bytes) else None
+    if stream_to is not None:
+        device = "cpu"
     config = UMT5Config.from_state_dict(state, path)
     if config.shared_pos:
         raise CheckpointError(
@@ -364,6 +429,7 @@ def load_text_encoder(
     for key in list(state):
         cast[key] = state.pop(key).to(device=device, dtype=dtype)
     model.load_state_dict(cast, assign=True)
+    model.stream_to = stream_to
     return model.eval().requires_grad_(False)
 
 
@@ -373,7 +439,7 @@ def release_text_encoder(encoder: UMT5Encoder) -> None:
     The parameters are replaced by storage-less meta tensors; using the encoder afterwards raises
     an :class:`InputError`. Encode the prompt first, keep the context, then call this.
     """
-    on_cuda = any(p.is_cuda for p in encoder.parameters())
+    on_cuda = encoder.compute_device.type == "cuda"
     encoder.to_empty(device="meta")
     if on_cuda:
         torch.cuda.empty_cache()
@@ -405,8 +471,8 @@ def encode_text(encoder: UMT5Encoder, input_ids: torch.Tensor, attention_mask: t
             f"Token ids must lie in [0, {vocab}) for this encoder, but range over [{int(input_ids.min())}, "
             f"{int(input_ids.max())}]: the tokenizer does not belong to this text encoder."
         )
-    ids = input_ids.to(device=weight.device, dtype=torch.long)
-    mask = attention_mask.to(device=weight.device)
+    ids = input_ids.to(device=encoder.compute_device, dtype=torch.long)
+    mask = attention_mask.to(device=encoder.compute_device)
     with torch.no_grad():
         context = encoder(ids, mask)
     lengths = mask.gt(0).sum(dim=1)
