@@ -41,8 +41,12 @@ ROUTE_PREFIX = "/livetalk/live"
 SOCKET_PATH = f"{ROUTE_PREFIX}/ws"
 STATUS_PATH = f"{ROUTE_PREFIX}/status"
 STOP_PATH = f"{ROUTE_PREFIX}/stop"
-# How long the ending node waits for the connected client's session to close (the clock finishes its block).
-END_CLIENT_TIMEOUT_S = 60.0
+# How long the ending node waits for the connected client to be told and its session closed (the clock
+# finishes its block), before it cancels the socket's handler; then how long it waits for that.
+END_CLIENT_GRACE_S = 30.0
+END_CLIENT_TIMEOUT_S = 30.0
+ENDED_BY_STOP = "the LiveTalk Live node was ended in ComfyUI (Stop); queue the workflow again to talk"
+ENDED_BY_CANCEL = "the LiveTalk Live node was cancelled in ComfyUI; queue the workflow again to talk"
 NO_NODE_RUNNING = ("No LiveTalk Live node is running in ComfyUI. Queue a workflow with a LiveTalk Live node "
                    "(e.g. the live_livetalk_1.3b template), then connect again.")
 
@@ -97,7 +101,7 @@ class LiveHost:
         finally:
             with self._lock:
                 self._offer = None
-            self._end_clients(END_CLIENT_TIMEOUT_S)
+            self._end_clients(ENDED_BY_STOP if offer.stop.is_set() else ENDED_BY_CANCEL)
 
     def open_session(self, start) -> Any:
         """The endpoint's session opener (a worker thread): the running node's, or a refusal saying what to do.
@@ -139,15 +143,21 @@ class LiveHost:
                 self._handlers.discard(entry)
                 self._handlers_done.notify_all()
 
-    def _end_clients(self, timeout: float) -> None:
-        """Cancel the socket handlers (their connection stops the clock and closes the session on the way
-        out) and wait until they are gone."""
+    def _end_clients(self, reason: str) -> None:
+        """Tell the connected client ``reason`` and close its socket (error ``ended``, close 1001; its connection
+        stops the clock and closes the session), and wait until the socket handlers are gone. Handlers still
+        there after :data:`END_CLIENT_GRACE_S` are cancelled (the session is closed on the way out)."""
+        if self.endpoint is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
+                self.endpoint.end_session(reason)
         with self._lock:
+            if self._handlers_done.wait_for(lambda: not self._handlers, END_CLIENT_GRACE_S):
+                return
             for loop, task in self._handlers:
-                with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
+                with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(task.cancel)
-            if not self._handlers_done.wait_for(lambda: not self._handlers, timeout):
-                log.warning("LiveTalk Live: a client's session did not close within %.0f s", timeout)
+            if not self._handlers_done.wait_for(lambda: not self._handlers, END_CLIENT_TIMEOUT_S):
+                log.warning("LiveTalk Live: a client's session did not close within %.0f s", END_CLIENT_TIMEOUT_S)
 
     async def status(self, request: web.Request) -> web.Response:
         """The endpoint's status plus whether a node runs."""

@@ -207,6 +207,8 @@ def test_bad_messages_and_disconnects_close_only_their_socket_then_cancel(comfy,
     assert comfy.events(prompt_id, "execution_interrupted"), history["status"]
     client.join(60)
     assert "result" in holder, "the client was not disconnected when the prompt was cancelled"
+    texts, code, reason = holder["result"]
+    assert code == protocol.CLOSE_GOING_AWAY and texts[-1]["code"] == protocol.ENDED and "cancelled" in reason, texts
     assert wait_for_status(comfy, lambda s: not s["running"], "the node to end")["sessions_alive"] == 0
 
 

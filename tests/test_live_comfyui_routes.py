@@ -190,6 +190,10 @@ def test_the_node_ending_ends_the_connected_clients_session(routes_module, smoke
         assert not thread.is_alive()
         client.join(30)
         assert "outcome" in result, "the client's socket was not closed when the node ended"
+        code, texts = result["outcome"]
+        # the client is told why: error "ended" with the reason, then close 1001 (going away)
+        assert code == protocol.CLOSE_GOING_AWAY and texts[-1]["code"] == protocol.ENDED, result["outcome"]
+        assert "ended in ComfyUI (Stop)" in texts[-1]["message"]
         # the server's teardown (handler task, executor jobs) lets go of the session within moments
         deadline = time.monotonic() + 10
         while smoke_session.opened[-1]() is not None and time.monotonic() < deadline:

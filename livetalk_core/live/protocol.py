@@ -43,6 +43,7 @@ IMAGE_SIGNATURES = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG\r\n\x1a\n": "image/
 
 # WebSocket close codes (RFC 6455) the server uses.
 CLOSE_NORMAL = 1000  # after "stop"
+CLOSE_GOING_AWAY = 1001  # the server ended the session itself (ComfyUI: the LiveTalk Live node was stopped)
 CLOSE_UNSUPPORTED = 1003  # a message of a kind the protocol does not have
 CLOSE_POLICY = 1008  # malformed message (bad JSON, wrong field, out of order)
 CLOSE_TOO_BIG = 1009  # message over MAX_MESSAGE_BYTES or an audio chunk over MAX_AUDIO_CHUNK_BYTES
@@ -58,6 +59,7 @@ VIDEO_FORMAT = "annexb"
 # The "code" of an error message, by close code.
 ERROR_CODES = {CLOSE_UNSUPPORTED: "bad_message", CLOSE_POLICY: "bad_message", CLOSE_TOO_BIG: "too_big",
                CLOSE_SERVER_ERROR: "session_failed", CLOSE_BUSY: "busy"}
+ENDED = "ended"  # error code: the server ended the session (closes with CLOSE_GOING_AWAY)
 BAD_INPUT = "bad_input"  # error code: the start message's image or prompt could not be used (closes with 1008)
 
 

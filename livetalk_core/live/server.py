@@ -139,6 +139,16 @@ class LiveEndpoint:
             self.sessions_served += 1
         return ws
 
+    def end_session(self, reason: str) -> bool:
+        """End the connected client's session from another thread (ComfyUI: the LiveTalk Live node is ending):
+        the client gets the error ``ended`` with ``reason`` and a close 1001; its connection then stops the clock
+        and frees the session as for any close. Returns at once (False: no client was connected)."""
+        connection = self._active
+        if connection is None:
+            return False
+        asyncio.run_coroutine_threadsafe(connection.end(reason), connection.loop)
+        return True
+
     def _limit_send_buffer(self, request: web.Request) -> None:
         sock = request.transport.get_extra_info("socket") if request.transport else None
         if self.send_buffer_bytes and sock is not None:
@@ -197,7 +207,14 @@ class LiveConnection:
         self._closing(self.ws.close_code or protocol.CLOSE_NORMAL, "client closed the socket")
 
     def _closing(self, code: int, reason: str) -> None:
-        self.stats.closed_with, self.stats.close_reason = code, reason
+        if self.stats.closed_with is None:  # the first reason is the one (after end(), the socket's close follows)
+            self.stats.closed_with, self.stats.close_reason = code, reason
+
+    async def end(self, reason: str) -> None:
+        """The server ends this session (see LiveEndpoint.end_session)."""
+        error = ProtocolError(protocol.CLOSE_GOING_AWAY, reason, protocol.ENDED)
+        self._closing(error.code, error.reason)
+        await _refuse(self.ws, error)
 
     async def _start(self, start: Start) -> None:
         if self.session is not None:
