@@ -47,8 +47,9 @@ END_CLIENT_GRACE_S = 30.0
 END_CLIENT_TIMEOUT_S = 30.0
 ENDED_BY_STOP = "the LiveTalk Live node was ended in ComfyUI (Stop); queue the workflow again to talk"
 ENDED_BY_CANCEL = "the LiveTalk Live node was cancelled in ComfyUI; queue the workflow again to talk"
-NO_NODE_RUNNING = ("No LiveTalk Live node is running in ComfyUI. Queue a workflow with a LiveTalk Live node "
-                   "(e.g. the live_livetalk_1.3b template), then connect again.")
+NO_NODE_RUNNING = ("No LiveTalk Live node is serving in ComfyUI. Queue a workflow with a LiveTalk Live node "
+                   "(e.g. the live_livetalk_1.3b template) and connect once it serves (it loads its models first; "
+                   "GET /livetalk/live/status then says running).")
 
 
 @dataclass

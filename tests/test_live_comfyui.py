@@ -143,7 +143,7 @@ async def raw_client(comfy, *messages, start: bool = False) -> tuple[list, int |
 
 def test_without_a_live_node_the_socket_says_to_queue_one(comfy):
     assert status(comfy)["running"] is False
-    with pytest.raises(LiveTalkError, match="No LiveTalk Live node is running"):
+    with pytest.raises(LiveTalkError, match="No LiveTalk Live node is serving"):
         run_client(f"{comfy.url}{PREFIX}", np.zeros(1600, np.float32))
     assert comfy.post(f"{PREFIX}/stop", {})[0] == 409
 

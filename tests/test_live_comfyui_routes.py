@@ -135,7 +135,7 @@ def test_without_a_running_node_a_client_is_told_to_queue_one(routes_module):
     with serving(routes_module) as (host, url):
         state = get_json(f"{url}/livetalk/live/status")
         assert state["running"] is False and state["busy"] is False
-        with pytest.raises(LiveTalkError, match="No LiveTalk Live node is running"):
+        with pytest.raises(LiveTalkError, match="No LiveTalk Live node is serving"):
             run_client(f"{url}/livetalk/live", tone(0.2))
         status, body = post(f"{url}/livetalk/live/stop")
         assert status == 409 and "No LiveTalk Live node" in body["message"]
