@@ -30,6 +30,7 @@ from .live_routes import HOST, LiveOffer
 from .multi_gpu import WorkerDiT
 from .pack_types import CATEGORY, LiveTalkAudioEncoder, LiveTalkModel, LiveTalkVAE
 from .sampling import MAX_SEED
+from .tiny_decoder import TINY_DECODER_TOOLTIP, LiveTalkTinyDecoder
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class LiveTalkLive(io.ComfyNode):
                                       tooltip="RealVideo 14B: the idle prompt used while nobody speaks (upstream's "
                                       "live app does the same). Not connected: the talking prompt throughout. "
                                       "LiveTalk 1.3B ignores it."),
+                LiveTalkTinyDecoder.Input("tiny_decoder", optional=True, tooltip=TINY_DECODER_TOOLTIP),
             ],
             outputs=[],
             hidden=[io.Hidden.unique_id],
@@ -86,17 +88,19 @@ class LiveTalkLive(io.ComfyNode):
     @classmethod
     @out_of_memory_advice
     def execute(cls, model: Managed, vae: Managed, audio_encoder: Managed, conditioning, image: torch.Tensor,
-                width: int, height: int, seed: int, steps: int, idle_conditioning=None) -> io.NodeOutput:
+                width: int, height: int, seed: int, steps: int, idle_conditioning=None,
+                tiny_decoder: Managed | None = None) -> io.NodeOutput:
         from ..livetalk_core.live.session import open_session  # the live core loads only when a node runs
 
         check_inputs(model, image)
-        dit, vae_engine, encoder = on_device(model, vae, audio_encoder)
+        dit, vae_engine, encoder, *tiny = on_device(model, vae, audio_encoder, *filter(None, [tiny_decoder]))
 
         @torch.inference_mode()
         def new_session():
             session = open_session(model.family, dit=dit, vae=vae_engine, audio_encoder=encoder, text=conditioning,
                                    idle_text=idle_conditioning, reference_image=image[0, ..., :3], width=width,
-                                   height=height, seed=seed, steps=steps, device=mm.get_torch_device())
+                                   height=height, seed=seed, steps=steps, device=mm.get_torch_device(),
+                                   decoder=tiny[0] if tiny else None)
             return InferenceModeSession(session)
 
         offer = LiveOffer(open_session=new_session, node_id=cls.hidden.unique_id, family=model.family.name)

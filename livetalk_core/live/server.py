@@ -431,7 +431,7 @@ class ModelOpener:
         return open_session(
             inputs.family, dit=self.models.dit, vae=self.models.vae, audio_encoder=self.models.audio_encoder,
             text=talking.to(device), idle_text=None if idle is None else idle.to(device), reference_image=image,
-            width=width, height=height, seed=self.seed, steps=inputs.steps)
+            width=width, height=height, seed=self.seed, steps=inputs.steps, decoder=self.models.decoder)
 
 
 def decode_image(data: bytes) -> np.ndarray:

@@ -65,16 +65,18 @@ class LiveSession:
     sample_rate = SAMPLE_RATE
 
     def __init__(self, family: ModelFamily, stream: LiveStream, vae: WanVAE, reference_pixels: torch.Tensor,
-                 *, owned: tuple[Any, ...] = ()) -> None:
-        """``reference_pixels`` ``[1, 3, 1, H, W]`` in [-1, 1]; ``owned``: models the session frees on close."""
-        self.family, self._stream, self._vae = family, stream, vae
+                 *, owned: tuple[Any, ...] = (), decoder: Any = None) -> None:
+        """``reference_pixels`` ``[1, 3, 1, H, W]`` in [-1, 1]; ``owned``: models the session frees on close;
+        ``decoder``: what decodes the blocks, ``vae`` (None) or a tiny decoder (``media.taehv.TinyDecoder``)."""
+        self.family, self._stream = family, stream
+        self._decoding_model = vae if decoder is None else decoder
         self._reference = frames_to_uint8(reference_pixels.float().cpu())[0].numpy().copy()  # no torch storage
         self.height, self.width = self._reference.shape[:2]
         geometry = stream.geometry
         self.first_block_frames, self.block_frames = geometry.first_block_frames, geometry.block_frames
         self.block_samples = geometry.block_samples
         self._timeline = AudioTimeline()
-        self._decoder = vae.stream_decoder()
+        self._decoder = self._decoding_model.stream_decoder()
         self._owned = owned
         self._index = 0
         self._lock = threading.Lock()
@@ -149,8 +151,8 @@ class LiveSession:
         """The block's frames through the streaming decoder; block 0 one latent frame at a time, as
         the offline decoder does (the same kernels, so the same frames)."""
         pieces = latents.split(1, dim=2) if first else (latents,)
-        vae = self._vae
-        frames = [frames_to_uint8(self._decoder.decode(piece.to(vae.device, vae.dtype))).cpu() for piece in pieces]
+        model = self._decoding_model
+        frames = [frames_to_uint8(self._decoder.decode(piece.to(model.device, model.dtype))).cpu() for piece in pieces]
         return torch.cat(frames).numpy()
 
     def close(self) -> None:
@@ -183,12 +185,14 @@ def open_session(family: ModelFamily, *, dit: Any, vae: WanVAE, audio_encoder: A
                  reference_image: torch.Tensor | np.ndarray, width: int, height: int, seed: int = 0,
                  steps: int | None = None, device: torch.device | str | None = None,
                  context_s: float = DEFAULT_CONTEXT_S, lookahead_s: float = DEFAULT_LOOKAHEAD_S,
-                 owned: tuple[Any, ...] = ()) -> LiveSession:
+                 owned: tuple[Any, ...] = (), decoder: Any = None) -> LiveSession:
     """A live session over loaded models. ``text`` / ``idle_text``: the prompt's encoding (ComfyUI
     CONDITIONING or a tensor ``[1, L, D]``), the idle one used for silent blocks where the family
     has one. ``reference_image`` ``[H, W, 3]`` (uint8, or float in [0, 1]); ``width`` x ``height``
     as the family reads them (:meth:`~..family_base.ModelFamily.reference_pixels`, centre crop).
-    ``device``: where the reference is prepared (default: the VAE's)."""
+    ``device``: where the reference is prepared (default: the VAE's). ``decoder``: what decodes the
+    blocks: None, the VAE; or a tiny decoder (``media.taehv.TinyDecoder``: faster, lower quality); the VAE
+    still encodes the reference."""
     image = torch.as_tensor(np.asarray(reference_image)) if not isinstance(reference_image, torch.Tensor) \
         else reference_image
     pixels = family.reference_pixels(image, width, height, "center", device or vae.device)
@@ -197,7 +201,7 @@ def open_session(family: ModelFamily, *, dit: Any, vae: WanVAE, audio_encoder: A
     stream = family.open_live_stream(dit, audio_encoder, conditioning=as_conditioning(text),
                                      idle_conditioning=as_conditioning(idle_text), reference=reference, seed=seed,
                                      steps=steps, window=window)
-    return LiveSession(family, stream, vae, pixels, owned=owned)
+    return LiveSession(family, stream, vae, pixels, owned=owned, decoder=decoder)
 
 
 def open_smoke_session(family_name: str = "livetalk", *, width: int | None = None, height: int | None = None,
