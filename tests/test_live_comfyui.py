@@ -241,3 +241,27 @@ def test_node_cases_in_a_comfyui_process():
     from comfy_in_process import run_in_comfyui
 
     run_in_comfyui(Path(__file__).with_name("live_comfyui_cases.py"))
+
+
+def test_live_client_command_streams_a_wav_file_through_comfyui(comfy, tmp_path):
+    """What a voice agent runs: ``python -m livetalk_core live-client`` with a WAV against ComfyUI's URL."""
+    import subprocess
+    import sys
+
+    import av
+
+    wav = write_wav(tmp_path / "speech.wav", speech_16k(1.5))
+    output, report_path = tmp_path / "answer.mp4", tmp_path / "report.json"
+    prompt_id = start_live(comfy)
+    result = subprocess.run([sys.executable, "-m", "livetalk_core", "live-client", "--url", f"{comfy.url}{PREFIX}",
+                             "--audio", str(wav), "--output", str(output), "--report", str(report_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    assert report["returned_audio_exact"] and abs(report["frames"] - 1.5 * 16) <= 16, report
+    assert report["latency_p50_s"] is not None and report["stalls"] >= 0 and report["bitrate_mbps"] > 0, report
+    with av.open(str(output)) as video:
+        stream = video.streams.video[0]
+        assert (stream.width, stream.height) == (SIZE, SIZE) and len(video.streams.audio) == 1
+        assert sum(1 for _ in video.decode(stream)) == report["frames"]
+    assert stop_live(comfy, prompt_id)["status"]["status_str"] == "success"
