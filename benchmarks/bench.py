@@ -7,6 +7,8 @@
     python3 benchmarks/bench.py --compare RUN_A/latents_2step.pt RUN_B/latents_2step.pt
     python3 benchmarks/bench.py --tiny                                     # a CPU dry run of this script
     python3 benchmarks/bench.py --decoder tiny     # the tiny decoder (TAEHV) decodes instead of the VAE
+    python3 benchmarks/bench.py --configs realvideo-2 --fp8 --memory-cap-gib 24 --blocks 4   # a 24 GB GPU
+    python3 benchmarks/vram_table.py               # every row of the README's GPU table, each capped
 
 Configurations: ``livetalk`` (1.3B, 512x512, 3 latent frames per block, window 15 with 9 sinks, 4 steps
 + refresh), ``realvideo-2`` and ``realvideo-4`` (14B, 512x512, 2 latent frames per block, 2 or 4
@@ -32,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_livetalk  # noqa: E402
 import bench_realvideo  # noqa: E402
+import memory_cap  # noqa: E402
 from tiny_decoder import DECODERS  # noqa: E402
 
 from livetalk_core.parallel import sequence_parallel  # noqa: E402
@@ -70,6 +73,12 @@ def main() -> None:
     p.add_argument("--decoder", choices=DECODERS, default="full",
                    help="full: the Wan VAE decodes (the shipped default); tiny: the tiny decoder (TAEHV, random "
                    "weights at the released size), faster at lower quality; the VAE still encodes the reference")
+    p.add_argument("--memory-cap-gib", type=float, default=None,
+                   help="emulate a GPU of this many GiB (the CUDA context included): one configuration run end to "
+                   "end as the CLI runs it, the umT5-XXL prompt encoding included; reports pass or out of memory "
+                   "and the peak (benchmarks/memory_cap.py) instead of the timings")
+    p.add_argument("--fp8", action="store_true",
+                   help="with --memory-cap-gib, RealVideo: fp8 weights (the CLI's --fp8), made fp8 as they load")
     p.add_argument("--check", action="store_true", help="also compare the optimised path with plain eager bf16")
     p.add_argument("--vae-device", default=None, help="LiveTalk: the VAE on another GPU, e.g. cuda:1")
     p.add_argument("--long-seconds", type=float, default=0, help="LiveTalk: also write an mp4 of this many seconds")
@@ -87,6 +96,11 @@ def main() -> None:
         p.error(f"unknown configuration(s) {', '.join(sorted(unknown))}; use {', '.join(CONFIGS)}")
     if args.tiny:
         args.compile = False
+    if args.fp8 and args.memory_cap_gib is None:
+        p.error("--fp8 (fp8 weights) is read by the capped run only: add --memory-cap-gib, or use --fp8-matmul")
+    if args.memory_cap_gib is not None:
+        capped_run(args, configs, p)
+        return
     sp = sequence_parallel.init_from_env("gloo" if args.tiny else None)
     if sp is not None and "livetalk" in configs:
         p.error("the LiveTalk 1.3B configuration runs on one GPU: leave it out under torchrun")
@@ -111,6 +125,22 @@ def main() -> None:
     if sp is not None:
         sequence_parallel.leave_together(sp)
         torch.distributed.destroy_process_group()
+
+
+def capped_run(args: argparse.Namespace, configs: list[str], p: argparse.ArgumentParser) -> None:
+    """``--memory-cap-gib``: one configuration in the emulated GPU; one table row and its JSON."""
+    if len(configs) != 1:
+        p.error("--memory-cap-gib runs one configuration: pick it with --configs")
+    family, _, steps = configs[0].partition("-")
+    result = memory_cap.run(argparse.Namespace(**vars(args), family=family, steps=int(steps or 4)))
+    keys = ("family", "cap_gib", "outcome", "stage", "peak_gib", "peak_allocated_gib", "context_gib_start",
+            "context_gib_end", "text_encoder_streamed", "wall_s")
+    print("| " + " | ".join(keys) + " |")
+    print("| " + " | ".join(f"{result[k]:.2f}" if isinstance(result.get(k), float) else str(result.get(k, "-"))
+                            for k in keys) + " |")
+    print("RESULT " + json.dumps(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

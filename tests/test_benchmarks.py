@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,3 +44,62 @@ def test_the_14b_benchmarks_share_seeded_user_inputs():
     assert image.shape == (128, 128, 3) and image.dtype == torch.uint8
     assert waveform.shape == (5 * 16000,) and contexts.shape == (2, 1, 512, TINY.core.text_dim)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def memory_cap_module():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import memory_cap
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return memory_cap
+
+
+def test_capped_run_tiny_goes_end_to_end_with_the_text_encoder(tmp_path):
+    """``bench.py --memory-cap-gib`` (the README table's runs), tiny on the CPU: the prompt is encoded by a
+    umT5 encoder, the reference and audio encoded, blocks sampled and decoded; one table row and its JSON."""
+    out = tmp_path / "capped.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench.py", "--tiny", "--configs", "realvideo-2", "--fp8", "--memory-cap-gib", "24",
+         "--blocks", "2", "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["outcome"] == "pass" and result["stage"] == "sample and decode"
+    assert result["frames"] > 0 and result["text_encoder_s"] > 0 and result["text_encoder_streamed"] is False
+    assert "| realvideo | None | pass |" in done.stdout
+
+
+def test_capped_run_reports_out_of_memory_as_a_row(monkeypatch):
+    """An out-of-memory error (PyTorch's, or a library's failed allocation) is the run's result, with the
+    stage it hit; any other error is raised."""
+    import argparse
+
+    memory_cap = memory_cap_module()
+
+    def runs_out(options, device, dtype, stage, log):
+        stage[0] = "encode the prompt (umT5-XXL)"
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    options = argparse.Namespace(family="livetalk", tiny=True, fp8_matmul=False, memory_cap_gib=8)
+    monkeypatch.setitem(memory_cap.FAMILIES, "livetalk", runs_out)
+    result = memory_cap.run(options)
+    assert result["outcome"] == "out of memory" and result["stage"] == "encode the prompt (umT5-XXL)"
+    assert "Tried to allocate" in result["error"]
+
+    def breaks(options, device, dtype, stage, log):
+        raise RuntimeError("a bug")
+    monkeypatch.setitem(memory_cap.FAMILIES, "livetalk", breaks)
+    with pytest.raises(RuntimeError, match="a bug"):
+        memory_cap.run(options)
+
+
+def test_random_text_encoder_is_placed_as_a_loaded_one(monkeypatch):
+    """The capped run's umT5 is placed by load_text_encoder's own rule: layers streamed from host memory
+    when the GPU lacks room (here a CUDA device with no free memory, injected), whole otherwise."""
+    memory_cap = memory_cap_module()
+    config = memory_cap.text_encoder_config(32, tiny=True)
+    placed = memory_cap.random_text_encoder(config, torch.device("cpu"), torch.float32)
+    assert placed.stream_to is None and all(p.device.type == "cpu" for p in placed.parameters())
+    assert all(torch.isfinite(p).all() and p.std() > 0 for p in placed.parameters())
+    monkeypatch.setattr(memory_cap, "streams_layers", lambda weight_bytes, device: device.type == "cuda")
+    streamed = memory_cap.random_text_encoder(config, torch.device("cuda", 0), torch.float32)
+    assert streamed.stream_to == torch.device("cuda", 0) and all(p.device.type == "cpu" for p in streamed.parameters())

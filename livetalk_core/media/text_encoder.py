@@ -379,9 +379,12 @@ def to_native_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.
 
 def free_device_bytes(device: torch.device) -> int:
     """Bytes this process can still allocate on a CUDA ``device``: the driver's free memory plus what
-    PyTorch's allocator holds reserved but unused."""
-    free, _total = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    PyTorch's allocator holds reserved but unused, within the process's memory fraction if one is set
+    (``torch.cuda.set_per_process_memory_fraction``: a GPU shared, or a smaller one emulated)."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    allowed = int(torch.cuda.get_per_process_memory_fraction(device) * total) - allocated
+    return min(free + torch.cuda.memory_reserved(device) - allocated, allowed)
 
 
 def streams_layers(weight_bytes: int, device: torch.device | str, free_bytes: int | None = None) -> bool:
