@@ -116,10 +116,14 @@ def watched_clock(watch: MemoryWatch):
 
 
 def where_the_time_goes(recording, block_seconds: float) -> dict:
+    """The server's time to make each block against the audio it covers, and the slowest blocks (a recompile or
+    a stall shows there); the late blocks' indices and arrival lateness for the stalls."""
     made = [b.header["generated_s"] for b in recording.blocks]
+    slowest = sorted(range(len(made)), key=made.__getitem__)[-3:][::-1]
     return {"block_seconds": block_seconds, "generated_s_p50": round(float(np.median(made)), 4),
             "generated_s_p95": round(float(np.percentile(made, 95)), 4),
-            "real_time_factor_p95": round(float(np.percentile(made, 95)) / block_seconds, 3)}
+            "real_time_factor_p95": round(float(np.percentile(made, 95)) / block_seconds, 3),
+            "slowest_blocks": [{"index": recording.blocks[i].header["index"], "generated_s": made[i]} for i in slowest]}
 
 
 def warm_up(opener, blocks: int) -> None:
@@ -173,7 +177,7 @@ def summary(r: dict) -> str:
         f"GPU memory: {r['gpu_gib_at_start']} GiB at the start, {r['gpu_gib_at_end']} GiB at the end, "
         f"peak {r['gpu_gib_peak']}",
         f"a block: {r['time']['block_seconds']} s of audio, made in {r['time']['generated_s_p50']} s (p50) / "
-        f"{r['time']['generated_s_p95']} s (p95)",
+        f"{r['time']['generated_s_p95']} s (p95); slowest {r['time']['slowest_blocks']}",
     ])
 
 

@@ -253,8 +253,9 @@ def test_latency_and_stalls_follow_their_definitions():
     """Frame latency = arrival minus the time its audio was fully sent; a late block is one stall."""
     recording = LiveRecording(sent=np.zeros(24_000, np.int16), info={"fps": 16, "sample_rate": RATE})
     recording.send_log = [(8000, 10.0), (16_000, 10.5), (24_000, 11.0)]
-    header = {"first_frame": 0, "frames": 12, "audio_start": 0, "speech_samples": 12_000, "client_samples_end": 12_000}
-    late = {"first_frame": 12, "frames": 12, "audio_start": 12_000, "speech_samples": 12_000,
+    header = {"index": 0, "first_frame": 0, "frames": 12, "audio_start": 0, "speech_samples": 12_000,
+              "client_samples_end": 12_000}
+    late = {"index": 1, "first_frame": 12, "frames": 12, "audio_start": 12_000, "speech_samples": 12_000,
             "client_samples_end": 24_000}
     from livetalk_core.live.client import ReceivedBlock
     recording.blocks = [ReceivedBlock(header, [], np.zeros(0, np.int16), 11.0),
@@ -263,6 +264,7 @@ def test_latency_and_stalls_follow_their_definitions():
     assert latencies[:8] == [1.0] * 8 and latencies[8:12] == [0.5] * 4  # frames 0-7 sent by 10.0, 8-11 by 10.5
     assert latencies[12:16] == [2.0] * 4 and latencies[-1] == 1.5
     assert recording.stalls() == (1, pytest.approx(0.75))  # needed at 11.75, came at 12.5
+    assert recording.late_blocks() == [(1, pytest.approx(0.75))]
 
 
 # --- robustness ----------------------------------------------------------------------------------------

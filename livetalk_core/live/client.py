@@ -103,20 +103,25 @@ class LiveRecording:
                 out.append(block.arrived - sent_at)
         return out
 
-    def stalls(self) -> tuple[int, float]:
-        """(stalls, seconds waited): a player shows the first block as it arrives, then a frame every 1/fps s;
-        a frame not there when needed is a stall, and the player waits for it (its clock shifts)."""
+    def late_blocks(self) -> list[tuple[int, float]]:
+        """(block index, seconds late) of each stall: a player shows the first block as it arrives, then a frame
+        every 1/fps s; a frame not there when needed is a stall, and the player waits for it (its clock shifts)."""
         if not self.blocks:
-            return 0, 0.0
+            return []
         first = self.blocks[0]
         start, first_frame = first.arrived, first.header["first_frame"]
-        count, waited = 0, 0.0
+        late, waited = [], 0.0
         for block in self.blocks:
             due = start + waited + (block.header["first_frame"] - first_frame) / self.fps
             if block.arrived > due:
-                count += 1
+                late.append((block.header["index"], block.arrived - due))
                 waited += block.arrived - due
-        return count, waited
+        return late
+
+    def stalls(self) -> tuple[int, float]:
+        """(stalls, seconds the player waited in all); see :meth:`late_blocks`."""
+        late = self.late_blocks()
+        return len(late), sum(seconds for _, seconds in late)
 
     def report(self) -> dict:
         """The JSON report: frames, audio_seconds, latency_p50_s, latency_p95_s, stalls, bitrate_mbps, ..."""
@@ -135,6 +140,7 @@ class LiveRecording:
             "first_block_latency_s": round(self.blocks[0].arrived - self.send_log[0][1], 4)
             if self.blocks and self.send_log else None,
             "stalls": stalls, "stall_seconds": round(stall_seconds, 4),
+            "late_blocks": [[index, round(seconds, 4)] for index, seconds in self.late_blocks()],
             "bitrate_mbps": round(video_bytes * 8 / (frames / self.fps) / 1e6, 4) if frames else None,
             "dropped_blocks": self.blocks[-1].header["dropped_blocks"] if self.blocks else 0,
             "returned_audio_exact": bool(np.array_equal(returned, self.sent[:len(returned)])),
