@@ -722,3 +722,21 @@ def test_the_page_streams_an_audio_file(server, tmp_path):
     assert stats["framesDrawn"] >= 24 and stats["audioBuffersScheduled"] >= 3 and stats["latencyMs"] > 0, stats
     state = wait_until_free(url)
     assert state["last"]["client_samples"] == stats["speechSamplesSent"] == 40_000  # the whole file, at 16 kHz
+
+
+def test_live_client_command_writes_the_mp4_and_the_report(server, tmp_path, capsys):
+    from livetalk_core.live.client import main
+
+    url, _, _ = server
+    wav = write_wav(tmp_path / "speech.wav", speech_like(1.5))
+    out, report_file = tmp_path / "answer.mp4", tmp_path / "report.json"
+    assert main(["--url", url, "--audio", str(wav), "--output", str(out), "--report", str(report_file)]) == 0
+    report = json.loads(report_file.read_text())
+    assert {"frames", "audio_seconds", "latency_p50_s", "latency_p95_s", "stalls", "bitrate_mbps"} <= set(report)
+    assert report["audio_seconds"] == 1.5 and report["output"] == str(out)
+    from livetalk_core.media.video_io import read_video_info
+    assert read_video_info(out)["frames"] == report["frames"]
+    capsys.readouterr()
+    from comfy_env import free_port
+    assert main(["--url", f"http://127.0.0.1:{free_port()}", "--audio", str(wav)]) == 2  # nobody listens
+    assert capsys.readouterr().err.startswith("error: ")
