@@ -130,7 +130,7 @@ class LiveEndpoint:
                                                                  "one session per server, try again when it ends"))
             return ws
         self._limit_send_buffer(request)
-        connection = LiveConnection(self, ws)
+        connection = LiveConnection(self, ws, request.transport)
         self._active, self.last = connection, connection.stats
         try:
             await connection.run()
@@ -165,8 +165,8 @@ async def _refuse(ws: web.WebSocketResponse, error: ProtocolError) -> None:
 class LiveConnection:
     """One client's session: receive start, audio and stop; stream the blocks back."""
 
-    def __init__(self, endpoint: LiveEndpoint, ws: web.WebSocketResponse):
-        self.endpoint, self.ws = endpoint, ws
+    def __init__(self, endpoint: LiveEndpoint, ws: web.WebSocketResponse, transport: asyncio.Transport | None = None):
+        self.endpoint, self.ws, self.transport = endpoint, ws, transport
         self.stats = SessionStats()
         self.loop = asyncio.get_running_loop()
         self.budget = SendBudget(endpoint.max_pending_blocks)
@@ -293,9 +293,9 @@ class LiveConnection:
 
     def _note_buffered(self) -> None:
         """Record the most bytes the socket's transport has held unsent (bounded: aiohttp waits to drain)."""
-        transport = self.ws._req.transport if self.ws._req is not None else None
-        if transport is not None:
-            self.stats.most_buffered_bytes = max(self.stats.most_buffered_bytes, transport.get_write_buffer_size())
+        if self.transport is not None:
+            buffered = self.transport.get_write_buffer_size()
+            self.stats.most_buffered_bytes = max(self.stats.most_buffered_bytes, buffered)
 
     async def _stop(self) -> None:
         """Stop the clock, send what was made, then "stopped" and close normally."""
@@ -459,9 +459,8 @@ def serving_in_thread(endpoint: LiveEndpoint, host: str = "127.0.0.1", port: int
 
     async def start() -> int:
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        return site._server.sockets[0].getsockname()[1]
+        await web.TCPSite(runner, host, port).start()
+        return runner.addresses[0][1]
     try:
         bound = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
         yield f"http://{host}:{bound}"
