@@ -72,13 +72,11 @@ def distances(live: torch.Tensor, offline: torch.Tensor) -> np.ndarray:
 def livetalk_frames(encoder: AudioEncoder, clip: torch.Tensor, window: LiveWindow) -> tuple[torch.Tensor, torch.Tensor]:
     """Offline and live LiveTalk features ``[frames, (L + 2) * hidden]`` of the clip's video frames."""
     length = livetalk_video_length(clip.numel())
-    geometry, live = livetalk_live.LIVETALK_LIVE_GEOMETRY, []
+    live = []
     for block in range(length.num_blocks):
         start, end = livetalk_live.block_window(block, window)
-        features = livetalk_audio_features(encoder, window_audio(clip, start, end), (end - start) // FRAME_SAMPLES + 1)
-        first = geometry.first_frame(block) - start // FRAME_SAMPLES
-        count = geometry.first_block_frames if block == 0 else geometry.block_frames
-        live.append(features[0, first : first + count])
+        features = livetalk_live.block_features(encoder, block, window_audio(clip, start, end), window)
+        live.append(features[0, (block > 0) :])
     frames = length.num_video_frames
     return torch.cat(live)[:frames].float(), livetalk_offline(encoder, clip)[:frames]
 

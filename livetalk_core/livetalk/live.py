@@ -33,6 +33,11 @@ LIVETALK_LIVE_GEOMETRY = LiveGeometry(
 )
 
 
+CNN_ALIGNED_FRAMES = 8
+"""Video frames (0.5 s, 25 wav2vec2 CNN frames) a window's start is a multiple of: its CNN frames then
+fall on the offline clip's CNN frames."""
+
+
 def _whole_frames(samples: int) -> int:
     return -(-samples // FRAME_SAMPLES)
 
@@ -42,22 +47,32 @@ def block_window(block: int, window: LiveWindow) -> tuple[int, int]:
     ``context`` before its tile (and the frame before it) to ``lookahead`` past it, from sample 0 on."""
     tile_start, tile_end = LIVETALK_LIVE_GEOMETRY.tile(block)
     first = max(0, tile_start // FRAME_SAMPLES - (block > 0) - _whole_frames(window.context_samples))
+    first = first // CNN_ALIGNED_FRAMES * CNN_ALIGNED_FRAMES
     last = tile_end // FRAME_SAMPLES + _whole_frames(window.lookahead_samples)
     return first * FRAME_SAMPLES, last * FRAME_SAMPLES
 
 
-def block_embeds(dit: LiveTalkDiT, encoder: AudioEncoder, block: int, audio: torch.Tensor,
-                 window: LiveWindow) -> torch.Tensor:
-    """The DiT's audio terms ``[1, P, 3, C]`` for block ``block`` from its window's audio ``[N]``
-    (:func:`block_window`): features for the window's frames, then the block's own frames embedded."""
+def block_features(encoder: AudioEncoder, block: int, audio: torch.Tensor, window: LiveWindow) -> torch.Tensor:
+    """wav2vec2 features ``[1, frames, (L + 2) * hidden]`` of block ``block``'s video frames (after
+    block 0, with the frame before them first) from its window's audio ``[N]`` (:func:`block_window`),
+    padded with silence at its end to the 0.5 s grid as the offline clip is padded to whole blocks."""
     start, end = block_window(block, window)
     if audio.numel() != end - start:
         raise ValueError(f"block {block}'s window holds {end - start} samples, got {audio.numel()}")
-    features = livetalk_audio_features(encoder, audio.to(encoder.device), (end - start) // FRAME_SAMPLES + 1)
+    grid = CNN_ALIGNED_FRAMES * FRAME_SAMPLES
+    padded = torch.nn.functional.pad(audio.float(), (0, -(-audio.numel() // grid) * grid - audio.numel()))
+    features = livetalk_audio_features(encoder, padded.to(encoder.device), padded.numel() // FRAME_SAMPLES + 1)
     first = LIVETALK_LIVE_GEOMETRY.first_frame(block) - (block > 0)  # one frame before: latent grouping
-    frames = (LIVETALK_LIVE_GEOMETRY.first_block_frames if block == 0 else BLOCK_FRAMES + 1)
+    frames = LIVETALK_LIVE_GEOMETRY.first_block_frames if block == 0 else BLOCK_FRAMES + 1
     offset = first - start // FRAME_SAMPLES
-    embeds = dit.embed_audio(features[:, offset : offset + frames].to(dit.device))
+    return features[:, offset : offset + frames]
+
+
+def block_embeds(dit: LiveTalkDiT, encoder: AudioEncoder, block: int, audio: torch.Tensor,
+                 window: LiveWindow) -> torch.Tensor:
+    """The DiT's audio terms ``[1, P, 3, C]`` for block ``block``: :func:`block_features` embedded, the
+    latent of the frame before the block dropped."""
+    embeds = dit.embed_audio(block_features(encoder, block, audio, window).to(dit.device))
     return embeds if block == 0 else embeds[:, :, 1:]
 
 
