@@ -740,3 +740,22 @@ def test_live_client_command_writes_the_mp4_and_the_report(server, tmp_path, cap
     from comfy_env import free_port
     assert main(["--url", f"http://127.0.0.1:{free_port()}", "--audio", str(wav)]) == 2  # nobody listens
     assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize("family", ["livetalk", "realvideo"])
+def test_the_live_command_opens_sessions_over_the_main_commands_models(family):
+    """What ``live`` without --smoke does, on the main command's tiny weights (its ``--smoke`` model option): the
+    models load once; each start message's image becomes that session's reference, whatever the family."""
+    from livetalk_core.live.server import model_opener
+
+    with model_opener(["--smoke", "--model", family], seed=0) as (opener, name):
+        session = opener(protocol.Start(prompt="hello", image=PORTRAIT.read_bytes()))
+        try:
+            session.push_audio(speech_like(1.0))
+            block = session.next_block(wait_until=time.monotonic())
+            assert block.frames.shape[1:] == (session.height, session.width, 3)
+            assert block.frames.shape[0] == session.first_block_frames and block.speech_samples > 0
+            assert session.reference_frame().std() > 10  # the portrait, not a blank
+        finally:
+            session.close()
+    assert name.lower().startswith(family[:4])  # "LiveTalk 1.3B" / "RealVideo 14B"

@@ -484,7 +484,6 @@ def serve(endpoint: LiveEndpoint, host: str, port: int) -> None:
 
 def run(args: argparse.Namespace, model_argv: list[str]) -> None:
     """Check everything, load the models once (unless --smoke), then serve until Ctrl-C."""
-    from .. import cli
     from .clock import LiveClock
 
     if not 0 <= args.port <= 65535:
@@ -494,6 +493,16 @@ def run(args: argparse.Namespace, model_argv: list[str]) -> None:
             raise InputError(f"--smoke runs the tiny model; leave out {' '.join(model_argv)}")
         serve(LiveEndpoint(open_session=smoke_opener(args), family=args.family, clock=LiveClock), args.host, args.port)
         return
+    with model_opener(model_argv, args.seed) as (opener, family):
+        serve(LiveEndpoint(open_session=opener, family=family, clock=LiveClock), args.host, args.port)
+
+
+@contextlib.contextmanager
+def model_opener(model_argv: list[str], seed: int):
+    """The main command's model options checked, its weights fetched and its models loaded (as the command does
+    it); yields (ModelOpener, family name) while the weight files exist."""
+    from .. import cli
+
     parser = cli.build_parser()
     parser.prog = "livetalk live"
     model_args = parser.parse_args(model_argv)
@@ -501,8 +510,7 @@ def run(args: argparse.Namespace, model_argv: list[str]) -> None:
     cli.fetch_weights(inputs, download=not model_args.skip_download)
     with cli.weight_files(inputs) as files:
         models = cli.load_models(inputs, files, inputs.runtime, 0, model_args)
-        opener = ModelOpener(inputs, files, models, args.seed)
-        serve(LiveEndpoint(open_session=opener, family=inputs.family.name, clock=LiveClock), args.host, args.port)
+        yield ModelOpener(inputs, files, models, seed), inputs.family.name
 
 
 def main(argv: list[str] | None = None) -> int:
