@@ -19,7 +19,7 @@ import torch
 
 from livetalk_core.family_base import text_context
 from livetalk_core.live.clock import LiveClock
-from livetalk_core.live.session import LiveSession, open_session
+from livetalk_core.live.session import LiveSession, is_silence, open_session
 from livetalk_core.live.smoke import smoke_models
 from livetalk_core.livetalk import live as livetalk_live
 from livetalk_core.livetalk.pipeline import AudioConditioning, livetalk_video_length
@@ -103,7 +103,8 @@ def offline_realvideo(models, clip: np.ndarray, window: LiveWindow, num_blocks: 
     segments = [realvideo_live.block_segment(b, window, audio) for b, audio in enumerate(windows)]
     features = [segment_features(models.encoder, segment, models.dit.dtype) for segment, _ in segments]
     geometry = realvideo_live.REALVIDEO_LIVE_GEOMETRY
-    plan = [BlockPlan(b, ptr, talking=geometry.tile(b)[0] < clip.size) for b, (_, ptr) in enumerate(segments)]
+    plan = [BlockPlan(b, ptr, talking=not is_silence(clip[slice(*geometry.tile(b))]))
+            for b, (_, ptr) in enumerate(segments)]
     dim = models.family.text_dim(models.dit)
     blocks = sample_realvideo(
         models.dit, ref_latent=reference_latent(models).to(models.dit.dtype),
@@ -187,15 +188,18 @@ def record_prompts(monkeypatch, dit) -> list[str]:
 
 def test_silent_realvideo_blocks_use_the_idle_prompt(realvideo_models, speech, monkeypatch):
     """RealVideo, as its live app: a block whose tile holds speech runs under the talking prompt, a
-    silent one under the idle prompt (LiveTalk has one prompt)."""
+    silent one (nothing pushed, or only a microphone's noise floor) under the idle prompt (LiveTalk has
+    one prompt)."""
     used = record_prompts(monkeypatch, realvideo_models.dit)
     forwards = 2 + 1  # 2 steps and the cache refresh
+    noise_floor = np.random.default_rng(0).normal(0, 0.002, 8000).astype(np.float32)  # a quiet room's microphone
     with open_on(realvideo_models) as session:
-        session.push_audio(speech[:8000])  # block 0's tile
-        blocks = [session.next_block() for _ in range(2)]
-    assert [b.speech_samples for b in blocks] == [8000, 0]
+        session.push_audio(speech[8000:16000])  # block 0's tile: speech
+        session.push_audio(noise_floor)  # block 1's: the microphone on, nobody speaking
+        blocks = [session.next_block() for _ in range(3)]  # block 2: nothing pushed
+    assert [b.speech_samples for b in blocks] == [8000, 8000, 0]
     assert used[:forwards] == ["talking"] * forwards
-    assert used[forwards : 2 * forwards - 1] == ["idle"] * (forwards - 1)  # block 1 (its refresh not yet run)
+    assert used[forwards : 3 * forwards - 1] == ["idle"] * (2 * forwards - 1)  # block 2's refresh not yet run
 
 
 def tensor_bytes() -> int:

@@ -37,6 +37,9 @@ DEFAULT_CONTEXT_S = 2.0
 """Seconds of past audio each block's features see (docs/live.md, "Streaming audio features")."""
 DEFAULT_LOOKAHEAD_S = 0.0
 """Seconds of audio past a block's tile its features see; the session waits for them (latency)."""
+SILENCE_RMS = 0.01
+"""A block whose pushed audio is quieter than this (RMS, -40 dBFS; speech is louder, a microphone's
+noise floor quieter) is a silent block, like one with no audio at all: the family's idle prompt."""
 
 
 @dataclass
@@ -51,6 +54,11 @@ class LiveBlock:
     audio_start: int
     speech_samples: int  # pushed samples in ``audio`` (they come first; the rest is silence)
     generated_s: float
+
+
+def is_silence(pushed: np.ndarray) -> bool:
+    """Whether a block's pushed samples hold no speech: none, or all below :data:`SILENCE_RMS`."""
+    return pushed.size == 0 or float(np.sqrt(np.mean(np.square(pushed, dtype=np.float64)))) < SILENCE_RMS
 
 
 def seconds_to_samples(seconds: float) -> int:
@@ -139,7 +147,7 @@ class LiveSession:
         index, geometry = self._index, self._stream.geometry
         tile_start, tile_end = geometry.tile(index)
         window, audio, speech = self._timeline.use_tile((tile_start, tile_end), self._stream.window(index))
-        latents = self._stream.sample(index, torch.from_numpy(window), silent=speech == 0)
+        latents = self._stream.sample(index, torch.from_numpy(window), silent=is_silence(audio[:speech]))
         frames = self._decode(latents, first=index == 0)
         self._index += 1
         next_start = self._stream.window(self._index)[0]
