@@ -9,6 +9,7 @@
     python3 benchmarks/bench.py --decoder tiny     # the tiny decoder (TAEHV) decodes instead of the VAE
     python3 benchmarks/bench.py --configs realvideo-2 --fp8 --memory-cap-gib 24 --blocks 4   # a 24 GB GPU
     python3 benchmarks/vram_table.py               # every row of the README's GPU table, each capped
+    python3 benchmarks/bench.py --configs livetalk --decoder tiny [--serial-encoders]   # first-frame A/B
 
 Configurations: ``livetalk`` (1.3B, 512x512, 3 latent frames per block, window 15 with 9 sinks, 4 steps
 + refresh), ``realvideo-2`` and ``realvideo-4`` (14B, 512x512, 2 latent frames per block, 2 or 4
@@ -79,6 +80,9 @@ def main() -> None:
                    "and the peak (benchmarks/memory_cap.py) instead of the timings")
     p.add_argument("--fp8", action="store_true",
                    help="with --memory-cap-gib, RealVideo: fp8 weights (the CLI's --fp8), made fp8 as they load")
+    p.add_argument("--serial-encoders", action="store_true",
+                   help="LiveTalk: the first frame's reference and audio encoded one after the other (as before "
+                   "issue 19), not at the same time: the A/B of the first-frame latency")
     p.add_argument("--check", action="store_true", help="also compare the optimised path with plain eager bf16")
     p.add_argument("--vae-device", default=None, help="LiveTalk: the VAE on another GPU, e.g. cuda:1")
     p.add_argument("--long-seconds", type=float, default=0, help="LiveTalk: also write an mp4 of this many seconds")

@@ -120,8 +120,12 @@ def run(options: Namespace) -> dict:
     # (the pinned reference frame first, decoded before the DiT runs; then block 0's first latent frame)
     synchronize()
     stamps, t0 = [], time.perf_counter()
-    frames = pipe.stream(pipe.encode_reference(image, options.size, options.size),
-                         pipe.encode_audio(waveform[: 16000 * 4 + 1234]), context, 0)  # a clip length not seen before
+    clip = waveform[: 16000 * 4 + 1234]  # a clip length not seen before
+    if getattr(options, "serial_encoders", False):  # the A/B: one encoder after the other
+        first_inputs = pipe.encode_reference(image, options.size, options.size), pipe.encode_audio(clip)
+    else:
+        first_inputs = pipe.encode_inputs(image, clip, options.size, options.size)  # at the same time, as the CLI
+    frames = pipe.stream(*first_inputs, context, 0)
     for _ in range(2):
         next(frames)
         stamps.append(time.perf_counter() - t0)
@@ -129,6 +133,7 @@ def run(options: Namespace) -> dict:
     # the same steps one at a time, for the breakdown
     ref, encode_image_ms = wall_ms(lambda: pipe.encode_reference(image, options.size, options.size))
     audio, encode_audio_ms = wall_ms(lambda: pipe.encode_audio(waveform))
+    _, encode_both_ms = wall_ms(lambda: pipe.encode_inputs(image, waveform, options.size, options.size))
     decoder = pipe.decoder.stream_decoder()
     _, reference_frame_ms = wall_ms(lambda: frames_to_uint8(decoder.decode(ref.to(dtype))).cpu())
     blocks = pipe.sample(ref, audio, context, 0)
@@ -180,7 +185,9 @@ def run(options: Namespace) -> dict:
         "fps_end_to_end_pipelined": end_to_end[True],
         "first_frame_s": stamps[0],
         "first_generated_frame_s": stamps[1],
+        "serial_encoders": getattr(options, "serial_encoders", False),
         "first_frame_parts_ms": {"encode_image": encode_image_ms, "encode_audio": encode_audio_ms,
+                                 "encode_image_and_audio_at_once": encode_both_ms,
                                  "decode_reference_frame": reference_frame_ms, "dit_block0": dit0_ms,
                                  "decode_first_generated_latent_frame": generated_ms},
         "peak_gib": peak,

@@ -466,12 +466,20 @@ class Conditions:
 def prepare(inputs: RunInputs, models: Models, contexts: list, output_device: torch.device | str,
             duration: float | None) -> Conditions:
     """The reference latent, the family's audio conditioning and the text contexts (rank 0)."""
+    from .runtime.concurrent import run_concurrently
+
     vae = models.vae
-    with torch.no_grad():
-        reference = vae.encode(inputs.reference_pixels.to(vae.device, vae.dtype)).to(output_device)
+
+    @torch.no_grad()
+    def encode_reference() -> torch.Tensor:
+        return vae.encode(inputs.reference_pixels.to(vae.device, vae.dtype)).to(output_device)
+
+    def encode_audio():
+        return inputs.family.encode_audio_for_duration(models.dit, models.audio_encoder, inputs.waveform,
+                                                       output_device, duration)
+    # at the same time (two threads, two CUDA streams; the same results): the first frame waits for the longer
+    reference, audio = run_concurrently(encode_reference, encode_audio, device=models.audio_encoder.device)
     log.info("reference image -> %dx%d (W x H)", inputs.reference_pixels.shape[-1], inputs.reference_pixels.shape[-2])
-    audio = inputs.family.encode_audio_for_duration(models.dit, models.audio_encoder, inputs.waveform, output_device,
-                                                    duration)
     if audio.length.short_clip_message is not None:
         log.warning(audio.length.short_clip_message)
     talking, idle = contexts

@@ -37,6 +37,7 @@ from ..media.timing import (
 )
 from ..media.vae import WanVAE
 from ..media.wav2vec2 import AudioEncoder, livetalk_audio_features
+from ..runtime.concurrent import run_concurrently
 from ..runtime.decode_stream import decode_blocks
 from ..runtime.denoise import StepHook
 from ..runtime.noise import NoiseSource, SeededNoise
@@ -124,6 +125,14 @@ class LiveTalkPipeline:
         """See :func:`encode_audio`."""
         return encode_audio(self.dit, self.audio_encoder, waveform_16k, duration)
 
+    def encode_inputs(self, image: torch.Tensor | np.ndarray, waveform_16k: torch.Tensor, height: int = 512,
+                      width: int = 512, duration: float | None = None) -> tuple[torch.Tensor, AudioConditioning]:
+        """:meth:`encode_reference` and :meth:`encode_audio` at the same time (two threads, two CUDA
+        streams: :func:`~..runtime.concurrent.run_concurrently`), the same results: block 0 waits for
+        the longer of the two instead of their sum."""
+        return run_concurrently(lambda: self.encode_reference(image, height, width),
+                                lambda: self.encode_audio(waveform_16k, duration), device=self.dit.device)
+
     def sample(
         self,
         ref_latent: torch.Tensor,
@@ -192,6 +201,5 @@ class LiveTalkPipeline:
         duration: float | None = None,
     ) -> Iterator[torch.Tensor]:
         """All steps in one call: uint8 frames ``[T, H, W, 3]`` per block."""
-        ref_latent = self.encode_reference(image, height, width)
-        audio = self.encode_audio(waveform_16k, duration)
+        ref_latent, audio = self.encode_inputs(image, waveform_16k, height, width, duration)
         return self.stream(ref_latent, audio, context, seed)
