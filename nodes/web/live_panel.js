@@ -90,7 +90,7 @@ class LivePanel {
       await new Promise((resolve) => setTimeout(resolve, STATUS_POLL_MS));
     }
     this.waitingSince = null;
-    this.say("Running: press 🎤 Microphone and speak, or stream an audio file.");
+    this.say("Running: press Microphone and speak, or stream an audio file.");
     await client.connect();
   }
 
