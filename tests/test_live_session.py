@@ -296,3 +296,20 @@ def test_closing_the_session_under_a_waiting_clock_stops_it_quietly(livetalk_mod
     clock._thread.join(timeout=5)
     assert not clock.running and clock.error is None and not errors
     clock.stop()
+
+
+def test_realvideo_over_several_gpus_is_refused_with_a_message(realvideo_models):
+    """A DiT that samples in worker processes (a RemoteSampler) cannot be driven live: one clear error."""
+    from livetalk_core.errors import InputError
+
+    class WorkerDiT:  # as nodes/multi_gpu.WorkerDiT: the config and dtype, and generate
+        config, dtype = realvideo_models.dit.config, torch.float32
+
+        def generate(self, *, seed, **inputs):
+            raise AssertionError("not reached")
+
+    context = [[realvideo_models.text, {}]]
+    with pytest.raises(InputError, match="one GPU"):
+        realvideo_models.family.open_live_stream(
+            WorkerDiT(), realvideo_models.encoder, conditioning=context, idle_conditioning=None,
+            reference=reference_latent(realvideo_models), seed=0, steps=None, window=LiveWindow(16000, 0))
