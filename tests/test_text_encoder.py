@@ -31,6 +31,7 @@ from livetalk_core.media.text_encoder import (
     clean_prompt,
     encode_prompt,
     encode_text,
+    free_device_bytes,
     load_text_encoder,
     release_text_encoder,
     streams_layers,
@@ -432,3 +433,20 @@ def test_streamed_layers_give_the_whole_encoders_context(case, tag):
     assert copies_used == [True] * len(streamed.blocks)
     assert all(p.data_ptr() == kept[name].data_ptr() for name, p in streamed.named_parameters())  # put back
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fraction, expected_gib", [(1.0, 12), (0.1, 7)])
+def test_free_memory_counts_the_allocators_reserve_and_a_memory_fraction(monkeypatch, fraction, expected_gib):
+    """What the encoder may use: the driver's free memory plus the allocator's reserved-but-unused part,
+    but never past a per-process memory fraction (a shared or emulated smaller GPU). CUDA's answers are
+    stood in for, so this runs without a GPU; "cuda" without an index means the current GPU."""
+    gib = 2**30
+    asked = []
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device: asked.append(device) or (10 * gib, 80 * gib))
+    monkeypatch.setattr(cuda, "memory_reserved", lambda device: 3 * gib)
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device: 1 * gib)
+    monkeypatch.setattr(cuda, "get_per_process_memory_fraction", lambda device: fraction)
+    assert free_device_bytes(torch.device("cuda")) == expected_gib * gib
+    assert asked == [torch.device("cuda", 1)]

@@ -381,6 +381,8 @@ def free_device_bytes(device: torch.device) -> int:
     """Bytes this process can still allocate on a CUDA ``device``: the driver's free memory plus what
     PyTorch's allocator holds reserved but unused, within the process's memory fraction if one is set
     (``torch.cuda.set_per_process_memory_fraction``: a GPU shared, or a smaller one emulated)."""
+    if device.index is None:  # "cuda": the current GPU (these calls want an index)
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     allowed = int(torch.cuda.get_per_process_memory_fraction(device) * total) - allocated
