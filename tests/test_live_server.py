@@ -759,3 +759,45 @@ def test_the_live_command_opens_sessions_over_the_main_commands_models(family):
         finally:
             session.close()
     assert name.lower().startswith(family[:4])  # "LiveTalk 1.3B" / "RealVideo 14B"
+
+
+async def two_sessions_in_one_page(port: int, page_url: str) -> list[dict]:
+    """Microphone, Stop, Microphone again in the same page: the stats of each session."""
+    import aiohttp
+    from test_comfy_server_frontend import DevTools
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=10) as response:
+        page = next(t for t in json.loads(response.read()) if t["type"] == "page")["webSocketDebuggerUrl"]
+    async with aiohttp.ClientSession() as http, http.ws_connect(page, max_msg_size=0) as ws:
+        tools = DevTools(ws)
+        await tools.call("Page.navigate", url=page_url)
+        await tools.wait_for("!!window.liveClient", timeout=30)
+        sessions = []
+        for _ in range(2):
+            started = await tools.evaluate("performance.now()")
+            await tools.evaluate("document.querySelector('.live-mic').click()")
+            await tools.wait_for(PLAYED, timeout=60)
+            stats = json.loads(await tools.evaluate(PAGE_STATS))
+            stats["seconds"] = (await tools.evaluate("performance.now()") - started) / 1000
+            sessions.append(stats)
+            await tools.evaluate("document.querySelector('.live-stop').click()")
+            await tools.wait_for("!window.liveClient.ready", timeout=30)  # the session's socket closed
+        return sessions
+
+
+def test_a_second_session_in_the_same_page_measures_from_its_own_start(server, tmp_path):
+    """Each session has its own timeline: the page's sample count, clock origin and decoder start again, so the
+    second session's latency is its own (not counted from the first session's audio); and only the new session's
+    microphone capture sends audio."""
+    url, endpoint, opened = server
+    process, port = launch_chromium(tmp_path, write_wav(tmp_path / "mic.wav", speech_like(3.0)))
+    try:
+        first, second = asyncio.run(two_sessions_in_one_page(port, f"{url}/live/"))
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+    assert len(opened.sessions) == 2 and all(s.closed for s in opened.sessions)
+    for stats in (first, second):
+        assert 0 < stats["latencyMs"] < 1500 and stats["stalls"] <= 1 and stats["framesDrawn"] >= 24, (first, second)
+        # one microphone capture: no faster than real time (the first session's capture is gone)
+        assert stats["speechSamplesSent"] <= stats["seconds"] * RATE * 1.1, (first, second)

@@ -76,12 +76,22 @@ export class LiveClient {
     this.url = socketUrl(url);
     this.startMessage = startMessage;
     this.onStatus = onStatus;
+    this.frames = []; // decoded VideoFrames waiting for their time
+    this.resetSession();
+    this.buildUi(container);
+  }
+
+  /** A new session starts a new timeline: its own sample count, clock origin, decoder and statistics. */
+  resetSession() {
     this.stats = { blocks: 0, framesDecoded: 0, framesDrawn: 0, audioBuffersScheduled: 0, dropped: 0, stalls: 0,
                    latencyMs: null, speechSamplesSent: 0, referenceShown: false };
     this.latencies = [];
     this.sendLog = []; // [samples sent so far, performance.now()]
-    this.frames = []; // decoded VideoFrames waiting for their time
-    this.buildUi(container);
+    this.frames.forEach((frame) => frame.close());
+    this.frames = [];
+    this.origin = undefined;
+    if (this.decoder && this.decoder.state !== "closed") this.decoder.close();
+    this.decoder = null;
   }
 
   buildUi(container) {
@@ -128,6 +138,7 @@ export class LiveClient {
   /** Open the socket and the session (start message); resolves when the server says "ready". */
   connect() {
     if (this.ready) return this.ready;
+    this.resetSession();
     this.audio = this.audio || this.newAudioContext();
     this.ready = new Promise((resolve, reject) => {
       this.socket = new WebSocket(this.url);
@@ -167,8 +178,7 @@ export class LiveClient {
   }
 
   finish() {
-    if (this.microphone) this.microphone.getTracks().forEach((track) => track.stop());
-    this.microphone = null;
+    this.stopMicrophone();
     this.streaming = false;
     this.ready = null;
     this.stopButton.disabled = true;
@@ -177,7 +187,16 @@ export class LiveClient {
   stop() {
     this.streaming = false;
     if (this.socket && this.socket.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify({ type: "stop" }));
+    this.stopMicrophone();
+  }
+
+  /** Release the microphone and take its capture nodes out of the graph (a later session makes new ones). */
+  stopMicrophone() {
     if (this.microphone) this.microphone.getTracks().forEach((track) => track.stop());
+    this.microphone = null;
+    (this.captureNodes || []).forEach((node) => node.disconnect());
+    if (this.captureNodes) this.captureNodes[1].port.onmessage = null;
+    this.captureNodes = null;
   }
 
   // --- sending audio -----------------------------------------------------------------------------------
@@ -208,6 +227,7 @@ export class LiveClient {
     const mute = this.audio.createGain();
     mute.gain.value = 0; // the worklet must be pulled by the graph, but the microphone is not played back
     source.connect(capture).connect(mute).connect(this.audio.destination);
+    this.captureNodes = [source, capture, mute];
     this.status("listening…");
   }
 
@@ -252,7 +272,8 @@ export class LiveClient {
     this.decoder.configure({ codec: info.codec, codedWidth: info.width, codedHeight: info.height,
                              optimizeForLatency: true });
     this.status("live: speak, or stream an audio file");
-    const draw = () => { this.drawDue(); if (this.decoder) requestAnimationFrame(draw); };
+    const loop = (this.drawLoop = (this.drawLoop || 0) + 1); // one drawing loop, the newest session's
+    const draw = () => { this.drawDue(); if (this.drawLoop === loop) requestAnimationFrame(draw); };
     requestAnimationFrame(draw);
   }
 
