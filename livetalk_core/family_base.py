@@ -71,7 +71,9 @@ def text_context(conditioning: list, text_dim: int, tokens: int = TEXT_LEN) -> t
     try:
         cond = conditioning[0][0]
     except (TypeError, IndexError, KeyError):
-        raise InputError("The conditioning input is empty. Connect CLIPTextEncode (with CLIPLoader type 'wan').") from None
+        raise InputError(
+            "The conditioning input is empty. Connect CLIPTextEncode (with CLIPLoader type 'wan')."
+        ) from None
     if not isinstance(cond, torch.Tensor) or cond.ndim != 3:
         raise InputError("The conditioning is not a text encoding [batch, tokens, width]. Use CLIPTextEncode.")
     if cond.shape[-1] != text_dim:
@@ -142,7 +144,9 @@ class ModelFamily:
         applied over: a complete checkpoint of a family that takes partial files."""
         return self.fp8_and_partial_files and self.checkpoint_kind(shapes) == COMPLETE
 
-    def load(self, path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str, **options: Any) -> torch.nn.Module:
+    def load(
+        self, path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str, **options: Any
+    ) -> torch.nn.Module:
         """The DiT at ``path`` on ``device``; ``options`` as ``fp8_and_partial_files`` says."""
         raise NotImplementedError
 

@@ -78,7 +78,9 @@ class RuntimeOptions:
         if self.precision not in PRECISIONS:
             raise InputError(f"{name('precision')} {self.precision!r} is not one of {', '.join(PRECISIONS)}.")
         if self.attention not in ATTENTION_BACKENDS:
-            raise InputError(f"Unknown attention backend {self.attention!r}: use one of {', '.join(ATTENTION_BACKENDS)}.")
+            raise InputError(
+                f"Unknown attention backend {self.attention!r}: use one of {', '.join(ATTENTION_BACKENDS)}."
+            )
         if self.fp8_matmul and self.precision != "bf16":
             raise InputError(
                 f"{name('fp8_matmul')} runs with bf16 activations, but {name('precision')} is {self.precision}: "

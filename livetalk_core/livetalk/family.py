@@ -51,7 +51,9 @@ class LiveTalkFamily(ModelFamily):
     reference_is_first_latent = True  # the sampler pins block 0's first latent frame to the reference
     weight_files = LIVETALK_FILES
 
-    def load(self, path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str, **options: Any) -> LiveTalkDiT:
+    def load(
+        self, path: str | os.PathLike, dtype: torch.dtype, device: torch.device | str, **options: Any
+    ) -> LiveTalkDiT:
         return load_livetalk_dit(path, dtype, device, **options)
 
     def audio_features(self, shapes: Shapes) -> int:

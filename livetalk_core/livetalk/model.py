@@ -50,7 +50,7 @@ class LiveTalkConfig:
         return None
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "LiveTalkConfig":
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> LiveTalkConfig:
         pack = sd["audio_proj.proj.weight"]
         return cls(
             core=WanCoreConfig.from_state_dict(sd),

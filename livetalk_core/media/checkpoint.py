@@ -69,7 +69,8 @@ def _read_pickle(path: Path, what: str) -> dict[str, torch.Tensor]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"This pack refuses the {what} file {path}: it holds Python objects other than tensors{_unsafe_object(exc)}, "
+            f"This pack refuses the {what} file {path}: "
+            f"it holds Python objects other than tensors{_unsafe_object(exc)}, "
             "and loading those could run code stored in the file. Use a .safetensors copy of the weights, "
             "or the original release file."
         ) from None

@@ -24,8 +24,8 @@ TRAINED_SIZE = (512, 512)
 SIZE_MULTIPLE = 16
 MIN_SIDE = 64
 # Sources more than this many times larger than the target are box-averaged first (leaving a 2x
-# resize), a band of rows at a time, so an 8K photo never exists as a float image. Up to this factor (e.g. upstream's 2048px
-# example for 512px) the result is upstream's exactly.
+# resize), a band of rows at a time, so an 8K photo never exists as a float image. Up to this
+# factor (e.g. upstream's 2048px example for 512px) the result is upstream's exactly.
 PRE_REDUCE_ABOVE = 8
 _PRE_REDUCE_BAND_ROWS = 256
 

@@ -42,10 +42,11 @@ import signal
 import tempfile
 import threading
 import uuid
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Callable, Iterator, NoReturn, Union
+from typing import NoReturn
 
 import av
 import numpy as np
@@ -60,8 +61,8 @@ OUTPUT_AUDIO_BITRATE = 96_000
 # In-memory waveforms are fed to the resampler in slices of this many seconds.
 _WAVEFORM_SLICE_S = 1
 
-AudioSource = Union[str, os.PathLike, np.ndarray, torch.Tensor]
-Frames = Union[np.ndarray, torch.Tensor]
+AudioSource = str | os.PathLike | np.ndarray | torch.Tensor
+Frames = np.ndarray | torch.Tensor
 
 
 class _AudioFeed:
@@ -111,7 +112,9 @@ def _audio_feed_from_file(path: Path) -> _AudioFeed:
     try:
         container = av.open(str(path))
     except av.error.FFmpegError as err:
-        raise InputError(f"Cannot read audio file {path}: {err}. Use a common format such as wav, flac or mp3.") from err
+        raise InputError(
+            f"Cannot read audio file {path}: {err}. Use a common format such as wav, flac or mp3."
+        ) from err
     if not container.streams.audio:
         container.close()
         raise InputError(f"{path} has no audio track. Pass a file that contains the speech to lip-sync.")
@@ -197,7 +200,8 @@ def _sigint_deferred() -> Iterator[None]:
 
     Only the main thread receives signals, and only Python's default handler is replaced (a host
     such as ComfyUI that installs its own handler, or runs us in a worker thread, is left alone)."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if not in_main_thread or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
     received: list[int] = []
@@ -264,7 +268,8 @@ class VideoWriter:
 
     @property
     def saved_path(self) -> Path | None:
-        """The final file once the video was finalised (also after an interruption); None before or if nothing was saved."""
+        """The final file once the video was finalised (also after an interruption); None before or
+        if nothing was saved."""
         return self._saved_path
 
     @property
@@ -272,7 +277,7 @@ class VideoWriter:
         """Audio handed to the encoder so far; follows the video time as frames are written."""
         return self._audio_samples_written / OUTPUT_AUDIO_RATE
 
-    def __enter__(self) -> "VideoWriter":
+    def __enter__(self) -> VideoWriter:
         return self
 
     def __exit__(

@@ -90,7 +90,10 @@ def _missing_message(targets: Sequence[tuple[WeightFile, Path]], reason: str, re
 def ensure_files(files: tuple[WeightFile, ...], models_dir: Path, *, download: bool = True) -> None:
     """Make sure every file exists under ``models_dir``, downloading missing ones if allowed (:func:`fetch_files`)."""
     targets = [(f, f.local_path(models_dir)) for f in files]
-    retry = f"(or run again with network access and without --skip-download / HF_HUB_OFFLINE to fetch them into {models_dir})"
+    retry = (
+        "(or run again with network access and without --skip-download / HF_HUB_OFFLINE "
+        f"to fetch them into {models_dir})"
+    )
     fetch_files(targets, download=download, retry=retry)
 
 

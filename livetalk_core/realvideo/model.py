@@ -69,7 +69,7 @@ class S2VConfig:
     @classmethod
     def from_state_dict(
         cls, sd: dict[str, torch.Tensor], inject_layers: Sequence[int] | None = None
-    ) -> "S2VConfig":
+    ) -> S2VConfig:
         """Geometry from tensor shapes. Which layers carry the injectors is not in the file: the
         release layout is assumed for 12 injectors on 40 layers, anything else must pass it."""
         core = WanCoreConfig.from_state_dict(sd)
@@ -301,7 +301,7 @@ class AudioTokens:
     def num_frames(self) -> int:
         return self.local.shape[1]
 
-    def window(self, start: int, length: int) -> "AudioTokens":
+    def window(self, start: int, length: int) -> AudioTokens:
         """Frames ``[start, start + length)``, copied: a view's strides would depend on the segment's
         length, and the compiled audio injection would recompile for the last (shorter) segment in
         the middle of a stream."""
@@ -469,7 +469,9 @@ def s2v_config_from_state_dict(
 
 def _layout_keys() -> frozenset[str]:
     """Key names of the S2V layout (a one-layer instance: numbers are ignored when matching)."""
-    core = WanCoreConfig(dim=HEAD_DIM, in_dim=LATENT_CHANNELS, out_dim=LATENT_CHANNELS, ffn_dim=1, num_layers=1, text_dim=1)
+    core = WanCoreConfig(
+        dim=HEAD_DIM, in_dim=LATENT_CHANNELS, out_dim=LATENT_CHANNELS, ffn_dim=1, num_layers=1, text_dim=1
+    )
     config = S2VConfig(core=core, audio_dim=1, audio_layers=1, audio_tokens=1, inject_layers=(0,), cond_dim=1)
     return frozenset(config.expected_shapes())
 

@@ -18,12 +18,17 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-try:  # cuDNN's fused attention is about 2x FlashAttention-2 on Hopper for these shapes (benchmarks/attention_kernels.py)
+# cuDNN's fused attention is about 2x FlashAttention-2 on Hopper for these shapes (benchmarks/attention_kernels.py)
+try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    _GPU_SDPA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    _GPU_SDPA_ORDER = [
+        SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH
+    ]
     # cuDNN builds a plan per new shape (host time, docs/performance.md): not worth it for shapes seen once.
-    _GPU_SDPA_ORDER_VARYING = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+    _GPU_SDPA_ORDER_VARYING = [
+        SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH
+    ]
 except ImportError:  # older torch: its default order
     sdpa_kernel = None
 
@@ -81,7 +86,11 @@ def attention(
         out = torch.einsum("bhqk,bkhd->bqhd", probs, v)
     elif q.is_cuda and sdpa_kernel is not None:
         with sdpa_kernel(_GPU_SDPA_ORDER_VARYING if varying_shapes else _GPU_SDPA_ORDER, set_priority=True):
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            ).transpose(1, 2)
     else:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        ).transpose(1, 2)
     return out.reshape(b, sq, h * d)

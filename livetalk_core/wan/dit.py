@@ -47,7 +47,7 @@ class WanCoreConfig:
         return self.dim // HEAD_DIM
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "WanCoreConfig":
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> WanCoreConfig:
         patch = sd["patch_embedding.weight"]
         return cls(
             dim=patch.shape[0],
@@ -323,7 +323,9 @@ class WanDiTCore(nn.Module):
         """The Linear layers that carry nearly all of the model's matmul work (those of the blocks),
         by weight key; what ``fp8_weights`` / ``fp8_matmul`` convert."""
         return {
-            f"blocks.{name}.weight": module for name, module in self.blocks.named_modules() if isinstance(module, nn.Linear)
+            f"blocks.{name}.weight": module
+            for name, module in self.blocks.named_modules()
+            if isinstance(module, nn.Linear)
         }
 
     def compile_regions(self) -> list[tuple[object, str]]:

@@ -110,7 +110,9 @@ def fp8_matmul_supported(device: torch.device) -> bool:
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= FP8_MATMUL_MIN_CAPABILITY:
         return True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    log.warning("fp8 matmuls need an Ada or Hopper GPU (compute capability 8.9+); %s has none, so the DiT runs in bf16", name)
+    log.warning(
+        "fp8 matmuls need an Ada or Hopper GPU (compute capability 8.9+); %s has none, so the DiT runs in bf16", name
+    )
     return False
 
 
@@ -121,8 +123,8 @@ def use_fp8_matmuls(layers: Iterable[nn.Linear], device: torch.device | None = N
     bf16 weights are quantised with one scale per output channel; an :class:`FP8Linear` keeps its
     fp8 values and scale. Layers whose sizes the fp8 kernels cannot take (not multiples of 16) stay
     as they are. Fails soft: on a GPU without fp8 tensor cores a warning is logged and nothing
-    changes (``device``: where the layers will run; default: where their weights are). Raises :class:`~.errors.InputError` for a compute dtype other than bf16 (the kernels
-    write bf16).
+    changes (``device``: where the layers will run; default: where their weights are). Raises
+    :class:`~.errors.InputError` for a compute dtype other than bf16 (the kernels write bf16).
     """
     layers = [layer for layer in layers if layer.in_features % 16 == 0 and layer.out_features % 16 == 0]
     if not layers:
@@ -146,5 +148,6 @@ def use_fp8_matmuls(layers: Iterable[nn.Linear], device: torch.device | None = N
             del layer.weight_scale
         layer.weight = nn.Parameter(values, requires_grad=False)
         layer.__class__ = FP8MatmulLinear
-        layer.register_buffer("weight_scale", scale.reshape(1, -1).to(device, torch.float32).contiguous(), persistent=False)
+        scale_row = scale.reshape(1, -1).to(device, torch.float32).contiguous()
+        layer.register_buffer("weight_scale", scale_row, persistent=False)
     return len(layers)

@@ -124,8 +124,9 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=storage, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=storage, device=device) for _ in range(num_layers)]
         scale_shape = (*shape[:-1], 1)
-        self.key_scales = [torch.ones(scale_shape, dtype=dtype, device=device) for _ in range(num_layers if fp8 else 0)]
-        self.value_scales = [torch.ones(scale_shape, dtype=dtype, device=device) for _ in range(num_layers if fp8 else 0)]
+        scaled_layers = range(num_layers if fp8 else 0)
+        self.key_scales = [torch.ones(scale_shape, dtype=dtype, device=device) for _ in scaled_layers]
+        self.value_scales = [torch.ones(scale_shape, dtype=dtype, device=device) for _ in scaled_layers]
         # fp8 sink keys are rotated when read: re-rounding them to fp8 at every rotation would drift.
         self._sink_turns: list[torch.Tensor | None] = [None] * num_layers
         self._write: list[tuple[int, int, int]] = []
