@@ -54,3 +54,37 @@ def test_the_node_is_never_taken_from_comfyuis_cache(pack):
     inputs = live_inputs(object(), torch.rand(1, 64, 64, 3))
     node = pack.live.LiveTalkLive
     assert node.fingerprint_inputs(**inputs) != node.fingerprint_inputs(**inputs)
+
+
+def test_the_node_decodes_with_a_connected_tiny_decoder(pack, monkeypatch):
+    """tiny_decoder connected: it is loaded with the other models and the sessions decode with it (the VAE
+    still encodes the reference). Tiny random models on the CPU; the host opens one session and stops."""
+    import contextlib
+
+    smoke = importlib.import_module(f"{PACKAGE}.livetalk_core.live.smoke").smoke_models("livetalk")
+    taehv = importlib.import_module(f"{PACKAGE}.livetalk_core.media.taehv")
+    tiny = taehv.TinyDecoder(taehv.TinyDecoderConfig(stem_width=8, stage_widths=(8, 8, 8), stage_outputs=(8, 8, 8)))
+    loaded, sessions = [], []
+
+    def on_device(*models):
+        loaded.extend(models)
+        return tuple(m.engine for m in models)
+
+    class Host:  # opens one session as a client would, then Stop
+        @contextlib.contextmanager
+        def offering(self, offer):
+            sessions.append(offer.open_session())
+            offer.stop.set()
+            yield
+    monkeypatch.setattr(pack.live, "on_device", on_device)
+    monkeypatch.setattr(pack.live, "HOST", Host())
+    managed = {name: SimpleNamespace(engine=engine, family=smoke.family) for name, engine in
+               (("model", smoke.dit), ("vae", smoke.vae), ("audio_encoder", smoke.encoder), ("tiny", tiny))}
+    run(pack.live.LiveTalkLive, model=managed["model"], vae=managed["vae"], audio_encoder=managed["audio_encoder"],
+        conditioning=[[smoke.text, {}]], image=torch.rand(1, 64, 64, 3), width=smoke.width, height=smoke.height,
+        seed=0, steps=4, tiny_decoder=managed["tiny"])
+    assert managed["tiny"] in loaded
+    assert sessions[0]._session._decoding_model is tiny
+    block = sessions[0].next_block()
+    assert block.frames.shape[1:] == (smoke.height, smoke.width, 3)
+    sessions[0].close()
