@@ -58,7 +58,8 @@ def compare(name: str, model: torch.nn.Module, sample, device: torch.device, ran
     off, on = runs[False][0], runs[True][0]
     print(f"{name} graphs vs not, per block (max |d|, rel L2):",
           [(round((a - b).abs().max().item(), 5), round(rel_l2(a, b), 6)) for a, b in zip(on, off)], flush=True)
-    print(f"{name} run to run without graphs, max |d|:", max((a - b).abs().max().item() for a, b in zip(off, runs[False][1])))
+    print(f"{name} run to run without graphs, max |d|:",
+          max((a - b).abs().max().item() for a, b in zip(off, runs[False][1])))
 
 
 @torch.no_grad()

@@ -54,7 +54,8 @@ def profiled(label: str, step) -> None:
     step()
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
         step()
         torch.cuda.synchronize()
     events = prof.key_averages()
@@ -62,7 +63,8 @@ def profiled(label: str, step) -> None:
     print(top_kernels(events))
     kinds = kernel_kinds(events)
     busy_ms = sum(kinds.values())
-    print(f"{label}: wall {wall_ms:.1f} ms (unprofiled), GPU kernels {busy_ms:.1f} ms: {wall_ms - busy_ms:.1f} ms of gaps")
+    print(f"{label}: wall {wall_ms:.1f} ms (unprofiled), GPU kernels {busy_ms:.1f} ms: "
+          f"{wall_ms - busy_ms:.1f} ms of gaps")
     print(f"{label}: GPU ms by kind:", {k: round(v, 1) for k, v in sorted(kinds.items())})
 
 

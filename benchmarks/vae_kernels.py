@@ -59,7 +59,8 @@ def profile(vae: WanVAE) -> None:
     torch.cuda.reset_peak_memory_stats()
     one()
     torch.cuda.synchronize()
-    print(f"decode working set above the weights and cache: {(torch.cuda.max_memory_allocated() - base) / 2**30:.2f} GiB")
+    working_gib = (torch.cuda.max_memory_allocated() - base) / 2**30
+    print(f"decode working set above the weights and cache: {working_gib:.2f} GiB")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         one()
         torch.cuda.synchronize()
@@ -71,7 +72,8 @@ def profile(vae: WanVAE) -> None:
         ms = event.self_device_time_total / 1e3
         name = event.key
         low = name.lower()
-        family = ("conv" if any(s in low for s in ("conv", "xmma", "implicit", "cudnn", "sm90", "sm80", "gemm", "cutlass"))
+        conv_marks = ("conv", "xmma", "implicit", "cudnn", "sm90", "sm80", "gemm", "cutlass")
+        family = ("conv" if any(s in low for s in conv_marks)
                   else "copy/cat" if any(s in low for s in ("copy", "cat", "memcpy", "memset", "fill"))
                   else "norm" if any(s in low for s in ("norm", "reduce", "sum")) else "elementwise/other")
         families[family] += ms

@@ -46,7 +46,9 @@ class _Files:
         self.downloads: list[tuple[WeightFile, Path]] = []
         self.model = self.locate("model", model_name, cm.dit_path, DIT_FOLDERS)
         self.vae = self.locate("VAE", vae_name, cm.vae_path, "models/vae")
-        self.audio_encoder = self.locate("audio encoder", audio_encoder_name, cm.audio_encoder_path, "models/audio_encoders")
+        self.audio_encoder = self.locate(
+            "audio encoder", audio_encoder_name, cm.audio_encoder_path, "models/audio_encoders"
+        )
 
     def locate(self, kind: str, name: str, find: Callable[[str], str | None], folders: str) -> Path:
         path = find(name)
@@ -65,7 +67,9 @@ class _Files:
         return all(path != target for _, target in self.downloads)
 
 
-def _check(files: _Files, model_name: str, audio_encoder_name: str, base_model_name: str) -> tuple[ModelFamily | None, Path | None]:
+def _check(
+    files: _Files, model_name: str, audio_encoder_name: str, base_model_name: str
+) -> tuple[ModelFamily | None, Path | None]:
     """Catch a wrong file, a mismatched pair or a partial model without its base from the headers of
     the files on disk; files still to be downloaded are checked once they are there.
 
@@ -149,7 +153,8 @@ class LoadLiveTalkModel(io.ComfyNode):
             "nodes follow it.",
             inputs=[
                 io.Combo.Input("model_name", options=cm.dit_choices(),
-                               tooltip=f"The DiT, from models/livetalk or models/diffusion_models: {SUPPORTED_MODELS}."),
+                               tooltip="The DiT, from models/livetalk or models/diffusion_models: "
+                               f"{SUPPORTED_MODELS}."),
                 io.Combo.Input("vae_name", options=cm.vae_choices(),
                                tooltip="The Wan2.1 VAE (wan_2.1_vae.safetensors or Wan2.1_VAE.pth) from models/vae."),
                 io.Combo.Input("audio_encoder_name", options=cm.audio_encoder_choices(),
@@ -169,7 +174,8 @@ class LoadLiveTalkModel(io.ComfyNode):
                                  "if compiling is not possible; ignored on the CPU."),
                 io.Combo.Input("base_model_name", options=[NO_BASE, *cm.base_choices()], default=NO_BASE, optional=True,
                                tooltip="RealVideo 14B only: the Wan2.2-S2V-14B checkpoint a partial fine-tune (a "
-                               f"model.pt holding only some of the DiT's tensors) is applied over, e.g. {S2V_BASE_FILE}. "
+                               "model.pt holding only some of the DiT's tensors) is applied over, "
+                               f"e.g. {S2V_BASE_FILE}. "
                                "Lists the complete Wan2.2-S2V DiTs of models/livetalk and models/diffusion_models "
                                "(safetensors by their tensors, other files when their name holds 's2v'). "
                                "Ignored, and not read, for a complete model file and for LiveTalk 1.3B."),
@@ -177,7 +183,8 @@ class LoadLiveTalkModel(io.ComfyNode):
                                  tooltip="RealVideo 14B only: keep the DiT's block weights in fp8 (one scale per "
                                  "tensor, turned back into the chosen precision one layer at a time): about 22 GB "
                                  "of GPU memory instead of 38 at the cost of fp8 rounding. An fp8_scaled file keeps "
-                                 "its own fp8 values; others are rounded to fp8 when loaded. Ignored for LiveTalk 1.3B."),
+                                 "its own fp8 values; others are rounded to fp8 when loaded. "
+                                 "Ignored for LiveTalk 1.3B."),
                 io.Boolean.Input("fp8_matmul", default=False, optional=True,
                                  tooltip="Run the DiT's block Linear layers as fp8 x fp8 matmuls (weights kept in fp8 "
                                  "with one scale per output channel, inputs scaled per row): faster on Ada/Hopper "
@@ -204,8 +211,10 @@ class LoadLiveTalkModel(io.ComfyNode):
             outputs=[
                 LiveTalkModel.Output("model", display_name="model",
                                      tooltip="The DiT, managed by ComfyUI's model memory management."),
-                LiveTalkVAE.Output("vae", display_name="vae", tooltip="The Wan2.1 VAE with LiveTalk's latent normalisation."),
-                LiveTalkAudioEncoder.Output("audio_encoder", display_name="audio_encoder", tooltip="The wav2vec2 encoder."),
+                LiveTalkVAE.Output("vae", display_name="vae",
+                                   tooltip="The Wan2.1 VAE with LiveTalk's latent normalisation."),
+                LiveTalkAudioEncoder.Output("audio_encoder", display_name="audio_encoder",
+                                            tooltip="The wav2vec2 encoder."),
             ],
         )
 
@@ -223,8 +232,8 @@ class LoadLiveTalkModel(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, model_name: str, vae_name: str, audio_encoder_name: str, precision: str, attention: str, compile: bool = True,
-        base_model_name: str = NO_BASE, fp8_weights: bool = False, fp8_matmul: bool = False,
+        cls, model_name: str, vae_name: str, audio_encoder_name: str, precision: str, attention: str,
+        compile: bool = True, base_model_name: str = NO_BASE, fp8_weights: bool = False, fp8_matmul: bool = False,
         fp8_kv_cache: bool = False, gpus: int = 1, cuda_graphs: bool = True,
     ) -> io.NodeOutput:
         runtime = runtime_options(precision, attention, compile, cuda_graphs, fp8_weights, fp8_matmul, fp8_kv_cache,

@@ -114,7 +114,8 @@ def check_filename_prefix(filename_prefix: str) -> None:
     if not inside:
         raise InputError(
             f"filename_prefix '{filename_prefix}' does not name a file inside ComfyUI's output folder. Give a "
-            "file name, with subfolders if you like, e.g. LiveTalk/video; videos are only written there, under a new name."
+            "file name, with subfolders if you like, e.g. LiveTalk/video; videos are only written there, "
+            "under a new name."
         )
 
 
