@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import importlib
+import logging
 import math
 import os
 import re
@@ -52,6 +53,8 @@ FILE_HINT = (
 TEXT_LEN = 512
 NORM_EPS = 1e-6
 MAX_DISTANCE = 128
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_REPO = "google/umt5-xxl"
 # AutoTokenizer can build the umT5 tokenizer from either of these; the others only refine it.
@@ -420,6 +423,9 @@ def load_text_encoder(
     weight_bytes = sum(t.numel() for t in state.values()) * dtype.itemsize
     stream_to = torch.device(device) if streams_layers(weight_bytes, device, free_bytes) else None
     if stream_to is not None:
+        log.info("the %s (%.1f GiB) does not fit in %s's free memory: its weights stay in CPU memory and its "
+                 "layers run on the GPU one at a time (slower, the same result)", MODEL_NAME, weight_bytes / 2**30,
+                 stream_to)
         device = "cpu"
     config = UMT5Config.from_state_dict(state, path)
     if config.shared_pos:
