@@ -1,7 +1,7 @@
 """Every row of the README's "Which GPU for which path" table, run on one large GPU capped to the row's size.
 
-    python3 benchmarks/vram_table.py                       # all rows, one H100: about 10 minutes
-    python3 benchmarks/vram_table.py --only livetalk       # the LiveTalk rows (or realvideo)
+    python3 benchmarks/vram_table.py                       # all rows on one H100 (meant to fit 10 minutes)
+    python3 benchmarks/vram_table.py --only livetalk       # the LiveTalk rows (or realvideo): half the time
     python3 benchmarks/vram_table.py --tiny                # a CPU dry run of this script (no cap, tiny models)
 
 Each row is one ``bench.py --memory-cap-gib N`` process (benchmarks/memory_cap.py: the CUDA context
