@@ -740,6 +740,8 @@ def test_live_client_command_writes_the_mp4_and_the_report(server, tmp_path, cap
     from comfy_env import free_port
     assert main(["--url", f"http://127.0.0.1:{free_port()}", "--audio", str(wav)]) == 2  # nobody listens
     assert capsys.readouterr().err.startswith("error: ")
+    assert main(["--url", f"{url}/elsewhere", "--audio", str(wav)]) == 2  # a server, but no live socket there
+    assert "is not a live socket (HTTP 404)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", ["livetalk", "realvideo"])

@@ -289,8 +289,14 @@ async def _wait_for_coverage(recording: LiveRecording, samples: int, receiver: a
 
 
 def run_client(url: str, audio: np.ndarray, **options) -> LiveRecording:
-    """:func:`stream_audio`, blocking."""
-    return asyncio.run(stream_audio(url, audio, **options))
+    """:func:`stream_audio`, blocking; a socket that cannot be opened is a LiveTalkError that says where."""
+    import aiohttp
+
+    try:
+        return asyncio.run(stream_audio(url, audio, **options))
+    except aiohttp.WSServerHandshakeError as err:
+        raise LiveTalkError(f"{socket_url(url)} is not a live socket (HTTP {err.status}); give the address the live "
+                            "server printed, e.g. http://127.0.0.1:8765") from err
 
 
 # --- the command ---------------------------------------------------------------------------------------
