@@ -108,8 +108,8 @@ class ComfyServer:
     # -- process ---------------------------------------------------------------------------------
 
     def start(self, timeout: float = 180.0) -> None:
-        args = [sys.executable, __file__, str(comfyui_deps()), str(self.comfy_dir), "--cpu", "--listen", "127.0.0.1", "--port",
-                str(self.port), "--base-directory", str(self.base), "--disable-auto-launch",
+        args = [sys.executable, __file__, str(comfyui_deps()), str(self.comfy_dir), "--cpu", "--listen", "127.0.0.1",
+                "--port", str(self.port), "--base-directory", str(self.base), "--disable-auto-launch",
                 "--extra-model-paths-config", str(self.extra_paths_yaml)]
         self._log = open(self.log_path, "wb")
         self._process = subprocess.Popen(args, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT)
@@ -174,7 +174,10 @@ class ComfyServer:
         return self.get(f"/history/{prompt_id}")[prompt_id]
 
     def events(self, prompt_id: str, kind: str) -> list[dict]:
-        return [m["data"] for m in self.messages if m.get("type") == kind and m.get("data", {}).get("prompt_id") == prompt_id]
+        return [
+            m["data"] for m in self.messages
+            if m.get("type") == kind and m.get("data", {}).get("prompt_id") == prompt_id
+        ]
 
     def _wait(self, condition, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -257,7 +260,8 @@ def write_audio_clip(source: Path, target: Path, seconds: float) -> None:
 
     with av.open(str(source)) as src, av.open(str(target), "w") as dst:
         stream = src.streams.audio[0]
-        out = dst.add_stream(target.suffix.lstrip(".").replace("wav", "pcm_s16le"), rate=stream.rate, layout=stream.layout.name)
+        out = dst.add_stream(target.suffix.lstrip(".").replace("wav", "pcm_s16le"), rate=stream.rate,
+                             layout=stream.layout.name)
         left = int(seconds * stream.rate)
         for frame in src.decode(stream):
             if left <= 0:

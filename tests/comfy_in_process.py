@@ -22,7 +22,9 @@ def run_in_comfyui(cases: Path, timeout: float = 600.0) -> None:
     require_comfyui()
     result = subprocess.run([sys.executable, __file__, str(cases)], cwd=REPO, capture_output=True, text=True,
                             timeout=timeout)
-    assert result.returncode == 0, f"{cases.name} failed in the ComfyUI process:\n{result.stdout[-12000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, (
+        f"{cases.name} failed in the ComfyUI process:\n{result.stdout[-12000:]}\n{result.stderr[-4000:]}"
+    )
 
 
 if __name__ == "__main__":

@@ -68,7 +68,8 @@ def save_comfy_file(model: torch.nn.Module, path, prefix: str):
 def speech_like(seconds: float = 1.0) -> torch.Tensor:
     t = torch.arange(int(seconds * SAMPLES)) / SAMPLES
     generator = torch.Generator().manual_seed(1)
-    return 0.3 * torch.sin(2 * math.pi * 220 * t) * torch.sin(2 * math.pi * 3 * t) + 0.01 * torch.randn(t.shape, generator=generator)
+    return (0.3 * torch.sin(2 * math.pi * 220 * t) * torch.sin(2 * math.pi * 3 * t)
+            + 0.01 * torch.randn(t.shape, generator=generator))
 
 
 @pytest.mark.parametrize("prefix", ["", "wav2vec2."], ids=["bare", "wav2vec2_prefix"])

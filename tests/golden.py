@@ -124,7 +124,9 @@ def names_from(cases: list[GoldenCase], source: str) -> set[str]:
 def repo_case(cases: list[GoldenCase], name: str) -> GoldenCase:
     """The in-repo case ``name`` (``tests/golden/<family>/<name>``) among ``cases``."""
     found = [c for c in cases if c.source == "repo" and c.name == name]
-    assert found, f"the in-repo golden case {name} is missing from {REPO_GOLDEN}; got {sorted(names_from(cases, 'repo'))}"
+    assert found, (
+        f"the in-repo golden case {name} is missing from {REPO_GOLDEN}; got {sorted(names_from(cases, 'repo'))}"
+    )
     return found[0]
 
 
@@ -154,7 +156,9 @@ def require_shared_cases(cases: list[GoldenCase], family: str, names: set[str]) 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rel_l2: float, name: str) -> None:
     """max|a-b| <= atol and ||a-b||/||b|| <= rel_l2, in float64 (the golden READMEs' metric)."""
-    assert tuple(actual.shape) == tuple(expected.shape), f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     a = actual.detach().to("cpu", torch.float64)
     b = expected.detach().to("cpu", torch.float64)
     diff = a - b
@@ -168,7 +172,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
 
 def assert_frames_close(actual: torch.Tensor, expected: torch.Tensor, tol: dict, *, name: str = "frames_uint8") -> None:
     """uint8 frame comparison with either the fp32 rule (max/fraction) or the bf16 rule (PSNR/mean/p99)."""
-    assert tuple(actual.shape) == tuple(expected.shape), f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     d = (actual.to(torch.int16) - expected.to(torch.int16)).abs().to(torch.float64)
     if "max_abs" in tol:
         frac = (d > 0).double().mean().item()

@@ -37,7 +37,8 @@ def module(name: str):
 def lt(pack) -> SimpleNamespace:
     """The pack's modules these cases use."""
     names = ("nodes.loader", "nodes.encoders", "nodes.sampling", "nodes.comfy_models", "nodes.model_files",
-             "livetalk_core.errors", "livetalk_core.families", "livetalk_core.wan.fp8_linear", "livetalk_core.family_base")
+             "livetalk_core.errors", "livetalk_core.families", "livetalk_core.wan.fp8_linear",
+             "livetalk_core.family_base")
     return SimpleNamespace(**{name.split(".")[-1]: module(name) for name in names})
 
 
@@ -60,7 +61,8 @@ def tiny_files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture()
 def models(lt, tmp_path, monkeypatch) -> Path:
-    """Empty ComfyUI model folders under ``<tmp>/models``; ``diffusion_models`` lists ``unet`` first, as ComfyUI does."""
+    """Empty ComfyUI model folders under ``<tmp>/models``; ``diffusion_models`` lists ``unet`` first, as
+    ComfyUI does."""
     root = tmp_path / "models"
     monkeypatch.setattr(folder_paths, "models_dir", str(root))
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
@@ -174,7 +176,8 @@ def test_download_choices_are_fetched_into_the_comfy_folders_then_loaded(lt, mod
     for repo, _, local_dir in hub:
         assert local_dir.parent == targets[repo].parent  # resumable downloads stay in the target folder
         assert targets[repo].is_file() and not local_dir.exists()  # moved into place, staging folder gone
-    assert lt.comfy_models.dit_choices() == ["LiveTalk-1.3B-V0.1.safetensors", "LiveTalk-1.3B-V0.1.safetensors (download)",
+    assert lt.comfy_models.dit_choices() == ["LiveTalk-1.3B-V0.1.safetensors",
+                                               "LiveTalk-1.3B-V0.1.safetensors (download)",
                                                "wan2.2_s2v_14B_bf16.safetensors (download)",
                                                "wan2.2_s2v_14B_fp8_scaled.safetensors (download)"]
 
@@ -188,7 +191,8 @@ def test_the_14b_downloads_go_to_diffusion_models_not_unet(lt, models, hub):
     assert (models / "diffusion_models" / "wan2.2_s2v_14B_bf16.safetensors").is_file()
     assert (models / "audio_encoders" / "wav2vec2_large_english_fp16.safetensors").is_file()
     assert not list((models / "unet").iterdir())
-    assert ("Comfy-Org/Wan_2.2_ComfyUI_Repackaged", "split_files/diffusion_models/wan2.2_s2v_14B_bf16.safetensors") == hub[0][:2]
+    assert hub[0][:2] == ("Comfy-Org/Wan_2.2_ComfyUI_Repackaged",
+                          "split_files/diffusion_models/wan2.2_s2v_14B_bf16.safetensors")
 
 
 def test_offline_lists_every_file_and_where_it_goes(lt, models, hub, tiny_files, monkeypatch):
@@ -220,7 +224,9 @@ def test_a_failed_download_says_what_is_still_missing(lt, models, monkeypatch):
     with pytest.raises(lt.errors.MissingWeightsError) as error:
         load(lt, **with_download(LIVETALK_DOWNLOADS))
     message = str(error.value)
-    assert message.startswith("Downloading model.safetensors from GAIR/LiveTalk-1.3B-V0.1 failed (ConnectionError: hub unreachable).")
+    assert message.startswith(
+        "Downloading model.safetensors from GAIR/LiveTalk-1.3B-V0.1 failed (ConnectionError: hub unreachable)."
+    )
     assert message.count("\n      from https://huggingface.co/") == 3
 
 
@@ -290,7 +296,8 @@ def test_a_partial_file_is_applied_over_its_base(lt, realvideo, models, tiny_fil
     assert model.family is lt.families.REALVIDEO_14B
     assert (info.kind, Path(info.base)) == (lt.family_base.PARTIAL,
                                             models / "diffusion_models" / "s2v_base.safetensors")
-    tuned = {k.removeprefix("model."): v for k, v in torch.load(tiny_files["partial"], weights_only=True)["generator"].items()}
+    partial = torch.load(tiny_files["partial"], weights_only=True)["generator"]
+    tuned = {k.removeprefix("model."): v for k, v in partial.items()}
     state = model.engine.state_dict()
     assert torch.equal(state["blocks.1.self_attn.q.weight"], tuned["blocks.1.self_attn.q.weight"])
     base_weight = tiny_s2v_dit().state_dict()["blocks.2.self_attn.q.weight"]
@@ -300,7 +307,8 @@ def test_a_partial_file_is_applied_over_its_base(lt, realvideo, models, tiny_fil
 def test_a_base_that_is_not_a_whole_s2v_dit_is_refused(lt, realvideo):
     for base in ("dit.safetensors", "model.pt"):
         message = validate(lt, **realvideo, base_model_name=base)
-        assert isinstance(message, str) and message.startswith(f"The base model {base} is not a complete Wan2.2-S2V-14B DiT")
+        assert isinstance(message, str)
+        assert message.startswith(f"The base model {base} is not a complete Wan2.2-S2V-14B DiT")
 
 
 def test_a_base_to_download_is_fetched_with_the_partial_file(lt, realvideo, hub, monkeypatch):
@@ -308,7 +316,8 @@ def test_a_base_to_download_is_fetched_with_the_partial_file(lt, realvideo, hub,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(lt.errors.MissingWeightsError) as error:
         load(lt, **realvideo, base_model_name=base)
-    assert "diffusion_models/wan2.2_s2v_14B_bf16.safetensors\n      from https://huggingface.co/Comfy-Org" in str(error.value)
+    assert ("diffusion_models/wan2.2_s2v_14B_bf16.safetensors\n      from https://huggingface.co/Comfy-Org"
+            in str(error.value))
     monkeypatch.delenv("HF_HUB_OFFLINE")
     assert validate(lt, **realvideo, base_model_name=base) is True
     model = load(lt, **realvideo, base_model_name=base)[0]

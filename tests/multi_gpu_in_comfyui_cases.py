@@ -88,7 +88,8 @@ def inputs(pack, cpu_workers):
     model, vae, audio_encoder = load(pack, gpus=1)
     t = torch.arange(int(1.5 * 16000)) / 16000
     audio = {"waveform": (0.3 * torch.sin(2 * torch.pi * 220 * t)).view(1, 1, -1), "sample_rate": 16000}
-    audio_embeds = run(pack.encoders.LiveTalkEncodeAudioWav2Vec, model=model, audio_encoder=audio_encoder, audio=audio)[0]
+    audio_embeds = run(pack.encoders.LiveTalkEncodeAudioWav2Vec, model=model, audio_encoder=audio_encoder,
+                       audio=audio)[0]
     image = torch.rand(1, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(0))
     reference = run(pack.encoders.LiveTalkEncodeReferenceVAE, vae=vae, image=image, width=SIZE, height=SIZE,
                     crop="center")[0]

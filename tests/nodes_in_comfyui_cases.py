@@ -56,7 +56,8 @@ def model_files(tmp_path_factory) -> Path:
 def comfy_folders(model_files, tmp_path, monkeypatch) -> Path:
     """ComfyUI's model folders at the tiny weights and its output folder empty; returns the output folder."""
     for name in ("livetalk", "diffusion_models", "vae", "audio_encoders"):
-        monkeypatch.setitem(folder_paths.folder_names_and_paths, name, ([str(model_files / "models" / name)], {".safetensors"}))
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, name,
+                            ([str(model_files / "models" / name)], {".safetensors"}))
     output = tmp_path / "output"
     output.mkdir()
     monkeypatch.setattr(folder_paths, "output_directory", str(output))
@@ -174,12 +175,15 @@ def test_decode_blocks_gives_the_frames_the_file_gets(pack, vae, comfy_folders, 
     assert frames.shape == (19, SIZE, SIZE, 3) and frames.dtype == torch.float32 and fps == 16.0
     written: list[torch.Tensor] = []
     write = pack.video_io.VideoWriter.write
-    monkeypatch.setattr(pack.video_io.VideoWriter, "write", lambda self, batch: (written.append(batch), write(self, batch)))
+    monkeypatch.setattr(pack.video_io.VideoWriter, "write",
+                        lambda self, batch: (written.append(batch), write(self, batch)))
     run(pack.save_video.LiveTalkDecodeToVideoFile, vae=vae, latent_blocks=blocks, filename_prefix="same")
     assert torch.equal(torch.cat(written).float() / 255, frames)
 
 
-@pytest.mark.parametrize("prefix", ["../input/portrait", "LiveTalk/../../input/portrait", "{input}/portrait", "", "LiveTalk/.."])
+@pytest.mark.parametrize(
+    "prefix", ["../input/portrait", "LiveTalk/../../input/portrait", "{input}/portrait", "", "LiveTalk/.."]
+)
 def test_a_prefix_outside_the_output_folder_is_refused_before_anything_runs(pack, vae, comfy_folders, tmp_path, prefix):
     """A prefix reaching into ComfyUI's input folder (or naming no file) is refused when the prompt
     is queued, with advice; run anyway, it stops before a block is decoded and the input is untouched."""
@@ -219,7 +223,8 @@ def test_an_existing_file_under_the_next_name_is_never_written_over(pack, vae, c
 def test_a_failure_before_the_first_frame_leaves_no_empty_file(pack, vae, comfy_folders, monkeypatch):
     monkeypatch.setattr(pack.vae.StreamDecoder, "decode", out_of_memory)
     with pytest.raises(pack.errors.OutOfMemory):
-        run(pack.save_video.LiveTalkDecodeToVideoFile, vae=vae, latent_blocks=latent_blocks(pack, 1), filename_prefix="x")
+        run(pack.save_video.LiveTalkDecodeToVideoFile, vae=vae, latent_blocks=latent_blocks(pack, 1),
+            filename_prefix="x")
     assert list(comfy_folders.rglob("*")) == []
 
 

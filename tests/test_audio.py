@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import wave
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import av
@@ -37,7 +37,7 @@ CASES = [case for case in golden_cases("livetalk") if case.model == "livetalk"]
 # --------------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def _golden_encoder(path: Path, dtype_name: str):
     return load_audio_encoder(path, dtype=getattr(torch, dtype_name))
 

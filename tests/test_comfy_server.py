@@ -87,7 +87,8 @@ def test_nodes_keep_their_ids_and_are_named_in_words(comfy):
 def test_model_list_merges_the_pack_folder_a_yaml_folder_and_diffusion_models(comfy):
     (comfy.models / "diffusion_models").mkdir(exist_ok=True)
     (comfy.models / "diffusion_models" / "in_diffusion_models.safetensors").write_bytes(b"")
-    choices = comfy.get("/object_info/LoadLiveTalkModel")["LoadLiveTalkModel"]["input"]["required"]["model_name"][1]["options"]
+    required = comfy.get("/object_info/LoadLiveTalkModel")["LoadLiveTalkModel"]["input"]["required"]
+    choices = required["model_name"][1]["options"]
     shipped = json.loads(SHIPPED_1_3B_API.read_text())
     shipped_name = next(n["inputs"]["model_name"] for n in shipped.values() if n["class_type"] == "LoadLiveTalkModel")
     assert {shipped_name, "user_model.safetensors", "in_diffusion_models.safetensors"} <= set(choices)
@@ -140,14 +141,18 @@ def test_previews_have_the_video_size_and_the_log_names_the_models(comfy):
     sizes = comfy.preview_sizes[first:]
     assert len(sizes) >= 2 * sampler_progress(comfy, prompt, history)[-1]["max"]  # sampler + decoder, per block
     assert set(sizes) == {(128, 96)}, sizes
-    loaded = {line.split("Requested to load ")[1].strip() for line in comfy.log().splitlines() if "Requested to load " in line}
+    loaded = {
+        line.split("Requested to load ")[1].strip() for line in comfy.log().splitlines() if "Requested to load " in line
+    }
     assert {"LiveTalkDiT", "WanVAE", "Wav2Vec2Model"} <= loaded and "_Shell" not in loaded, loaded
 
 
 def test_decode_to_video_file_replaces_decode_create_save(comfy):
     """The long-video ending: the blocks go straight into an mp4, shown in the UI as SaveVideo's is."""
     prompt = shipped_prompt()
-    loader, sampler, audio = (node_id_of(prompt, t) for t in ("LoadLiveTalkModel", "LiveTalkCausalDiTSampler", "LoadAudio"))
+    loader, sampler, audio = (
+        node_id_of(prompt, t) for t in ("LoadLiveTalkModel", "LiveTalkCausalDiTSampler", "LoadAudio")
+    )
     for class_type in ("CreateVideo", "SaveVideo"):
         del prompt[node_id_of(prompt, class_type)]
     prompt[node_id_of(prompt, "LiveTalkDecodeBlocks")] = {"class_type": "LiveTalkDecodeToVideoFile", "inputs": {
@@ -288,7 +293,9 @@ def test_mismatched_audio_encoder_is_a_node_error(comfy, tmp_path):
 ], ids=["large_for_1.3b", "base_for_14b"])
 def test_the_other_familys_audio_encoder_is_a_node_error(comfy, workflow, other_encoder, advice):
     other = json.loads(other_encoder.read_text())
-    other_name = next(n["inputs"]["audio_encoder_name"] for n in other.values() if n["class_type"] == "LoadLiveTalkModel")
+    other_name = next(
+        n["inputs"]["audio_encoder_name"] for n in other.values() if n["class_type"] == "LoadLiveTalkModel"
+    )
     prompt = shipped_prompt(workflow)
     loader = node_id_of(prompt, "LoadLiveTalkModel")
     prompt[loader]["inputs"]["audio_encoder_name"] = other_name

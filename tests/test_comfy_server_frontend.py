@@ -152,7 +152,8 @@ async def _screenshot(tools: DevTools, path: Path) -> None:
 
 
 async def _inspect_page(page_websocket: str, comfy_url: str, template_name: str, screenshots: Path, run) -> dict:
-    """Open the pack's template card ``template_name`` as the front end does, look at it, then ``run(client_id)`` the prompt for this page and look again.
+    """Open the pack's template card ``template_name`` as the front end does, look at it, then
+    ``run(client_id)`` the prompt for this page and look again.
     Returns what the front end showed: ``nodes``, ``dialogs``, ``bounds`` and ``bounds_after_run``."""
     import aiohttp
 
@@ -163,7 +164,8 @@ async def _inspect_page(page_websocket: str, comfy_url: str, template_name: str,
             await tools.call("Page.navigate", url=comfy_url)
             await tools.wait_for("!!(window.app && window.app.graph && window.LiteGraph && "
                                  "Object.keys(LiteGraph.registered_node_types).length > 100)", timeout=120)
-            state_cards = json.loads(await tools.evaluate(OPEN_TEMPLATE_CARD % json.dumps(template_name)))
+            open_card = OPEN_TEMPLATE_CARD % json.dumps([PACK_DIR_NAME, template_name])
+            state_cards = json.loads(await tools.evaluate(open_card))
             await asyncio.sleep(2)  # let dialogs and widgets settle before looking and taking the picture
             state = json.loads(await tools.evaluate(INSPECT))
             state["template_cards"] = state_cards
@@ -179,14 +181,15 @@ async def _inspect_page(page_websocket: str, comfy_url: str, template_name: str,
 
 
 # What a click on the pack's template card does: the page asks the server for the pack's templates,
-# fetches the card's file from the template route and opens it. %s is the workflow's file stem.
+# fetches the card's file from the template route and opens it. %s is the JSON pair
+# [the pack's folder name, the workflow's file stem].
 OPEN_TEMPLATE_CARD = """(async () => {
-  const cards = (await (await fetch('api/workflow_templates')).json())['%s'] || [];
-  const name = %%s;
-  const response = await fetch(`api/workflow_templates/%s/${name}.json`);
+  const [pack, name] = %s;
+  const cards = (await (await fetch('api/workflow_templates')).json())[pack] || [];
+  const response = await fetch(`api/workflow_templates/${pack}/${name}.json`);
   if (response.ok) await app.loadGraphData(await response.json());
   return JSON.stringify({cards, status: response.status});
-})()""" % (PACK_DIR_NAME, PACK_DIR_NAME)
+})()"""
 
 
 def overlaps(bounds: list[dict]) -> list[str]:
@@ -198,7 +201,8 @@ def overlaps(bounds: list[dict]) -> list[str]:
             width = min(ax + aw, bx + bw) - max(ax, bx)
             height = min(ay + ah, by + bh) - max(ay, by)
             if width > TOUCHING and height > TOUCHING:
-                found.append(f"{a['title']} {a['rect']} and {b['title']} {b['rect']} overlap by {width:.0f} x {height:.0f}")
+                found.append(f"{a['title']} {a['rect']} and {b['title']} {b['rect']} "
+                             f"overlap by {width:.0f} x {height:.0f}")
     return found
 
 
@@ -266,6 +270,7 @@ def test_example_workflow_opens_in_the_real_front_end(ui_path, browser_port, req
             assert name in node["widgets"] or name in node["inputs"], f"{node['type']} lost its input {name}"
         for name, value in api[node["id"]]["inputs"].items():
             if not isinstance(value, list):
-                assert node["widgets"].get(name) == value, f"{node['type']}.{name}: {node['widgets'].get(name)!r} != {value!r}"
+                shown = node["widgets"].get(name)
+                assert shown == value, f"{node['type']}.{name}: {shown!r} != {value!r}"
     assert overlaps(state["bounds"]) == [], "nodes cover each other when the workflow opens"
     assert overlaps(state["bounds_after_run"]) == [], "previews or the video grow nodes over others"

@@ -63,7 +63,9 @@ def test_compiler_failure_falls_back_to_eager(monkeypatch, caplog):
 
     def broken(*args, **kwargs):
         def fn(*a, **k):
-            raise RuntimeError("Cannot find a working triton installation. Either the package is not installed or it is too old.")
+            raise RuntimeError(
+                "Cannot find a working triton installation. Either the package is not installed or it is too old."
+            )
         return fn
 
     monkeypatch.setattr(torch, "compile", broken)

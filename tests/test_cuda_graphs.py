@@ -59,7 +59,10 @@ class RecordingGraph(TorchDispatchMode):
             fresh = func(*args, **kwargs)
             for old, new in zip(tree_leaves(out), tree_leaves(fresh)):
                 # a view or an in-place op already wrote where the capture's result lives
-                if isinstance(old, torch.Tensor) and old.untyped_storage().data_ptr() != new.untyped_storage().data_ptr():
+                moved = isinstance(old, torch.Tensor) and (
+                    old.untyped_storage().data_ptr() != new.untyped_storage().data_ptr()
+                )
+                if moved:
                     old.copy_(new)
         self.replays += 1
 

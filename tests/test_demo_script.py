@@ -57,7 +57,8 @@ def fake(tmp_path: Path) -> dict:
 
 
 def run_demo(fake: dict, *args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
-    done = subprocess.run(["bash", str(DEMO), *args], cwd=fake["user"], env=fake["env"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(["bash", str(DEMO), *args], cwd=fake["user"], env=fake["env"], capture_output=True, text=True,
+                          timeout=60)
     return done, fake["log"].read_text().splitlines()
 
 
@@ -104,8 +105,8 @@ def test_smoke_run_from_another_folder_writes_there(tmp_path):
     """A real run through the project's venv (torch already in it: nothing is installed)."""
     shutil.copy(REPO / "assets" / "portrait.jpg", tmp_path / "face.jpg")
     env = {**os.environ, "LIVETALK_VENV": str(REPO / ".venv")}
-    done = subprocess.run(["bash", str(DEMO), "--smoke", "--duration", "0.5", "--image", "face.jpg", "--output", "clip.mp4"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["bash", str(DEMO), "--smoke", "--duration", "0.5", "--image", "face.jpg",
+                           "--output", "clip.mp4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "installing" not in done.stderr
     assert read_video_info(tmp_path / "clip.mp4")["frames"] == 9

@@ -24,11 +24,13 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_fp8_cache_attends_the_policy_frames_past_1024_latents():
     # Every key row holds its stream frame index: a constant row is exact in fp8 with float32 scales.
-    cache = KVCache(LIVETALK_CACHE, num_layers=1, frame_tokens=2, num_heads=1, head_dim=8, dtype=torch.float32, fp8=True)
+    cache = KVCache(LIVETALK_CACHE, num_layers=1, frame_tokens=2, num_heads=1, head_dim=8, dtype=torch.float32,
+                    fp8=True)
     assert cache.keys[0].dtype == FP8_KV
     for b in range(400):
         start = 3 * b
-        kv = (torch.arange(start, start + 3, dtype=torch.float32) + 1).repeat_interleave(2).view(1, -1, 1, 1).expand(1, 6, 1, 8)
+        frame_rows = (torch.arange(start, start + 3, dtype=torch.float32) + 1).repeat_interleave(2)
+        kv = frame_rows.view(1, -1, 1, 1).expand(1, 6, 1, 8)
         for _ in range(2):  # a denoising step and the refresh rewrite the same slots
             cache.set_block(start, 3)
             keys, values = cache.update_and_get(0, kv, kv)

@@ -58,7 +58,8 @@ def test_zero_rows_and_fp8_weight_layers():
     x[2] = 0
     before = layer(x)
     use_fp8_matmuls([layer])
-    assert isinstance(layer, FP8MatmulLinear) and torch.equal(layer.weight.view(torch.uint8), values.view(torch.uint8))  # the stored fp8 values are kept
+    # the stored fp8 values are kept
+    assert isinstance(layer, FP8MatmulLinear) and torch.equal(layer.weight.view(torch.uint8), values.view(torch.uint8))
     assert torch.equal(layer.weight_scale, scale.expand(1, 32))
     after = layer(x)
     assert torch.isfinite(after).all() and torch.equal(after[2], layer.bias)

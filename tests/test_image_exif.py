@@ -59,7 +59,8 @@ def jpeg_with_orientation(path: Path, orientation: int, byte_order: str = "II") 
 def corner_means(image: torch.Tensor) -> dict[str, float]:
     """Mean brightness of the four corners (MARK/2 squares): where the white square ended up."""
     h = MARK // 2
-    corners = {"top-left": image[:h, :h], "top-right": image[:h, -h:], "bottom-left": image[-h:, :h], "bottom-right": image[-h:, -h:]}
+    corners = {"top-left": image[:h, :h], "top-right": image[:h, -h:],
+               "bottom-left": image[-h:, :h], "bottom-right": image[-h:, -h:]}
     return {name: float(part.float().mean()) for name, part in corners.items()}
 
 

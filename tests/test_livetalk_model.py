@@ -37,7 +37,9 @@ def test_real_geometry_matches_the_release_key_list():
     import json
 
     keys = json.loads(require_shared("spec/livetalk_keys.json").read_text())
-    dit_keys = keys.get("dit") or keys.get("causal_dit") or next(v for v in keys.values() if isinstance(v, dict) and "patch_embedding.weight" in v)
+    dit_keys = keys.get("dit") or keys.get("causal_dit") or next(
+        v for v in keys.values() if isinstance(v, dict) and "patch_embedding.weight" in v
+    )
     core = WanCoreConfig(dim=1536, in_dim=33, out_dim=16, ffn_dim=8960, num_layers=30, text_dim=4096)
     shapes = LiveTalkConfig(core=core, audio_features=10752).expected_shapes()
     assert {k: list(v) for k, v in shapes.items()} == {k: list(v) for k, v in dit_keys.items()}
@@ -148,8 +150,9 @@ def test_sampling_runs_past_1024_latent_frames_with_a_fixed_cache():
     KVCache.__init__ = spy
     try:
         last = None
-        for i, block in enumerate(sample_livetalk(model, ref_latent=torch.randn(1, 16, 1, 2, 2), audio_embeds=audio,
-                                                  context=torch.randn(1, 4, 16), num_blocks=blocks, noise=SeededNoise(0))):
+        blocks_out = sample_livetalk(model, ref_latent=torch.randn(1, 16, 1, 2, 2), audio_embeds=audio,
+                                     context=torch.randn(1, 4, 16), num_blocks=blocks, noise=SeededNoise(0))
+        for i, block in enumerate(blocks_out):
             assert torch.isfinite(block).all(), i
             last = i
     finally:

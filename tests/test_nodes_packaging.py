@@ -19,7 +19,8 @@ from comfy_env import REPO
 
 @pytest.fixture(scope="module")
 def comfy_cli() -> Path:
-    candidates = [os.environ.get("LIVETALK_COMFY_CLI"), REPO / ".venv" / "comfy-cli" / "bin" / "comfy", shutil.which("comfy")]
+    candidates = [os.environ.get("LIVETALK_COMFY_CLI"), REPO / ".venv" / "comfy-cli" / "bin" / "comfy",
+                  shutil.which("comfy")]
     found = next((Path(c) for c in candidates if c and Path(c).is_file()), None)
     if found is None:
         message = "comfy-cli is not installed (see .ci/run)"

@@ -93,8 +93,9 @@ def test_the_samplers_ask_the_same_rule_as_the_reports(options, ranks):
         attach(model, SequenceParallel(rank=0, world_size=ranks))
     cache = model.new_kv_cache(CachePolicy(5, 1), frame_tokens=4, num_heads=1)
     assert eager_reason(model, cache) == options.cuda_graphs_reason(ranks)
-    assert eager_reason(model, cache) == graphs_off_reason(asked=options.graphs_asked, fp8_kv_cache=options.fp8_kv_cache,
-                                                           on_gpu=False, parallel_ranks=ranks)
+    assert eager_reason(model, cache) == graphs_off_reason(
+        asked=options.graphs_asked, fp8_kv_cache=options.fp8_kv_cache, on_gpu=False, parallel_ranks=ranks
+    )
 
 
 # -- apply() -------------------------------------------------------------------------------------------
@@ -168,10 +169,11 @@ def test_an_optional_attention_kernel_that_is_missing_falls_back_to_sdpa():
 def test_options_travel_to_the_workers():
     """Picklable and equal after the trip (the multi-GPU workers receive them), and placed on a
     worker's GPU with on(); equal options compare equal whether a device was given as text or not."""
-    options = RuntimeOptions(precision="bf16", attention="math", fp8_kv_cache=True, device="cuda:0", vae_device="cuda:1")
+    options = RuntimeOptions(precision="bf16", attention="math", fp8_kv_cache=True, device="cuda:0",
+                             vae_device="cuda:1")
     assert pickle.loads(pickle.dumps(options)) == options
-    assert options == RuntimeOptions(precision="bf16", attention="math", fp8_kv_cache=True, device=torch.device("cuda", 0),
-                                     vae_device=torch.device("cuda", 1))
+    assert options == RuntimeOptions(precision="bf16", attention="math", fp8_kv_cache=True,
+                                     device=torch.device("cuda", 0), vae_device=torch.device("cuda", 1))
     placed = options.on("cuda:2")
     assert placed.device == torch.device("cuda", 2) and placed.vae_device is None and placed.fp8_kv_cache
     assert hash(placed) != hash(options)
@@ -184,7 +186,8 @@ def test_the_workers_loader_applies_the_options(tmp_path):
 
     save_file({k: v.contiguous() for k, v in tiny_realvideo().state_dict().items()}, str(tmp_path / "dit.safetensors"))
     options = RuntimeOptions(precision="fp32", attention="math", fp8_kv_cache=True, device="cuda:0")
-    model = load_realvideo_dit(tmp_path / "dit.safetensors", options, device=torch.device("cpu"), audio_inject_layers=(0, 1))
+    model = load_realvideo_dit(tmp_path / "dit.safetensors", options, device=torch.device("cpu"),
+                               audio_inject_layers=(0, 1))
     assert model.runtime == options.on("cpu") and model.dtype == torch.float32
     assert (model.attention_backend, model.fp8_kv_cache, model.cuda_graphs) == ("math", True, False)
 

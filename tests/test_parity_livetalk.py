@@ -85,7 +85,9 @@ def run_case(case: GoldenCase) -> dict[str, torch.Tensor]:
     out["audio_input_values"] = normalize_waveform(waveform).to(dtype)[None]
     audio = pipeline.encode_audio(waveform)
     assert audio.num_latent_frames == num_latent
-    out["audio_features"] = livetalk_audio_features(pipeline.audio_encoder, waveform, video_frames_for_latents(num_latent))
+    out["audio_features"] = livetalk_audio_features(
+        pipeline.audio_encoder, waveform, video_frames_for_latents(num_latent)
+    )
     out["audio_embeds"] = audio.embeds[0][:, :, None, None]
 
     fpb = m["sampler"]["frames_per_block"]

@@ -146,7 +146,8 @@ def test_config_inferred_from_release_shapes():
 
 def tiny_model(num_layers: int = 2, inject: tuple[int, ...] = (0, 1), seed: int = 0, heads: int = 1) -> S2VDiT:
     torch.manual_seed(seed)
-    core = WanCoreConfig(dim=heads * HEAD_DIM, in_dim=16, out_dim=16, ffn_dim=64, num_layers=num_layers, text_dim=TEXT_DIM)
+    core = WanCoreConfig(dim=heads * HEAD_DIM, in_dim=16, out_dim=16, ffn_dim=64, num_layers=num_layers,
+                         text_dim=TEXT_DIM)
     model = S2VDiT(S2VConfig(core=core, audio_dim=AUDIO_DIM, audio_layers=25, audio_tokens=4,
                              inject_layers=inject, cond_dim=16))
     with torch.no_grad():

@@ -103,7 +103,8 @@ def test_partial_fine_tune_over_each_base_layout(tmp_path, weights, layout, capl
         base_path = folder if layout == "shards_folder" else folder / SHARD_INDEX
         expected_base = base
     elif layout == "comfy_bf16":
-        base_path = save_st({k: v.to(torch.bfloat16) for k, v in base.items()}, tmp_path / "wan2.2_s2v_14B_bf16.safetensors")
+        base_path = save_st({k: v.to(torch.bfloat16) for k, v in base.items()},
+                            tmp_path / "wan2.2_s2v_14B_bf16.safetensors")
         expected_base = {k: v.to(torch.bfloat16).float() for k, v in base.items()}
     else:
         base_path = save_st(fp8_scaled(base), tmp_path / "wan2.2_s2v_14B_fp8_scaled.safetensors")

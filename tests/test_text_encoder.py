@@ -215,8 +215,10 @@ def test_fp8_scaled_file_is_dequantised(case, native_state, tmp_path, style):
     scale_key = "scale_weight" if style == "legacy" else "weight_scale"
     hf_q = "encoder.block.1.layer.0.SelfAttention.q"
     hf_wo = "encoder.block.0.layer.1.DenseReluDense.wo"
-    assert torch.equal(encoder.blocks[1].attn.q.weight, quantised[f"{hf_q}.weight"].float() * quantised[f"{hf_q}.{scale_key}"])
-    assert torch.equal(encoder.blocks[0].ffn.fc2.weight, quantised[f"{hf_wo}.weight"].float() * quantised[f"{hf_wo}.{scale_key}"])
+    assert torch.equal(encoder.blocks[1].attn.q.weight,
+                       quantised[f"{hf_q}.weight"].float() * quantised[f"{hf_q}.{scale_key}"])
+    assert torch.equal(encoder.blocks[0].ffn.fc2.weight,
+                       quantised[f"{hf_wo}.weight"].float() * quantised[f"{hf_wo}.{scale_key}"])
     assert torch.equal(encoder.token_embedding.weight, native_state["token_embedding.weight"].float())
 
     ids, mask = t5_inputs(case)
@@ -339,7 +341,8 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     folder = tmp_path_factory.mktemp("umt5-xxl")
     tok.save(str(folder / "tokenizer.json"))
-    config = {"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "extra_ids": 0}
+    config = {"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+              "extra_ids": 0}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
 

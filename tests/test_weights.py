@@ -55,7 +55,8 @@ def test_offline_lists_the_files_and_never_calls_the_hub(hub, tmp_path, monkeypa
     target = tmp_path / "vae.safetensors"
     with pytest.raises(MissingWeightsError) as error:
         fetch_files([(FILE, target)], retry="(retry hint)")
-    assert str(error.value) == (f"Downloads are turned off. These model files are missing; put each one at the path shown:\n"
+    assert str(error.value) == ("Downloads are turned off. These model files are missing; "
+                                "put each one at the path shown:\n"
                                 f"  {target}\n      from https://huggingface.co/Org/Repo/resolve/main/{FILE.filename}\n"
                                 "(retry hint)")
     assert hub == []

@@ -185,6 +185,8 @@ def test_server_offers_each_ui_workflow_as_a_template_that_opens(comfy):
     templates = comfy.get("/workflow_templates").get(PACK_DIR_NAME, [])
     assert sorted(templates) == [p.stem for p in UI_FILES]
     for name in templates:
-        assert comfy.get(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json") == json.loads((UI_DIR / f"{name}.json").read_text())
-        with urllib.request.urlopen(f"{comfy.url}/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg", timeout=30) as response:
+        served = comfy.get(f"/api/workflow_templates/{PACK_DIR_NAME}/{name}.json")
+        assert served == json.loads((UI_DIR / f"{name}.json").read_text())
+        picture_url = f"{comfy.url}/api/workflow_templates/{PACK_DIR_NAME}/{name}.jpg"
+        with urllib.request.urlopen(picture_url, timeout=30) as response:
             assert response.status == 200 and response.read() == (UI_DIR / f"{name}.jpg").read_bytes()

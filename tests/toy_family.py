@@ -46,7 +46,9 @@ class ToyDiT(torch.nn.Module):
         """The layers fp8 matmuls would run (the runtime options ask every DiT)."""
         return {"toy_talker.audio_proj": self.toy_talker.audio_proj}
 
-    def denoise(self, noisy: torch.Tensor, reference: torch.Tensor, audio: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def denoise(
+        self, noisy: torch.Tensor, reference: torch.Tensor, audio: torch.Tensor, text: torch.Tensor
+    ) -> torch.Tensor:
         """One step: ``noisy`` [1, 16, F, h, w] pulled towards the reference, shifted per frame by the audio."""
         shift = self.toy_talker.audio_proj(audio) + self.toy_talker.text_proj(text.mean(dim=1))  # [F, 16]
         return 0.5 * noisy + 0.5 * reference + 0.1 * shift.T[None, :, :, None, None]

@@ -34,9 +34,9 @@ def encode_and_sample(pack, family: str, audio: dict, hidden: dict | None = None
                        audio=audio).result[0]
     reference = run(pack.encoders.LiveTalkEncodeReferenceVAE, vae=vae, image=torch.rand(1, 64, 64, 3),
                     width=64, height=64, crop="center").result[0]  # LiveTalk's smallest size
-    blocks = run(pack.sampling.LiveTalkCausalDiTSampler, model=model, conditioning=[[torch.randn(1, 5, UMT5_WIDTH), {}]],
-                 reference=reference, audio_embeds=audio_embeds, seed=0, steps=4 if family == "1.3b" else 2,
-                 sink_frames=9, window_frames=15).result[0]
+    blocks = run(pack.sampling.LiveTalkCausalDiTSampler, model=model,
+                 conditioning=[[torch.randn(1, 5, UMT5_WIDTH), {}]], reference=reference, audio_embeds=audio_embeds,
+                 seed=0, steps=4 if family == "1.3b" else 2, sink_frames=9, window_frames=15).result[0]
     return vae, audio_embeds, blocks
 
 
