@@ -803,3 +803,29 @@ def test_a_second_session_in_the_same_page_measures_from_its_own_start(server, t
         assert 0 < stats["latencyMs"] < 1500 and stats["stalls"] <= 1 and stats["framesDrawn"] >= 24, (first, second)
         # one microphone capture: no faster than real time (the first session's capture is gone)
         assert stats["speechSamplesSent"] <= stats["seconds"] * RATE * 1.1, (first, second)
+
+
+def test_audio_flooded_faster_than_real_time_is_refused_before_it_piles_up(server):
+    """A client that sends audio much faster than the blocks use it: closed with a reason once more than
+    MAX_AUDIO_AHEAD_SECONDS wait, so the session's buffer stays bounded."""
+    url, endpoint, opened = server
+    second = protocol.audio_message(np.zeros(RATE, "<i2").tobytes())
+
+    async def flood():
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http, http.ws_connect(socket_url(url)) as ws:
+            await ws.receive(timeout=10)
+            await ws.send_str(protocol.text_message("start"))
+            await wait_for_ready(ws)
+            for _ in range(protocol.MAX_AUDIO_AHEAD_SECONDS + 10):  # 40 s of audio at once
+                await ws.send_bytes(second)
+            while (message := await ws.receive(timeout=20)).type.name in ("TEXT", "BINARY"):
+                last = message
+            return json.loads(last.data), ws.close_code
+
+    error, code = asyncio.run(flood())
+    assert code == protocol.CLOSE_POLICY and error["code"] == "bad_message"
+    assert "faster than it is spoken" in error["message"]
+    state = wait_until_free(url)
+    assert state["last"]["client_samples"] <= (protocol.MAX_AUDIO_AHEAD_SECONDS + 2) * RATE

@@ -39,6 +39,7 @@ MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # the largest message accepted (a start mes
 MAX_AUDIO_CHUNK_SECONDS = 2  # one audio message carries at most this much audio
 MAX_AUDIO_CHUNK_BYTES = MAX_AUDIO_CHUNK_SECONDS * SAMPLE_RATE * 2
 MAX_PROMPT_CHARS = 2000
+MAX_AUDIO_AHEAD_SECONDS = 30  # audio received but not yet used by a block: more means the client sends too fast
 IMAGE_SIGNATURES = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG\r\n\x1a\n": "image/png", b"RIFF": "image/webp"}
 
 # WebSocket close codes (RFC 6455) the server uses.

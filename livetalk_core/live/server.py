@@ -241,6 +241,10 @@ class LiveConnection:
         if self.clock is None:
             raise ProtocolError(protocol.CLOSE_POLICY, "audio before ready; send start and wait for ready")
         self.stats.client_samples += len(samples)
+        ahead = (self.stats.client_samples - self._client_samples_used) / protocol.SAMPLE_RATE
+        if ahead > protocol.MAX_AUDIO_AHEAD_SECONDS:  # the session's buffer would grow without bound
+            raise ProtocolError(protocol.CLOSE_POLICY, f"audio arrives faster than it is spoken: {ahead:.0f} s not yet "
+                                f"used (at most {protocol.MAX_AUDIO_AHEAD_SECONDS} s); send it at real-time pace")
         self.session.push_audio(samples)
 
     # --- blocks: clock thread -> encoder thread -> event loop -> socket -------------------------------
@@ -331,6 +335,7 @@ class LiveConnection:
 
 def _limits() -> dict:
     return {"max_message_bytes": protocol.MAX_MESSAGE_BYTES, "max_audio_chunk_bytes": protocol.MAX_AUDIO_CHUNK_BYTES,
+            "max_audio_ahead_seconds": protocol.MAX_AUDIO_AHEAD_SECONDS,
             "max_prompt_chars": protocol.MAX_PROMPT_CHARS, "sample_rate": protocol.SAMPLE_RATE}
 
 
