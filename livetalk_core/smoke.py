@@ -114,10 +114,11 @@ def build_tiny_weights(folder: str | Path, seed: int = 0) -> TinyWeights:
 
 
 TINY_S2V_INJECT_LAYERS = (0, 1)
+TINY_S2V_HEADS = 4  # torchrun --smoke: 1, 2 or 4 ranks (sequence parallel splits the heads)
 
 
 def build_tiny_realvideo_weights(folder: str | Path, seed: int = 0) -> TinyWeights:
-    """Write a tiny S2V DiT (2 heads, so 2 ranks can split it; its audio front end takes the tiny
+    """Write a tiny S2V DiT (4 heads, so 2 or 4 ranks can split it; its audio front end takes the tiny
     wav2vec2's 3 hidden states), the ``config.json`` naming its injector layers, a VAE, the wav2vec2
     and idle / talking text contexts into ``folder``. Seeded: identical on every rank of a group."""
     import json
@@ -127,7 +128,8 @@ def build_tiny_realvideo_weights(folder: str | Path, seed: int = 0) -> TinyWeigh
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     w2v_dir = _tiny_wav2vec2(folder)
-    core = WanCoreConfig(dim=2 * HEAD_DIM, in_dim=16, out_dim=16, ffn_dim=64, num_layers=2, text_dim=TINY_TEXT_DIM)
+    core = WanCoreConfig(dim=TINY_S2V_HEADS * HEAD_DIM, in_dim=16, out_dim=16, ffn_dim=64, num_layers=2,
+                         text_dim=TINY_TEXT_DIM)
     dit = S2VDiT(S2VConfig(core=core, audio_dim=TINY_WAV2VEC_HIDDEN, audio_layers=TINY_WAV2VEC_LAYERS + 1,
                            audio_tokens=4, inject_layers=TINY_S2V_INJECT_LAYERS, cond_dim=16))
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Sequence parallelism on CPU: 2 gloo processes give the single-process RealVideo blocks (fp32)."""
+"""Sequence parallelism on CPU: 2 and 4 gloo processes give the single-process RealVideo blocks (fp32)."""
 
 from __future__ import annotations
 
@@ -29,10 +29,15 @@ from livetalk_core.runtime.noise import SeededNoise
 from livetalk_core.wan.kv_cache import CachePolicy
 
 INJECT = (0, 2)
+# Every world size the CPU tests run (gloo): 4 splits the tiny latents into one patch column or row per rank.
+WORLD_SIZES = (2, 4)
+# fp32: the sharded run differs from one process only in summation order (attention over the rank-major
+# gathered keys, per-rank head matmuls), a few ulps per step that 12 blocks of recurrence grow.
+RTOL, ATOL = 1e-5, 2e-5
 
 
 def tiny_model(heads: int = 2) -> S2VDiT:
-    """3 layers, audio injected at 0 and 2, two heads so that two ranks can split them."""
+    """3 layers, audio injected at 0 and 2, ``heads`` heads (as many as ranks split them)."""
     return realvideo_tiny_model(num_layers=3, inject=INJECT, heads=heads)
 
 
@@ -83,9 +88,10 @@ def _exchange_on_rank(rank: int, world: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def test_the_exchanges_move_tokens_and_heads_to_the_right_ranks():
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_the_exchanges_move_tokens_and_heads_to_the_right_ranks(world: int):
     """q, k and v cross in one all-to-all: each rank gets all tokens of its own heads, and the
-    inverse exchange gives back its own tokens (4 heads over 2 gloo processes)."""
+    inverse exchange gives back its own tokens (4 heads over ``world`` gloo processes)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -93,7 +99,7 @@ def test_the_exchanges_move_tokens_and_heads_to_the_right_ranks():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_exchange_on_rank, args=(2, port), nprocs=2)
+    mp.spawn(_exchange_on_rank, args=(world, port), nprocs=world)
 
 
 def sampler_inputs(latent_hw: tuple[int, int]) -> dict:
@@ -109,19 +115,22 @@ def sampler_inputs(latent_hw: tuple[int, int]) -> dict:
     )
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path, caplog):
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_gloo_ranks_equal_one_process(tmp_path, caplog, world: int):
+    """``world`` worker processes (gloo) sample the single-process blocks, then survive a rejected
+    input and an early close, and stop with one message when a worker dies."""
     path = tmp_path / "tiny_s2v.safetensors"
-    model = tiny_model()
+    model = tiny_model(heads=world)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     load = functools.partial(load_s2v_dit, path, torch.float32, audio_inject_layers=INJECT)
-    with WorkerGroup(WorkerJob(load, sample_realvideo_parallel), ["cpu", "cpu"], label="RealVideo") as group:
-        for latent_hw in ((4, 8), (8, 4)):  # split along H, then along W
+    with WorkerGroup(WorkerJob(load, sample_realvideo_parallel), ["cpu"] * world, label="RealVideo") as group:
+        for latent_hw in ((4, 8), (8, 4)):  # split along H, then along W (4 ranks: along W, then along H)
             inputs = sampler_inputs(latent_hw)
             single = list(sample_realvideo(model, noise=SeededNoise(3), **inputs))
             parallel = list(group.generate(seed=3, **inputs))
             assert len(parallel) == len(single) == 12
             for b, (ours, ref) in enumerate(zip(parallel, single)):
-                torch.testing.assert_close(ours, ref, rtol=1e-5, atol=2e-5, msg=lambda m: f"{latent_hw} block {b}: {m}")
+                torch.testing.assert_close(ours, ref, rtol=RTOL, atol=ATOL, msg=lambda m: f"{latent_hw} block {b}: {m}")
         with pytest.raises(InputError, match="reference latent"):
             list(group.generate(seed=3, **{**sampler_inputs((4, 8)), "ref_latent": torch.zeros(1, 16, 2, 4, 8)}))
         # the group survives a rejected input and stays deterministic
@@ -137,8 +146,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, caplog):
         again = list(group.generate(seed=3, **{**sampler_inputs((8, 4)), "num_blocks": 2}))
         assert all(torch.equal(a, b) for a, b in zip(again, parallel))
         # a worker that dies stops the group, with one message naming it
-        group._workers[1].process.kill()
-        with pytest.raises(LiveTalkError, match=r"^RealVideo worker 1 \(cpu\) failed: it exited unexpectedly"):
+        group._workers[world - 1].process.kill()
+        with pytest.raises(LiveTalkError,
+                           match=rf"^RealVideo worker {world - 1} \(cpu\) failed: it exited unexpectedly"):
             list(group.generate(seed=3, **sampler_inputs((8, 4))))
         assert not group.alive
     assert not group.alive
@@ -173,9 +183,10 @@ def test_a_worker_that_cannot_load_its_model_says_why(tmp_path):
         WorkerGroup(WorkerJob(load, sample_realvideo_parallel), ["cpu"])
 
 
-def test_cli_under_torchrun_equals_one_process(tmp_path):
-    """``torchrun --nproc_per_node=2 -m livetalk_core --smoke --model realvideo`` (gloo) writes the same
-    latents as the single-process CLI, and rank 0 alone writes the mp4."""
+@pytest.mark.parametrize("world", WORLD_SIZES)
+def test_cli_under_torchrun_equals_one_process(tmp_path, world: int):
+    """``torchrun --nproc_per_node=world -m livetalk_core --smoke --model realvideo`` (gloo) writes the
+    same latents as the single-process CLI, and rank 0 alone writes the mp4."""
     import subprocess
     import sys
     from pathlib import Path
@@ -188,13 +199,13 @@ def test_cli_under_torchrun_equals_one_process(tmp_path):
                  "--latents-out", str(tmp_path / "one.safetensors")]) == 0
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-         "livetalk_core", "--smoke", "--model", "realvideo", "--duration", "1", "--output", str(tmp_path / "two.mp4"),
-         "--latents-out", str(tmp_path / "two.safetensors")],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m",
+         "livetalk_core", "--smoke", "--model", "realvideo", "--duration", "1", "--output", str(tmp_path / "ranks.mp4"),
+         "--latents-out", str(tmp_path / "ranks.safetensors")],
         cwd=repo, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    one, two = (load_file(str(tmp_path / f"{n}.safetensors"))["latents"] for n in ("one", "two"))
+    one, ranks = (load_file(str(tmp_path / f"{n}.safetensors"))["latents"] for n in ("one", "ranks"))
     assert one.shape[2] == 6  # 3 blocks of 2 latent frames: 1 s is 17 frames, 2 blocks decode to 5 + 8
-    torch.testing.assert_close(two, one, rtol=1e-5, atol=2e-5)
-    assert (tmp_path / "two.mp4").stat().st_size > 0
+    torch.testing.assert_close(ranks, one, rtol=RTOL, atol=ATOL)
+    assert (tmp_path / "ranks.mp4").stat().st_size > 0
