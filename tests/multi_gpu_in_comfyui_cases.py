@@ -1,6 +1,6 @@
 """The loader's ``gpus`` input inside ComfyUI (run by test_multi_gpu_in_comfyui.py through comfy_in_process).
 
-``parallel_devices`` is patched to give CPUs, so two gloo worker processes stand in for two GPUs and
+``parallel_devices`` is patched to give CPUs, so two (or four) gloo worker processes stand in for GPUs and
 the real worker path runs: the pack is imported under the name ComfyUI gives it (its folder path),
 so the workers import the engine under another name than this process does. One worker group is
 reused across the checks where possible (each start spawns processes that import torch).
@@ -21,7 +21,8 @@ from tiny_weights import UMT5_WIDTH, save_module, save_tiny_wav2vec2, tiny_dit, 
 
 # ComfyUI names a pack's module after its folder path (nodes.load_custom_node).
 PACKAGE = str(REPO).replace(".", "_x_")
-SIZE = 64  # the video side: 8x8 latents, split along W over 2 workers
+SIZE = 64  # the video side: 8x8 latents, split along W over 2 or 4 workers
+FOUR_HEADS = "s2v_4_heads.safetensors"  # a DiT that 4 workers can split
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,7 @@ def model_files(tmp_path_factory):
     for folder in ("livetalk", "diffusion_models", "vae", "audio_encoders"):
         (root / folder).mkdir()
     save_module(tiny_s2v_dit(heads=2), root / "diffusion_models" / "s2v.safetensors")
+    save_module(tiny_s2v_dit(heads=4), root / "diffusion_models" / FOUR_HEADS)
     save_module(tiny_dit(), root / "livetalk" / "dit.safetensors")
     save_module(tiny_vae(), root / "vae" / "vae.safetensors")
     save_tiny_wav2vec2(root / "audio_encoders" / "w2v.safetensors")
@@ -61,8 +63,8 @@ def run(node, **inputs):
     return node.PREPARE_CLASS_CLONE({}).EXECUTE_NORMALIZED(**inputs).result
 
 
-def load(pack, gpus: int, attention: str = "sdpa", **options):
-    return run(pack.loader.LoadLiveTalkModel, model_name="s2v.safetensors", vae_name="vae.safetensors",
+def load(pack, gpus: int, attention: str = "sdpa", model_name: str = "s2v.safetensors", **options):
+    return run(pack.loader.LoadLiveTalkModel, model_name=model_name, vae_name="vae.safetensors",
                audio_encoder_name="w2v_large.safetensors", precision="fp32", attention=attention, compile=False,
                gpus=gpus, **options)
 
@@ -152,6 +154,17 @@ def test_two_workers_give_the_one_gpu_video_and_recover_from_interrupts_failures
     # ComfyUI unloading its models ("Unload models", or after an out-of-memory error) stops them
     mm.unload_all_models()
     assert not restarted.alive and running_group(pack) is None
+
+
+def test_four_workers_give_the_one_gpu_video(pack, inputs, monkeypatch):
+    """4 heads over 4 CPU workers, each sampling one patch column of the 8x8 latent."""
+    monkeypatch.setattr(pack.multi_gpu, "parallel_devices", lambda: ["cpu"] * 4)
+    one_gpu = sample(pack, load(pack, gpus=1, model_name=FOUR_HEADS)[0], inputs)
+    model = load(pack, gpus=4, model_name=FOUR_HEADS)[0]
+    assert isinstance(model.engine, pack.multi_gpu.WorkerDiT) and len(running_group(pack)._workers) == 4
+    assert_same_video(sample(pack, model, inputs), one_gpu)
+    mm.unload_all_models()
+    assert running_group(pack) is None
 
 
 def test_validation_names_what_to_change(pack, cpu_workers, monkeypatch):
