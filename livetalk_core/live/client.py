@@ -66,9 +66,14 @@ class LiveRecording:
     def samples_per_frame(self) -> int:
         return int(self.info["sample_rate"]) // self.fps
 
+    @property
+    def frame_audio_offset(self) -> int:
+        """Frame ``f`` was made from the samples ``[f * spf + offset, (f + 1) * spf + offset)`` (the ready message)."""
+        return int(self.info.get("frame_audio_offset", 0))
+
     def returned_speech(self) -> np.ndarray:
         """The client's samples as the blocks that used them returned them (int16), in order."""
-        parts = [block.audio[:block.header["speech_samples"]] for block in self.blocks]
+        parts = [block.audio[offset:offset + length] for block in self.blocks for offset, length in speech_runs(block)]
         return np.concatenate(parts) if parts else np.zeros(0, np.int16)
 
     def sent_by(self, samples: int) -> float | None:
@@ -90,15 +95,22 @@ class LiveRecording:
         return round(float(np.percentile(chosen, 95)), 4) if chosen else None
 
     def _block_latencies(self, block: ReceivedBlock) -> list[float]:
-        h, spf = block.header, self.samples_per_frame
-        speech_end = h["audio_start"] + h["speech_samples"]
-        client_begin = h["client_samples_end"] - h["speech_samples"]
+        """Per frame made from some of the client's samples: its arrival minus when the last of them was sent.
+        Frame ``f``'s samples are ``[f * spf + offset, (f + 1) * spf + offset)`` clipped to the block's audio."""
+        h, spf, offset = block.header, self.samples_per_frame, self.frame_audio_offset
+        runs = speech_runs(block)
+        client_sample = h["client_samples_end"] - h["speech_samples"]  # the client's index of the first pushed one
+        ends = []  # (block-audio offset where a run ends, client samples up to it)
+        for start, length in runs:
+            client_sample += length
+            ends.append((start, start + length, client_sample))
         out = []
         for frame in range(h["first_frame"], h["first_frame"] + h["frames"]):
-            if frame * spf >= speech_end or h["speech_samples"] == 0:
+            lo, hi = frame * spf + offset - h["audio_start"], (frame + 1) * spf + offset - h["audio_start"]
+            covered = [end_client - (end - min(end, hi)) for start, end, end_client in ends if start < hi and end > lo]
+            if not covered:
                 continue  # made from filled-in silence only: no audio of the client's to be late for
-            needed = min(max((frame + 1) * spf, h["audio_start"]), speech_end) - h["audio_start"]
-            sent_at = self.sent_by(client_begin + needed)
+            sent_at = self.sent_by(max(covered))
             if sent_at is not None:
                 out.append(block.arrived - sent_at)
         return out
@@ -185,6 +197,15 @@ class LiveRecording:
         with VideoWriter(output, fps=self.fps, audio=audio, audio_sample_rate=protocol.SAMPLE_RATE) as writer:
             writer.write(frames)
         return writer.saved_path
+
+
+def speech_runs(block: ReceivedBlock) -> list[tuple[int, int]]:
+    """Where the client's samples are in a block's audio: the header's ``speech_runs`` (a server without them
+    puts a block's speech first)."""
+    h = block.header
+    if "speech_runs" in h:
+        return [(int(offset), int(length)) for offset, length in h["speech_runs"]]
+    return [(0, int(h["speech_samples"]))] if h["speech_samples"] else []
 
 
 async def stream_audio(url: str, audio: np.ndarray, *, image: bytes | None = None, prompt: str | None = None,

@@ -1,11 +1,15 @@
 """Runs a live session in real time: block after block in a thread of its own, so the video never stops.
 
-Time 0 of the session's timeline is :meth:`LiveClock.start`. A block is made as soon as the audio it
-needs (its tile and the features' look-ahead) has arrived, or at its *deadline*, with the missing
-part as silence. The deadline is when that audio should have arrived, plus ``slack_s``: on the
-timeline's schedule (sample ``s`` at ``s / 16000`` s after the start) or, while a client is
-streaming into the block, at the pace of its stream (its last push plus the time the rest of the
-audio takes to play), whichever is later: a client that began speaking mid-block is not cut short.
+Time 0 of the session's timeline is :meth:`LiveClock.start`. Every block has a *deadline* on one fixed
+schedule: the time its audio is due on a steady stream (:meth:`~.session.LiveSession.schedule_sample`,
+sample ``s`` at ``s / 16000`` s after the start) plus ``slack_s``. Block 0 is made at its deadline plus
+``margin_s`` (how much longer than block 0 a later block may take to make and send); a later block as soon as the audio it needs (its tile and the features' look-ahead) has arrived, or at
+its deadline with the missing part as silence. So each block leaves the clock no later, relative to
+block 0, than its first frame's time: a player that starts showing block 0 as it comes never waits
+(docs/live.md, "Latency and stalls"). The slack covers how late a client's audio comes on a steady
+stream: one message (the clients send 0.1 s each, when its last sample has been spoken) plus the
+placement tolerance; audio that comes later than that tolerance is placed at the time it was spoken
+(features.AudioTimeline), so speech after a pause is on the schedule too.
 """
 
 from __future__ import annotations
@@ -18,8 +22,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .session import LiveBlock, LiveSession
 
-DEFAULT_SLACK_S = 0.1
-"""How long past the moment a block's audio should have arrived the clock waits for it."""
+PLACEMENT_TOLERANCE_S = 0.04
+"""Audio arriving up to this much later than the end of the audio before it still goes right after it
+(network and timer jitter); later, it goes at the time it was spoken (a pause, or a late start)."""
+CLIENT_MESSAGE_S = 0.1
+"""The longest audio message the clock expects on a steady stream (the live clients send 0.1 s each)."""
+DEFAULT_SLACK_S = CLIENT_MESSAGE_S + PLACEMENT_TOLERANCE_S + 0.01
+"""How long past the moment a block's audio should have arrived the clock waits for it: a message, the
+placement tolerance and 10 ms for the clock thread to wake."""
+DEFAULT_MARGIN_S = 0.05
+"""How much longer than block 0 a later block may take to make, encode and send before a player that started
+with block 0 waits for it (the time to make a block varies by a few ms on a GPU)."""
 _POLL_S = 0.02  # how often a waiting clock looks again (a new push may move the deadline, stop may come)
 
 
@@ -30,11 +43,12 @@ class LiveClock:
     closed under a running clock stops it too, without an error)."""
 
     def __init__(self, session: LiveSession, on_block: Callable[[LiveBlock], None], *,
-                 slack_s: float = DEFAULT_SLACK_S,
+                 slack_s: float = DEFAULT_SLACK_S, margin_s: float = DEFAULT_MARGIN_S,
                  on_error: Callable[[BaseException], None] | None = None) -> None:
-        if slack_s < 0:
-            raise ValueError(f"slack_s must be at least 0, got {slack_s}")
+        if slack_s < 0 or margin_s < 0:
+            raise ValueError(f"slack_s and margin_s must be at least 0, got {slack_s} and {margin_s}")
         self.session, self.on_block, self.on_error, self.slack_s = session, on_block, on_error, slack_s
+        self.margin_s = margin_s
         self.started_at: float | None = None
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -42,6 +56,7 @@ class LiveClock:
 
     def start(self) -> None:
         self.started_at = time.monotonic()
+        self.session.anchor(self.started_at, PLACEMENT_TOLERANCE_S)
         self._thread.start()
 
     def stop(self) -> None:
@@ -56,25 +71,23 @@ class LiveClock:
 
     def deadline(self) -> float:
         """``time.monotonic()`` at which the next block is made whatever audio has arrived."""
-        session = self.session
-        needed = session.audio_needed()
-        due = self.started_at + needed / session.sample_rate
-        tile_start = session.next_tile()[0]
-        last_push = session.last_push
-        if last_push is not None and session.audio_end > tile_start:  # a client is streaming into this block
-            due = max(due, last_push + (needed - session.audio_end) / session.sample_rate)
-        return due + self.slack_s
+        margin = self.margin_s if self.session.blocks_made == 0 else 0.0
+        return self.started_at + self.session.schedule_sample() / self.session.sample_rate + self.slack_s + margin
 
     def _wait_for_audio(self) -> None:
-        """Until the next block's audio is there, its deadline passes or stop is asked."""
+        """Until the next block's audio is there (block 0: its deadline, the schedule's start), its deadline
+        passes or stop is asked."""
+        first = self.session.blocks_made == 0
         while not self._stop.is_set() and not self.session.closed:
-            if self.session.audio_end >= self.session.audio_needed():
-                return
-            now = time.monotonic()
-            deadline = self.deadline()
+            now, deadline = time.monotonic(), self.deadline()
             if now >= deadline:
                 return
-            self.session.wait_for_audio(min(deadline, now + _POLL_S))
+            if first:
+                self._stop.wait(min(deadline - now, _POLL_S))
+            elif self.session.audio_end >= self.session.audio_needed():
+                return
+            else:
+                self.session.wait_for_audio(min(deadline, now + _POLL_S))
 
     def _run(self) -> None:
         try:

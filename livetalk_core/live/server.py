@@ -342,14 +342,24 @@ def _limits() -> dict:
 def _session_info(session) -> dict:
     return {"fps": session.fps, "width": session.width, "height": session.height, "sample_rate": session.sample_rate,
             "block_frames": session.block_frames, "first_block_frames": session.first_block_frames,
+            "frame_audio_offset": int(getattr(session, "frame_audio_offset", 0)),
             "codec": protocol.VIDEO_CODEC, "format": protocol.VIDEO_FORMAT}
 
 
 def _block_header(block, client_samples_end: int) -> dict:
     return {"index": int(block.index), "first_frame": int(block.first_frame), "frames": int(len(block.frames)),
             "audio_start": int(block.audio_start), "audio_samples": int(len(block.audio)),
-            "speech_samples": int(block.speech_samples), "client_samples_end": client_samples_end,
-            "generated_s": round(float(block.generated_s), 4)}
+            "speech_samples": int(block.speech_samples), "speech_runs": _speech_runs(block),
+            "client_samples_end": client_samples_end, "generated_s": round(float(block.generated_s), 4)}
+
+
+def _speech_runs(block) -> list[list[int]]:
+    """Where the client's samples are in the block's audio, ``[[offset, length], ...]`` (a session without
+    runs puts its speech first)."""
+    runs = getattr(block, "speech_runs", None)
+    if runs is None:
+        runs = ((0, block.speech_samples),) if block.speech_samples else ()
+    return [[int(offset), int(length)] for offset, length in runs]
 
 
 def build_app(endpoint: LiveEndpoint, prefix: str = "/live") -> web.Application:

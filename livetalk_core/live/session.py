@@ -27,9 +27,9 @@ from ..family_base import ModelFamily
 from ..media.audio_file import SAMPLE_RATE
 from ..media.timing import VIDEO_FPS
 from ..media.vae import WanVAE, frames_to_uint8
-from ..runtime.live_stream import LiveStream, LiveWindow
+from ..runtime.live_stream import FRAME_SAMPLES, LiveStream, LiveWindow
 from .clock import LiveClock
-from .features import AudioTimeline
+from .features import AudioTimeline, Runs
 
 __all__ = ["LiveBlock", "LiveClock", "LiveSession", "open_session", "open_smoke_session"]
 
@@ -52,8 +52,18 @@ class LiveBlock:
     frames: np.ndarray  # uint8 [n, H, W, 3]
     audio: np.ndarray  # float32 [m]: the block's tile, silence included
     audio_start: int
-    speech_samples: int  # pushed samples in ``audio`` (they come first; the rest is silence)
+    speech_samples: int  # pushed samples in ``audio`` (the rest is silence the session filled in)
     generated_s: float
+    speech_runs: Runs = ()  # where in ``audio`` the pushed samples are: (offset, length), in order
+
+    def pushed(self) -> np.ndarray:
+        """The client's samples this block used, in order (the silence filled in left out)."""
+        return pushed_samples(self.audio, self.speech_runs)
+
+
+def pushed_samples(audio: np.ndarray, runs: Runs) -> np.ndarray:
+    """The samples of ``audio`` in ``runs`` ((offset, length) pairs), in order."""
+    return np.concatenate([audio[offset : offset + length] for offset, length in runs] or [np.zeros(0, np.float32)])
 
 
 def is_silence(pushed: np.ndarray) -> bool:
@@ -83,6 +93,8 @@ class LiveSession:
         geometry = stream.geometry
         self.first_block_frames, self.block_frames = geometry.first_block_frames, geometry.block_frames
         self.block_samples = geometry.block_samples
+        self.frame_audio_offset = geometry.frame_audio_offset
+        self._lead = max(self._needed(block) - geometry.first_frame(block) * FRAME_SAMPLES for block in range(3))
         self._timeline = AudioTimeline()
         self._decoder = self._decoding_model.stream_decoder()
         self._owned = owned
@@ -110,7 +122,22 @@ class LiveSession:
     def audio_needed(self) -> int:
         """The timeline sample the pushed audio must reach before the next block can be made
         (its tile and look-ahead)."""
-        return max(self.next_tile()[1], self._stream.window(self._index)[1])
+        return self._needed(self._index)
+
+    def _needed(self, block: int) -> int:
+        return max(self._stream.geometry.tile(block)[1], self._stream.window(block)[1])
+
+    def schedule_sample(self) -> int:
+        """The timeline sample by whose time the next block is due on a steady stream: its first frame's
+        sample plus the same lead for every block (the most audio past its first frame any block needs).
+        Block 0 is shorter than the rest (LiveTalk 9 frames, RealVideo 5): its due time includes the lead
+        too, so a player that starts with block 0 finds every later block on time (docs/live.md)."""
+        return self._stream.geometry.first_frame(self._index) * FRAME_SAMPLES + self._lead
+
+    def anchor(self, origin: float, tolerance_s: float) -> None:
+        """A clock runs this session from ``origin`` (``time.monotonic()`` of timeline sample 0): audio that
+        arrives more than ``tolerance_s`` late for its place goes where it was spoken (features.AudioTimeline)."""
+        self._timeline.anchor(origin, tolerance_s)
 
     @property
     def audio_end(self) -> int:
@@ -146,14 +173,16 @@ class LiveSession:
         began = time.perf_counter()
         index, geometry = self._index, self._stream.geometry
         tile_start, tile_end = geometry.tile(index)
-        window, audio, speech = self._timeline.use_tile((tile_start, tile_end), self._stream.window(index))
-        latents = self._stream.sample(index, torch.from_numpy(window), silent=is_silence(audio[:speech]))
+        window, audio, runs = self._timeline.use_tile((tile_start, tile_end), self._stream.window(index))
+        pushed = pushed_samples(audio, runs)
+        latents = self._stream.sample(index, torch.from_numpy(window), silent=is_silence(pushed))
         frames = self._decode(latents, first=index == 0)
         self._index += 1
         next_start = self._stream.window(self._index)[0]
         self._timeline.forget_before(min(next_start, geometry.tile(self._index)[0]))
         return LiveBlock(index=index, first_frame=geometry.first_frame(index), frames=frames, audio=audio,
-                         audio_start=tile_start, speech_samples=speech, generated_s=time.perf_counter() - began)
+                         audio_start=tile_start, speech_samples=pushed.size, speech_runs=runs,
+                         generated_s=time.perf_counter() - began)
 
     def _decode(self, latents: torch.Tensor, first: bool) -> np.ndarray:
         """The block's frames through the streaming decoder; block 0 one latent frame at a time, as

@@ -38,6 +38,8 @@ REALVIDEO_LIVE_GEOMETRY = LiveGeometry(
     block_frames=BLOCK_FRAMES,
     first_block_samples=BLOCK_SAMPLES,
     block_samples=BLOCK_SAMPLES,
+    # latent 0 decodes to 1 frame, every later one to 4: frame f shows the audio of frame f + 3
+    frame_audio_offset=(VIDEO_FRAMES_PER_LATENT - 1) * FRAME_SAMPLES,
 )
 
 

@@ -49,6 +49,10 @@ class LiveGeometry:
     block_frames: int
     first_block_samples: int
     block_samples: int
+    frame_audio_offset: int = 0
+    """Frame ``f`` was made from the samples ``[f * FRAME_SAMPLES + offset, (f + 1) * FRAME_SAMPLES + offset)``
+    (clipped to its block's tile): 0 where frames and audio line up (LiveTalk), more where the family's decode
+    puts its frames ahead of their audio (RealVideo). Latency is measured against these samples."""
 
     def first_frame(self, block: int) -> int:
         return 0 if block == 0 else self.first_block_frames + (block - 1) * self.block_frames
@@ -59,6 +63,10 @@ class LiveGeometry:
             return 0, self.first_block_samples
         start = self.first_block_samples + (block - 1) * self.block_samples
         return start, start + self.block_samples
+
+    def frame_audio_end(self, frame: int) -> int:
+        """The timeline sample after the last one frame ``frame`` was made from (before clipping to its tile)."""
+        return (frame + 1) * FRAME_SAMPLES + self.frame_audio_offset
 
 
 class LiveStream(Protocol):
