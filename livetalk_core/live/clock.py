@@ -3,8 +3,9 @@
 Time 0 of the session's timeline is :meth:`LiveClock.start`. Every block has a *deadline* on one fixed
 schedule: the time its audio is due on a steady stream (:meth:`~.session.LiveSession.schedule_sample`,
 sample ``s`` at ``s / 16000`` s after the start) plus ``slack_s``. Block 0 is made at its deadline plus
-``margin_s`` (how much longer than block 0 a later block may take to make and send); a later block as soon as the audio it needs (its tile and the features' look-ahead) has arrived, or at
-its deadline with the missing part as silence. So each block leaves the clock no later, relative to
+``margin_s`` (how much longer than block 0 a later block may take to make and send); a later block as
+soon as the audio it needs (its tile and the features' look-ahead) has arrived, or at its deadline with
+the missing part as silence. So each block leaves the clock no later, relative to
 block 0, than its first frame's time: a player that starts showing block 0 as it comes never waits
 (docs/live.md, "Latency and stalls"). The slack covers how late a client's audio comes on a steady
 stream: one message (the clients send 0.1 s each, when its last sample has been spoken) plus the
