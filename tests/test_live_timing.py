@@ -124,3 +124,13 @@ def test_frame_latency_is_measured_against_the_audio_the_frame_was_made_from():
     latencies = recording.frame_latencies()
     assert len(latencies) == 7
     assert latencies[0] == pytest.approx(0.9) and latencies[-1] == pytest.approx(0.6)
+
+
+def test_a_session_behind_the_clock_places_at_most_two_seconds_of_silence(monkeypatch):
+    """A session slower than real time (its blocks far behind the clock): audio after a pause goes at most 2 s
+    after the audio before it, so the silence filled in (and the memory it takes) stays bounded."""
+    monkeypatch.setattr(time, "monotonic", lambda: 1000.0)
+    timeline = AudioTimeline()
+    timeline.anchor(0.0, tolerance_s=0.04)  # the clock started 1000 s ago; nothing was used yet
+    timeline.push(np.ones(1600, np.float32))
+    assert timeline.runs_in(0, 10**9) == ((32_000, 1600),) and timeline.end == 33_600

@@ -21,6 +21,10 @@ import numpy as np
 from ..errors import InputError
 from ..media.audio_file import SAMPLE_RATE
 
+MAX_GAP_SAMPLES = 2 * SAMPLE_RATE
+"""The most silence placed before audio that came after a pause. A clock on schedule never needs more than a
+block and its slack; a session slower than real time (its blocks behind the clock) would otherwise fill the
+whole lag with silence, and memory with it."""
 Runs = tuple[tuple[int, int], ...]
 """Where pushed samples lie in a stretch of the timeline: ``(offset, length)`` pairs, in order."""
 
@@ -80,7 +84,7 @@ class AudioTimeline:
         if self._origin is not None:
             spoken = round((now - self._origin) * SAMPLE_RATE) - samples
             if spoken > start + self._tolerance:
-                start = spoken
+                start = min(spoken, start + MAX_GAP_SAMPLES)
         return start
 
     def runs_in(self, start: int, end: int) -> Runs:
