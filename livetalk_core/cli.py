@@ -255,6 +255,7 @@ def check_family_flags(args: argparse.Namespace, parser: argparse.ArgumentParser
     if parallel_ranks() > 1 and not family.supports_sequence_parallel:
         raise InputError(f"{family.name} runs on one GPU; torchrun with several processes is for "
                          f"{sequence_parallel_families()}. Run it without torchrun.")
+    check_head_split(args.dit)
     if not family.fp8_and_partial_files:
         for flag, given in (("--base", args.base is not None), ("--fp8", args.fp8)):
             if given:
@@ -263,6 +264,20 @@ def check_family_flags(args: argparse.Namespace, parser: argparse.ArgumentParser
     if args.steps is not None and (args.steps < 1 or (family.step_counts and args.steps not in family.step_counts)):
         counts = " or ".join(map(str, family.step_counts or ())) or "1 or more"
         raise InputError(f"--steps {args.steps}: {family.name} samples with {counts} steps per block.")
+
+
+def check_head_split(dit: Path | None) -> None:
+    """Under torchrun, refuse a process count that does not divide the DiT's attention heads, from the
+    file's header: before every rank loads the whole model only to be refused."""
+    from .parallel.sequence_parallel import header_heads
+
+    ranks = parallel_ranks()
+    heads = header_heads(dit_shapes(dit)) if ranks > 1 and dit is not None else None
+    if heads is not None and heads % ranks:
+        fits = [str(n) for n in range(2, heads + 1) if heads % n == 0][:4]
+        advice = f"use --nproc_per_node {' or '.join(fits)}" if fits else "run it without torchrun"
+        raise InputError(f"torchrun started {ranks} processes, but the model's {heads} attention "
+                         f"head{'s' if heads > 1 else ''} cannot be split evenly over {ranks} GPUs: {advice}.")
 
 
 def runtime_options(args: argparse.Namespace) -> RuntimeOptions:

@@ -30,12 +30,11 @@ from comfy.patcher_extension import CallbacksMP
 from ..livetalk_core.errors import InputError
 from ..livetalk_core.families import ModelFamily, sequence_parallel_families
 from ..livetalk_core.options import RuntimeOptions
+from ..livetalk_core.parallel.sequence_parallel import header_heads
 from ..livetalk_core.parallel.workers import WorkerGroup, WorkerJob, WorkerModelInfo
-from ..livetalk_core.wan.dit import HEAD_DIM
 from .comfy_models import Managed
 
 log = logging.getLogger(__name__)
-_QUERY_WEIGHT = "blocks.0.self_attn.q.weight"
 
 
 def parallel_devices() -> list[str]:
@@ -61,9 +60,8 @@ def check_gpus(gpus: int, family: ModelFamily | None, shapes: Mapping[str, tuple
         if hidden is not None:
             seen += f" (CUDA_VISIBLE_DEVICES={hidden}, which ComfyUI's --cuda-device sets, hides the others)"
         raise InputError(f"gpus is {gpus}, but ComfyUI sees {seen}. Set gpus to {max(1, available)} or fewer.")
-    query = next((shape for key, shape in (shapes or {}).items() if key.endswith(_QUERY_WEIGHT)), None)
-    if query is not None and (query[0] // HEAD_DIM) % gpus:
-        heads = query[0] // HEAD_DIM
+    heads = header_heads(shapes or {})
+    if heads is not None and heads % gpus:
         fits = [str(n) for n in range(1, available + 1) if heads % n == 0]
         choices = fits[0] if len(fits) == 1 else f"{', '.join(fits[:-1])} or {fits[-1]}"
         raise InputError(

@@ -271,6 +271,39 @@ def test_torchrun_is_refused_for_a_family_on_one_gpu(tmp_path, capsys, nothing_l
             "for RealVideo 14B")
 
 
+def test_torchrun_over_more_ranks_than_the_heads_split_is_refused_from_the_header(tmp_path, capsys, nothing_loads,
+                                                                                    monkeypatch):
+    """The head split is checked from the DiT file's header under torchrun, before every rank would load the
+    whole model only to be refused by the sequence-parallel attach."""
+    from test_realvideo import tiny_model
+
+    assert tiny_model().config.num_heads == 1  # the file below: nothing splits it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    s2v = tiny_s2v_file(tmp_path)
+    out = ["--wav2vec2", str(tmp_path), "--output", str(tmp_path / "x.mp4")]
+    err = refused(capsys, cli.main(["--dit", str(s2v), *out]),
+                  "1 attention head cannot be split evenly over 2 GPUs", "without torchrun")
+    assert err.count("error:") == 1
+
+
+def test_the_head_split_check_names_the_process_counts_that_work(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    from livetalk_core.errors import InputError
+    from livetalk_core.wan.dit import HEAD_DIM
+
+    path = tmp_path / "dit.safetensors"
+    save_file({"model.blocks.0.self_attn.q.weight": torch.zeros(6 * HEAD_DIM, 8)}, str(path))  # 6 heads
+    for ranks in ("1", "2", "3", "6"):
+        monkeypatch.setenv("WORLD_SIZE", ranks)
+        cli.check_head_split(path)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(InputError, match="6 attention heads cannot be split evenly over 4 GPUs: "
+                                         "use --nproc_per_node 2 or 3 or 6"):
+        cli.check_head_split(path)
+
+
 def test_usable_durations_and_sizes_pass_the_checks():
     from livetalk_core.cli_checks import check_duration, parse_size
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +37,7 @@ import torch.nn as nn
 from ..errors import InputError
 from ..runtime import cuda_graphs
 from ..runtime.noise import NoiseSource
+from ..wan.dit import HEAD_DIM
 from ..wan.kv_cache import CachePolicy
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,16 @@ def attach(model: nn.Module, sp: SequenceParallel | None) -> None:
         )
     for block in model.blocks:
         block.self_attn.sp = sp
+
+
+QUERY_WEIGHT = "blocks.0.self_attn.q.weight"  # its rows are heads x HEAD_DIM in every Wan DiT
+
+
+def header_heads(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """A Wan DiT's attention heads from its file header (tensor shapes), or None if it has no query weight:
+    what decides how many GPUs can share its attention, known before anything loads."""
+    query = next((shape for key, shape in shapes.items() if key.endswith(QUERY_WEIGHT)), None)
+    return None if query is None else query[0] // HEAD_DIM
 
 
 def attached(model: nn.Module) -> SequenceParallel | None:
