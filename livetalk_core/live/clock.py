@@ -28,9 +28,10 @@ PLACEMENT_TOLERANCE_S = 0.04
 (network and timer jitter); later, it goes at the time it was spoken (a pause, or a late start)."""
 CLIENT_MESSAGE_S = 0.1
 """The longest audio message the clock expects on a steady stream (the live clients send 0.1 s each)."""
-DEFAULT_SLACK_S = CLIENT_MESSAGE_S + PLACEMENT_TOLERANCE_S + 0.01
+THREAD_WAKE_S = 0.01  # allowance for the clock thread to wake from its wait
+DEFAULT_SLACK_S = CLIENT_MESSAGE_S + PLACEMENT_TOLERANCE_S + THREAD_WAKE_S
 """How long past the moment a block's audio should have arrived the clock waits for it: a message, the
-placement tolerance and 10 ms for the clock thread to wake."""
+placement tolerance and the thread's wake-up allowance."""
 DEFAULT_MARGIN_S = 0.05
 """How much longer than block 0 a later block may take to make, encode and send before a player that started
 with block 0 waits for it (the time to make a block varies by a few ms on a GPU)."""
