@@ -30,6 +30,7 @@ from livetalk_core.livetalk import live as livetalk_live  # noqa: E402
 from livetalk_core.livetalk.audio import pad_waveform_to_blocks  # noqa: E402
 from livetalk_core.livetalk.pipeline import livetalk_video_length  # noqa: E402
 from livetalk_core.media.audio_file import SAMPLE_RATE, load_audio  # noqa: E402
+from livetalk_core.media.samples import SAMPLE_AUDIO  # noqa: E402
 from livetalk_core.media.timing import video_frames_for_latents  # noqa: E402
 from livetalk_core.media.wav2vec2 import AudioEncoder, livetalk_audio_features  # noqa: E402
 from livetalk_core.realvideo import live as realvideo_live  # noqa: E402
@@ -38,7 +39,6 @@ from livetalk_core.runtime.live_stream import FRAME_SAMPLES, LiveWindow  # noqa:
 
 CONTEXTS_S = (0.5, 1.0, 2.0, 4.0)
 LOOKAHEADS_S = (0.0, 0.25)
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def random_wav2vec2(large: bool, tiny: bool) -> AudioEncoder:
@@ -134,7 +134,7 @@ def report(name: str, measure, offline, encoder: AudioEncoder, clip: torch.Tenso
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--audio", type=Path, default=ASSETS / "speech.flac")
+    parser.add_argument("--audio", type=Path, default=SAMPLE_AUDIO)
     parser.add_argument("--tiny", action="store_true", help="tiny random wav2vec2s instead of the release sizes")
     parser.add_argument("--family", choices=("livetalk", "realvideo"), action="append")
     args = parser.parse_args()

@@ -44,6 +44,7 @@ from .family_base import fit_waveform
 from .interrupts import INTERRUPTED_EXIT_CODE, ready, summary
 from .media.checkpoint import PRECISIONS, checkpoint_shapes
 from .media.image import check_target_size
+from .media.samples import SAMPLE_AUDIO, SAMPLE_IMAGE
 from .media.taehv import DECODERS
 from .media.timing import VIDEO_FPS
 from .media.weights import TEXT_ENCODER_FILES, WeightFile
@@ -53,7 +54,6 @@ from .wan.attention import ATTENTION_BACKENDS
 # Subcommands: the first word of the command line -> the module (relative to this package) whose
 # main(argv) runs them; imported only when asked for.
 SUBCOMMANDS = {"live": ".live.server", "live-client": ".live.client"}
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_MODEL = "livetalk"  # the family --model means when neither it nor --dit is given
 DEFAULT_SIZE = "512"
 MODEL_ROLES = ("dit", "vae", "wav2vec2")  # the files every family loads, by WeightFile.role
@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_input_arguments(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--image", default=str(ASSETS / "portrait.jpg"),
+    g.add_argument("--image", default=str(SAMPLE_IMAGE),
                    help="reference face image (default: the shipped portrait)")
-    g.add_argument("--audio", default=str(ASSETS / "speech.flac"),
+    g.add_argument("--audio", default=str(SAMPLE_AUDIO),
                    help="speech audio, any format/rate (default: the shipped clip)")
     g.add_argument("--output", default="livetalk.mp4",
                    help="mp4 to write (default: %(default)s; rank 0 writes it under torchrun)")

@@ -13,8 +13,8 @@ import torch
 
 from ..errors import InputError
 from ..family_base import ModelFamily
+from ..media.samples import SAMPLE_IMAGE
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 SMOKE_DTYPE = torch.float32
 SMOKE_DEVICE = "cpu"
 
@@ -53,7 +53,7 @@ def smoke_size(family: ModelFamily) -> tuple[int, int]:
 
 def smoke_reference() -> torch.Tensor:
     """The shipped portrait (uint8 ``[H, W, 3]``), or a plain gradient where the assets are not installed."""
-    portrait = ASSETS / "portrait.jpg"
+    portrait = SAMPLE_IMAGE
     if portrait.is_file():
         from ..media.image import load_image
 
