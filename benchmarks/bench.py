@@ -66,7 +66,8 @@ def main() -> None:
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     p.add_argument("--blocks", type=int, default=12, help="blocks per timed run")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="regional torch.compile of the DiT blocks and the VAE's conv steps (the shipped default on GPUs)")
+                   help="regional torch.compile of the DiT blocks and the VAE's conv steps "
+                   "(the shipped default on GPUs)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="with --compile: replay the DiT's forwards as CUDA graphs (the shipped default)")
     p.add_argument("--fp8-matmul", action="store_true", help="fp8 x fp8 matmuls for the DiT's block Linears")
@@ -121,7 +122,8 @@ def main() -> None:
         for r in results:
             print(r["config"], "checks:", json.dumps(r["checks"]))
             if "first_frame_parts_ms" in r:
-                print(r["config"], "first frame parts ms:", json.dumps({k: round(v, 1) for k, v in r["first_frame_parts_ms"].items()}))
+                parts = {k: round(v, 1) for k, v in r["first_frame_parts_ms"].items()}
+                print(r["config"], "first frame parts ms:", json.dumps(parts))
             if "long_run" in r:
                 print(r["config"], "long run:", json.dumps(r["long_run"]))
         if args.json:

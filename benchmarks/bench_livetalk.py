@@ -29,7 +29,9 @@ FULL_DIT = WanCoreConfig(dim=1536, in_dim=33, out_dim=16, ffn_dim=8960, num_laye
 VIDEO_FRAMES_PER_BLOCK = 12
 
 
-def build(device: torch.device, dtype: torch.dtype, vae_device: torch.device, tiny: bool) -> tuple[LiveTalkPipeline, torch.Tensor]:
+def build(
+    device: torch.device, dtype: torch.dtype, vae_device: torch.device, tiny: bool
+) -> tuple[LiveTalkPipeline, torch.Tensor]:
     """The pipeline and a random text context: full size, or the smoke test's tiny files (``tiny``)."""
     if tiny:
         from livetalk_core.smoke import build_tiny_weights, load_context
@@ -84,7 +86,9 @@ def check_against_eager(pipe: LiveTalkPipeline, image, waveform, context, option
         "dit_per_block": [{"max_abs": (a.double() - b.double()).abs().max().item(), "rel_l2": rel_l2(a, b)}
                           for a, b in zip(optimised, eager)],
         "vae_frames_uint8": {"max_abs": vae_difference.max().item(), "mean_abs": vae_difference.float().mean().item()},
-        "vae_eager_bf16_vs_fp32_uint8": {"max_abs": yardstick.max().item(), "mean_abs": yardstick.float().mean().item()},
+        "vae_eager_bf16_vs_fp32_uint8": {
+            "max_abs": yardstick.max().item(), "mean_abs": yardstick.float().mean().item()
+        },
     }
 
 
@@ -110,7 +114,8 @@ def run(options: Namespace) -> dict:
 
     # warm-up: compile, cuDNN plans, the allocator (a clip of another length than the timed ones)
     start = time.perf_counter()
-    for _ in pipe.stream(pipe.encode_reference(image, options.size, options.size), pipe.encode_audio(waveform[: 16000 * 2]), context, 0):
+    for _ in pipe.stream(pipe.encode_reference(image, options.size, options.size),
+                         pipe.encode_audio(waveform[: 16000 * 2]), context, 0):
         pass
     synchronize()
     warmup_s = time.perf_counter() - start
@@ -194,7 +199,9 @@ def run(options: Namespace) -> dict:
         "peak_gib_vae_device": peak_vae,
         "build_s": build_s,
         "warmup_s": warmup_s,
-        "checks": {**(checks or {}), "pipelined_frames_identical_to_serial": torch.equal(outputs[False], outputs[True])},
+        "checks": {
+            **(checks or {}), "pipelined_frames_identical_to_serial": torch.equal(outputs[False], outputs[True])
+        },
         "dit_ms_all": dit_ms,
         "vae_ms_all": vae_ms,
     }
@@ -230,7 +237,9 @@ def long_video(pipe: LiveTalkPipeline, image: torch.Tensor, context: torch.Tenso
     return {
         "audio_s": seconds, "frames": info["frames"], "wall_s": elapsed, "fps": info["frames"] / elapsed,
         "has_audio": info["has_audio"],
-        "gpu_allocated_gib_after_block": {"first_quarter_max": max(gpu_gib[:quarter]), "last_quarter_max": max(gpu_gib[-quarter:])},
+        "gpu_allocated_gib_after_block": {
+            "first_quarter_max": max(gpu_gib[:quarter]), "last_quarter_max": max(gpu_gib[-quarter:])
+        },
         "gpu_peak_gib": peak_gib(device),
         "max_rss_gib": {"after_first_quarter": rss_gib[quarter - 1], "at_end": rss_gib[-1]},
     }

@@ -54,7 +54,8 @@ RELEASE = S2VConfig(
 )
 TINY = S2VConfig(
     core=WanCoreConfig(dim=2 * HEAD_DIM, in_dim=16, out_dim=16, ffn_dim=64, num_layers=2, text_dim=32),
-    audio_dim=TINY_WAV2VEC_HIDDEN, audio_layers=TINY_WAV2VEC_LAYERS + 1, audio_tokens=4, inject_layers=(0, 1), cond_dim=16,
+    audio_dim=TINY_WAV2VEC_HIDDEN, audio_layers=TINY_WAV2VEC_LAYERS + 1, audio_tokens=4, inject_layers=(0, 1),
+    cond_dim=16,
 )
 VIDEO_FRAMES_PER_BLOCK = 8
 CHECK_BLOCKS = 6
@@ -94,7 +95,8 @@ def build_encoders(device: torch.device, dtype: torch.dtype, tiny: bool) -> tupl
 def user_inputs(config: S2VConfig, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Seeded stand-ins for what a user gives: a ``2*size`` square image (uint8 HWC), 5 s of audio
     (16 kHz) and the idle / talking prompt embeddings ``[2, 1, 512, text_dim]``."""
-    image = torch.randint(0, 255, (2 * size, 2 * size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    image = torch.randint(0, 255, (2 * size, 2 * size, 3), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(4))
     waveform = torch.randn(5 * 16000, generator=torch.Generator().manual_seed(5)) * 0.1
     contexts = torch.randn(2, 1, 512, config.core.text_dim, generator=torch.Generator().manual_seed(3)).to(dtype)
     return image, waveform, contexts
@@ -131,14 +133,16 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
     """One result per entry of ``options.steps``. Options: tiny, blocks, steps, compile, cuda_graphs, fp8_matmul,
     fp8_kv_cache, check, out (folder for the latents, for ``bench.py --compare``)."""
     rank, world = (0, 1) if sp is None else (sp.rank, sp.world_size)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and not options.tiny else torch.device("cpu")
+    on_gpu = torch.cuda.is_available() and not options.tiny
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config, size = (TINY, 64) if options.tiny else (RELEASE, 512)
     reset_peak(device)
     start = time.perf_counter()
     model = build_dit(config, device, dtype)
-    runtime = RuntimeOptions(precision=PRECISION_OF_DTYPE[dtype], compile=options.compile, cuda_graphs=options.cuda_graphs,
-                             fp8_matmul=options.fp8_matmul, fp8_kv_cache=options.fp8_kv_cache, device=device).validate()
+    runtime = RuntimeOptions(precision=PRECISION_OF_DTYPE[dtype], compile=options.compile,
+                             cuda_graphs=options.cuda_graphs, fp8_matmul=options.fp8_matmul,
+                             fp8_kv_cache=options.fp8_kv_cache, device=device).validate()
     eager = replace(runtime, compile=False, fp8_matmul=False)  # what the optimised path is checked against
     eager.apply(model)
     vae, encoder = build_encoders(device, dtype, options.tiny) if rank == 0 else (None, None)
@@ -191,7 +195,9 @@ def run(options: Namespace, sp: SequenceParallel | None) -> list[dict]:
         block0, parts["dit_block0_with_prefill"] = wall_ms(lambda: next(first))
         if rank == 0:
             decoder = decoding.stream_decoder()
-            parts["decode_first_latent_frame"] = wall_ms(lambda: frames_to_uint8(decoder.decode(block0[:, :, :1])).cpu())[1]
+            parts["decode_first_latent_frame"] = wall_ms(
+                lambda: frames_to_uint8(decoder.decode(block0[:, :, :1])).cpu()
+            )[1]
         first.close()
 
         # each stage on its own: DiT per block (CUDA events; denoising + the previous block's refresh

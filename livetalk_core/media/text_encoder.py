@@ -88,7 +88,9 @@ class UMT5Config:
         return self.dim_attn // self.num_heads
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike = "<state dict>") -> UMT5Config:
+    def from_state_dict(
+        cls, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike = "<state dict>"
+    ) -> UMT5Config:
         """Infer the config from native key names (see :func:`to_native_state_dict`)."""
         shared_pos = "pos_embedding.embedding.weight" in state_dict
         pos_key = "pos_embedding.embedding.weight" if shared_pos else "blocks.0.pos_embedding.embedding.weight"
@@ -348,7 +350,9 @@ def _dequantize_fp8(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
     return out
 
 
-def to_native_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike = "<state dict>") -> dict[str, torch.Tensor]:
+def to_native_state_dict(
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike = "<state dict>"
+) -> dict[str, torch.Tensor]:
     """Wan-native names for a umT5 state dict in either layout; fp8 weights dequantised to float32.
 
     Unknown HF names are kept as they are, so that the key check reports them.
@@ -536,7 +540,9 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike):
     return _load_tokenizer(str(folder.resolve()))
 
 
-def tokenize(prompt: str, tokenizer_dir: str | os.PathLike, text_len: int = TEXT_LEN) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(
+    prompt: str, tokenizer_dir: str | os.PathLike, text_len: int = TEXT_LEN
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt -> (input_ids, attention_mask), both [1, text_len] int64.
 
     Cleaned as upstream (:func:`clean_prompt`), end-of-sequence token appended, truncated to
