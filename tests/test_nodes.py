@@ -194,10 +194,11 @@ def test_text_context_pads_with_zero_rows_and_trims(families, errors):
 def test_the_download_catalogue_serves_the_shipped_workflows_download_hints(files):
     """A file the front end offers to download (a workflow's ``properties.models``) is the same file,
     from the same place, as the loader's ``(download)`` choice of that name."""
-    hints = [hint for path in sorted((REPO / "workflows").glob("*.json"))
-             for node in json.loads(path.read_text())["nodes"] if node["type"] == "LoadLiveTalkModel"
-             for hint in node["properties"]["models"]]
-    assert len(hints) == 6
+    loaders = [node for path in sorted((REPO / "workflows").glob("*.json"))
+               for node in json.loads(path.read_text())["nodes"] if node["type"] == "LoadLiveTalkModel"]
+    # every shipped graph (offline and live, both families) offers its DiT, VAE and audio encoder
+    assert len(loaders) >= 4 and all(len(node["properties"]["models"]) == 3 for node in loaders)
+    hints = [hint for node in loaders for hint in node["properties"]["models"]]
     catalogue = {d.name: (d.folder, d.source.url()) for d in files.DOWNLOADABLE}
     for hint in hints:
         assert catalogue[hint["name"]] == (hint["directory"], hint["url"]), hint["name"]
