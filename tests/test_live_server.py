@@ -311,6 +311,22 @@ def test_a_client_that_disconnects_frees_its_session(server):
     assert not wait_until_free(url)["busy"] and opened.sessions[1].closed
 
 
+def test_a_client_that_reconnects_as_its_session_is_freed_is_served(server, monkeypatch):
+    """The client has its close as soon as the server sends it; the server frees the session just after. A
+    client that connects in that moment waits for the freeing and is served, instead of being told busy."""
+    url, endpoint, opened = server
+    close = StandInSession.close
+
+    def slow_close(session):
+        time.sleep(0.5)  # a KV cache and a GPU decoder take a moment to free
+        close(session)
+
+    monkeypatch.setattr(StandInSession, "close", slow_close)
+    for _ in range(2):
+        assert run_client(url, speech_like(0.5)).report()["frames"] >= 8  # no wait between the clients
+    assert not wait_until_free(url)["busy"] and all(session_closed(s) for s in opened.sessions)
+
+
 @pytest.mark.parametrize("message, code, words", [
     ("not json", protocol.CLOSE_POLICY, "not valid JSON"),
     ('{"type": "dance"}', protocol.CLOSE_POLICY, "unknown message type"),

@@ -36,6 +36,8 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 DEFAULT_PORT = 8765
 MAX_PENDING_BLOCKS = 4  # blocks made but not yet sent to the client; a fifth is dropped
 STOP_DRAIN_S = 10.0  # after stop, how long the blocks already made may take to go out
+TEARDOWN_WAIT_S = 5.0  # how long a new client waits for a session whose client has left to be freed
+TEARDOWN_POLL_S = 0.02
 PAGE_FILES = ("index.html", "live_client.js", "audio_capture.js")
 
 SessionOpener = Callable[[Start], object]  # a Start message -> a LiveSession (blocking: runs in a worker thread)
@@ -125,7 +127,7 @@ class LiveEndpoint:
         """``GET .../live/ws``: one client's whole connection."""
         ws = LiveSocket(max_msg_size=protocol.MAX_MESSAGE_BYTES, heartbeat=30)
         await ws.prepare(request)
-        if self.busy:
+        if not await self._previous_session_freed():
             await _refuse(ws, ProtocolError(protocol.CLOSE_BUSY, "busy: another client is in a live session; "
                                                                  "one session per server, try again when it ends"))
             return ws
@@ -138,6 +140,20 @@ class LiveEndpoint:
             self._active = None
             self.sessions_served += 1
         return ws
+
+    async def _previous_session_freed(self) -> bool:
+        """True when no session is in memory: at once, or after waiting (at most :data:`TEARDOWN_WAIT_S`) for a
+        connection whose client has already left to finish freeing its session. A client that reconnects the
+        moment its last session closed is served, not told "busy"; one still connected keeps its session."""
+        active = self._active
+        if active is None:
+            return True
+        if not active.ws.closed:
+            return False
+        deadline = asyncio.get_running_loop().time() + TEARDOWN_WAIT_S
+        while self._active is not None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(TEARDOWN_POLL_S)
+        return self._active is None
 
     def end_session(self, reason: str) -> bool:
         """End the connected client's session from another thread (ComfyUI: the LiveTalk Live node is ending):
