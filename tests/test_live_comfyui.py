@@ -127,7 +127,8 @@ async def raw_client(comfy, *messages, start: bool = False) -> tuple[list, int |
                 message = await ws.receive(timeout=300)
                 if message.type == aiohttp.WSMsgType.TEXT:
                     texts.append(json.loads(message.data))
-                assert message.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY), (message, texts)
+                elif message.type != aiohttp.WSMsgType.BINARY:  # closed before ready (e.g. a Cancel while starting)
+                    return texts, ws.close_code, message.extra or ""
         for message in messages:
             try:
                 await (ws.send_bytes(message) if isinstance(message, bytes) else ws.send_str(message))
