@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from .cli_checks import check_duration, check_image_size, check_output, parse_size, pick_device
+from .cli_workers import check_gpus, dit_on_workers, worker_devices
 from .errors import InputError, LiveTalkError, out_of_memory_help
 from .families import FAMILIES, ModelFamily, detect_family, sequence_parallel_families
 from .family_base import fit_waveform
@@ -133,6 +134,10 @@ def _add_video_arguments(g: argparse._ArgumentGroup) -> None:
 def _add_runtime_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--precision", choices=PRECISIONS, default="bf16", help="model precision")
     g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (under torchrun: each rank's GPU)")
+    g.add_argument("--gpus", type=int, default=1,
+                   help="run the DiT in N worker processes, one per GPU (cuda:0 ... cuda:N-1; sequence parallel, the "
+                   "same video as one GPU), the VAE and audio encoder on --device: how the live command runs a "
+                   "family on several GPUs (offline, torchrun works too; --smoke: N CPU processes)")
     g.add_argument("--vae-device", default=None,
                    help="run the VAE on another GPU (e.g. cuda:1), so decoding never competes with the DiT; "
                    "default: --device")
@@ -256,6 +261,10 @@ def check_family_flags(args: argparse.Namespace, parser: argparse.ArgumentParser
         raise InputError(f"{family.name} runs on one GPU; torchrun with several processes is for "
                          f"{sequence_parallel_families()}. Run it without torchrun.")
     check_head_split(args.dit)
+    if args.gpus != 1:
+        from .parallel.sequence_parallel import header_heads
+
+        check_gpus(args, family, header_heads(dit_shapes(args.dit)) if args.dit else None, parallel_ranks())
     if not family.fp8_and_partial_files:
         for flag, given in (("--base", args.base is not None), ("--fp8", args.fp8)):
             if given:
@@ -423,13 +432,16 @@ def load_models(inputs: RunInputs, files: ModelFiles, runtime: RuntimeOptions, r
     options = family.cli_load_options(files.dit, args)
     if family.fp8_and_partial_files:
         options.update(base=args.base, fp8_weights=runtime.fp8_weights, fp8_matmul=runtime.fp8_matmul)
-    models = Models(family.load(files.dit, dtype, runtime.device, **options))
+    if args.gpus > 1:  # the DiT in worker processes, one per GPU (cli_workers)
+        models = Models(dit_on_workers(family, files.dit, runtime, options, worker_devices(args.gpus, args.smoke)))
+    else:
+        models = Models(family.load(files.dit, dtype, runtime.device, **options))
     if rank == 0:
         models.vae = load_vae(files.vae, dtype, runtime.vae_device or runtime.device)
         models.audio_encoder = load_audio_encoder(files.wav2vec2, family.audio_encoder_dtype or dtype, runtime.device)
         models.decoder = models.vae if args.decoder == "full" else \
             load_tiny_decoder(args.tiny_decoder, dtype, runtime.vae_device or runtime.device)
-    runtime.apply(models.dit, models.vae)
+    runtime.apply(models.dit if args.gpus == 1 else None, models.vae)  # workers apply it to theirs
     return models
 
 

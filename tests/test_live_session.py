@@ -300,18 +300,66 @@ def test_closing_the_session_under_a_waiting_clock_stops_it_quietly(livetalk_mod
     clock.stop()
 
 
-def test_realvideo_over_several_gpus_is_refused_with_a_message(realvideo_models):
-    """A DiT that samples in worker processes (a RemoteSampler) cannot be driven live: one clear error."""
-    from livetalk_core.errors import InputError
+class FakeWorkerStream:
+    """What a worker group's streaming request (parallel.workers.BlockStream) is to the live stream: it
+    records each block's inputs and answers zeros."""
 
-    class WorkerDiT:  # as nodes/multi_gpu.WorkerDiT: the config and dtype, and generate
+    def __init__(self, **inputs):
+        self.inputs, self.fed, self.closed = inputs, [], False
+
+    def next_block(self, block_inputs):
+        self.fed.append(block_inputs)
+        return torch.zeros(1, 16, 2, *self.inputs["ref_latent"].shape[-2:])
+
+    def close(self):
+        self.closed = True
+
+
+def worker_dit(realvideo_models, *, can_stream: bool):
+    """A DiT on worker processes as the live stream sees it (nodes/multi_gpu.WorkerDiT, the CLI's
+    GroupSampler): config, dtype, generate, and stream where the workers can stream."""
+    class TorchrunRanks:  # a RemoteSampler that samples whole videos only
         config, dtype = realvideo_models.dit.config, torch.float32
 
         def generate(self, *, seed, **inputs):
             raise AssertionError("not reached")
 
-    context = [[realvideo_models.text, {}]]
-    with pytest.raises(InputError, match="one GPU"):
-        realvideo_models.family.open_live_stream(
-            WorkerDiT(), realvideo_models.encoder, conditioning=context, idle_conditioning=None,
-            reference=reference_latent(realvideo_models), seed=0, steps=None, window=LiveWindow(16000, 0))
+    class WorkerDiT(TorchrunRanks):
+        streams = []
+
+        def stream(self, *, seed, **inputs):
+            self.streams.append(FakeWorkerStream(seed=seed, **inputs))
+            return self.streams[-1]
+
+    return WorkerDiT() if can_stream else TorchrunRanks()
+
+
+def test_realvideo_on_workers_streams_each_blocks_inputs_to_them(realvideo_models, speech):
+    """A DiT on worker processes (a RemoteSampler; the loader's gpus > 1): the live stream opens one
+    streaming request with what every block shares, then sends each block the one-process stream's
+    plan entry and segment features (tests/test_live_multi_gpu.py runs real workers); closing it closes
+    the request. A RemoteSampler that cannot stream (torchrun ranks) is one clear error."""
+    window, reference, context = LiveWindow(16000, 0), reference_latent(realvideo_models), [[realvideo_models.text, {}]]
+
+    def open_stream(dit):
+        return realvideo_models.family.open_live_stream(
+            dit, realvideo_models.encoder, conditioning=context, idle_conditioning=None, reference=reference, seed=5,
+            steps=None, window=window)
+
+    dit = worker_dit(realvideo_models, can_stream=True)
+    stream = open_stream(dit)
+    audio = windows_of(speech, stream.window, 3)
+    for block in range(3):
+        assert stream.sample(block, audio[block], silent=block == 1).shape[2] == 2
+    stream.close()
+    (request,) = dit.streams
+    assert request.closed and request.inputs["seed"] == 5 and torch.equal(request.inputs["ref_latent"], reference)
+    assert len(request.inputs["schedule"]) == realvideo_live.LIVE_STEPS
+    for block, (entry, features) in enumerate(request.fed):
+        segment, ptr = realvideo_live.block_segment(block, window, audio[block])
+        assert entry == BlockPlan(block, ptr, talking=block != 1)
+        assert torch.equal(features, segment_features(realvideo_models.encoder, segment, torch.float32))
+    from livetalk_core.errors import InputError
+
+    with pytest.raises(InputError, match="cannot stream block by block"):
+        open_stream(worker_dit(realvideo_models, can_stream=False))

@@ -1,12 +1,14 @@
 """One rank of a :class:`~.workers.WorkerGroup`: the worker process's side of the protocol.
 
 A worker joins the sequence-parallel group, runs its :class:`WorkerJob`'s loader once, then serves
-generations (the job's sampler) until the parent says stop or goes away. Messages are pickled
-tuples over the worker's own connection: the parent sends ``("generate", request, inputs)``,
-``("stop", request)`` or ``None`` (exit); the worker answers ``("ready", info)``, then per request
-``("block", request, tensor)`` (rank 0 only), and ``("done" | "stopped", request, blocks)`` or
-``("error", request, LiveTalkError)``; ``("failed", summary, error, out_of_memory, traceback)``
-ends the worker.
+generations (the job's sampler) and streams (its streaming sampler, fed one block's inputs at a
+time) until the parent says stop or goes away. Messages are pickled tuples over the worker's own
+connection: the parent sends ``("generate", request, inputs)``, ``("stream", request, inputs)``, per
+block of a stream ``("feed", request, block_inputs)``, ``("stop", request)`` or ``None`` (exit); the
+worker answers ``("ready", info)``, then per request ``("block", request, tensor)`` (rank 0 only),
+and ``("done" | "stopped", request, blocks)`` or ``("error", request, LiveTalkError)``;
+``("failed", summary, error, out_of_memory, traceback)`` ends the worker. Every rank receives the
+same messages in the same order, so all of them end a stream after the same block.
 """
 
 from __future__ import annotations
@@ -43,10 +45,15 @@ class WorkerJob:
     load: ``load(device=torch.device)`` -> the model on that device, set up to run.
     sample: ``sample(model, sp, *, noise, **inputs)`` -> the video's full blocks on every rank of
         the group ``sp`` (e.g. a family's sampler through :func:`~.sharded_sampling.sample_sharded`).
+    stream: ``stream(model, sp, *, noise, feed, **inputs)`` -> the same, for a stream whose blocks'
+        inputs arrive one at a time: ``feed`` iterates over them as the parent sends them (each read
+        when its block starts) and ends when the parent closes the stream (a live session); None:
+        the job cannot stream.
     """
 
     load: Callable[..., torch.nn.Module]
     sample: Callable[..., Iterator[torch.Tensor]]
+    stream: Callable[..., Iterator[torch.Tensor]] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,20 +119,23 @@ class _Rank:
     sp: SequenceParallel | None
     conn: Connection
     send: Send
+    exiting: bool = False  # the parent said exit while a stream was waiting for its next block
 
     def serve(self, job: WorkerJob, model: torch.nn.Module) -> None:
-        while True:
+        while not self.exiting:
             message = pickle.loads(self.conn.recv_bytes())
             if message is None:
-                sequence_parallel.leave_together(self.sp)
-                return
+                break
             kind, request = message[0], message[1]
-            if kind != "generate":  # a stop for a generation that has already ended
+            if kind not in ("generate", "stream"):  # a stop or a block's inputs for a request that has ended
                 continue
             inputs = dict(message[2])
             noise = SeededNoise(inputs.pop("seed"))  # the same draws on every rank
             try:
-                outcome = self.generate(job.sample(model, self.sp, noise=noise, **inputs), request)
+                if kind == "generate":
+                    outcome = self.generate(job.sample(model, self.sp, noise=noise, **inputs), request)
+                else:
+                    outcome = self.stream(self.stream_blocks(job, model, noise, inputs, request), request)
             except (ConnectionError, EOFError):
                 raise
             except LiveTalkError as exc:
@@ -138,6 +148,40 @@ class _Rank:
                 return
             if self.rank == 0:
                 self.send(outcome)
+        sequence_parallel.leave_together(self.sp)
+
+    def stream_blocks(self, job: WorkerJob, model: torch.nn.Module, noise: SeededNoise, inputs: dict[str, Any],
+                      request: int) -> Iterator[torch.Tensor]:
+        """The job's streaming sampler for ``request``, fed from the parent's messages."""
+        if job.stream is None:
+            raise LiveTalkError("This model's workers sample whole videos only; they cannot stream block by block.")
+        return job.stream(model, self.sp, noise=noise, feed=self.feed(request), **inputs)
+
+    def feed(self, request: int) -> Iterator[Any]:
+        """The inputs of each block of the stream ``request``, as the parent sends them; ends when the
+        parent stops the stream (or tells the worker to exit: it does once the stream has ended)."""
+        while True:
+            message = pickle.loads(self.conn.recv_bytes())
+            if message is None:
+                self.exiting = True
+                return
+            if message[1] != request:  # a late stop for an earlier request
+                continue
+            if message[0] == "stop":
+                return
+            if message[0] == "feed":
+                yield message[2]
+
+    def stream(self, blocks: Iterator[torch.Tensor], request: int) -> tuple[str, int, int]:
+        """Run a stream until its feed ends, rank 0 sending each block. Returns ``("stopped", request,
+        blocks made)``."""
+        made = 0
+        with contextlib.closing(blocks):  # closing frees the KV cache at once
+            for block in blocks:
+                made += 1
+                if self.rank == 0:
+                    self.send(("block", request, block.cpu()))
+        return "stopped", request, made
 
     def generate(self, blocks: Iterator[torch.Tensor], request: int) -> tuple[str, int, int]:
         """Sample one video, rank 0 sending each block; after every block the ranks agree whether the

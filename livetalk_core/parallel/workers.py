@@ -3,7 +3,8 @@ with it over the group: the parent's side. Family-agnostic: it runs the :class:`
 given (a model family's loader and sharded sampler, :meth:`~..family_base.ModelFamily.worker_job`).
 
 Rank 0 streams the blocks back. A ComfyUI node creates one group for the selected GPUs and calls
-:meth:`WorkerGroup.generate` per prompt; :mod:`.worker_process` is the workers' side.
+:meth:`WorkerGroup.generate` per prompt; a live session opens a :meth:`WorkerGroup.stream` and sends
+each block's inputs as its audio arrives. :mod:`.worker_process` is the workers' side.
 
 The workers are plain ``python -c`` processes, not ``multiprocessing`` children, for two reasons:
 ``spawn`` re-runs the host's ``__main__`` in every child (ComfyUI's ``main.py``, with each pack's
@@ -38,7 +39,7 @@ from . import worker_process
 from .engine_pickle import ENGINE_PACKAGE, ENGINE_ROOT, WORKER_PACKAGE, dumps, engine_module
 from .worker_process import WorkerJob, WorkerModelInfo
 
-__all__ = ["WorkerGroup", "WorkerJob", "WorkerModelInfo"]
+__all__ = ["BlockStream", "WorkerGroup", "WorkerJob", "WorkerModelInfo"]
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
@@ -160,32 +161,50 @@ class WorkerGroup:
         a second while it is, raising) tells the workers to stop after their current block and waits until
         they have, so the group is ready for the next call.
         """
-        if self._active is not None:  # a previous iterator was dropped without being closed
+        request = self._start("generate", seed, kwargs)
+        return self._blocks(request, poll)
+
+    def stream(self, *, seed: int, poll: Callable[[], None] | None = None, **kwargs: Any) -> BlockStream:
+        """Start the job's streaming sampler (:attr:`WorkerJob.stream`) on the group with
+        :class:`~..runtime.noise.SeededNoise` of ``seed``; ``kwargs`` are its inputs that hold for every
+        block (CPU tensors). Returns a :class:`BlockStream`: each :meth:`BlockStream.next_block` sends
+        one block's inputs and returns that block. A stream holds the group until it is closed; a
+        :meth:`generate` or another stream closes it first."""
+        return BlockStream(self, self._start("stream", seed, kwargs), poll)
+
+    def _start(self, kind: str, seed: int, kwargs: dict[str, Any]) -> int:
+        """Send a new request of ``kind`` ("generate" or "stream") to every worker; returns its number."""
+        if self._active is not None:  # a previous iterator or stream was dropped without being closed
             self._stop(self._active)
         if not self.alive:
             raise LiveTalkError(f"The {self.label} worker group has stopped; create a new one.")
         request = self._next_request
         self._next_request += 1
-        self._send_all(("generate", request, {"seed": seed, **kwargs}))
+        self._send_all((kind, request, {"seed": seed, **kwargs}))
         self._active = request
-        return self._blocks(request, poll)
+        return request
 
     def _blocks(self, request: int, poll: Callable[[], None] | None) -> Iterator[torch.Tensor]:
         try:
-            while True:
-                rank, message = self._next_message(poll=poll)
-                if rank != 0 or message[1] != request:
-                    continue
-                if message[0] == "block":
-                    yield message[2]
-                    continue
-                self._active = None
-                if message[0] == "error":
-                    raise message[2]
-                return
+            while (block := self._answer(request, poll)) is not None:
+                yield block
         finally:
             if self._active == request and self.alive:
                 self._stop(request)
+
+    def _answer(self, request: int, poll: Callable[[], None] | None) -> torch.Tensor | None:
+        """Rank 0's next block of ``request``, or None when the request has ended; raises the
+        workers' input error, or when a worker has failed."""
+        while True:
+            rank, message = self._next_message(poll=poll)
+            if rank != 0 or message[1] != request:
+                continue
+            if message[0] == "block":
+                return message[2]
+            self._active = None
+            if message[0] == "error":
+                raise message[2]
+            return None
 
     def _stop(self, request: int) -> None:
         """Ask the workers to stop ``request`` after their current block; wait until they have."""
@@ -298,6 +317,48 @@ class WorkerGroup:
         self._active = None
 
     def __enter__(self) -> WorkerGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BlockStream:
+    """A streaming request on a :class:`WorkerGroup` (:meth:`WorkerGroup.stream`): one block per call,
+    from inputs the caller makes as it goes (a live session's audio). :meth:`close` stops the request
+    after the workers' current block and leaves the group ready for the next one."""
+
+    def __init__(self, group: WorkerGroup, request: int, poll: Callable[[], None] | None) -> None:
+        self._group, self._request, self._poll = group, request, poll
+
+    @property
+    def open(self) -> bool:
+        return self._group._active == self._request and self._group.alive
+
+    def next_block(self, inputs: Any) -> torch.Tensor:
+        """Send the next block's ``inputs`` (picklable; what the job's ``feed`` yields) to every worker
+        and return the block (CPU) rank 0 sends back. An error ends the stream: a worker's input error
+        is raised as it is, a worker that failed stops the group (one :class:`~.errors.LiveTalkError`)."""
+        group = self._group
+        if not self.open:
+            raise LiveTalkError(f"This {group.label} stream has ended (closed, or its workers stopped); open a new "
+                                "session.")
+        try:
+            group._send_all(("feed", self._request, inputs))
+            block = group._answer(self._request, self._poll)
+        except BaseException:
+            self.close()
+            raise
+        if block is None:
+            raise LiveTalkError(f"The {group.label} workers ended the stream before its next block.")
+        return block
+
+    def close(self) -> None:
+        """Stop the request after the workers' current block and wait until they have; idempotent."""
+        if self.open:
+            self._group._stop(self._request)
+
+    def __enter__(self) -> BlockStream:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -26,6 +26,7 @@ from ..wan.kv_cache import CachePolicy
 from .audio import realvideo_audio_features
 from .image import preprocess_reference
 from .live import RealVideoStream
+from .live_remote import RemoteRealVideoStream
 from .model import S2VDiT, load_s2v_dit, s2v_checkpoint_kind
 from .parallel import sample_realvideo_parallel
 from .parallel import worker_job as realvideo_worker_job
@@ -128,13 +129,15 @@ class RealVideoFamily(ModelFamily):
         return realvideo_worker_job(path, options, **load_options)
 
     def open_live_stream(self, dit: Any, encoder: Any, *, conditioning: list, idle_conditioning: list | None,
-                         reference: torch.Tensor, seed: int, steps: int | None, window: LiveWindow) -> RealVideoStream:
-        """RealVideo's live blocks (:mod:`.live`): silent blocks under ``idle_conditioning`` (the
-        talking prompt when None), 2 steps unless told."""
+                         reference: torch.Tensor, seed: int, steps: int | None,
+                         window: LiveWindow) -> RealVideoStream | RemoteRealVideoStream:
+        """RealVideo's live blocks (:mod:`.live`; :mod:`.live_remote` for a DiT on worker processes):
+        silent blocks under ``idle_conditioning`` (the talking prompt when None), 2 steps unless told."""
         talking = text_context(conditioning, self.text_dim(dit))
         idle = talking if idle_conditioning is None else text_context(idle_conditioning, self.text_dim(dit))
-        return RealVideoStream(dit, encoder, idle_context=idle, talking_context=talking, reference=reference,
-                               seed=seed, steps=steps, window=window)
+        stream = RemoteRealVideoStream if isinstance(dit, RemoteSampler) else RealVideoStream
+        return stream(dit, encoder, idle_context=idle, talking_context=talking, reference=reference, seed=seed,
+                      steps=steps, window=window)
 
     # --- the command line ----------------------------------------------------------------------
     def add_cli_arguments(self, group: argparse._ArgumentGroup) -> None:

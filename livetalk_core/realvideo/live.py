@@ -19,7 +19,6 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..errors import InputError
 from ..family_base import RemoteSampler
 from ..media.audio_file import SAMPLE_RATE
 from ..media.timing import video_frames_for_latents
@@ -88,14 +87,16 @@ class LatestSegment(Sequence):
 
 
 class RealVideoStream:
-    """RealVideo's :class:`~.runtime.live_stream.LiveStream` (one GPU: workers are not driven live)."""
+    """RealVideo's :class:`~.runtime.live_stream.LiveStream` in this process (a DiT on worker
+    processes streams through :class:`~.live_remote.RemoteRealVideoStream`)."""
 
     geometry = REALVIDEO_LIVE_GEOMETRY
 
     def __init__(self, dit, encoder: AudioEncoder, *, idle_context: torch.Tensor, talking_context: torch.Tensor,
                  reference: torch.Tensor, seed: int, steps: int | None, window: LiveWindow) -> None:
         if isinstance(dit, RemoteSampler):
-            raise InputError("Live mode runs RealVideo on one GPU; load the model with gpus = 1.")
+            raise TypeError("RealVideoStream samples in this process; a DiT on workers streams through "
+                            "RemoteRealVideoStream (RealVideoFamily.open_live_stream picks it)")
         self.dit, self.encoder, self.live_window = dit, encoder, window
         self._segments = LatestSegment()
         self._entry: BlockPlan | None = None

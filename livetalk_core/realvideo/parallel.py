@@ -1,11 +1,12 @@
 """RealVideo 14B on several GPUs: the sharded sampler every rank runs and what a worker process of
-a :class:`~..parallel.workers.WorkerGroup` runs (:func:`worker_job`)."""
+a :class:`~..parallel.workers.WorkerGroup` runs (:func:`worker_job`): whole videos, and live streams
+fed one block at a time (:func:`stream_realvideo_parallel`)."""
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -15,8 +16,9 @@ from ..parallel.sequence_parallel import SequenceParallel
 from ..parallel.sharded_sampling import sample_sharded
 from ..parallel.worker_process import WorkerJob
 from ..runtime.noise import NoiseSource
+from .live import LatestSegment
 from .model import S2VDiT, load_s2v_dit
-from .sampler import FRAMES_PER_BLOCK, REALVIDEO_CACHE, sample_realvideo
+from .sampler import FRAMES_PER_BLOCK, REALVIDEO_CACHE, BlockPlan, sample_realvideo
 
 
 def sample_realvideo_parallel(model: S2VDiT, sp: SequenceParallel | None, *, ref_latent: torch.Tensor,
@@ -27,6 +29,23 @@ def sample_realvideo_parallel(model: S2VDiT, sp: SequenceParallel | None, *, ref
     arguments (``on_step`` gets this rank's shard of x0)."""
     return sample_sharded(sample_realvideo, model, sp, cache=REALVIDEO_CACHE, frames_per_block=FRAMES_PER_BLOCK,
                           ref_latent=ref_latent, noise=noise, **kwargs)
+
+
+def stream_realvideo_parallel(model: S2VDiT, sp: SequenceParallel | None, *, noise: NoiseSource,
+                              feed: Iterable[tuple[BlockPlan, torch.Tensor]], **kwargs: Any) -> Iterator[torch.Tensor]:
+    """A live stream's blocks over the group ``sp``: :func:`sample_realvideo_parallel` with an endless
+    plan read from ``feed``, one ``(plan entry, its segment's features [1, 25, A, F])`` per block, as
+    :class:`~.live.RealVideoStream` feeds :func:`~.sampler.sample_realvideo` in one process (the
+    same blocks); ``kwargs``: the inputs every block shares (``ref_latent``, the two contexts,
+    ``schedule``). Only the newest segment is kept, so memory stays flat however long it runs."""
+    segments = LatestSegment()
+
+    def plan() -> Iterator[BlockPlan]:
+        for entry, features in feed:
+            segments.set(entry.segment, features.to(model.device))
+            yield entry
+
+    return sample_realvideo_parallel(model, sp, noise=noise, audio_features=segments, plan=plan(), **kwargs)
 
 
 def load_realvideo_dit(path: str | os.PathLike, options: RuntimeOptions, *, device: torch.device,
@@ -43,4 +62,5 @@ def load_realvideo_dit(path: str | os.PathLike, options: RuntimeOptions, *, devi
 
 def worker_job(path: str | os.PathLike, options: RuntimeOptions, **load_options: Any) -> WorkerJob:
     """What each worker of a multi-GPU group runs for the RealVideo DiT at ``path``."""
-    return WorkerJob(functools.partial(load_realvideo_dit, path, options, **load_options), sample_realvideo_parallel)
+    return WorkerJob(functools.partial(load_realvideo_dit, path, options, **load_options), sample_realvideo_parallel,
+                     stream=stream_realvideo_parallel)
