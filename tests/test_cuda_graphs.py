@@ -23,8 +23,7 @@ from test_realvideo import run_tiny, tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 from torch.utils._pytree import tree_leaves
 
-import livetalk_core.livetalk.sampler as livetalk_sampler
-import livetalk_core.realvideo.sampler as realvideo_sampler
+import livetalk_core.runtime.cuda_graphs as cuda_graphs
 from livetalk_core.livetalk.model import LiveTalkConfig, LiveTalkDiT
 from livetalk_core.livetalk.sampler import sample_livetalk
 from livetalk_core.options import RuntimeOptions
@@ -208,8 +207,7 @@ def fake_session_graphs(monkeypatch):
         made.append(ForwardGraphs(eager_calls=forwards_per_block, maker=RecordingMaker()))
         return made[-1]
 
-    monkeypatch.setattr(livetalk_sampler, "session_graphs", fake)
-    monkeypatch.setattr(realvideo_sampler, "session_graphs", fake)
+    monkeypatch.setattr(cuda_graphs, "session_graphs", fake)
     return made
 
 
@@ -262,7 +260,7 @@ def _replays_on_rank(rank: int, world: int, port: int) -> None:
             made.append(ForwardGraphs(eager_calls=forwards_per_block, maker=RecordingMaker()))
             return made[-1]
 
-        realvideo_sampler.session_graphs = fake
+        cuda_graphs.session_graphs = fake
         model.runtime = GRAPHS
         replayed = list(sample_realvideo_parallel(model, sp, noise=SeededNoise(3), **inputs))
         assert all(torch.equal(a, b) for a, b in zip(eager, replayed)), rank

@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 import torch
 
 from ..media.vae import LATENT_CHANNELS
-from ..runtime.cuda_graphs import session_graphs
 from ..runtime.denoise import StepHook, denoise_block
 from ..runtime.noise import NoiseSource, to_device
 from ..runtime.scheduler import StepSchedule, livetalk_schedule
+from ..runtime.workspace import Workspace
 from ..wan.kv_cache import CachePolicy
 from .model import LiveTalkDiT
 
@@ -49,6 +49,7 @@ def sample_livetalk(
     frames_per_block: int = LIVETALK_FRAMES_PER_BLOCK,
     cache_policy: CachePolicy = LIVETALK_CACHE,
     on_step: StepHook | None = None,
+    workspace: Workspace | None = None,
 ) -> Iterator[torch.Tensor]:
     """Generate LiveTalk latents block by block.
 
@@ -61,10 +62,11 @@ def sample_livetalk(
         num_blocks: how many blocks; None: until the generator is closed (a live session).
         context: text context ``[1, L, text_dim]`` (umT5 output, padded rows zero).
         dtype: run dtype of timesteps, latents and noise (default: the model's).
+        workspace: the KV cache and CUDA graphs to use and keep for the next run; None: its own,
+            which lives only as long as this generator (closing it early, or dropping it, frees it).
     Yields:
         clean latents per block ``[1, 16, frames_per_block, h, w]`` in the run dtype; in block 0,
         latent frame 0 is the reference latent itself.
-    The KV cache lives only as long as this generator: closing it early (or dropping it) frees it.
     """
     dtype = dtype or model.dtype
     schedule = schedule or livetalk_schedule()
@@ -74,37 +76,35 @@ def sample_livetalk(
     if isinstance(audio_embeds, torch.Tensor) and (needed is None or audio_embeds.shape[2] < needed):
         raise ValueError(f"audio embeddings cover {audio_embeds.shape[2]} latent frames, {needed} are needed")
     ph, pw = model.config.patch_size[1:]
-    cache = model.new_kv_cache(cache_policy, frame_tokens=(h // ph) * (w // pw), num_heads=model.config.num_heads)
-    graphs = session_graphs(model, cache, forwards_per_block=len(schedule) + 1)
-    context_kv = model.project_context(context.to(device))
-    ref = ref_latent.to(device)
-    ref_in_dtype = ref[:, :, 0].to(dtype)
-    shape = (1, LATENT_CHANNELS, frames_per_block, h, w)
-    for block in itertools.count() if num_blocks is None else range(num_blocks):
-        start = block * frames_per_block
-        reference = reference_conditioning(ref, start, frames_per_block)
-        if isinstance(audio_embeds, torch.Tensor):
-            audio = audio_embeds[:, :, start : start + frames_per_block].to(device)
-        else:
-            audio = audio_embeds(block).to(device)
+    run = (workspace or Workspace()).run(model, cache_policy, frame_tokens=(h // ph) * (w // pw),
+                                         num_heads=model.config.num_heads, forwards_per_block=len(schedule) + 1,
+                                         shapes=(h, w, frames_per_block, tuple(context.shape), dtype))
+    with run as (cache, graphs, text):
+        context_kv = text.show(model.project_context(context.to(device)), adopt=True)
+        ref = ref_latent.to(device)
+        ref_in_dtype = ref[:, :, 0].to(dtype)
+        shape = (1, LATENT_CHANNELS, frames_per_block, h, w)
+        for block in itertools.count() if num_blocks is None else range(num_blocks):
+            start = block * frames_per_block
+            reference = reference_conditioning(ref, start, frames_per_block)
+            audio = (audio_embeds[:, :, start : start + frames_per_block] if isinstance(audio_embeds, torch.Tensor)
+                     else audio_embeds(block)).to(device)
 
-        def predict(x: torch.Tensor, t: torch.Tensor, compute_output: bool = True) -> torch.Tensor:
-            t_frames = t.to(dtype).expand(1, frames_per_block)
-            return model(x, t_frames, reference, audio, context_kv, cache, start, compute_output, graphs)
+            def predict(x: torch.Tensor, t: torch.Tensor, compute_output: bool = True) -> torch.Tensor:
+                t_frames = t.to(dtype).expand(1, frames_per_block)
+                return model(x, t_frames, reference, audio, context_kv, cache, start, compute_output, graphs)
 
-        def pin_reference(x: torch.Tensor) -> None:
-            if start == 0:
-                x[:, :, 0] = ref_in_dtype
+            def pin_reference(x: torch.Tensor) -> None:
+                if start == 0:
+                    x[:, :, 0] = ref_in_dtype
 
-        x = to_device(noise.initial(block, shape), device).to(dtype)
-        x0 = denoise_block(
-            predict,
-            x,
-            schedule,
-            renoise=lambda step: noise.renoise(block, step, shape),
-            before_step=pin_reference,
-            on_step=None if on_step is None else (lambda step, x0: on_step(block, step, x0)),
-        )
-        pin_reference(x0)
-        yield x0
-        predict(x0, torch.zeros((), dtype=dtype, device=device), compute_output=False)
+            x = to_device(noise.initial(block, shape), device).to(dtype)
+            x0 = denoise_block(
+                predict, x, schedule,
+                renoise=lambda step: noise.renoise(block, step, shape),
+                before_step=pin_reference,
+                on_step=None if on_step is None else (lambda step, x0: on_step(block, step, x0)),
+            )
+            pin_reference(x0)
+            yield x0
+            predict(x0, torch.zeros((), dtype=dtype, device=device), compute_output=False)

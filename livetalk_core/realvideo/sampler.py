@@ -41,10 +41,11 @@ from ..media.timing import (
 )
 from ..media.vae import LATENT_CHANNELS
 from ..parallel import sequence_parallel
-from ..runtime.cuda_graphs import ForwardGraphs, session_graphs
+from ..runtime.cuda_graphs import ForwardGraphs
 from ..runtime.denoise import StepHook, denoise_block
 from ..runtime.noise import NoiseSource, to_device
 from ..runtime.scheduler import StepSchedule, warped_schedule
+from ..runtime.workspace import Workspace
 from ..wan.dit import HEAD_DIM
 from ..wan.kv_cache import CachePolicy, KVCache
 from ..wan.rope import grid_rotations
@@ -176,6 +177,7 @@ def sample_realvideo(
     schedule: StepSchedule | None = None,
     on_step: StepHook | None = None,
     grid_offset: tuple[int, int] = (0, 0),
+    workspace: Workspace | None = None,
 ) -> Iterator[torch.Tensor]:
     """Generate RealVideo latents block by block (see the module doc).
 
@@ -191,9 +193,10 @@ def sample_realvideo(
             ``audio_features`` that grow meanwhile (each entry checked when its block starts).
         schedule: default :func:`realvideo_schedule` (4 steps).
         grid_offset: (h, w) patch offset of this latent shard under sequence parallelism.
+        workspace: the KV cache and CUDA graphs to use and keep for the next run; None: its own,
+            which lives only as long as this generator (closing it early frees it).
     Yields:
         clean latents per block ``[1, 16, 2, h, w]`` in the model dtype.
-    The KV cache lives only as long as this generator; closing it early frees it.
     """
     core = model.config
     _check_reference(ref_latent, core.patch_size)
@@ -205,45 +208,44 @@ def sample_realvideo(
     for b in plan if plan_length is not None else ():
         _check_plan_entry(b, audio_features)
     device = model.device
-    cache = _new_cache(model, ref_latent)
-    context_kv = {
-        talking: model.project_context(pad_context(ctx, core.text_dim).to(device))
-        for talking, ctx in ((False, idle_context), (True, talking_context))
-    }
-    session = _Session(model, cache, session_graphs(model, cache, forwards_per_block=len(schedule) + 1), grid_offset,
-                       noise, schedule, on_step, ref_latent.shape[-2:])
-    audio: dict[int, AudioTokens] = {}
-    # One temporal RoPE step, spatial pairs untouched (identity): the per-block sink drift.
-    drift = grid_rotations(torch.tensor([1]), 1, 1, HEAD_DIM).to(device)
-    model.prefill(ref_latent.to(device), context_kv[False], cache, REFERENCE_ROPE_POSITION, grid_offset)
-    for block, entry in enumerate(plan):
-        if plan_length is None:
-            _check_plan_entry(entry, audio_features)
-        start = REALVIDEO_CACHE.sink_frames + FRAMES_PER_BLOCK * block
-        if entry.segment not in audio:
-            audio = {entry.segment: model.encode_audio(audio_features[entry.segment])}
-        if start > SINK_DRIFT_AFTER_FRAME:
-            for layer in range(core.num_layers):
-                cache.rotate_sink_keys(layer, drift)
-        predict = session.predictor(audio[entry.segment].window(entry.audio_ptr, FRAMES_PER_BLOCK),
-                                    context_kv[entry.talking], start)
-        x0 = session.denoise(block, predict)
-        yield x0
-        if plan_length is None or block + 1 < plan_length:
-            predict(x0, torch.zeros((), device=device), compute_output=False)
+    run = (workspace or Workspace()).run(model, REALVIDEO_CACHE, **_cache_size(model, ref_latent),
+                                         forwards_per_block=len(schedule) + 1,
+                                         shapes=(tuple(ref_latent.shape), grid_offset, model.dtype))
+    with run as (cache, graphs, text):
+        context_kv = {  # both prompts' K/V; a block's is shown in the one text slot the graphs read
+            talking: model.project_context(pad_context(ctx, core.text_dim).to(device))
+            for talking, ctx in ((False, idle_context), (True, talking_context))
+        }
+        session = _Session(model, cache, graphs, grid_offset, noise, schedule, on_step, ref_latent.shape[-2:])
+        audio: dict[int, AudioTokens] = {}
+        # One temporal RoPE step, spatial pairs untouched (identity): the per-block sink drift.
+        drift = grid_rotations(torch.tensor([1]), 1, 1, HEAD_DIM).to(device)
+        model.prefill(ref_latent.to(device), text.show(context_kv[False]), cache, REFERENCE_ROPE_POSITION, grid_offset)
+        for block, entry in enumerate(plan):
+            if plan_length is None:
+                _check_plan_entry(entry, audio_features)
+            start = REALVIDEO_CACHE.sink_frames + FRAMES_PER_BLOCK * block
+            if entry.segment not in audio:
+                audio = {entry.segment: model.encode_audio(audio_features[entry.segment])}
+            if start > SINK_DRIFT_AFTER_FRAME:
+                for layer in range(core.num_layers):
+                    cache.rotate_sink_keys(layer, drift)
+            predict = session.predictor(audio[entry.segment].window(entry.audio_ptr, FRAMES_PER_BLOCK),
+                                        text.show(context_kv[entry.talking]), start)
+            x0 = session.denoise(block, predict)
+            yield x0
+            if plan_length is None or block + 1 < plan_length:
+                predict(x0, torch.zeros((), device=device), compute_output=False)
 
 
-def _new_cache(model: S2VDiT, ref_latent: torch.Tensor) -> KVCache:
-    """RealVideo's KV cache for a reference latent of this size (this rank's shard of it)."""
+def _cache_size(model: S2VDiT, ref_latent: torch.Tensor) -> dict[str, int]:
+    """RealVideo's KV cache size for a reference latent of this size (this rank's shard of it)."""
     core = model.config
     h, w = ref_latent.shape[-2:]
     # Under sequence parallelism each rank caches every token of its share of the heads.
     ranks = 1 if (sp := sequence_parallel.attached(model)) is None else sp.world_size
-    return model.new_kv_cache(
-        REALVIDEO_CACHE,
-        frame_tokens=(h // core.patch_size[1]) * (w // core.patch_size[2]) * ranks,
-        num_heads=core.num_heads // ranks,
-    )
+    return {"frame_tokens": (h // core.patch_size[1]) * (w // core.patch_size[2]) * ranks,
+            "num_heads": core.num_heads // ranks}
 
 
 @dataclass(frozen=True)

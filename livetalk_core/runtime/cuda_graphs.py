@@ -160,7 +160,8 @@ class _Captured:
 
 
 class ForwardGraphs:
-    """The captured forwards of one sampling session (they read its KV cache, so they die with it).
+    """The captured forwards of one KV cache (they read it, so they die with it; a
+    :class:`~.workspace.Workspace` keeps both across sampling runs).
 
     Call it as ``graphs(key, body, *inputs)``: ``body(*inputs)`` must return one tensor and depend on
     nothing that varies under the same ``key`` except ``inputs``. Returns a fresh tensor (never the
@@ -176,18 +177,21 @@ class ForwardGraphs:
         self._pool: Any = None
         self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.failed = False
+        self.eager_forwards = 0  # forwards run kernel by kernel (not yet captured, or after a failed capture)
 
     def __call__(self, key: Hashable, body: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
         captured = self._captured.get(key)
         if captured is None:
             self._calls[key] = calls = self._calls.get(key, 0) + 1
             if self.failed or calls <= self.eager_calls:
+                self.eager_forwards += 1
                 return body(*inputs)
             try:
                 captured = self._capture(body, inputs)
             except Exception as exc:  # noqa: BLE001 - anything that cannot be captured runs eager
                 self.failed = True
                 log.warning("CUDA graph capture failed (%s); this run stays eager", str(exc).splitlines()[0][:200])
+                self.eager_forwards += 1
                 return body(*inputs)
             self._captured[key] = captured
         for static, value in zip(captured.inputs, inputs):

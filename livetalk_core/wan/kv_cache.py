@@ -132,6 +132,11 @@ class KVCache:
         self._write: list[tuple[int, int, int]] = []
         self._attended_tokens = 0
 
+    def reset(self) -> None:
+        """Ready for a new run from stream frame 0 (the buffers are kept: a run reads only slots it wrote)."""
+        self._sink_turns = [None] * len(self.keys)
+        self._write, self._attended_tokens = [], 0
+
     @property
     def num_bytes(self) -> int:
         tensors = self.keys + self.values + self.key_scales + self.value_scales

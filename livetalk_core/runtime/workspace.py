@@ -1,0 +1,145 @@
+"""What a sampling run's CUDA graphs read, kept from one run to the next: the KV cache, the graphs
+themselves and the text K/V buffers.
+
+A captured forward reads fixed addresses (:mod:`.cuda_graphs`): the model's weights, the run's KV
+cache and its projected text context. Made per run, every run pays for its own graphs: each block
+layout runs eagerly the first time, a later block pays for its capture (on the 14B, seconds in the
+middle of a live session), and block 0, which the first frame waits for, is never replayed. A
+:class:`Workspace` outlives the runs of one model: the next run at the same size gets the same cache,
+the same graphs and the same text buffers (its prompt's K/V copied in), so the layouts seen before
+replay from block 0 on. A live endpoint keeps one across its client sessions and frees it when it
+stops; a sampler given none makes a private one that goes with it.
+
+Reusing the cache needs no clearing: a block attends only slots its own run wrote (the window fills
+from frame 0, the sinks first), so a run on a used cache gives a fresh cache's numbers.
+
+The caller keeps the model where it is (same weights, same device) while a workspace holds graphs of
+it; a workspace serves one run at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
+
+import torch
+
+from ..wan.kv_cache import CachePolicy, KVCache
+from . import cuda_graphs
+from .cuda_graphs import ForwardGraphs
+
+ContextKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: cross-attention keys, values
+GraphsFactory = Callable[[torch.nn.Module, KVCache, int], "ForwardGraphs | None"]
+
+
+class TextSlot:
+    """The text K/V buffers a run's forwards read. :meth:`show` puts one prompt's K/V (a
+    ``project_context`` result) in them; the buffers stay where they are, so one graph serves every
+    prompt (RealVideo's idle and talking prompts included)."""
+
+    def __init__(self) -> None:
+        self.buffers: ContextKV | None = None
+        self._showing: Any = None
+
+    def show(self, context_kv: ContextKV, *, adopt: bool = False) -> ContextKV:
+        """``context_kv``'s values in the slot's buffers (copied unless already there); returns the buffers.
+        ``adopt``: the caller no longer needs ``context_kv``, so a slot without buffers takes its tensors."""
+        if self._showing is context_kv:
+            return self.buffers
+        if self.buffers is None or [k.shape for k, _ in self.buffers] != [k.shape for k, _ in context_kv]:
+            self.buffers = list(context_kv) if adopt else [(k.clone(), v.clone()) for k, v in context_kv]
+        else:
+            for (k, v), (new_k, new_v) in zip(self.buffers, context_kv):
+                k.copy_(new_k)
+                v.copy_(new_v)
+        self._showing = context_kv
+        return self.buffers
+
+    def forget_source(self) -> None:
+        """The next :meth:`show` copies even the same list again (a new run may have changed it in place)."""
+        self._showing = None
+
+
+class Workspace:
+    """A KV cache, the forwards' CUDA graphs and the text buffers, kept across sampling runs (module doc).
+
+    ``make_graphs(model, cache, forwards_per_block)``: the graphs for a new cache, or None to run
+    eagerly; default :func:`~.cuda_graphs.session_graphs` (the model's options decide).
+    """
+
+    def __init__(self, make_graphs: GraphsFactory | None = None) -> None:
+        self._make_graphs = make_graphs
+        self._key: tuple | None = None
+        self._model: weakref.ref | None = None
+        self.cache: KVCache | None = None
+        self.graphs: ForwardGraphs | None = None
+        self.text = TextSlot()
+        self._busy = False
+        self.runs = 0
+        self.settled = False
+        """Whether the last finished run made every forward from a graph (captures allowed): the
+        layouts it met are all captured. False while a run is going and when the model runs eagerly."""
+        self._eager_before = 0
+
+    def begin(self, model: torch.nn.Module, policy: CachePolicy, *, frame_tokens: int, num_heads: int,
+              forwards_per_block: int, shapes: Hashable) -> tuple[KVCache, ForwardGraphs | None]:
+        """Start a run of ``model`` with a cache of ``policy`` (``frame_tokens``, ``num_heads``) and inputs
+        of ``shapes``: the kept cache and graphs if they fit, else new ones. Returns (cache, graphs or None)."""
+        if self._busy:
+            raise RuntimeError("a sampling workspace serves one run at a time; the last one has not ended")
+        key = (_where(model), policy, frame_tokens, num_heads, shapes, model.dtype, model.fp8_kv_cache,
+               model.cuda_graphs)
+        if key != self._key or self._model is None or self._model() is not model:
+            self.free()
+            self.cache = model.new_kv_cache(policy, frame_tokens=frame_tokens, num_heads=num_heads)
+            make_graphs = self._make_graphs or cuda_graphs.session_graphs
+            self.graphs = make_graphs(model, self.cache, forwards_per_block)
+            self._key, self._model = key, weakref.ref(model)
+        else:
+            self.cache.reset()
+        self.text.forget_source()
+        self._busy, self.settled = True, False
+        self._eager_before = self.graphs.eager_forwards if self.graphs is not None else 0
+        self.runs += 1
+        return self.cache, self.graphs
+
+    @contextlib.contextmanager
+    def run(self, model: torch.nn.Module, policy: CachePolicy, **sizes: Any) -> Iterator[
+            tuple[KVCache, ForwardGraphs | None, TextSlot]]:
+        """:meth:`begin` (``sizes``: its keywords) ... :meth:`end`, as a context; yields (cache, graphs, text slot)."""
+        cache, graphs = self.begin(model, policy, **sizes)
+        try:
+            yield cache, graphs, self.text
+        finally:
+            self.end()
+
+    def end(self) -> None:
+        """The run is over (finished or closed early); the next may begin."""
+        if not self._busy:
+            return
+        self._busy = False
+        graphs = self.graphs
+        self.settled = graphs is not None and not graphs.failed and graphs.eager_forwards == self._eager_before
+
+    def free(self) -> None:
+        """Let go of the cache, the graphs and the text buffers (the next run makes new ones)."""
+        if self._busy:
+            raise RuntimeError("a sampling workspace cannot be freed during a run")
+        self._key = self._model = self.cache = self.graphs = None
+        self.text = TextSlot()
+        self.settled = False
+
+    @property
+    def uses_graphs(self) -> bool:
+        return self.graphs is not None and not self.graphs.failed
+
+
+def _where(model: torch.nn.Module) -> tuple:
+    """Where the model's weights are (its first and last parameters' addresses): moved or reloaded,
+    the graphs read the wrong memory, so the workspace starts again."""
+    params = list(model.parameters())
+    if not params:
+        return (id(model),)
+    return id(model), params[0].device, params[0].data_ptr(), params[-1].data_ptr()

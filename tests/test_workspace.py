@@ -1,0 +1,133 @@
+"""A sampling workspace (KV cache + CUDA graphs + text buffers) kept across runs: the runs after the
+first replay their forwards from block 0 on, with each run's own prompt and inputs, and give the
+latents a run of their own gives.
+
+The graphs are the CPU stand-in of tests/test_cuda_graphs.py: a capture records the ops with the
+tensors they touched and a replay re-runs them on those same tensors, so a buffer that moved (a new
+cache, a prompt's K/V in new tensors) would replay the old values and the latents would differ.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_cuda_graphs import GRAPHS, RecordingMaker
+from test_realvideo import AUDIO_DIM, TEXT_DIM, tiny_model
+
+from livetalk_core.livetalk.model import LiveTalkConfig, LiveTalkDiT
+from livetalk_core.livetalk.sampler import sample_livetalk
+from livetalk_core.options import RuntimeOptions
+from livetalk_core.realvideo.sampler import BlockPlan, realvideo_schedule, sample_realvideo
+from livetalk_core.runtime.cuda_graphs import ForwardGraphs
+from livetalk_core.runtime.noise import SeededNoise
+from livetalk_core.runtime.workspace import Workspace
+from livetalk_core.wan.dit import WanCoreConfig
+
+
+def recording_workspace() -> Workspace:
+    """A workspace whose graphs are the CPU stand-in (when the model asks for graphs)."""
+    return Workspace(lambda model, cache, forwards: ForwardGraphs(forwards, RecordingMaker()) if model.cuda_graphs
+                     else None)
+
+
+def livetalk_model() -> LiveTalkDiT:
+    torch.manual_seed(0)
+    core = WanCoreConfig(dim=128, in_dim=33, out_dim=16, ffn_dim=32, num_layers=4, text_dim=16)
+    return LiveTalkDiT(LiveTalkConfig(core=core, audio_features=8)).eval()
+
+
+def livetalk_inputs(model: LiveTalkDiT, run: int, blocks: int = 8) -> dict:
+    """Run ``run``'s own reference, audio, prompt and seed."""
+    g = torch.Generator().manual_seed(100 + run)
+    return dict(ref_latent=torch.randn(1, 16, 1, 2, 2, generator=g),
+                audio_embeds=model.embed_audio(torch.randn(1, 4 * 3 * blocks - 3, 8, generator=g)),
+                context=torch.randn(1, 4, 16, generator=g), num_blocks=blocks, noise=SeededNoise(run))
+
+
+def eager_forwards_per_run(model, runs: int, sample, inputs, workspace: Workspace) -> tuple[list, list]:
+    """Each run's latents on ``workspace``, and the forwards each ran eagerly."""
+    latents, eager = [], []
+    for run in range(runs):
+        before = 0 if workspace.graphs is None else workspace.graphs.eager_forwards
+        latents.append(list(sample(model, workspace=workspace, **inputs(model, run))))
+        eager.append(workspace.graphs.eager_forwards - before)
+    return latents, eager
+
+
+def test_livetalk_runs_on_one_workspace_replay_from_block_0_with_their_own_prompts():
+    model = livetalk_model()
+    alone = [list(sample_livetalk(model, **livetalk_inputs(model, run))) for run in range(3)]
+    model.runtime = GRAPHS
+    workspace = recording_workspace()
+    latents, eager = eager_forwards_per_run(model, 3, sample_livetalk, livetalk_inputs, workspace)
+    for run in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(alone[run], latents[run])), f"run {run} differs from its own"
+    graphs = workspace.graphs
+    # run 0 meets each layout (block 0, the fill-up blocks, the ring's two) and captures the ring's;
+    # run 1 captures the rest at their first call; run 2 replays every forward, block 0's too.
+    assert eager[0] > 0 and eager[1:] == [0, 0] and workspace.settled
+    block_0 = graphs.maker.graphs[2]  # the third capture: block 0's layout, at run 1's first forward
+    assert block_0.replays == 2 * 5, "block 0's 4 steps and refresh replay in runs 1 and 2 (a capture replays too)"
+    assert len(graphs.maker.graphs) == 2 + 4  # ring layouts in run 0; block 0 + 3 fill-up layouts in run 1
+
+
+def realvideo_inputs(model, run: int) -> dict:
+    """A run with idle and talking blocks (RealVideo's two prompts) and its own inputs."""
+    g = torch.Generator().manual_seed(200 + run)
+    talking = [(block + run) % 3 != 0 for block in range(7)]
+    return dict(ref_latent=torch.randn(1, 16, 1, 4, 6, generator=g),
+                idle_context=torch.randn(1, 10, TEXT_DIM, generator=g),
+                talking_context=torch.randn(1, 7, TEXT_DIM, generator=g),
+                audio_features=[torch.randn(1, 25, AUDIO_DIM, 16, generator=g)],
+                plan=[BlockPlan(0, (2 * block) % 4, talks) for block, talks in enumerate(talking)],
+                noise=SeededNoise(run), schedule=realvideo_schedule(2))
+
+
+def test_realvideo_runs_on_one_workspace_replay_both_prompts_from_one_text_slot():
+    model = tiny_model()
+    alone = [list(sample_realvideo(model, **realvideo_inputs(model, run))) for run in range(3)]
+    model.runtime = GRAPHS
+    workspace = recording_workspace()
+    latents, eager = eager_forwards_per_run(model, 3, sample_realvideo, realvideo_inputs, workspace)
+    for run in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(alone[run], latents[run])), f"run {run} differs from its own"
+    # one graph per cache layout whatever the prompt: block 0's and the ring's two
+    assert eager[0] > 0 and eager[1:] == [0, 0] and workspace.graphs.num_graphs == 3
+
+
+def test_a_reused_fp8_cache_starts_each_run_with_unturned_sinks():
+    """RealVideo's sink keys turn once per block late in a run; an fp8 cache keeps the turn aside. A run
+    on a used cache must not start from the last run's turn (blocks past frame 20 would differ)."""
+    model = tiny_model()
+    model.runtime = RuntimeOptions(fp8_kv_cache=True)
+    workspace = Workspace()
+    def run() -> list[torch.Tensor]:  # fresh inputs each time: the noise source is read once
+        return list(sample_realvideo(model, workspace=workspace, **{**realvideo_inputs(model, 0),
+                                                                    "plan": [BlockPlan(0, 0)] * 12}))
+    first = run()
+    cache = workspace.cache
+    second = run()
+    assert workspace.cache is cache and workspace.graphs is None  # kept, and eager: fp8 caches are not captured
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_the_workspace_starts_again_for_another_size_or_model_and_serves_one_run_at_a_time():
+    model = livetalk_model()
+    workspace = Workspace()
+    run = sample_livetalk(model, workspace=workspace, **livetalk_inputs(model, 0, blocks=2))
+    next(run)
+    with pytest.raises(RuntimeError, match="one run at a time"):
+        next(sample_livetalk(model, workspace=workspace, **livetalk_inputs(model, 1, blocks=2)))
+    run.close()
+    cache = workspace.cache
+    list(sample_livetalk(model, workspace=workspace, **livetalk_inputs(model, 1, blocks=2)))
+    assert workspace.cache is cache
+    bigger = dict(livetalk_inputs(model, 1, blocks=2), ref_latent=torch.randn(1, 16, 1, 4, 2))
+    list(sample_livetalk(model, workspace=workspace, **bigger))
+    assert workspace.cache is not cache
+    cache = workspace.cache
+    other = livetalk_model()
+    list(sample_livetalk(other, workspace=workspace, **bigger))
+    assert workspace.cache is not cache
+    workspace.free()
+    assert workspace.cache is None and workspace.graphs is None
