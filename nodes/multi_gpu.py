@@ -30,8 +30,9 @@ from comfy.patcher_extension import CallbacksMP
 from ..livetalk_core.errors import InputError
 from ..livetalk_core.families import ModelFamily, sequence_parallel_families
 from ..livetalk_core.options import RuntimeOptions
+from ..livetalk_core.parallel.remote import on_cpu
 from ..livetalk_core.parallel.sequence_parallel import header_heads
-from ..livetalk_core.parallel.workers import WorkerGroup, WorkerJob, WorkerModelInfo
+from ..livetalk_core.parallel.workers import BlockStream, WorkerGroup, WorkerJob, WorkerModelInfo
 from .comfy_models import Managed
 
 log = logging.getLogger(__name__)
@@ -115,14 +116,6 @@ def stop_workers(settings: WorkerSettings | None = None) -> None:
 atexit.register(stop_workers)
 
 
-def _on_cpu(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
-    if isinstance(value, (list, tuple)):
-        return [_on_cpu(v) for v in value]
-    return value
-
-
 class WorkerDiT:
     """The engine of a LIVETALK_MODEL whose DiT runs in worker processes: what the nodes read of a
     loaded DiT (``config``, ``dtype``, ``weight_shapes``) and :meth:`generate`, which makes it a
@@ -137,8 +130,15 @@ class WorkerDiT:
         ran; ``inputs`` are the family's sampler inputs. ComfyUI's interrupt, checked while a block is
         awaited, or closing the iterator stops the workers and leaves them ready for the next run."""
         group = worker_group(self.settings)
-        inputs = {name: _on_cpu(value) for name, value in inputs.items()}
+        inputs = {name: on_cpu(value) for name, value in inputs.items()}
         return group.generate(seed=seed, poll=mm.throw_exception_if_processing_interrupted, **inputs)
+
+    def stream(self, *, seed: int, **inputs: Any) -> BlockStream:
+        """A live session's streaming request on the workers (started again if they stopped): the family
+        sends each block's inputs as its audio arrives; ``inputs`` are what every block shares. Closing
+        it (the session's Stop) stops the request and leaves the workers ready."""
+        group = worker_group(self.settings)
+        return group.stream(seed=seed, **{name: on_cpu(value) for name, value in inputs.items()})
 
 
 def load_on_workers(family: ModelFamily, gpus: int, model_path: str, runtime: RuntimeOptions,

@@ -167,6 +167,43 @@ def test_four_workers_give_the_one_gpu_video(pack, inputs, monkeypatch):
     assert running_group(pack) is None
 
 
+def test_a_live_stream_on_the_workers_makes_the_one_gpu_blocks(pack, cpu_workers):
+    """Live mode through the loader's gpus: the family's live stream runs on the workers (each block's
+    inputs sent as it is made, unpickled there under the engine's other name) and makes the gpus = 1
+    blocks, speech then silence; a stream closed mid-session leaves the workers serving the next one."""
+    window = importlib.import_module(f"{PACKAGE}.livetalk_core.runtime.live_stream").LiveWindow(32000, 0)
+    image = torch.rand(SIZE, SIZE, 3, generator=torch.Generator().manual_seed(0))
+    text = [[torch.randn(1, 6, UMT5_WIDTH, generator=torch.Generator().manual_seed(1)), {}]]
+    t = torch.arange(16000) / 16000
+    speech = 0.3 * torch.sin(2 * torch.pi * 220 * t)
+
+    def live_blocks(gpus: int, blocks: int) -> list[torch.Tensor]:
+        model, vae, audio_encoder = load(pack, gpus=gpus)
+        reference = vae.engine.encode(model.family.reference_pixels(image, SIZE, SIZE, "center", "cpu"))
+        stream = model.family.open_live_stream(model.engine, audio_encoder.engine, conditioning=text,
+                                               idle_conditioning=None, reference=reference, seed=5, steps=None,
+                                               window=window)
+        made = []
+        for block in range(blocks):
+            start, end = stream.window(block)
+            audio = torch.zeros(end - start)
+            lo, hi = max(start, 0), min(end, speech.numel())
+            if hi > lo:
+                audio[lo - start : hi - start] = speech[lo:hi]
+            made.append(stream.sample(block, audio, silent=block >= 2))
+        stream.close()
+        return made
+
+    one_gpu = live_blocks(1, 4)
+    assert_same_video(live_blocks(2, 4), one_gpu)
+    group = running_group(pack)
+    live_blocks(2, 2)  # a session that ends after 2 blocks
+    assert running_group(pack) is group and group.alive
+    assert_same_video(live_blocks(2, 4), one_gpu)
+    pack.multi_gpu.stop_workers()
+    assert not group.alive
+
+
 def test_validation_names_what_to_change(pack, cpu_workers, monkeypatch):
     assert validate(pack, gpus=2) is True
     message = validate(pack, gpus=2, model_name="dit.safetensors", audio_encoder_name="w2v.safetensors")
