@@ -57,8 +57,9 @@ def speech_with_pauses(minutes: float) -> tuple[np.ndarray, dict[int, float]]:
 
 
 def full_size_session_opener(options: argparse.Namespace):
-    """(opener, family name): sessions over random full-size models of the family, built once."""
-    from livetalk_core.live.session import open_session
+    """(opener, family name): sessions over random full-size models of the family, built once, sharing one
+    KV cache and its CUDA graphs as the live command's and node's do (session.WarmSessions)."""
+    from livetalk_core.live.session import WarmSessions, open_session
     from livetalk_core.options import RuntimeOptions
 
     device, dtype = torch.device(options.device), torch.bfloat16
@@ -81,10 +82,11 @@ def full_size_session_opener(options: argparse.Namespace):
                    vae_device=device).validate().apply(dit, vae)
     image = load_image(REPO / "assets" / "portrait.jpg")
 
-    def open_for(start):
+    def open_for(workspace, start):
         return open_session(family, dit=dit, vae=vae, audio_encoder=encoder, text=talking, idle_text=idle,
-                            reference_image=image, width=options.size, height=options.size, steps=options.steps)
-    return open_for, family.name
+                            reference_image=image, width=options.size, height=options.size, steps=options.steps,
+                            workspace=workspace)
+    return WarmSessions(open_for), family.name
 
 
 def tiny_session_opener(options: argparse.Namespace):
@@ -126,21 +128,19 @@ def where_the_time_goes(recording, block_seconds: float) -> dict:
             "slowest_blocks": [{"index": recording.blocks[i].header["index"], "generated_s": made[i]} for i in slowest]}
 
 
-def warm_up(opener, blocks: int) -> None:
-    """Compile (and capture the CUDA graphs) in a session of its own, closed before the measured one starts."""
-    session = opener(None)
-    try:
-        session.push_audio(np.zeros(blocks * session.block_samples, np.float32))
-        for _ in range(blocks):
-            session.next_block()
-    finally:
-        session.close()
+def warm_up(opener) -> tuple[int, float]:
+    """Open and close a session before the client connects: the live command's and node's sessions warm up
+    (compile, CUDA graphs) before the first one is handed out, which would otherwise hold the client's start.
+    Returns the warm-up sessions run and the seconds they took."""
+    began = time.perf_counter()
+    opener(None).close()
+    return getattr(opener, "warm_up_sessions", 0), round(time.perf_counter() - began, 1)
 
 
 def run(options: argparse.Namespace) -> dict:
     audio, pauses = speech_with_pauses(options.minutes)
     opener, name = tiny_session_opener(options) if options.tiny else full_size_session_opener(options)
-    warm_up(opener, options.warmup_blocks)
+    warm_up_sessions, warm_up_seconds = warm_up(opener)
     watch = MemoryWatch(options.device)
     endpoint = LiveEndpoint(open_session=opener, family=name, clock=watched_clock(watch))
     started = time.perf_counter()
@@ -151,7 +151,8 @@ def run(options: argparse.Namespace) -> dict:
     streamed = len(audio) / RATE + sum(pauses.values())
     block_seconds = recording.blocks[-1].header["audio_samples"] / RATE
     report.update({
-        "family": name, "steps": options.steps, "device": options.device, "warmup_blocks": options.warmup_blocks,
+        "family": name, "steps": options.steps, "device": options.device, "warm_up_sessions": warm_up_sessions,
+        "warm_up_seconds": warm_up_seconds,
         "gpu": torch.cuda.get_device_name() if watch.cuda else "cpu", "torch": torch.__version__,
         "compile": options.compile, "fp8_matmul": options.fp8_matmul, "fp8_kv_cache": options.fp8_kv_cache,
         "session_seconds": round(streamed, 1), "wall_seconds": round(total, 1),
@@ -192,15 +193,13 @@ def main() -> None:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--fp8-matmul", action="store_true")
     p.add_argument("--fp8-kv-cache", action="store_true")
-    p.add_argument("--warmup-blocks", type=int, default=8,
-                   help="blocks made in a warm-up session first (compile, CUDA graphs; default %(default)s)")
     p.add_argument("--tiny", action="store_true", help="tiny random models on the CPU: checks this script")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     options = p.parse_args()
     if options.steps is None and options.family == "realvideo":
         options.steps = 2
     if options.tiny:
-        options.device, options.compile, options.warmup_blocks = "cpu", False, min(options.warmup_blocks, 1)
+        options.device, options.compile = "cpu", False
     report = run(options)
     print(summary(report))
     if options.json:

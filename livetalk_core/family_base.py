@@ -247,9 +247,11 @@ class ModelFamily:
 
     # --- live mode (livetalk_core/live/session.py) ---------------------------------------------------
     def open_live_stream(self, dit: Any, encoder: Any, *, conditioning: list, idle_conditioning: list | None,
-                         reference: torch.Tensor, seed: int, steps: int | None, window: LiveWindow) -> LiveStream:
+                         reference: torch.Tensor, seed: int, steps: int | None, window: LiveWindow,
+                         workspace: Any = None) -> LiveStream:
         """A live stream over the loaded ``dit`` and audio ``encoder``: blocks sampled one at a time
         from the audio that has arrived for each (:class:`~.runtime.live_stream.LiveStream`);
         ``reference`` is the VAE latent of :meth:`reference_pixels`, ``steps`` None: the family's
-        choice for real time."""
+        choice for real time; ``workspace``: the :class:`~.runtime.workspace.Workspace` its sampler
+        uses and keeps for the next stream (None: its own)."""
         raise InputError(f"{self.name} has no live mode.")

@@ -90,23 +90,28 @@ class LiveTalkLive(io.ComfyNode):
     def execute(cls, model: Managed, vae: Managed, audio_encoder: Managed, conditioning, image: torch.Tensor,
                 width: int, height: int, seed: int, steps: int, idle_conditioning=None,
                 tiny_decoder: Managed | None = None) -> io.NodeOutput:
-        from ..livetalk_core.live.session import open_session  # the live core loads only when a node runs
+        from ..livetalk_core.live.session import WarmSessions, open_session  # loaded only when a node runs
 
         check_inputs(model, image)
         dit, vae_engine, encoder, *tiny = on_device(model, vae, audio_encoder, *filter(None, [tiny_decoder]))
 
         @torch.inference_mode()
-        def new_session():
+        def open_on(workspace, start=None):
             session = open_session(model.family, dit=dit, vae=vae_engine, audio_encoder=encoder, text=conditioning,
                                    idle_text=idle_conditioning, reference_image=image[0, ..., :3], width=width,
                                    height=height, seed=seed, steps=steps, device=mm.get_torch_device(),
-                                   decoder=tiny[0] if tiny else None)
+                                   decoder=tiny[0] if tiny else None, workspace=workspace)
             return InferenceModeSession(session)
 
-        offer = LiveOffer(open_session=new_session, node_id=cls.hidden.unique_id, family=model.family.name)
+        # the clients' sessions share one KV cache and its CUDA graphs, freed when the node ends
+        sessions = WarmSessions(open_on)
+        offer = LiveOffer(open_session=sessions, node_id=cls.hidden.unique_id, family=model.family.name)
         log.info("LiveTalk Live: serving at /livetalk/live/ws. %s", PANEL_HINT)
-        with HOST.offering(offer):
-            interrupted = _wait_for_stop(offer)
+        try:
+            with HOST.offering(offer):
+                interrupted = _wait_for_stop(offer)
+        finally:
+            sessions.free()
         summary = offer.summary
         if interrupted:
             log.info("LiveTalk Live: cancelled after %s", summary.text())
@@ -146,6 +151,12 @@ class InferenceModeSession:
     @torch.inference_mode()
     def close(self) -> None:
         self._session.close()
+
+    def __enter__(self) -> InferenceModeSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _wait_for_stop(offer: LiveOffer) -> bool:

@@ -431,7 +431,7 @@ def smoke_opener(args: argparse.Namespace) -> SessionOpener:
     encoded (the tiny model has no text encoder)."""
     from .session import open_smoke_session
 
-    def open_for(start: Start):
+    def open_for(start: Start):  # each session its own tiny models; a CPU has no CUDA graphs to keep warm
         image = None if start.image is None else decode_image(start.image)
         return open_smoke_session(args.family, seed=args.seed, reference_image=image)
     return open_for
@@ -440,14 +440,23 @@ def smoke_opener(args: argparse.Namespace) -> SessionOpener:
 @dataclass
 class ModelOpener:
     """Sessions over the models the main command's options load (once, at start-up): a start message's
-    prompt is encoded as the command encodes one (cached per prompt), its image is the reference."""
+    prompt is encoded as the command encodes one (cached per prompt), its image is the reference. The
+    sessions share one KV cache and its CUDA graphs, made before the first one (session.WarmSessions)."""
 
     inputs: object  # cli.RunInputs
     files: object  # cli.ModelFiles
     models: object  # cli.Models
     seed: int
 
+    def __post_init__(self) -> None:
+        from .session import WarmSessions
+
+        self.sessions = WarmSessions(self.open_on)
+
     def __call__(self, start: Start):
+        return self.sessions(start)
+
+    def open_on(self, workspace, start: Start):
         from dataclasses import replace
 
         from .. import cli
@@ -462,7 +471,8 @@ class ModelOpener:
         return open_session(
             inputs.family, dit=self.models.dit, vae=self.models.vae, audio_encoder=self.models.audio_encoder,
             text=talking.to(device), idle_text=None if idle is None else idle.to(device), reference_image=image,
-            width=width, height=height, seed=self.seed, steps=inputs.steps, decoder=self.models.decoder)
+            width=width, height=height, seed=self.seed, steps=inputs.steps, decoder=self.models.decoder,
+            workspace=workspace)
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -541,7 +551,11 @@ def model_opener(model_argv: list[str], seed: int):
     cli.fetch_weights(inputs, download=not model_args.skip_download)
     with cli.weight_files(inputs) as files:
         models = cli.load_models(inputs, files, inputs.runtime, 0, model_args)
-        yield ModelOpener(inputs, files, models, seed), inputs.family.name
+        opener = ModelOpener(inputs, files, models, seed)
+        try:
+            yield opener, inputs.family.name
+        finally:
+            opener.sessions.free()
 
 
 def main(argv: list[str] | None = None) -> int:

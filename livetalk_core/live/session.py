@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +29,11 @@ from ..media.audio_file import SAMPLE_RATE
 from ..media.timing import VIDEO_FPS
 from ..media.vae import WanVAE, frames_to_uint8
 from ..runtime.live_stream import FRAME_SAMPLES, LiveStream, LiveWindow
+from ..runtime.workspace import Workspace
 from .clock import LiveClock
 from .features import AudioTimeline, Runs
 
-__all__ = ["LiveBlock", "LiveClock", "LiveSession", "open_session", "open_smoke_session"]
+__all__ = ["LiveBlock", "LiveClock", "LiveSession", "WarmSessions", "open_session", "open_smoke_session"]
 
 DEFAULT_CONTEXT_S = 2.0
 """Seconds of past audio each block's features see (docs/live.md, "Streaming audio features")."""
@@ -210,6 +212,56 @@ class LiveSession:
         self.close()
 
 
+WARM_UP_BLOCKS = 8
+"""Blocks per warm-up session: both families' caches reach their repeating layouts by block 5 (LiveTalk's
+window fills at block 4, RealVideo's at block 1), and the warm-up repeats sessions until one makes every
+forward from a graph."""
+WARM_UP_SESSIONS = 3
+
+
+class WarmSessions:
+    """A server's live sessions over one :class:`~..runtime.workspace.Workspace`: the KV cache, the CUDA
+    graphs of every block layout and the text buffers are kept from one client's session to the next, and
+    made before the first client's session is handed out. Without it a session compiles and captures while
+    its client watches (a capture of the 14B's forward held a block for seconds), and block 0, which the
+    client's first frame waits for, never replays from a graph.
+
+    ``open_for(workspace, start)`` opens a session on the workspace (:func:`open_session`). The first call
+    first runs warm-up sessions on silence (``start``'s inputs, :data:`WARM_UP_BLOCKS` blocks each) until one
+    makes every forward from a graph, at most :data:`WARM_UP_SESSIONS`; one when the model runs eagerly on a
+    GPU (compile), none on a CPU. :meth:`free` lets the workspace go (the server or node is ending)."""
+
+    def __init__(self, open_for: Callable[[Workspace, Any], LiveSession], workspace: Workspace | None = None) -> None:
+        self._open_for = open_for
+        self.workspace = workspace or Workspace()
+        self.warm_up_sessions = 0
+        self._warm = False
+
+    def __call__(self, start: Any = None) -> LiveSession:
+        while not self._warm:
+            with self._open_for(self.workspace, start) as session:
+                self._warm = self._warm_up(session)
+            self.warm_up_sessions += 1
+            self._warm = self._warm or self.warm_up_sessions >= WARM_UP_SESSIONS
+        return self._open_for(self.workspace, start)
+
+    def _warm_up(self, session: LiveSession) -> bool:
+        """One warm-up session; whether the workspace is warm after it."""
+        session.push_audio(np.zeros(session.block_samples * WARM_UP_BLOCKS, np.float32))
+        session.next_block()
+        cache = self.workspace.cache
+        if not self.workspace.uses_graphs and (cache is None or cache.keys[0].device.type != "cuda"):
+            return True  # nothing to compile or capture on a CPU
+        for _ in range(WARM_UP_BLOCKS - 1):
+            session.next_block()
+        session.close()  # ends the run: the workspace now says whether it settled
+        return self.workspace.settled or not self.workspace.uses_graphs
+
+    def free(self) -> None:
+        """Let go of the KV cache and graphs (after the last session closed; else when it does)."""
+        self.workspace.free()
+
+
 def as_conditioning(text: Any) -> list | None:
     """A text encoding as ComfyUI's CONDITIONING carries it: a tensor ``[1, L, D]`` is wrapped."""
     if isinstance(text, torch.Tensor):
@@ -222,14 +274,15 @@ def open_session(family: ModelFamily, *, dit: Any, vae: WanVAE, audio_encoder: A
                  reference_image: torch.Tensor | np.ndarray, width: int, height: int, seed: int = 0,
                  steps: int | None = None, device: torch.device | str | None = None,
                  context_s: float = DEFAULT_CONTEXT_S, lookahead_s: float = DEFAULT_LOOKAHEAD_S,
-                 owned: tuple[Any, ...] = (), decoder: Any = None) -> LiveSession:
+                 owned: tuple[Any, ...] = (), decoder: Any = None, workspace: Workspace | None = None) -> LiveSession:
     """A live session over loaded models. ``text`` / ``idle_text``: the prompt's encoding (ComfyUI
     CONDITIONING or a tensor ``[1, L, D]``), the idle one used for silent blocks where the family
     has one. ``reference_image`` ``[H, W, 3]`` (uint8, or float in [0, 1]); ``width`` x ``height``
     as the family reads them (:meth:`~..family_base.ModelFamily.reference_pixels`, centre crop).
     ``device``: where the reference is prepared (default: the VAE's). ``decoder``: what decodes the
     blocks: None, the VAE; or a tiny decoder (``media.taehv.TinyDecoder``: faster, lower quality); the VAE
-    still encodes the reference."""
+    still encodes the reference. ``workspace``: the KV cache and CUDA graphs to sample with, kept after the
+    session closes (:class:`WarmSessions`); None: the session's own, freed when it closes."""
     image = torch.as_tensor(np.asarray(reference_image)) if not isinstance(reference_image, torch.Tensor) \
         else reference_image
     pixels = family.reference_pixels(image, width, height, "center", device or vae.device)
@@ -237,13 +290,14 @@ def open_session(family: ModelFamily, *, dit: Any, vae: WanVAE, audio_encoder: A
     window = LiveWindow(seconds_to_samples(context_s), seconds_to_samples(lookahead_s))
     stream = family.open_live_stream(dit, audio_encoder, conditioning=as_conditioning(text),
                                      idle_conditioning=as_conditioning(idle_text), reference=reference, seed=seed,
-                                     steps=steps, window=window)
+                                     steps=steps, window=window, workspace=workspace)
     return LiveSession(family, stream, vae, pixels, owned=owned, decoder=decoder)
 
 
 def open_smoke_session(family_name: str = "livetalk", *, width: int | None = None, height: int | None = None,
                        seed: int = 0, reference_image: torch.Tensor | np.ndarray | None = None,
-                       context_s: float = DEFAULT_CONTEXT_S, lookahead_s: float = DEFAULT_LOOKAHEAD_S) -> LiveSession:
+                       context_s: float = DEFAULT_CONTEXT_S, lookahead_s: float = DEFAULT_LOOKAHEAD_S,
+                       workspace: Workspace | None = None) -> LiveSession:
     """A live session over tiny random models on the CPU (``live --smoke``, the tests): the video is
     noise, the whole path is real. ``family_name``: "livetalk" or "realvideo"."""
     from .smoke import smoke_models
@@ -254,5 +308,5 @@ def open_smoke_session(family_name: str = "livetalk", *, width: int | None = Non
         models.family, dit=models.dit, vae=models.vae, audio_encoder=models.encoder, text=models.text,
         idle_text=models.idle_text, reference_image=image, width=width or models.width,
         height=height or models.height, seed=seed, context_s=context_s, lookahead_s=lookahead_s,
-        owned=(models,),
+        owned=(models,), workspace=workspace,
     )

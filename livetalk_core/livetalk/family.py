@@ -19,6 +19,7 @@ from ..media.weights import LIVETALK_FILES
 from ..runtime.live_stream import LiveWindow
 from ..runtime.noise import SeededNoise
 from ..runtime.scheduler import LIVETALK_STEPS, livetalk_schedule
+from ..runtime.workspace import Workspace
 from ..wan.kv_cache import CachePolicy
 from .audio import WAV2VEC2_BASE_HINT, encoder_features
 from .live import LiveTalkStream
@@ -94,10 +95,11 @@ class LiveTalkFamily(ModelFamily):
         )
 
     def open_live_stream(self, dit: LiveTalkDiT, encoder: Any, *, conditioning: list, idle_conditioning: list | None,
-                         reference: torch.Tensor, seed: int, steps: int | None, window: LiveWindow) -> LiveTalkStream:
+                         reference: torch.Tensor, seed: int, steps: int | None, window: LiveWindow,
+                         workspace: Workspace | None = None) -> LiveTalkStream:
         """LiveTalk's live blocks (:mod:`.live`); ``idle_conditioning`` is not used (silence only)."""
         return LiveTalkStream(dit, encoder, context=text_context(conditioning, self.text_dim(dit)),
-                              reference=reference, seed=seed, steps=steps, window=window)
+                              reference=reference, seed=seed, steps=steps, window=window, workspace=workspace)
 
     def smoke_weights(self, folder: Path):
         from ..smoke import build_tiny_weights

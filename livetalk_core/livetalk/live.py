@@ -19,6 +19,7 @@ from ..media.wav2vec2 import AudioEncoder, livetalk_audio_features
 from ..runtime.live_stream import FRAME_SAMPLES, LiveGeometry, LiveWindow
 from ..runtime.noise import SeededNoise
 from ..runtime.scheduler import livetalk_schedule
+from ..runtime.workspace import Workspace
 from .audio import check_audio_encoder
 from .model import VIDEO_FRAMES_PER_LATENT, LiveTalkDiT
 from .sampler import LIVETALK_CACHE, LIVETALK_FRAMES_PER_BLOCK, sample_livetalk
@@ -83,14 +84,14 @@ class LiveTalkStream:
     geometry = LIVETALK_LIVE_GEOMETRY
 
     def __init__(self, dit: LiveTalkDiT, encoder: AudioEncoder, *, context: torch.Tensor, reference: torch.Tensor,
-                 seed: int, steps: int | None, window: LiveWindow) -> None:
+                 seed: int, steps: int | None, window: LiveWindow, workspace: Workspace | None = None) -> None:
         check_audio_encoder(dit, encoder)
         self.dit, self.encoder, self.live_window = dit, encoder, window
         self._embeds: torch.Tensor | None = None
         schedule = livetalk_schedule() if steps is None else livetalk_schedule(steps)
         self._blocks = sample_livetalk(
             dit, ref_latent=reference, audio_embeds=self._block_embeds, context=context, num_blocks=None,
-            noise=SeededNoise(seed), schedule=schedule, cache_policy=LIVETALK_CACHE,
+            noise=SeededNoise(seed), schedule=schedule, cache_policy=LIVETALK_CACHE, workspace=workspace,
         )
 
     def window(self, block: int) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from ..options import RuntimeOptions
 from ..parallel.worker_process import WorkerJob
 from ..runtime.live_stream import LiveWindow
 from ..runtime.noise import SeededNoise
+from ..runtime.workspace import Workspace
 from ..wan.kv_cache import CachePolicy
 from .audio import realvideo_audio_features
 from .image import preprocess_reference
@@ -129,15 +130,18 @@ class RealVideoFamily(ModelFamily):
         return realvideo_worker_job(path, options, **load_options)
 
     def open_live_stream(self, dit: Any, encoder: Any, *, conditioning: list, idle_conditioning: list | None,
-                         reference: torch.Tensor, seed: int, steps: int | None,
-                         window: LiveWindow) -> RealVideoStream | RemoteRealVideoStream:
-        """RealVideo's live blocks (:mod:`.live`; :mod:`.live_remote` for a DiT on worker processes):
-        silent blocks under ``idle_conditioning`` (the talking prompt when None), 2 steps unless told."""
+                         reference: torch.Tensor, seed: int, steps: int | None, window: LiveWindow,
+                         workspace: Workspace | None = None) -> RealVideoStream | RemoteRealVideoStream:
+        """RealVideo's live blocks (:mod:`.live`; :mod:`.live_remote` for a DiT on worker processes, whose
+        workers keep their own caches): silent blocks under ``idle_conditioning`` (the talking prompt when
+        None), 2 steps unless told."""
         talking = text_context(conditioning, self.text_dim(dit))
         idle = talking if idle_conditioning is None else text_context(idle_conditioning, self.text_dim(dit))
-        stream = RemoteRealVideoStream if isinstance(dit, RemoteSampler) else RealVideoStream
-        return stream(dit, encoder, idle_context=idle, talking_context=talking, reference=reference, seed=seed,
-                      steps=steps, window=window)
+        inputs = dict(idle_context=idle, talking_context=talking, reference=reference, seed=seed, steps=steps,
+                      window=window)
+        if isinstance(dit, RemoteSampler):
+            return RemoteRealVideoStream(dit, encoder, **inputs)
+        return RealVideoStream(dit, encoder, workspace=workspace, **inputs)
 
     # --- the command line ----------------------------------------------------------------------
     def add_cli_arguments(self, group: argparse._ArgumentGroup) -> None:

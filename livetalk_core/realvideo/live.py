@@ -25,6 +25,7 @@ from ..media.timing import video_frames_for_latents
 from ..media.wav2vec2 import AudioEncoder
 from ..runtime.live_stream import FRAME_SAMPLES, LiveGeometry, LiveWindow
 from ..runtime.noise import SeededNoise
+from ..runtime.workspace import Workspace
 from .audio import segment_features
 from .sampler import FRAMES_PER_BLOCK, VIDEO_FRAMES_PER_LATENT, BlockPlan, realvideo_schedule, sample_realvideo
 
@@ -93,7 +94,8 @@ class RealVideoStream:
     geometry = REALVIDEO_LIVE_GEOMETRY
 
     def __init__(self, dit, encoder: AudioEncoder, *, idle_context: torch.Tensor, talking_context: torch.Tensor,
-                 reference: torch.Tensor, seed: int, steps: int | None, window: LiveWindow) -> None:
+                 reference: torch.Tensor, seed: int, steps: int | None, window: LiveWindow,
+                 workspace: Workspace | None = None) -> None:
         if isinstance(dit, RemoteSampler):
             raise TypeError("RealVideoStream samples in this process; a DiT on workers streams through "
                             "RemoteRealVideoStream (RealVideoFamily.open_live_stream picks it)")
@@ -103,7 +105,7 @@ class RealVideoStream:
         self._blocks = sample_realvideo(
             dit, ref_latent=reference.to(dit.dtype), idle_context=idle_context, talking_context=talking_context,
             audio_features=self._segments, noise=SeededNoise(seed), plan=self._plan(),
-            schedule=realvideo_schedule(LIVE_STEPS if steps is None else steps),
+            schedule=realvideo_schedule(LIVE_STEPS if steps is None else steps), workspace=workspace,
         )
 
     def window(self, block: int) -> tuple[int, int]:

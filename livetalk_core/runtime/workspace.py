@@ -20,6 +20,7 @@ it; a workspace serves one run at a time.
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any
@@ -76,7 +77,8 @@ class Workspace:
         self.cache: KVCache | None = None
         self.graphs: ForwardGraphs | None = None
         self.text = TextSlot()
-        self._busy = False
+        self._busy = self._free_after_run = False
+        self._lock = threading.Lock()
         self.runs = 0
         self.settled = False
         """Whether the last finished run made every forward from a graph (captures allowed): the
@@ -87,23 +89,34 @@ class Workspace:
               forwards_per_block: int, shapes: Hashable) -> tuple[KVCache, ForwardGraphs | None]:
         """Start a run of ``model`` with a cache of ``policy`` (``frame_tokens``, ``num_heads``) and inputs
         of ``shapes``: the kept cache and graphs if they fit, else new ones. Returns (cache, graphs or None)."""
-        if self._busy:
-            raise RuntimeError("a sampling workspace serves one run at a time; the last one has not ended")
-        key = (_where(model), policy, frame_tokens, num_heads, shapes, model.dtype, model.fp8_kv_cache,
-               model.cuda_graphs)
-        if key != self._key or self._model is None or self._model() is not model:
-            self.free()
-            self.cache = model.new_kv_cache(policy, frame_tokens=frame_tokens, num_heads=num_heads)
-            make_graphs = self._make_graphs or cuda_graphs.session_graphs
-            self.graphs = make_graphs(model, self.cache, forwards_per_block)
-            self._key, self._model = key, weakref.ref(model)
-        else:
-            self.cache.reset()
+        with self._lock:
+            if self._busy:
+                raise RuntimeError("a sampling workspace serves one run at a time; the last one has not ended")
+            self._busy = True
+        try:
+            self._fit(model, policy, frame_tokens, num_heads, forwards_per_block, shapes)
+        except BaseException:
+            self._busy = False
+            raise
         self.text.forget_source()
-        self._busy, self.settled = True, False
+        self.settled = False
         self._eager_before = self.graphs.eager_forwards if self.graphs is not None else 0
         self.runs += 1
         return self.cache, self.graphs
+
+    def _fit(self, model: torch.nn.Module, policy: CachePolicy, frame_tokens: int, num_heads: int,
+             forwards_per_block: int, shapes: Hashable) -> None:
+        """Keep the cache and graphs if this run's model and sizes are the last run's; else make new ones."""
+        key = (_where(model), policy, frame_tokens, num_heads, shapes, model.dtype, model.fp8_kv_cache,
+               model.cuda_graphs)
+        if key == self._key and self._model is not None and self._model() is model:
+            self.cache.reset()
+            return
+        self._let_go()
+        self.cache = model.new_kv_cache(policy, frame_tokens=frame_tokens, num_heads=num_heads)
+        make_graphs = self._make_graphs or cuda_graphs.session_graphs
+        self.graphs = make_graphs(model, self.cache, forwards_per_block)
+        self._key, self._model = key, weakref.ref(model)
 
     @contextlib.contextmanager
     def run(self, model: torch.nn.Module, policy: CachePolicy, **sizes: Any) -> Iterator[
@@ -117,19 +130,28 @@ class Workspace:
 
     def end(self) -> None:
         """The run is over (finished or closed early); the next may begin."""
-        if not self._busy:
-            return
-        self._busy = False
-        graphs = self.graphs
-        self.settled = graphs is not None and not graphs.failed and graphs.eager_forwards == self._eager_before
+        with self._lock:
+            if not self._busy:
+                return
+            self._busy = False
+            graphs = self.graphs
+            self.settled = graphs is not None and not graphs.failed and graphs.eager_forwards == self._eager_before
+            if self._free_after_run:
+                self._let_go()
 
     def free(self) -> None:
-        """Let go of the cache, the graphs and the text buffers (the next run makes new ones)."""
-        if self._busy:
-            raise RuntimeError("a sampling workspace cannot be freed during a run")
+        """Let go of the cache, the graphs and the text buffers (the next run makes new ones); during a
+        run (another thread's), as soon as it ends."""
+        with self._lock:
+            if self._busy:
+                self._free_after_run = True
+            else:
+                self._let_go()
+
+    def _let_go(self) -> None:
         self._key = self._model = self.cache = self.graphs = None
         self.text = TextSlot()
-        self.settled = False
+        self.settled = self._free_after_run = False
 
     @property
     def uses_graphs(self) -> bool:
