@@ -133,9 +133,9 @@ class _Rank:
             noise = SeededNoise(inputs.pop("seed"))  # the same draws on every rank
             try:
                 if kind == "generate":
-                    outcome = self.generate(job.sample(model, self.sp, noise=noise, **inputs), request)
+                    outcome = self.run(job.sample(model, self.sp, noise=noise, **inputs), request, streaming=False)
                 else:
-                    outcome = self.stream(self.stream_blocks(job, model, noise, inputs, request), request)
+                    outcome = self.run(self.stream_blocks(job, model, noise, inputs, request), request, streaming=True)
             except (ConnectionError, EOFError):
                 raise
             except LiveTalkError as exc:
@@ -172,29 +172,19 @@ class _Rank:
             if message[0] == "feed":
                 yield message[2]
 
-    def stream(self, blocks: Iterator[torch.Tensor], request: int) -> tuple[str, int, int]:
-        """Run a stream until its feed ends, rank 0 sending each block. Returns ``("stopped", request,
-        blocks made)``."""
+    def run(self, blocks: Iterator[torch.Tensor], request: int, *, streaming: bool) -> tuple[str, int, int]:
+        """Run one request, rank 0 sending each block. A generation checks after every block whether the
+        parent asked to stop (the ranks agree); a stream ends when its feed does (the parent's stop).
+        Returns ``("done" or "stopped", request, blocks made)``."""
         made = 0
         with contextlib.closing(blocks):  # closing frees the KV cache at once
             for block in blocks:
                 made += 1
                 if self.rank == 0:
                     self.send(("block", request, block.cpu()))
-        return "stopped", request, made
-
-    def generate(self, blocks: Iterator[torch.Tensor], request: int) -> tuple[str, int, int]:
-        """Sample one video, rank 0 sending each block; after every block the ranks agree whether the
-        parent asked to stop. Returns ``("done" or "stopped", request, blocks made)``."""
-        made = 0
-        with contextlib.closing(blocks):  # closing frees the KV cache at once
-            for block in blocks:
-                made += 1
-                if self.rank == 0:
-                    self.send(("block", request, block.cpu()))
-                if self.stop_agreed(request):
+                if not streaming and self.stop_agreed(request):
                     return "stopped", request, made
-        return "done", request, made
+        return "stopped" if streaming else "done", request, made
 
     def stop_agreed(self, request: int) -> bool:
         """Whether any rank was asked to stop ``request`` (or to exit). Every rank calls this after the

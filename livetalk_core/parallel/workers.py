@@ -74,6 +74,7 @@ class _Failure:
     error: LiveTalkError | None = None
     out_of_memory: bool = False
     trace: str = ""
+    killed: bool = False  # ended by a signal: the cause of the others' failures in their exchanges with it
 
 
 def _start_worker(rank: int, devices: list[str], port: int, job: bytes, label: str) -> _Worker:
@@ -227,7 +228,7 @@ class WorkerGroup:
             try:
                 worker.conn.send_bytes(payload)
             except OSError:
-                self._raise_failure(self._lost(worker))
+                self._raise_failure(self._failure_of(worker))
 
     def _next_message(self, *, deadline: float | None = None,
                       poll: Callable[[], None] | None = None) -> tuple[int, tuple]:
@@ -256,22 +257,33 @@ class WorkerGroup:
             return _Failure(worker, *message[1:])
         return message
 
+    def _failure_of(self, worker: _Worker) -> _Failure:
+        """Why ``worker``, whose connection broke, is gone: the reason it sent before it exited, if any."""
+        with contextlib.suppress(OSError):
+            while worker.conn.poll():
+                message = self._read(worker)
+                if isinstance(message, _Failure):
+                    return message
+        return self._lost(worker)
+
     def _lost(self, worker: _Worker) -> _Failure:
         try:
             code = worker.process.wait(timeout=STOP_SECONDS)
         except subprocess.TimeoutExpired:
             return _Failure(worker, "it closed its connection")
-        if code < 0 and -code in signal.valid_signals():
+        killed = code < 0 and -code in signal.valid_signals()
+        if killed:
             how = f"killed by {signal.Signals(-code).name}"
             if -code == signal.SIGKILL:
                 how += ", perhaps out of host memory"
         else:
             how = f"exit code {code}"
-        return _Failure(worker, f"it exited unexpectedly ({how})")
+        return _Failure(worker, f"it exited unexpectedly ({how})", killed=killed)
 
     def _raise_failure(self, first: _Failure) -> None:
         """Stop the group and raise one error: a worker's own out-of-memory report if any (the
-        other ranks then fail in their collectives), else the first failure."""
+        other ranks then fail in their collectives), else a worker killed by a signal (likewise), else
+        the first failure."""
         failures = [first]
         others = {w.conn: w for w in self._workers if w is not first.worker}
         deadline = time.monotonic() + FAILURE_GRACE_SECONDS
@@ -286,7 +298,7 @@ class WorkerGroup:
             if failure.trace and failure.error is None:  # a LiveTalkError's message says it all
                 log.error("%s worker %d (%s) failed:\n%s", self.label, failure.worker.rank, failure.worker.device,
                           failure.trace)
-        chosen = next((f for f in failures if f.out_of_memory), first)
+        chosen = next((f for f in failures if f.out_of_memory), next((f for f in failures if f.killed), first))
         if chosen.error is not None:
             raise chosen.error
         where = f"{self.label} worker {chosen.worker.rank} ({chosen.worker.device})"
@@ -340,7 +352,7 @@ class BlockStream:
         and return the block (CPU) rank 0 sends back. An error ends the stream: a worker's input error
         is raised as it is, a worker that failed stops the group (one :class:`~.errors.LiveTalkError`)."""
         group = self._group
-        if not self.open:
+        if group._active != self._request:  # a worker that died since is reported by the exchange below
             raise LiveTalkError(f"This {group.label} stream has ended (closed, or its workers stopped); open a new "
                                 "session.")
         try:
