@@ -178,7 +178,10 @@ def record_prompts(monkeypatch, dit) -> list[str]:
         return projected[-1]
 
     def recording_forward(x, t, window, kv, *args, **kwargs):
-        used.append("idle" if kv is projected[0] else "talking")
+        # the forward reads the text slot, into which the block's prompt K/V was copied
+        idle, talking = (torch.equal(kv[0][0], prompt[0][0]) for prompt in projected)
+        assert idle != talking
+        used.append("idle" if idle else "talking")
         return forward(x, t, window, kv, *args, **kwargs)
 
     monkeypatch.setattr(dit, "project_context", project_context)
