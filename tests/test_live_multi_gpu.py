@@ -24,9 +24,15 @@ from livetalk_core.media.samples import SAMPLE_AUDIO
 from livetalk_core.options import RuntimeOptions
 from livetalk_core.parallel.remote import GroupSampler
 from livetalk_core.parallel.workers import WorkerGroup
+from livetalk_core.realvideo import parallel as realvideo_parallel
+from livetalk_core.realvideo.audio import segment_features
 from livetalk_core.realvideo.family import REALVIDEO_14B
+from livetalk_core.realvideo.live import block_segment, block_window
 from livetalk_core.realvideo.live_remote import RemoteRealVideoStream
+from livetalk_core.realvideo.parallel import generate_on_worker, stream_realvideo_parallel
+from livetalk_core.realvideo.sampler import BlockPlan, realvideo_schedule
 from livetalk_core.runtime.live_stream import LiveWindow
+from livetalk_core.runtime.noise import SeededNoise
 
 SEED = 3
 WINDOW = LiveWindow(context_samples=16000, lookahead_samples=0)
@@ -74,9 +80,9 @@ def open_stream(dit, models, seed: int = SEED):
         reference=reference_latent(models), seed=seed, steps=None, window=WINDOW)
 
 
-def window_audio(stream, block: int, clip: np.ndarray) -> torch.Tensor:
-    """Block ``block``'s window of ``clip`` (which starts with the session; silence around it)."""
-    start, end = stream.window(block)
+def window_audio(window: tuple[int, int], clip: np.ndarray) -> torch.Tensor:
+    """The timeline samples ``window`` of ``clip`` (which starts with the session; silence around it)."""
+    start, end = window
     audio = np.zeros(end - start, np.float32)
     lo, hi = max(start, 0), min(end, clip.size)
     if hi > lo:
@@ -86,13 +92,34 @@ def window_audio(stream, block: int, clip: np.ndarray) -> torch.Tensor:
 
 def stream_blocks(stream, clip: np.ndarray, blocks: int) -> list[torch.Tensor]:
     """The first ``blocks`` latents of ``stream`` fed from ``clip``; the stream is left open."""
-    return [stream.sample(b, window_audio(stream, b, clip), silent=b in SILENT_BLOCKS) for b in range(blocks)]
+    return [stream.sample(b, window_audio(stream.window(b), clip), silent=b in SILENT_BLOCKS) for b in range(blocks)]
 
 
 def assert_same_blocks(ours: list[torch.Tensor], reference: list[torch.Tensor]) -> None:
     assert len(ours) == len(reference)
     for b, (a, r) in enumerate(zip(ours, reference)):
         torch.testing.assert_close(a, r, rtol=RTOL, atol=ATOL, msg=lambda m: f"block {b}: {m}")
+
+
+def test_a_workers_streams_share_one_workspace_and_a_whole_video_lets_it_go(models, one_process_dit, speech):
+    """What a worker runs (here in this process, one rank): its second stream samples on the first one's
+    kept KV cache (and graphs, on a GPU) and gets the same block; a whole video frees that workspace."""
+    segment, ptr = block_segment(0, WINDOW, window_audio(block_window(0, WINDOW), speech))
+    features = segment_features(models.encoder, segment, torch.float32)
+    inputs = dict(ref_latent=reference_latent(models), idle_context=models.idle_text, talking_context=models.text,
+                  schedule=realvideo_schedule(2))
+    firsts = []
+    for _ in range(2):
+        with contextlib.closing(stream_realvideo_parallel(one_process_dit, None, noise=SeededNoise(SEED),
+                                                          feed=iter([(BlockPlan(0, ptr), features)]),
+                                                          **inputs)) as blocks:
+            firsts.append(next(blocks))
+    workspace = realvideo_parallel._STREAM_WORKSPACES[one_process_dit]
+    assert workspace.runs == 2 and workspace.cache is not None and torch.equal(firsts[0], firsts[1])
+    video = list(generate_on_worker(one_process_dit, None, noise=SeededNoise(SEED), audio_features=[features],
+                                    plan=[BlockPlan(0, ptr)], **inputs))
+    assert torch.equal(video[0], firsts[0])  # block 0 of the video is block 0 of the stream
+    assert one_process_dit not in realvideo_parallel._STREAM_WORKSPACES and workspace.cache is None
 
 
 @pytest.mark.parametrize("world", WORLD_SIZES)
@@ -169,7 +196,7 @@ def test_a_worker_that_dies_mid_session_is_one_clear_error(models, dit_file, spe
         time.sleep(1.0)  # rank 0 may fail in an exchange with the dead rank and exit first: rank 1 is still named
         began = time.monotonic()
         with pytest.raises(LiveTalkError, match=r"^RealVideo 14B worker 1 \(cpu\) failed: it exited unexpectedly"):
-            stream.sample(2, window_audio(stream, 2, speech), silent=False)
+            stream.sample(2, window_audio(stream.window(2), speech), silent=False)
         assert time.monotonic() - began < 30
         assert not workers.group.alive
         stream.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -16,9 +17,15 @@ from ..parallel.sequence_parallel import SequenceParallel
 from ..parallel.sharded_sampling import sample_sharded
 from ..parallel.worker_process import WorkerJob
 from ..runtime.noise import NoiseSource
+from ..runtime.workspace import Workspace
 from .live import LatestSegment
 from .model import S2VDiT, load_s2v_dit
 from .sampler import FRAMES_PER_BLOCK, REALVIDEO_CACHE, BlockPlan, sample_realvideo
+
+# A worker's live streams share one workspace (KV cache, CUDA graphs, text buffers), as one GPU's live
+# sessions do, so a stream after the first replays its graphs from block 0; a whole video on the same
+# worker lets it go first (the video's own cache takes that memory).
+_STREAM_WORKSPACES: weakref.WeakKeyDictionary[S2VDiT, Workspace] = weakref.WeakKeyDictionary()
 
 
 def sample_realvideo_parallel(model: S2VDiT, sp: SequenceParallel | None, *, ref_latent: torch.Tensor,
@@ -45,7 +52,17 @@ def stream_realvideo_parallel(model: S2VDiT, sp: SequenceParallel | None, *, noi
             segments.set(entry.segment, features.to(model.device))
             yield entry
 
-    return sample_realvideo_parallel(model, sp, noise=noise, audio_features=segments, plan=plan(), **kwargs)
+    workspace = _STREAM_WORKSPACES.setdefault(model, Workspace())
+    return sample_realvideo_parallel(model, sp, noise=noise, audio_features=segments, plan=plan(), workspace=workspace,
+                                     **kwargs)
+
+
+def generate_on_worker(model: S2VDiT, sp: SequenceParallel | None, **kwargs: Any) -> Iterator[torch.Tensor]:
+    """A whole video on a worker (:func:`sample_realvideo_parallel`), after the live streams' kept
+    workspace, if any, is let go."""
+    if (workspace := _STREAM_WORKSPACES.pop(model, None)) is not None:
+        workspace.free()
+    return sample_realvideo_parallel(model, sp, **kwargs)
 
 
 def load_realvideo_dit(path: str | os.PathLike, options: RuntimeOptions, *, device: torch.device,
@@ -62,5 +79,5 @@ def load_realvideo_dit(path: str | os.PathLike, options: RuntimeOptions, *, devi
 
 def worker_job(path: str | os.PathLike, options: RuntimeOptions, **load_options: Any) -> WorkerJob:
     """What each worker of a multi-GPU group runs for the RealVideo DiT at ``path``."""
-    return WorkerJob(functools.partial(load_realvideo_dit, path, options, **load_options), sample_realvideo_parallel,
+    return WorkerJob(functools.partial(load_realvideo_dit, path, options, **load_options), generate_on_worker,
                      stream=stream_realvideo_parallel)
