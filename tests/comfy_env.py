@@ -162,7 +162,7 @@ class ComfyServer:
             raise AssertionError(f"/prompt refused the prompt ({status}): {json.dumps(body, indent=1)[:4000]}")
         return body["prompt_id"]
 
-    def wait_for(self, prompt_id: str, timeout: float = 240.0) -> dict:
+    def wait_for(self, prompt_id: str, timeout: float = 600.0) -> dict:
         """The prompt's history entry once it has finished (successfully or not)."""
         def finished():
             return self.get(f"/history/{prompt_id}").get(prompt_id, {}).get("status", {}).get("completed") is not None
