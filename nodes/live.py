@@ -27,7 +27,6 @@ from comfy_api.latest import io, ui
 from ..livetalk_core.errors import InputError
 from .comfy_models import Managed, on_device, out_of_memory_advice
 from .live_routes import HOST, LiveOffer
-from .multi_gpu import WorkerDiT
 from .pack_types import CATEGORY, LiveTalkAudioEncoder, LiveTalkModel, LiveTalkVAE
 from .sampling import MAX_SEED
 from .tiny_decoder import TINY_DECODER_TOOLTIP, LiveTalkTinyDecoder
@@ -120,11 +119,8 @@ class LiveTalkLive(io.ComfyNode):
 
 
 def check_inputs(model: Managed, image: torch.Tensor) -> None:
-    """Refuse what a live session cannot use before anything loads: the session samples on one GPU in this
-    process (a model loaded with gpus > 1 runs in worker processes), and it needs a reference image."""
-    if isinstance(model.engine, WorkerDiT):
-        raise InputError("LiveTalk Live runs the model on one GPU in ComfyUI's process, but this model was loaded "
-                         "on several (gpus > 1 in Load LiveTalk Model). Set gpus to 1 for a live workflow.")
+    """Refuse what a live session cannot use before anything loads: it needs a reference image. (A model
+    loaded with gpus > 1 streams its blocks from its worker processes: docs/live.md, "Several GPUs".)"""
     if image.ndim != 4 or image.shape[0] < 1:
         raise InputError("The image input holds no image. Connect a Load Image node with the face to animate.")
 

@@ -16,7 +16,7 @@ PACKAGE = "livetalk_pack_live_cases"
 @pytest.fixture(scope="module")
 def pack() -> SimpleNamespace:
     import_pack(PACKAGE)
-    names = ("nodes.live", "nodes.multi_gpu", "livetalk_core.errors")
+    names = ("nodes.live", "livetalk_core.errors")
     return SimpleNamespace(**{name.split(".")[-1]: importlib.import_module(f"{PACKAGE}.{name}") for name in names})
 
 
@@ -36,12 +36,6 @@ def live_inputs(engine, image: torch.Tensor) -> dict:
     model = SimpleNamespace(engine=engine, family=SimpleNamespace(name="LiveTalk 1.3B"))
     return dict(model=model, vae=object(), audio_encoder=object(), conditioning=[[torch.zeros(1, 1, 8), {}]],
                 image=image, width=64, height=64, seed=0, steps=4)
-
-
-def test_a_model_on_several_gpus_is_refused_before_anything_loads(pack, nothing_loads):
-    workers = pack.multi_gpu.WorkerDiT.__new__(pack.multi_gpu.WorkerDiT)  # its DiT would run in worker processes
-    with pytest.raises(pack.errors.InputError, match="Set gpus to 1"):
-        run(pack.live.LiveTalkLive, **live_inputs(workers, torch.rand(1, 64, 64, 3)))
 
 
 def test_an_empty_image_batch_is_refused_before_anything_loads(pack, nothing_loads):

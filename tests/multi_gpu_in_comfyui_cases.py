@@ -28,7 +28,8 @@ FOUR_HEADS = "s2v_4_heads.safetensors"  # a DiT that 4 workers can split
 @pytest.fixture(scope="module")
 def pack():
     import_pack(PACKAGE)
-    names = ("nodes.loader", "nodes.encoders", "nodes.sampling", "nodes.multi_gpu", "livetalk_core.errors")
+    names = ("nodes.loader", "nodes.encoders", "nodes.sampling", "nodes.multi_gpu", "nodes.live",
+             "livetalk_core.errors")
     # The workers take a core each: one thread here keeps small CI machines from oversubscribing.
     torch.set_num_threads(1)
     modules = SimpleNamespace(**{name.split(".")[-1]: importlib.import_module(f"{PACKAGE}.{name}") for name in names})
@@ -202,6 +203,33 @@ def test_a_live_stream_on_the_workers_makes_the_one_gpu_blocks(pack, cpu_workers
     assert_same_video(live_blocks(2, 4), one_gpu)
     pack.multi_gpu.stop_workers()
     assert not group.alive
+
+
+def test_the_live_node_serves_a_model_on_two_workers(pack, cpu_workers, monkeypatch):
+    """The LiveTalk Live node on a gpus = 2 model: a client's session streams its blocks from the workers
+    (speech, then silence under the idle prompt), and the workers stay loaded for the next session."""
+    import contextlib
+
+    blocks = []
+
+    class Host:  # a client's session as the panel opens one, then End live node
+        @contextlib.contextmanager
+        def offering(self, offer):
+            with offer.open_session() as session:
+                t = torch.arange(session.block_samples) / 16000
+                session.push_audio((0.3 * torch.sin(2 * torch.pi * 220 * t)).numpy())
+                blocks.extend(session.next_block() for _ in range(3))
+            offer.stop.set()
+            yield
+    monkeypatch.setattr(pack.live, "HOST", Host())
+    model, vae, audio_encoder = load(pack, gpus=2)
+    text = [[torch.randn(1, 6, UMT5_WIDTH, generator=torch.Generator().manual_seed(1)), {}]]
+    pack.live.LiveTalkLive.PREPARE_CLASS_CLONE({"unique_id": "7"}).EXECUTE_NORMALIZED(
+        model=model, vae=vae, audio_encoder=audio_encoder, conditioning=text, image=torch.rand(1, SIZE, SIZE, 3),
+        width=SIZE, height=SIZE, seed=0, steps=2)
+    assert [b.speech_samples for b in blocks] == [blocks[0].audio.size, 0, 0]
+    assert all(b.frames.shape[1:] == (SIZE, SIZE, 3) and b.frames.std() > 0 for b in blocks)
+    assert running_group(pack).alive
 
 
 def test_validation_names_what_to_change(pack, cpu_workers, monkeypatch):
