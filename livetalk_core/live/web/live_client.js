@@ -163,7 +163,7 @@ export class LiveClient {
     if (typeof data !== "string") return this.receiveBinary(unpackBinary(data));
     const message = JSON.parse(data);
     if (message.type === "hello") this.socket.send(JSON.stringify({ type: "start", ...this.startMessage() }));
-    else if (message.type === "loading") this.status("loading the session…");
+    else if (message.type === "loading") this.status("loading the session… (a server's first session also warms the model up: on a GPU, up to a minute)");
     else if (message.type === "ready") { this.info = message; this.startVideo(message); resolve(message); }
     else if (message.type === "error") { this.status(`${message.code}: ${message.message}`); reject(new Error(message.message)); }
     else if (message.type === "stopped") this.status(`stopped: ${message.frames} frames, ${message.dropped_blocks} dropped`);
