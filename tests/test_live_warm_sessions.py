@@ -83,3 +83,45 @@ def test_free_waits_for_an_open_session_then_lets_the_cache_go(models):
     session.close()
     assert sessions.workspace.cache is None and sessions.workspace.graphs is None
     assert sessions.workspace.text.buffers is None
+
+
+class RemoteSession:
+    """A session whose DiT samples in worker processes (this process's workspace stays empty); ``on_gpu``:
+    whether its blocks are made on GPUs."""
+
+    block_samples = 100
+
+    def __init__(self, on_gpu: bool):
+        self.on_gpu, self.blocks, self.closed = on_gpu, 0, False
+
+    def push_audio(self, samples):
+        pass
+
+    def next_block(self):
+        self.blocks += 1
+
+    def close(self):
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@pytest.mark.parametrize("on_gpu", [True, False])
+def test_a_dit_on_workers_is_warmed_by_two_whole_sessions_on_gpus_and_one_block_on_cpus(on_gpu):
+    """The workers keep their own workspace, which this process cannot see settle: on GPUs two whole warm-up
+    sessions (the first meets every layout, the second captures block 0's), on CPUs one block."""
+    opened = []
+
+    def open_for(workspace, start):
+        opened.append(RemoteSession(on_gpu))
+        return opened[-1]
+    sessions = WarmSessions(open_for)
+    client = sessions()
+    warm_ups = opened[:-1]
+    assert [s.blocks for s in warm_ups] == ([WARM_UP_BLOCKS] * 2 if on_gpu else [1])
+    assert all(s.closed for s in warm_ups) and client is opened[-1] and not client.closed
+    assert sessions() is opened[-1] and len(opened) == len(warm_ups) + 2  # later clients: no more warm-up

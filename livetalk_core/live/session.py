@@ -117,6 +117,11 @@ class LiveSession:
     def blocks_made(self) -> int:
         return self._index
 
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the blocks are decoded on a GPU (then the DiT samples on GPUs too: here or in workers)."""
+        return torch.device(self._decoding_model.device).type == "cuda"
+
     def next_tile(self) -> tuple[int, int]:
         """The timeline samples ``[start, end)`` the next block is made from."""
         return self._stream.geometry.tile(self._index)
@@ -217,6 +222,8 @@ WARM_UP_BLOCKS = 8
 window fills at block 4, RealVideo's at block 1), and the warm-up repeats sessions until one makes every
 forward from a graph."""
 WARM_UP_SESSIONS = 3
+REMOTE_WARM_UP_SESSIONS = 2  # what one process needs in practice: the first meets every layout, the second
+# captures block 0's
 
 
 class WarmSessions:
@@ -229,7 +236,9 @@ class WarmSessions:
     ``open_for(workspace, start)`` opens a session on the workspace (:func:`open_session`). The first call
     first runs warm-up sessions on silence (``start``'s inputs, :data:`WARM_UP_BLOCKS` blocks each) until one
     makes every forward from a graph, at most :data:`WARM_UP_SESSIONS`; one when the model runs eagerly on a
-    GPU (compile), none on a CPU. :meth:`free` lets the workspace go (the server or node is ending)."""
+    GPU (compile); :data:`REMOTE_WARM_UP_SESSIONS` when the DiT samples in worker processes (they keep a
+    workspace of their own, which this process cannot see settle); none past one block on a CPU. :meth:`free`
+    lets the workspace go (the server or node is ending)."""
 
     def __init__(self, open_for: Callable[[Workspace, Any], LiveSession], workspace: Workspace | None = None) -> None:
         self._open_for = open_for
@@ -249,13 +258,17 @@ class WarmSessions:
         """One warm-up session; whether the workspace is warm after it."""
         session.push_audio(np.zeros(session.block_samples * WARM_UP_BLOCKS, np.float32))
         session.next_block()
-        cache = self.workspace.cache
-        if not self.workspace.uses_graphs and (cache is None or cache.keys[0].device.type != "cuda"):
+        workspace = self.workspace
+        sampled_here = workspace.cache is not None
+        on_gpu = workspace.cache.keys[0].device.type == "cuda" if sampled_here else session.on_gpu
+        if not workspace.uses_graphs and not on_gpu:
             return True  # nothing to compile or capture on a CPU
         for _ in range(WARM_UP_BLOCKS - 1):
             session.next_block()
         session.close()  # ends the run: the workspace now says whether it settled
-        return self.workspace.settled or not self.workspace.uses_graphs
+        if not sampled_here:
+            return self.warm_up_sessions + 1 >= REMOTE_WARM_UP_SESSIONS
+        return workspace.settled or not workspace.uses_graphs
 
     def free(self) -> None:
         """Let go of the KV cache and graphs (after the last session closed; else when it does)."""
