@@ -131,3 +131,16 @@ def test_the_workspace_starts_again_for_another_size_or_model_and_serves_one_run
     assert workspace.cache is not cache
     workspace.free()
     assert workspace.cache is None and workspace.graphs is None
+
+
+def test_the_text_slot_copies_prompts_into_its_buffers_and_refuses_another_shape():
+    """Graphs read the slot's buffers: a prompt is copied in (the buffers stay the same tensors), and a prompt
+    of another shape is refused rather than given new buffers under the graphs."""
+    slot = Workspace().text
+    first = [(torch.ones(1, 4, 2), torch.ones(1, 4, 2))]
+    buffers = slot.show(first)
+    assert buffers[0][0] is not first[0][0]  # a copy: the caller keeps its own
+    second = [(torch.full((1, 4, 2), 2.0), torch.full((1, 4, 2), 3.0))]
+    assert slot.show(second) is buffers and torch.equal(buffers[0][1], second[0][1])
+    with pytest.raises(ValueError, match="another shape"):
+        slot.show([(torch.ones(1, 5, 2), torch.ones(1, 5, 2))])

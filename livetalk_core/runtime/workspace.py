@@ -49,9 +49,13 @@ class TextSlot:
         ``adopt``: the caller no longer needs ``context_kv``, so a slot without buffers takes its tensors."""
         if self._showing is context_kv:
             return self.buffers
-        if self.buffers is None or [k.shape for k, _ in self.buffers] != [k.shape for k, _ in context_kv]:
+        if self.buffers is None:
             self.buffers = list(context_kv) if adopt else [(k.clone(), v.clone()) for k, v in context_kv]
         else:
+            # Graphs read these very buffers (keyed by the list's identity): new ones would need new graphs.
+            if [k.shape for k, _ in self.buffers] != [k.shape for k, _ in context_kv]:
+                raise ValueError("a prompt's K/V of another shape needs a new workspace (the samplers key a "
+                                 "workspace by the prompt's shape)")
             for (k, v), (new_k, new_v) in zip(self.buffers, context_kv):
                 k.copy_(new_k)
                 v.copy_(new_v)
