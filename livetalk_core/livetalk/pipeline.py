@@ -41,6 +41,7 @@ from ..runtime.concurrent import run_concurrently
 from ..runtime.decode_stream import decode_blocks
 from ..runtime.denoise import StepHook
 from ..runtime.noise import NoiseSource, SeededNoise
+from ..runtime.workspace import Workspace
 from .audio import check_audio_encoder, latents_covering, pad_waveform_to_blocks, samples_for_latents
 from .model import LiveTalkDiT
 from .sampler import LIVETALK_FRAMES_PER_BLOCK, sample_livetalk
@@ -141,10 +142,13 @@ class LiveTalkPipeline:
         noise: NoiseSource | int = 0,
         on_step: StepHook | None = None,
         num_blocks: int | None = None,
+        workspace: Workspace | None = None,
     ) -> Iterator[torch.Tensor]:
         """Latent blocks ``[1, 16, 3, h, w]`` one at a time (see :func:`sample_livetalk`).
 
         ``noise`` is a seed or a :class:`NoiseSource`; ``num_blocks`` defaults to what the audio covers.
+        ``workspace``: a :class:`~..runtime.workspace.Workspace` kept by the caller across runs (the KV
+        cache and CUDA graphs stay, so block 0 replays once its layouts are captured); None: this run's own.
         """
         if isinstance(noise, int):
             noise = SeededNoise(noise)
@@ -156,6 +160,7 @@ class LiveTalkPipeline:
             num_blocks=audio.num_blocks if num_blocks is None else num_blocks,
             noise=noise,
             on_step=on_step,
+            workspace=workspace,
         )
 
     def stream(
@@ -165,14 +170,16 @@ class LiveTalkPipeline:
         context: torch.Tensor,
         noise: NoiseSource | int = 0,
         overlap: bool = True,
+        workspace: Workspace | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Sample and decode: uint8 frames ``[T, H, W, 3]`` as they are ready, trimmed to the audio.
+        """Sample and decode: uint8 frames ``[T, H, W, 3]`` as they are ready, trimmed to the audio
+        (``workspace``: as in :meth:`sample`).
 
         The first frame comes out before the DiT has run: block 0's latent frame 0 is the reference
         latent itself (the sampler pins it), so it is decoded straight away (see :meth:`decode`).
         """
         return self.decode(
-            self.sample(ref_latent, audio, context, noise),
+            self.sample(ref_latent, audio, context, noise, workspace=workspace),
             audio.num_video_frames,
             overlap=overlap,
             first_latent_frame=ref_latent.to(self.dit.dtype),
