@@ -144,3 +144,32 @@ def test_the_text_slot_copies_prompts_into_its_buffers_and_refuses_another_shape
     assert slot.show(second) is buffers and torch.equal(buffers[0][1], second[0][1])
     with pytest.raises(ValueError, match="another shape"):
         slot.show([(torch.ones(1, 5, 2), torch.ones(1, 5, 2))])
+
+
+def test_the_pipeline_streams_in_a_kept_workspace_with_the_frames_of_a_run_of_its_own(tmp_path):
+    """``LiveTalkPipeline.stream(workspace=...)`` (the Python API, and bench.py's first-frame measurement):
+    the same frames as a run without one, and from the third run on block 0 replays (no eager forward)."""
+    from livetalk_core.livetalk.model import load_livetalk_dit
+    from livetalk_core.livetalk.pipeline import LiveTalkPipeline
+    from livetalk_core.media.vae import load_vae
+    from livetalk_core.media.wav2vec2 import load_audio_encoder
+    from livetalk_core.smoke import build_tiny_weights, load_context
+
+    files = build_tiny_weights(tmp_path)
+    pipe = LiveTalkPipeline(load_livetalk_dit(files.dit, torch.float32, "cpu"),
+                            load_vae(files.vae, torch.float32, "cpu"),
+                            load_audio_encoder(files.wav2vec2, torch.float32, "cpu"))
+    context = load_context(files.context)
+    image = torch.randint(0, 255, (80, 96, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    clips = [torch.randn(int(16000 * seconds), generator=torch.Generator().manual_seed(2)) * 0.1
+             for seconds in (1.7, 2.3, 1.2)]
+    alone = [torch.cat(list(pipe.generate(image, clip, context, height=64, width=64))) for clip in clips]
+    pipe.dit.runtime = GRAPHS
+    workspace = recording_workspace()
+    for run, clip in enumerate(clips):
+        before = 0 if workspace.graphs is None else workspace.graphs.eager_forwards
+        ref, audio = pipe.encode_inputs(image, clip, 64, 64)
+        frames = torch.cat(list(pipe.stream(ref, audio, context, 0, workspace=workspace)))
+        assert torch.equal(frames, alone[run]), f"run {run}: frames differ from a run of its own"
+        assert workspace.runs == run + 1
+    assert workspace.graphs.eager_forwards == before and workspace.settled, "the third run replays every forward"
