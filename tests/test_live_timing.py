@@ -96,6 +96,48 @@ def test_a_steady_stream_with_pauses_has_no_stall(family):
     assert recording.info["frame_audio_offset"] == GEOMETRIES[family].frame_audio_offset
 
 
+class SlowStream(InstantStream):
+    """An InstantStream that takes ``seconds`` to make each block, as a GPU does (block 0 a little longer)."""
+
+    def __init__(self, geometry: LiveGeometry, seconds: float) -> None:
+        super().__init__(geometry)
+        self.seconds = seconds
+
+    def sample(self, block: int, audio: torch.Tensor, silent: bool) -> torch.Tensor:
+        time.sleep(self.seconds * (1.2 if block == 0 else 1.0))
+        return super().sample(block, audio, silent)
+
+
+HOLD_TEST_MARGIN_S = 0.06
+"""The clock's margin in the hold test: the stream's making time is a sleep, so only encoding and sending vary."""
+
+
+def slow_realvideo_report(block_seconds: float) -> dict:
+    """A RealVideo-shaped session making each block in ``block_seconds``, streamed with pauses."""
+    decoder = InstantDecoder()
+    stream = SlowStream(REALVIDEO_LIVE_GEOMETRY, block_seconds)
+    session = lambda start: LiveSession(None, stream, decoder, torch.zeros(1, 3, 1, SIZE, SIZE),  # noqa: E731
+                                        decoder=decoder)
+    audio, pauses = speech_with_pauses(seed=1)
+    clock = functools.partial(LiveClock, margin_s=HOLD_TEST_MARGIN_S)
+    with serving_in_thread(LiveEndpoint(open_session=session, clock=clock)) as url:
+        return run_client(url, audio, pauses=pauses, coverage_timeout=30).report()
+
+
+def test_block_0_is_held_when_a_block_takes_longer_to_make_than_block_0s_frames_play(monkeypatch):
+    """RealVideo's block 0 has 5 frames (0.31 s); a GPU that makes a block in more than that (0.31 s plus the
+    margin) would leave a player that starts with block 0 waiting at block 1. The clock holds block 0 for
+    the difference (LiveClock.hold_s), so the player starts that much later and never waits; without the hold
+    it waits at block 1."""
+    seconds = 0.4  # over block 0's 5 frames (0.3125 s), under a later block's 8 (0.5 s): faster than real time
+    held = slow_realvideo_report(seconds)
+    assert held["stalls"] == 0, held["late_blocks"]
+    monkeypatch.setattr(LiveClock, "hold_s", lambda self, block: 0.0)
+    unheld = slow_realvideo_report(seconds)
+    assert [index for index, _ in unheld["late_blocks"]][:1] == [1], unheld["late_blocks"]
+    assert held["first_block_latency_s"] > unheld["first_block_latency_s"]
+
+
 def test_speech_after_a_pause_goes_where_it_was_spoken(monkeypatch):
     """Once a clock runs the timeline, audio that arrives well after the audio before it ended is placed at the
     time it was spoken (silence before it), not right after the last block; within the tolerance it follows on."""

@@ -15,6 +15,7 @@ placement tolerance; audio that comes later than that tolerance is placed at the
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +56,7 @@ class LiveClock:
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="livetalk-live-clock", daemon=True)
+        self._held: _HeldBlock | None = None
 
     def start(self) -> None:
         self.started_at = time.monotonic()
@@ -97,10 +99,80 @@ class LiveClock:
                 self._wait_for_audio()
                 if self._stop.is_set():
                     return
-                self.on_block(self.session.next_block())
+                block = self.session.next_block()
+                if self._held is not None:  # block 0 before block 1, whether or not its time has come
+                    self._held, held = None, self._held
+                    held.release()
+                if block.index == 0 and self.hold_s(block) > 0:
+                    self._held = _HeldBlock(block, self.hold_s(block), self._send)
+                else:
+                    self._send(block)
         except BaseException as exc:  # reported, not lost in a thread
-            if self.session.closed:  # closed under the clock (its owner ends the session): a stop, not a failure
-                return
+            self._failed(exc)
+        finally:
+            if self._held is not None:  # stopped while block 0 was held: it goes now (unless sending failed)
+                with contextlib.suppress(BaseException):
+                    self._held.release() if self.error is None else self._held.cancel()
+
+    def hold_s(self, block: LiveBlock) -> float:
+        """How long block 0 is held before it is sent: 0 when it was made faster than its own frames play
+        (less the margin); else the difference. The next block takes about as long to make as block 0 did
+        (block 0 is the slower one: it also fills the sinks), and a player that starts with block 0 needs the
+        next block when block 0's frames have played. Where a block takes longer to make than block 0's frames
+        play (RealVideo's block 0 has 5 frames; the 14B takes longer than that on one H100) the player would
+        otherwise wait at block 1; held, it starts that much later, once, and block 1 is on time (docs/live.md)."""
+        plays_s = len(block.frames) / self.session.fps
+        return max(0.0, block.generated_s + self.margin_s - plays_s)
+
+    def _send(self, block: LiveBlock) -> None:
+        try:
+            self.on_block(block)
+        except BaseException as exc:
+            self._failed(exc)
+            raise
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.session.closed:  # closed under the clock (its owner ends the session): a stop, not a failure
+            return
+        if self.error is None:
             self.error = exc
             if self.on_error is not None:
                 self.on_error(exc)
+        self._stop.set()
+
+
+class _HeldBlock:
+    """Block 0 held back for ``delay_s`` (:meth:`LiveClock.hold_s`), then sent by a timer; :meth:`release`
+    sends it at once if the timer has not (the next block is ready), :meth:`cancel` drops it (the clock
+    stopped). Sent once, in either thread."""
+
+    def __init__(self, block: LiveBlock, delay_s: float, send: Callable[[LiveBlock], None]) -> None:
+        self._block: LiveBlock | None = block
+        self._send = send
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(delay_s, self._on_time)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _take(self) -> LiveBlock | None:
+        with self._lock:
+            block, self._block = self._block, None
+            return block
+
+    def release(self) -> None:
+        self._timer.cancel()
+        with self._lock:  # the timer may be sending it right now: wait for that, so block 0 goes first
+            block, self._block = self._block, None
+            if block is not None:
+                self._send(block)
+
+    def _on_time(self) -> None:
+        with self._lock:
+            block, self._block = self._block, None
+            if block is not None:
+                with contextlib.suppress(BaseException):  # _send reported it to the clock's owner
+                    self._send(block)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        self._take()
