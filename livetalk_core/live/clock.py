@@ -103,8 +103,9 @@ class LiveClock:
                 if self._held is not None:  # block 0 before block 1, whether or not its time has come
                     self._held, held = None, self._held
                     held.release()
-                if block.index == 0 and self.hold_s(block) > 0:
-                    self._held = _HeldBlock(block, self.hold_s(block), self._send)
+                hold_s = self.hold_s(block) if block.index == 0 else 0.0
+                if hold_s > 0:
+                    self._held = _HeldBlock(block, hold_s, self._send)
                 else:
                     self._send(block)
         except BaseException as exc:  # reported, not lost in a thread
@@ -154,25 +155,22 @@ class _HeldBlock:
         self._timer.daemon = True
         self._timer.start()
 
-    def _take(self) -> LiveBlock | None:
-        with self._lock:
-            block, self._block = self._block, None
-            return block
-
     def release(self) -> None:
+        """Send it now if the timer has not; if the timer is sending it, wait for that (block 0 goes first)."""
         self._timer.cancel()
-        with self._lock:  # the timer may be sending it right now: wait for that, so block 0 goes first
+        self._send_once()
+
+    def _on_time(self) -> None:
+        with contextlib.suppress(BaseException):  # _send reported it to the clock's owner
+            self._send_once()
+
+    def _send_once(self) -> None:
+        with self._lock:
             block, self._block = self._block, None
             if block is not None:
                 self._send(block)
 
-    def _on_time(self) -> None:
-        with self._lock:
-            block, self._block = self._block, None
-            if block is not None:
-                with contextlib.suppress(BaseException):  # _send reported it to the clock's owner
-                    self._send(block)
-
     def cancel(self) -> None:
         self._timer.cancel()
-        self._take()
+        with self._lock:
+            self._block = None
