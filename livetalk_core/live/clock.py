@@ -40,7 +40,8 @@ _POLL_S = 0.02  # how often a waiting clock looks again (a new push may move the
 
 
 class LiveClock:
-    """Drives ``session`` block after block in a thread, calling ``on_block(block)`` from that thread.
+    """Drives ``session`` block after block in a thread, calling ``on_block(block)`` from that thread (a held
+    block 0, :meth:`hold_s`, from a timer's; never two calls at once, and always in block order).
     ``on_error(exc)`` (from that thread) is called if making a block or ``on_block`` raises; the
     clock then stops. :meth:`stop` joins the thread; closing the session is its owner's job (a session
     closed under a running clock stops it too, without an error)."""
