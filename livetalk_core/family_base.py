@@ -189,10 +189,12 @@ class ModelFamily:
 
     def sample_blocks(self, dit: Any, *, conditioning: list, idle_conditioning: list | None, reference: torch.Tensor,
                       audio: Any, seed: int, steps: int, cache_policy: CachePolicy,
-                      on_step: StepHook | None = None) -> Iterator[torch.Tensor]:
+                      on_step: StepHook | None = None, workspace: Any = None) -> Iterator[torch.Tensor]:
         """The video's clean latent blocks ``[1, 16, F_block, h, w]``, one at a time. Inputs are
         checked when this is called, not when the first block is asked for; closing the iterator
-        frees the KV cache."""
+        frees the KV cache, unless it is ``workspace``'s (a :class:`~.runtime.workspace.Workspace`
+        the caller keeps across runs, so the next run replays its CUDA graphs; a DiT on worker
+        processes keeps its own there and ignores it)."""
         raise NotImplementedError
 
     # --- the command line (livetalk_core/cli.py) ---------------------------------------------------

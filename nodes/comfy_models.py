@@ -7,7 +7,9 @@ from ``vae``; the audio encoder from ``audio_encoders``, as a single file or a H
 fetches it into its folder when the loader runs.
 
 Memory: each engine model is wrapped in a ``ModelPatcher`` and moved with ``load_models_gpu``, so
-ComfyUI evicts it (and other models) to make room exactly as it does for native models.
+ComfyUI evicts it (and other models) to make room exactly as it does for native models. A DiT's
+sampling workspace (:func:`kept_workspace`: its KV cache and CUDA graphs) stays between prompts
+only while the DiT stays where it is: ComfyUI loading or unloading it lets the workspace go.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
 import torch
+from comfy.patcher_extension import CallbacksMP
 
 from ..livetalk_core.errors import CheckpointError, OutOfMemory, out_of_memory_help
 from ..livetalk_core.families import ModelFamily, can_be_base, named_as_base
 from ..livetalk_core.media.weights import WeightFile
+from ..livetalk_core.runtime.workspace import Workspace
 from .model_files import DOWNLOADABLE, tensor_shapes
 
 LIVETALK_FOLDER = "livetalk"
@@ -187,6 +191,7 @@ class Managed:
         self.family = family
         self.patcher = comfy.model_patcher.ModelPatcher(shell(module), load_device=load_device,
                                                         offload_device=offload_device)
+        self.workspace: Workspace | None = None  # a DiT's, once it has sampled (kept_workspace)
 
 
 def on_device(*models: Managed):
@@ -198,6 +203,40 @@ def on_device(*models: Managed):
     mm.load_models_gpu([m.patcher for m in models], force_full_load=True)
     engines = tuple(m.engine for m in models)
     return engines[0] if len(engines) == 1 else engines
+
+
+def kept_workspace(model: Managed) -> Workspace:
+    """The DiT's sampling workspace (KV cache, CUDA graphs, text buffers), kept from one prompt to
+    the next so that a run replays its forwards from block 0 on instead of running them kernel by
+    kernel and capturing them again. ComfyUI unloading the DiT lets the workspace go; its graphs read
+    the weights' addresses, so weights that moved at all make it start again."""
+    if model.workspace is None:
+        workspace = model.workspace = Workspace()
+
+        def let_go(patcher, unpatch_all: bool) -> None:
+            # ComfyUI detaches with unpatch_all=True to unload a model (for room, or after an
+            # out-of-memory error), and with False around every load of a model already loaded
+            # (its weights stay where they are: the workspace stays).
+            if unpatch_all:
+                workspace.free()
+
+        # Moved in part and back (ComfyUI may offload some layers for room) with no detach: the
+        # workspace sees new weight addresses at the next run and starts again.
+        model.patcher.add_callback(CallbacksMP.ON_DETACH, let_go)
+    return model.workspace
+
+
+def keep_if_worth_it(model: Managed) -> None:
+    """After a run: keep the DiT's workspace only where it pays and leaves room. It pays when its
+    forwards replay from CUDA graphs (on a GPU, graphs on, a bf16 KV cache); it leaves room when the
+    GPU could still hold another KV cache of its size, so that the nodes after the sampler (the
+    decoder, a text encoder) do not evict the DiT for memory the workspace holds. Else it is freed."""
+    workspace = model.workspace
+    if workspace is None or workspace.cache is None:
+        return
+    device = workspace.cache.keys[0].device
+    if not workspace.uses_graphs or mm.get_free_memory(device) < workspace.cache.num_bytes:
+        workspace.free()
 
 
 T = TypeVar("T")

@@ -4,7 +4,9 @@ The sampler runs the loaded family's loop (``model.family.sample_blocks``): Live
 latent frames, a sliding cache with sink frames) or RealVideo 14B (blocks of 2 latent frames, the
 reference prefilled under the idle prompt, 2 or 4 steps). The decoder serves both. Both advance
 ComfyUI's progress bar once per block with a preview, and check for an interrupt between model
-forwards. Closing the sampler generator on an interrupt frees its KV cache at once.
+forwards. The sampler runs in the DiT's kept workspace (:func:`~.comfy_models.kept_workspace`): from
+the second prompt on, its forwards replay from CUDA graphs; where that does not pay or the GPU is
+short of room, the KV cache is freed when the run ends (or is interrupted).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..livetalk_core.families import FAMILIES, default_family
 from ..livetalk_core.media.timing import VIDEO_FPS
 from ..livetalk_core.media.vae import frames_to_uint8
 from ..livetalk_core.wan.kv_cache import CachePolicy
-from .comfy_models import Managed, on_device, out_of_memory_advice
+from .comfy_models import Managed, keep_if_worth_it, kept_workspace, on_device, out_of_memory_advice
 from .pack_types import (
     CATEGORY,
     AudioEmbeds,
@@ -148,14 +150,18 @@ class LiveTalkCausalDiTSampler(io.ComfyNode):
             steps=steps,
             cache_policy=CachePolicy(window_frames=window_frames, sink_frames=sink_frames),
             on_step=_between_forwards,
+            workspace=kept_workspace(model),
         )
         num_blocks = audio_embeds.num_blocks
         progress = comfy.utils.ProgressBar(num_blocks)
         blocks = []
-        with contextlib.closing(sampler):
-            for index, block in enumerate(sampler):
-                blocks.append(block.to(mm.intermediate_device(), torch.float32))
-                progress.update_absolute(index + 1, num_blocks, latent_preview(blocks[-1]))
+        try:
+            with contextlib.closing(sampler):
+                for index, block in enumerate(sampler):
+                    blocks.append(block.to(mm.intermediate_device(), torch.float32))
+                    progress.update_absolute(index + 1, num_blocks, latent_preview(blocks[-1]))
+        finally:
+            keep_if_worth_it(model)
         return io.NodeOutput(LatentBlockList(blocks=blocks, num_video_frames=audio_embeds.num_video_frames))
 
 

@@ -312,3 +312,83 @@ def test_out_of_memory_while_decoding_is_one_message(pack, vae, comfy_folders, m
     check_out_of_memory_message(pack, error)
     if inputs:  # the file keeps the block decoded before the failure
         assert pack.video_io.read_video_info(comfy_folders / "oom_00001_.mp4")["frames"] == 9
+
+
+# -- The sampler's workspace, kept between prompts ----------------------------------------------------
+
+
+def sampler_inputs(pack, model_name: str = "dit.safetensors", encoder_name: str = "w2v.safetensors") -> dict:
+    """A loaded model and the sampler's inputs for it (a reference, 1 s of audio, a prompt)."""
+    model, vae, audio_encoder = load(pack, model_name, encoder_name)
+    audio_embeds = run(pack.encoders.LiveTalkEncodeAudioWav2Vec, model=model, audio_encoder=audio_encoder,
+                       audio=tone(1.0, rate=16_000, channels=1)).result[0]
+    reference = run(pack.encoders.LiveTalkEncodeReferenceVAE, vae=vae, image=torch.rand(1, 64, 64, 3),
+                    width=64, height=64, crop="center").result[0]
+    return dict(model=model, conditioning=[[torch.randn(1, 5, UMT5_WIDTH, generator=torch.Generator().manual_seed(3)),
+                                            {}]],
+                reference=reference, audio_embeds=audio_embeds, steps=4, sink_frames=3, window_frames=6)
+
+
+def sample(pack, seed: int, inputs: dict) -> list[torch.Tensor]:
+    return run(pack.sampling.LiveTalkCausalDiTSampler, seed=seed, **inputs).result[0].blocks
+
+
+def with_recorded_graphs(pack, model, monkeypatch) -> None:
+    """The DiT asks for CUDA graphs and its workspaces make the CPU stand-in of test_cuda_graphs (a
+    replay re-runs the captured ops on the captured tensors: a moved buffer would give other latents)."""
+    from test_cuda_graphs import RecordingMaker
+
+    cuda_graphs = importlib.import_module(f"{PACKAGE}.livetalk_core.runtime.cuda_graphs")
+    workspace = importlib.import_module(f"{PACKAGE}.livetalk_core.runtime.workspace")
+    options = importlib.import_module(f"{PACKAGE}.livetalk_core.options")
+    monkeypatch.setattr(model.engine, "runtime", options.RuntimeOptions(compile=True, cuda_graphs=True))
+    monkeypatch.setattr(pack.comfy_models, "Workspace", lambda: workspace.Workspace(
+        lambda dit, cache, forwards: cuda_graphs.ForwardGraphs(forwards, RecordingMaker())))
+
+
+def test_the_sampler_keeps_its_workspace_and_the_third_prompt_replays_every_forward(pack, comfy_folders,
+                                                                                     monkeypatch):
+    inputs = sampler_inputs(pack)
+    model = inputs["model"]
+    alone = [sample(pack, seed, inputs) for seed in range(3)]  # no graphs: each run's own cache, freed after it
+    assert model.workspace is not None and model.workspace.cache is None
+    with_recorded_graphs(pack, model, monkeypatch)
+    model.workspace = None
+    eager = []
+    for seed in range(3):
+        before = model.workspace.graphs.eager_forwards if model.workspace else 0
+        latents = sample(pack, seed, inputs)
+        assert all(torch.equal(a, b) for a, b in zip(latents, alone[seed], strict=True)), f"prompt {seed} differs"
+        eager.append(model.workspace.graphs.eager_forwards - before)
+    # prompt 0 runs block 0 kernel by kernel; prompt 1 captures block 0's layout; prompt 2 replays it all
+    assert eager[0] > 0 and eager[2] == 0 and model.workspace.settled
+    cache = model.workspace.cache
+    sample(pack, 3, inputs)
+    assert model.workspace.cache is cache, "a fourth prompt of the same size makes no new cache"
+
+
+def test_comfyui_unloading_the_dit_lets_its_workspace_go(pack, comfy_folders, monkeypatch):
+    inputs = sampler_inputs(pack)
+    model = inputs["model"]
+    with_recorded_graphs(pack, model, monkeypatch)
+    sample(pack, 0, inputs)
+    cache = weakref.ref(model.workspace.cache)
+    mm.unload_all_models()  # what ComfyUI does for another model's room, or after an out-of-memory error
+    assert model.workspace.cache is None and model.workspace.graphs is None and cache() is None
+    sample(pack, 0, inputs)  # loaded again: a new workspace
+    assert model.workspace.cache is not None
+
+
+def test_without_room_for_another_cache_the_workspace_is_freed_after_the_run(pack, comfy_folders, monkeypatch):
+    inputs = sampler_inputs(pack)
+    model = inputs["model"]
+    with_recorded_graphs(pack, model, monkeypatch)
+    room: list[int] = []
+
+    def free_memory(device=None, torch_free_too=False):
+        room.append(model.workspace.cache.num_bytes)
+        return room[-1] - 1  # one byte short of another cache
+
+    monkeypatch.setattr(mm, "get_free_memory", free_memory)
+    sample(pack, 0, inputs)
+    assert room and model.workspace.cache is None

@@ -173,3 +173,21 @@ def test_the_pipeline_streams_in_a_kept_workspace_with_the_frames_of_a_run_of_it
         assert torch.equal(frames, alone[run]), f"run {run}: frames differ from a run of its own"
         assert workspace.runs == run + 1
     assert workspace.graphs.eager_forwards == before and workspace.settled, "the third run replays every forward"
+
+
+def test_a_workspace_starts_again_when_any_weight_of_the_model_moved():
+    """ComfyUI may offload some layers of a loaded model for room and load them back: the first and
+    last weights stay where they were, a middle one does not, and graphs would read freed memory."""
+    model = livetalk_model()
+    model.runtime = GRAPHS
+    workspace = recording_workspace()
+    list(sample_livetalk(model, workspace=workspace, **livetalk_inputs(model, 0, blocks=2)))
+    cache = workspace.cache
+    list(sample_livetalk(model, workspace=workspace, **livetalk_inputs(model, 0, blocks=2)))
+    assert workspace.cache is cache, "same weights, same place: the cache is kept"
+    middle = list(model.parameters())[len(list(model.parameters())) // 2]
+    middle.data = middle.data.clone()  # the same values somewhere else
+    latents = list(sample_livetalk(model, workspace=workspace, **livetalk_inputs(model, 1, blocks=2)))
+    assert workspace.cache is not cache
+    alone = list(sample_livetalk(model, **livetalk_inputs(model, 1, blocks=2)))
+    assert all(torch.equal(a, b) for a, b in zip(latents, alone, strict=True))

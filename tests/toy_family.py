@@ -117,7 +117,7 @@ def toy_family(package: str = ""):
             return dit.text_dim
 
         def sample_blocks(self, dit: ToyDiT, *, conditioning, idle_conditioning, reference, audio, seed, steps,
-                          cache_policy, on_step=None):
+                          cache_policy, on_step=None, workspace=None):
             text = core.family_base.text_context(conditioning, self.text_dim(dit)).to(dit.device, dit.dtype)
             return _toy_blocks(dit, reference.to(dit.device, dit.dtype), audio.features.to(dit.device, dit.dtype),
                                text, audio.num_blocks, seed, steps, on_step)

@@ -80,7 +80,8 @@ class LiveTalkFamily(ModelFamily):
 
     def sample_blocks(self, dit: LiveTalkDiT, *, conditioning: list, idle_conditioning: list | None,
                       reference: torch.Tensor, audio: AudioConditioning, seed: int, steps: int,
-                      cache_policy: CachePolicy, on_step: StepHook | None = None):
+                      cache_policy: CachePolicy, on_step: StepHook | None = None,
+                      workspace: Workspace | None = None):
         """LiveTalk's loop; ``idle_conditioning`` is not used (one prompt for the whole video)."""
         return sample_livetalk(
             dit,
@@ -92,6 +93,7 @@ class LiveTalkFamily(ModelFamily):
             schedule=livetalk_schedule(steps),
             cache_policy=cache_policy,
             on_step=on_step,
+            workspace=workspace,
         )
 
     def open_live_stream(self, dit: LiveTalkDiT, encoder: Any, *, conditioning: list, idle_conditioning: list | None,

@@ -108,10 +108,11 @@ class RealVideoFamily(ModelFamily):
 
     def sample_blocks(self, dit: Any, *, conditioning: list, idle_conditioning: list | None,
                       reference: torch.Tensor, audio: RealVideoAudio, seed: int, steps: int,
-                      cache_policy: CachePolicy, on_step: StepHook | None = None):
+                      cache_policy: CachePolicy, on_step: StepHook | None = None,
+                      workspace: Workspace | None = None):
         """RealVideo's blocks, here or on the worker processes of a :class:`~.family_base.RemoteSampler`
-        (the same blocks); without an idle prompt the talking one also fills the prefill. The
-        cache is RealVideo's own (``cache_policy`` is not used)."""
+        (the same blocks, in their own workspace); without an idle prompt the talking one also fills
+        the prefill. The cache is RealVideo's own (``cache_policy`` is not used)."""
         talking = text_context(conditioning, self.text_dim(dit))
         idle = talking if idle_conditioning is None else text_context(idle_conditioning, self.text_dim(dit))
         inputs = dict(
@@ -124,7 +125,7 @@ class RealVideoFamily(ModelFamily):
         )
         if isinstance(dit, RemoteSampler):
             return dit.generate(seed=seed, **inputs)
-        return sample_realvideo(dit, noise=SeededNoise(seed), on_step=on_step, **inputs)
+        return sample_realvideo(dit, noise=SeededNoise(seed), on_step=on_step, workspace=workspace, **inputs)
 
     def worker_job(self, path: str | os.PathLike, options: RuntimeOptions, **load_options: Any) -> WorkerJob:
         return realvideo_worker_job(path, options, **load_options)

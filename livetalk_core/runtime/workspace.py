@@ -163,9 +163,10 @@ class Workspace:
 
 
 def _where(model: torch.nn.Module) -> tuple:
-    """Where the model's weights are (its first and last parameters' addresses): moved or reloaded,
-    the graphs read the wrong memory, so the workspace starts again."""
-    params = list(model.parameters())
-    if not params:
+    """Where the model's weights are (every parameter's and buffer's address): moved or reloaded,
+    even in part (ComfyUI may offload some layers for room and load them back), the graphs would
+    read the wrong memory, so the workspace starts again."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if not tensors:
         return (id(model),)
-    return id(model), params[0].device, params[0].data_ptr(), params[-1].data_ptr()
+    return id(model), tensors[0].device, hash(tuple(t.data_ptr() for t in tensors))
