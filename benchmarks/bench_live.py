@@ -10,13 +10,16 @@ live client streams speech with pauses at real-time pace: the shipped speech cli
 nothing is sent (a voice agent that stops talking; the avatar idles), again and again for ``--minutes``.
 Printed and written: latency p50 / p95 (frame arrival minus the time its audio was sent), p95 of the first
 and of the last minute (drift), stalls, dropped blocks, H.264 bitrate, GPU memory when the session started
-and when it ended, and where a block's time goes (the server's time to make a block against its length).
+and when it ended, where a block's time goes (the server's time to make a block against its length), and
+Python's garbage collections during the session with the longest pauses (the client, the server and the
+sampler share this one process; a full collection holds all of them).
 Run each family on its own (one command per family keeps within the device's 10 minutes).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -117,6 +120,37 @@ def watched_clock(watch: MemoryWatch):
     return make
 
 
+class GarbageCollections:
+    """Python's garbage collections while the session runs (``with``), from ``gc.callbacks``: when, which
+    generation, how long. A full collection walks every live object (the compiled models' too) and holds
+    the process's threads meanwhile: the suspect for a lone slow block with no capture or recompile."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, int, float]] = []  # (seconds into the session, generation, seconds)
+        self._origin = self._began = 0.0
+
+    def __enter__(self) -> GarbageCollections:
+        self._origin = time.perf_counter()
+        gc.callbacks.append(self._on_collection)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._on_collection)
+
+    def _on_collection(self, phase: str, info: dict) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._began = now
+        else:
+            self.pauses.append((round(self._began - self._origin, 3), info["generation"], round(now - self._began, 4)))
+
+    def report(self) -> dict:
+        longest = sorted(self.pauses, key=lambda pause: pause[2])[-3:][::-1]
+        return {"collections": len(self.pauses), "full_collections": sum(g == 2 for _, g, _ in self.pauses),
+                "seconds": round(sum(s for *_, s in self.pauses), 4),
+                "longest": [{"at_s": at, "generation": g, "seconds": s} for at, g, s in longest]}
+
+
 def where_the_time_goes(recording, block_seconds: float) -> dict:
     """The server's time to make each block against the audio it covers, and the slowest blocks (a recompile or
     a stall shows there); the late blocks' indices and arrival lateness for the stalls."""
@@ -144,7 +178,7 @@ def run(options: argparse.Namespace) -> dict:
     watch = MemoryWatch(options.device)
     endpoint = LiveEndpoint(open_session=opener, family=name, clock=watched_clock(watch))
     started = time.perf_counter()
-    with serving_in_thread(endpoint) as url:
+    with GarbageCollections() as collections, serving_in_thread(endpoint) as url:
         recording = run_client(url, audio, pauses=pauses, coverage_timeout=options.minutes * MINUTE + 600)
     total = time.perf_counter() - started
     report = recording.report()
@@ -161,6 +195,7 @@ def run(options: argparse.Namespace) -> dict:
         "gpu_gib_at_start": watch.at_start, "gpu_gib_at_end": watch.at_end,
         "gpu_gib_peak": torch.cuda.max_memory_allocated() / 2**30 if watch.cuda else None,
         "server": endpoint.last.__dict__, "time": where_the_time_goes(recording, block_seconds),
+        "garbage_collections": collections.report(),
     })
     return report
 
@@ -179,6 +214,9 @@ def summary(r: dict) -> str:
         f"peak {r['gpu_gib_peak']}",
         f"a block: {r['time']['block_seconds']} s of audio, made in {r['time']['generated_s_p50']} s (p50) / "
         f"{r['time']['generated_s_p95']} s (p95); slowest {r['time']['slowest_blocks']}",
+        f"garbage collections {r['garbage_collections']['collections']} "
+        f"({r['garbage_collections']['full_collections']} full, {r['garbage_collections']['seconds']} s); "
+        f"longest {r['garbage_collections']['longest']}",
     ])
 
 

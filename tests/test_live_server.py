@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import socket
+import sys
 import threading
 import time
 import urllib.request
@@ -661,7 +663,23 @@ def test_bench_live_tiny_runs_and_reports(tmp_path):
     report = json.loads(out.read_text())
     assert report["frames"] > 0 and report["latency_p95_s"] > 0 and report["bitrate_mbps"] > 0
     assert report["latency_p95_first_minute_s"] is not None and report["returned_audio_exact"]
-    assert "latency p50" in done.stdout
+    assert "latency p50" in done.stdout and "garbage collections" in done.stdout
+    collections = report["garbage_collections"]
+    assert collections["collections"] > 0 and collections["collections"] >= collections["full_collections"]
+    assert all(0 <= c["seconds"] <= report["wall_seconds"] and c["generation"] in (0, 1, 2)
+               for c in collections["longest"])
+
+
+def test_the_live_benchmark_times_each_garbage_collection():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_live import GarbageCollections
+
+    with GarbageCollections() as collections:
+        time.sleep(0.05)
+        gc.collect()
+    assert collections.pauses[-1][1] == 2 and collections.pauses[-1][0] >= 0.05
+    report = collections.report()
+    assert report["full_collections"] >= 1 and report["longest"][0]["seconds"] == max(p[2] for p in collections.pauses)
 
 
 # --- the protocol and the encoder on their own ---------------------------------------------------------
