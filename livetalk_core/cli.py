@@ -49,7 +49,7 @@ from .media.samples import SAMPLE_AUDIO, SAMPLE_IMAGE
 from .media.taehv import DECODERS
 from .media.timing import VIDEO_FPS
 from .media.weights import TEXT_ENCODER_FILES, WeightFile
-from .options import RuntimeOptions, cli_flag
+from .options import RuntimeOptions, cli_flag, use_expandable_segments
 from .wan.attention import ATTENTION_BACKENDS
 
 # Subcommands: the first word of the command line -> the module (relative to this package) whose
@@ -537,6 +537,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path | Non
     from .parallel import sequence_parallel
 
     inputs = check_arguments(args, parser)
+    use_expandable_segments(inputs.runtime.fp8_kv_cache)  # before anything touches the GPU
     if args.smoke:
         note_smoke_limits(args)
     fetch_weights(inputs, download=not args.skip_download)

@@ -5,6 +5,7 @@ broken script is found before a GPU session is spent on it. Speed itself is only
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,58 @@ def test_random_text_encoder_is_placed_as_a_loaded_one(monkeypatch):
     monkeypatch.setattr(memory_cap, "streams_layers", lambda weight_bytes, device: device.type == "cuda")
     streamed = memory_cap.random_text_encoder(config, torch.device("cuda", 0), torch.float32)
     assert streamed.stream_to == torch.device("cuda", 0) and all(p.device.type == "cpu" for p in streamed.parameters())
+
+
+def test_a_capped_run_is_judged_by_what_its_tensors_held_plus_the_context():
+    """Session 15's H100 rows: the 1.3B in bf16 under a 12 GiB cap finished with tensors at 8.50 GiB and the
+    context at 0.76, while the allocator had cached up to 11.31 GiB (it gives that back before it fails):
+    a pass. A finished run whose tensors and context exceed the cap is not."""
+    memory_cap = memory_cap_module()
+    gib = memory_cap.GIB
+    outcome, peak = memory_cap.judged("pass", 12.0, int(8.50 * gib), int(0.76 * gib))
+    assert outcome == "pass" and abs(peak - 9.26) < 1e-6
+    assert memory_cap.judged("pass", 8.0, int(7.40 * gib), int(0.76 * gib))[0] == "over the cap (context grew)"
+    assert memory_cap.judged("out of memory", 8.0, int(5.59 * gib), int(0.76 * gib))[0] == "out of memory"
+
+
+def test_the_fp8_kv_cache_gets_expandable_segments_unless_the_user_chose(monkeypatch):
+    """The low-memory path's allocator options (options.use_expandable_segments), set by the CLI and the
+    capped runs before CUDA starts; a user's own PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF is kept."""
+    from livetalk_core import options
+
+    # a copy of the environment, so that what the code sets goes with the test
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in options.ALLOCATOR_VARIABLES})
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert not options.use_expandable_segments(False) and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    assert options.use_expandable_segments(True) and os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    mine = "backend:cudaMallocAsync"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", mine)
+    assert not options.use_expandable_segments(True) and os.environ["PYTORCH_CUDA_ALLOC_CONF"] == mine
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:False")
+    assert not options.use_expandable_segments(True) and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late: the allocator has read its options
+    assert not options.use_expandable_segments(True) and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+
+
+def test_the_cli_asks_for_expandable_segments_with_the_fp8_kv_cache(monkeypatch, tmp_path):
+    """`python -m livetalk_core --smoke --fp8-kv-cache` sets them before anything touches a GPU."""
+    from livetalk_core import cli, options
+
+    # a copy of the environment, so that what the code sets goes with the test
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in options.ALLOCATOR_VARIABLES})
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def first_step_after_the_checks(*args, **kwargs):
+        seen.append(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+        raise Stop
+
+    monkeypatch.setattr(cli, "fetch_weights", first_step_after_the_checks)
+    parser = cli.build_parser()
+    with pytest.raises(Stop):
+        cli.run(parser.parse_args(["--smoke", "--fp8-kv-cache", "--output", str(tmp_path / "o.mp4")]), parser)
+    assert seen == ["expandable_segments:True"]
