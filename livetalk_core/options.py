@@ -171,13 +171,18 @@ EXPANDABLE_SEGMENTS = "expandable_segments:True"
 
 
 def use_expandable_segments(fp8_kv_cache: bool) -> bool:
-    """On the low-memory path (the fp8 KV cache), ask PyTorch's CUDA allocator for expandable segments,
+    """On the low-memory path (the fp8 KV cache), give PyTorch's CUDA allocator expandable segments,
     which do not fragment: on an 8 GB GPU the 1.3B with fp8 options ran out of memory with 1.6 GiB
-    reserved but free in pieces, and fit with them (docs/performance.md, "Capped GPU memory"). Only
-    while the user has set no allocator options and CUDA has not started (the allocator reads them
-    once); the fp8 KV cache runs without CUDA graphs, so graph pools never meet these segments.
-    Returns whether it set them."""
-    if not fp8_kv_cache or any(name in os.environ for name in ALLOCATOR_VARIABLES) or torch.cuda.is_initialized():
+    reserved but free in pieces, and fit with them (docs/performance.md, "Capped GPU memory"). Not
+    where the user set allocator options. The fp8 KV cache runs without CUDA graphs, so graph pools
+    never meet these segments. Returns whether it set them."""
+    if not fp8_kv_cache or any(name in os.environ for name in ALLOCATOR_VARIABLES):
         return False
-    os.environ[ALLOCATOR_VARIABLES[0]] = EXPANDABLE_SEGMENTS
+    os.environ[ALLOCATOR_VARIABLES[0]] = EXPANDABLE_SEGMENTS  # for worker processes started from here
+    # This process: PyTorch may have read the variable already (when it loaded), so tell it directly.
+    set_settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if set_settings is not None:
+        set_settings(EXPANDABLE_SEGMENTS)
+    elif torch.cuda.is_available():  # PyTorch before 2.9
+        torch.cuda.memory._set_allocator_settings(EXPANDABLE_SEGMENTS)
     return True

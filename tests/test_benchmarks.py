@@ -120,23 +120,24 @@ def test_a_capped_run_is_judged_by_what_its_tensors_held_plus_the_context():
 
 def test_the_fp8_kv_cache_gets_expandable_segments_unless_the_user_chose(monkeypatch):
     """The low-memory path's allocator options (options.use_expandable_segments), set by the CLI and the
-    capped runs before CUDA starts; a user's own PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF is kept."""
+    capped runs: in the environment (for worker processes) and in PyTorch's allocator, which may have read
+    the environment already. A user's own PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF is kept."""
     from livetalk_core import options
 
     # a copy of the environment, so that what the code sets goes with the test
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in options.ALLOCATOR_VARIABLES})
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    assert not options.use_expandable_segments(False) and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    told: list[str] = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", told.append)
+    assert not options.use_expandable_segments(False) and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and not told
     assert options.use_expandable_segments(True) and os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    mine = "backend:cudaMallocAsync"
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", mine)
-    assert not options.use_expandable_segments(True) and os.environ["PYTORCH_CUDA_ALLOC_CONF"] == mine
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
-    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:False")
-    assert not options.use_expandable_segments(True) and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
-    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late: the allocator has read its options
-    assert not options.use_expandable_segments(True) and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    assert told == ["expandable_segments:True"]
+    for name, mine in (("PYTORCH_CUDA_ALLOC_CONF", "backend:cudaMallocAsync"),
+                       ("PYTORCH_ALLOC_CONF", "expandable_segments:False")):
+        os.environ.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+        os.environ[name] = mine
+        told.clear()
+        assert not options.use_expandable_segments(True) and os.environ[name] == mine and not told
+        del os.environ[name]
 
 
 def test_the_cli_asks_for_expandable_segments_with_the_fp8_kv_cache(monkeypatch, tmp_path):
