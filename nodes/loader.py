@@ -181,8 +181,9 @@ class LoadLiveTalkModel(io.ComfyNode):
                                "Ignored, and not read, for a complete model file and for LiveTalk 1.3B."),
                 io.Boolean.Input("fp8_weights", default=False, optional=True,
                                  tooltip="RealVideo 14B only: keep the DiT's block weights in fp8 (one scale per "
-                                 "tensor, turned back into the chosen precision one layer at a time): about 22 GB "
-                                 "of GPU memory instead of 38 at the cost of fp8 rounding. An fp8_scaled file keeps "
+                                 "tensor, turned back into the chosen precision one layer at a time): about 23 GB "
+                                 "of GPU memory instead of 39 at the cost of fp8 rounding (a 24 GB GPU needs "
+                                 "fp8_kv_cache too). An fp8_scaled file keeps "
                                  "its own fp8 values; others are rounded to fp8 when loaded. "
                                  "Ignored for LiveTalk 1.3B."),
                 io.Boolean.Input("fp8_matmul", default=False, optional=True,
