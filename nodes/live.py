@@ -25,7 +25,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..livetalk_core.errors import InputError
-from .comfy_models import Managed, on_device, out_of_memory_advice
+from .comfy_models import Managed, keep_if_worth_it, kept_workspace, on_device, out_of_memory_advice
 from .live_routes import HOST, LiveOffer
 from .pack_types import CATEGORY, LiveTalkAudioEncoder, LiveTalkModel, LiveTalkVAE
 from .sampling import MAX_SEED
@@ -102,15 +102,17 @@ class LiveTalkLive(io.ComfyNode):
                                    decoder=tiny[0] if tiny else None, workspace=workspace)
             return InferenceModeSession(session)
 
-        # the clients' sessions share one KV cache and its CUDA graphs, freed when the node ends
-        sessions = WarmSessions(open_on)
+        # The clients' sessions share the DiT's kept workspace (one KV cache and its CUDA graphs, as the
+        # sampler's prompts do): a live prompt queued again starts on warm graphs. When the node ends it
+        # is kept only where that pays and fits (keep_if_worth_it), else freed.
+        sessions = WarmSessions(open_on, workspace=kept_workspace(model))
         offer = LiveOffer(open_session=sessions, node_id=cls.hidden.unique_id, family=model.family.name)
         log.info("LiveTalk Live: serving at /livetalk/live/ws. %s", PANEL_HINT)
         try:
             with HOST.offering(offer):
                 interrupted = _wait_for_stop(offer)
         finally:
-            sessions.free()
+            keep_if_worth_it(model)
         summary = offer.summary
         if interrupted:
             log.info("LiveTalk Live: cancelled after %s", summary.text())

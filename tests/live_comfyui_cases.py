@@ -72,8 +72,10 @@ def test_the_node_decodes_with_a_connected_tiny_decoder(pack, monkeypatch):
             yield
     monkeypatch.setattr(pack.live, "on_device", on_device)
     monkeypatch.setattr(pack.live, "HOST", Host())
-    managed = {name: SimpleNamespace(engine=engine, family=smoke.family) for name, engine in
-               (("model", smoke.dit), ("vae", smoke.vae), ("audio_encoder", smoke.encoder), ("tiny", tiny))}
+    patcher = SimpleNamespace(add_callback=lambda call_type, callback: None)  # the DiT's kept workspace registers
+    managed = {name: SimpleNamespace(engine=engine, family=smoke.family, workspace=None, patcher=patcher)
+               for name, engine in (("model", smoke.dit), ("vae", smoke.vae), ("audio_encoder", smoke.encoder),
+                                    ("tiny", tiny))}
     run(pack.live.LiveTalkLive, model=managed["model"], vae=managed["vae"], audio_encoder=managed["audio_encoder"],
         conditioning=[[smoke.text, {}]], image=torch.rand(1, 64, 64, 3), width=smoke.width, height=smoke.height,
         seed=0, steps=4, tiny_decoder=managed["tiny"])

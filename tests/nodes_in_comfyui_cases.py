@@ -392,3 +392,30 @@ def test_without_room_for_another_cache_the_workspace_is_freed_after_the_run(pac
     monkeypatch.setattr(mm, "get_free_memory", free_memory)
     sample(pack, 0, inputs)
     assert room and model.workspace.cache is None
+
+
+def test_a_live_prompt_queued_again_starts_on_the_workspace_the_last_one_warmed(pack, comfy_folders, monkeypatch):
+    """The LiveTalk Live node serves its clients from the DiT's kept workspace: queued again after Stop, its
+    warm-up is one session that replays every forward, on the same KV cache, instead of capturing anew."""
+    import numpy as np
+
+    live = importlib.import_module(f"{PACKAGE}.nodes.live")
+    model, vae, audio_encoder = load(pack, "dit.safetensors", "w2v.safetensors")
+    with_recorded_graphs(pack, model, monkeypatch)
+    prompts = []
+
+    def one_client_then_stop(offer) -> bool:
+        with offer.open_session() as session:  # the node's warm-up, then the client's session
+            session.push_audio(np.zeros(session.block_samples, np.float32))
+            session.next_block()
+        prompts.append((offer.open_session.warm_up_sessions, model.workspace.cache))
+        return False
+
+    monkeypatch.setattr(live, "_wait_for_stop", one_client_then_stop)
+    conditioning = [[torch.randn(1, 5, UMT5_WIDTH, generator=torch.Generator().manual_seed(3)), {}]]
+    for _ in range(2):
+        run(live.LiveTalkLive, {"unique_id": "7"}, model=model, vae=vae, audio_encoder=audio_encoder,
+            conditioning=conditioning, image=torch.rand(1, 64, 64, 3), width=64, height=64, seed=0, steps=4)
+    (first_warm_up, first_cache), (second_warm_up, second_cache) = prompts
+    assert first_warm_up >= 2 and second_warm_up == 1 and second_cache is first_cache
+    assert model.workspace.settled
