@@ -9,7 +9,7 @@ fetches it into its folder when the loader runs.
 Memory: each engine model is wrapped in a ``ModelPatcher`` and moved with ``load_models_gpu``, so
 ComfyUI evicts it (and other models) to make room exactly as it does for native models. A DiT's
 sampling workspace (:func:`kept_workspace`: its KV cache and CUDA graphs) stays between prompts
-only while the DiT stays where it is: ComfyUI loading or unloading it lets the workspace go.
+where it pays and fits (:func:`keep_if_worth_it`); ComfyUI unloading the DiT lets it go.
 """
 
 from __future__ import annotations
