@@ -42,7 +42,7 @@ from .cli_workers import check_gpus, dit_on_workers, worker_devices
 from .errors import InputError, LiveTalkError, out_of_memory_help
 from .families import FAMILIES, ModelFamily, detect_family, sequence_parallel_families
 from .family_base import fit_waveform
-from .interrupts import INTERRUPTED_EXIT_CODE, ready, summary
+from .interrupts import INTERRUPTED_EXIT_CODE, raise_if_interrupted, ready, summary
 from .media.checkpoint import PRECISIONS, checkpoint_shapes
 from .media.image import check_target_size
 from .media.samples import SAMPLE_AUDIO, SAMPLE_IMAGE
@@ -546,9 +546,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path | Non
     runtime = inputs.runtime if sp is None else inputs.runtime.on(rank_device(args.smoke))
     with weight_files(inputs) as files:
         models = load_models(inputs, files, runtime, rank, args)
+        raise_if_interrupted()  # a Ctrl-C that Python dropped meanwhile (interrupts.py) ends the run here
         contexts = prompt_contexts(inputs, files, runtime) if rank == 0 else None
+    raise_if_interrupted()
     output_device = runtime.device if sp is None else "cpu"  # broadcast from the host
     conditions = share(prepare(inputs, models, contexts, output_device, args.duration) if rank == 0 else None, sp)
+    raise_if_interrupted()
     dit = models.dit if sp is None else inputs.family.parallel_sampler(models.dit, sp)
     blocks = sample(inputs, dit, conditions, args.seed)
     if rank == 0:
@@ -596,6 +599,8 @@ def write_video(args: argparse.Namespace, inputs: RunInputs, models: Models, con
             frames_done += frames.shape[0]
             bar.set_postfix(fps=f"{frames_done / (time.perf_counter() - start):.1f}")
             bar.update(frames.shape[0])
+            raise_if_interrupted()
+        raise_if_interrupted()
     if args.latents_out is not None:
         from safetensors.torch import save_file
 

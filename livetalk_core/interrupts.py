@@ -4,8 +4,15 @@ Importing torch takes seconds, and a KeyboardInterrupt raised inside an import c
 traceback. So the CLI's entry point calls :func:`exit_quietly_while_starting` before its heavy
 imports (only this light module is imported first): until :func:`ready` is called, Ctrl-C prints
 the line and ends the process at once (nothing has been written yet). From then on Ctrl-C raises
-KeyboardInterrupt as usual; the video writer holds it back while it encodes and notes on it what it
-kept, and :func:`summary` turns those notes into the line. Nothing here is used inside ComfyUI.
+KeyboardInterrupt (:func:`interrupt_handler`); the video writer holds it back while it encodes and
+notes on it what it kept, and :func:`summary` turns those notes into the line. Nothing here is used
+inside ComfyUI.
+
+Python runs a signal's handler at the next bytecode of the main thread, which may be a ``__del__``
+or a weakref callback that the garbage collector started (the ``regex`` package's objects have one):
+a KeyboardInterrupt raised there is printed as "Exception ignored" and dropped, and the run went on
+to the end. So the handler also remembers the Ctrl-C, such a dropped one is not printed
+(:func:`_quiet_unraisable`), and :func:`raise_if_interrupted` raises it again at the run's next step.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 INTERRUPTED_EXIT_CODE = 130
 NOTHING_GENERATED = "nothing was generated yet; no file was written."
@@ -37,10 +45,34 @@ def exit_quietly_while_starting() -> None:
         signal.signal(signal.SIGINT, _exit_at_once)
 
 
+_received = threading.Event()
+
+
+def interrupt_handler(signum: int, frame: object) -> None:
+    """Ctrl-C once the run has started: KeyboardInterrupt, remembered (module doc)."""
+    _received.set()
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """Raise the Ctrl-C that arrived and was dropped (raised inside a ``__del__``), if one did."""
+    if _received.is_set():
+        raise KeyboardInterrupt
+
+
+def _quiet_unraisable(unraisable, default_hook=sys.unraisablehook) -> None:
+    """A KeyboardInterrupt that Python had to drop is not printed (it is raised again at the next
+    step); anything else is reported as Python does."""
+    if unraisable.exc_type is KeyboardInterrupt and _received.is_set():
+        return
+    default_hook(unraisable)
+
+
 def ready() -> None:
     """The imports are done: Ctrl-C raises KeyboardInterrupt again, for the run to report."""
     if signal.getsignal(signal.SIGINT) is _exit_at_once:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, interrupt_handler)
+        sys.unraisablehook = _quiet_unraisable
 
 
 def exit_process(code: int) -> None:

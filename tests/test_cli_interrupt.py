@@ -61,3 +61,36 @@ def test_ctrl_c_while_generating_says_what_was_kept(tmp_path, family):
     frames = read_video_info(out)["frames"]
     assert line.startswith("interrupted: kept the ") and f"{frames} frames" in line and str(out) in line
     assert 0 < frames < 961
+
+
+DROPPED_IN_DEL = """
+import os, signal, sys
+from livetalk_core.interrupts import exit_quietly_while_starting, raise_if_interrupted, ready
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as an interactive start has it
+exit_quietly_while_starting()
+ready()
+
+
+class Finalised:
+    def __del__(self):  # the garbage collector's kind of code: what it raises is dropped
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(1000))  # the handler runs here, inside __del__
+
+
+Finalised()
+print("went on", flush=True)
+try:
+    raise_if_interrupted()
+except KeyboardInterrupt:
+    print("raised again", flush=True)
+"""
+
+
+def test_a_ctrl_c_dropped_inside_a_finaliser_is_raised_again_without_a_traceback():
+    """Seen in CI: Ctrl-C landed while the garbage collector ran the ``regex`` package's ``Group.__del__``;
+    Python printed "Exception ignored ... KeyboardInterrupt" and the run went on to write the whole video."""
+    done = subprocess.run([sys.executable, "-c", DROPPED_IN_DEL], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["went", "on", "raised", "again"]
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr

@@ -109,14 +109,19 @@ def test_interruption_keeps_a_playable_partial_video(tmp_path, interruption):
     assert list(tmp_path.iterdir()) == [out]
 
 
-def test_ctrl_c_in_the_middle_of_muxing_waits_for_a_consistent_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("handler", ["python", "command line"])
+def test_ctrl_c_in_the_middle_of_muxing_waits_for_a_consistent_file(tmp_path, monkeypatch, handler):
     """A real SIGINT delivered between an encode and its mux used to leave an mp4 that could not be
-    finished (FFmpeg "Invalid argument"), so the partial video was lost."""
+    finished (FFmpeg "Invalid argument"), so the partial video was lost. Held back under Python's
+    handler and under the command line's (interrupts.interrupt_handler), which is put back after."""
     import os
     import signal
 
-    # Python's Ctrl-C handler, also when this run was started in the background (SIGINT ignored).
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    from livetalk_core.interrupts import interrupt_handler
+
+    # The handler, also when this run was started in the background (SIGINT ignored).
+    installed = signal.default_int_handler if handler == "python" else interrupt_handler
+    previous = signal.signal(signal.SIGINT, installed)
     try:
         out = tmp_path / "clip.mp4"
         writer = VideoWriter(out, audio=_tone(10.0))
@@ -136,7 +141,7 @@ def test_ctrl_c_in_the_middle_of_muxing_waits_for_a_consistent_file(tmp_path, mo
                 writer.write(_frames(16, start=32))  # never reached
         assert writer.saved_path == out and writer.frames_written == 32
         assert _decoded_frame_count(out) == 32
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is installed
     finally:
         signal.signal(signal.SIGINT, previous)
 

@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, LiveTalkError
+from ..interrupts import interrupt_handler
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +199,12 @@ def fallback_path(path: Path) -> Path:
 def _sigint_deferred() -> Iterator[None]:
     """Hold Ctrl-C back for the duration of the block and raise it afterwards.
 
-    Only the main thread receives signals, and only Python's default handler is replaced (a host
-    such as ComfyUI that installs its own handler, or runs us in a worker thread, is left alone)."""
+    Only the main thread receives signals, and only Python's default handler or the command line's
+    (:func:`~..interrupts.interrupt_handler`) is replaced, and put back afterwards (a host such as
+    ComfyUI that installs its own handler, or runs us in a worker thread, is left alone)."""
     in_main_thread = threading.current_thread() is threading.main_thread()
-    if not in_main_thread or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    handler = signal.getsignal(signal.SIGINT)
+    if not in_main_thread or handler not in (signal.default_int_handler, interrupt_handler):
         yield
         return
     received: list[int] = []
@@ -209,9 +212,9 @@ def _sigint_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, handler)
     if received:
-        raise KeyboardInterrupt
+        handler(signal.SIGINT, None)  # raises KeyboardInterrupt (the command line's also remembers it)
 
 
 class VideoWriter:
