@@ -69,7 +69,9 @@ def _quiet_unraisable(unraisable, default_hook=sys.unraisablehook) -> None:
 
 
 def ready() -> None:
-    """The imports are done: Ctrl-C raises KeyboardInterrupt again, for the run to report."""
+    """The imports are done: Ctrl-C raises KeyboardInterrupt again, for the run to report. A run
+    starts with no Ctrl-C remembered (a caller may run the CLI more than once in one process)."""
+    _received.clear()
     if signal.getsignal(signal.SIGINT) is _exit_at_once:
         signal.signal(signal.SIGINT, interrupt_handler)
         sys.unraisablehook = _quiet_unraisable

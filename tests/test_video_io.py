@@ -116,9 +116,12 @@ def test_ctrl_c_in_the_middle_of_muxing_waits_for_a_consistent_file(tmp_path, mo
     handler and under the command line's (interrupts.interrupt_handler), which is put back after."""
     import os
     import signal
+    import threading
 
+    from livetalk_core import interrupts
     from livetalk_core.interrupts import interrupt_handler
 
+    monkeypatch.setattr(interrupts, "_received", threading.Event())  # what it remembers stays with this test
     # The handler, also when this run was started in the background (SIGINT ignored).
     installed = signal.default_int_handler if handler == "python" else interrupt_handler
     previous = signal.signal(signal.SIGINT, installed)
