@@ -4,9 +4,10 @@ The sampler runs the loaded family's loop (``model.family.sample_blocks``): Live
 latent frames, a sliding cache with sink frames) or RealVideo 14B (blocks of 2 latent frames, the
 reference prefilled under the idle prompt, 2 or 4 steps). The decoder serves both. Both advance
 ComfyUI's progress bar once per block with a preview, and check for an interrupt between model
-forwards. The sampler runs in the DiT's kept workspace (:func:`~.comfy_models.kept_workspace`): from
-the second prompt on, its forwards replay from CUDA graphs; where that does not pay or the GPU is
-short of room, the KV cache is freed when the run ends (or is interrupted).
+forwards. The sampler runs in the DiT's kept workspace (:func:`~.comfy_models.kept_workspace`): the
+layouts an earlier prompt captured replay from CUDA graphs, every forward from the third prompt on
+(block 0's too); where that does not pay or the GPU is short of room, the KV cache is freed when the
+run ends (or is interrupted).
 """
 
 from __future__ import annotations
