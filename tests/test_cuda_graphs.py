@@ -279,3 +279,14 @@ def test_sequence_parallel_replays_give_the_eager_latents():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_replays_on_rank, args=(2, port), nprocs=2)
+
+
+def test_keys_past_max_graphs_run_eagerly_and_the_captured_ones_keep_replaying():
+    maker = RecordingMaker()
+    graphs = ForwardGraphs(eager_calls=1, maker=maker, max_graphs=2)
+    for _ in range(3):
+        for key in "abc":
+            out = graphs(key, lambda x: x + 1, torch.full((2,), float(ord(key))))
+            assert torch.equal(out, torch.full((2,), ord(key) + 1.0))
+    assert graphs.num_graphs == 2 and len(maker.graphs) == 2
+    assert graphs.eager_forwards == 2 + 3  # a and b once each before their capture, c every time

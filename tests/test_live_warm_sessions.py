@@ -1,6 +1,6 @@
 """A server's live sessions share one workspace (KV cache, CUDA graphs, text buffers), warmed up before the
 first client's session: every client session then makes each forward from a graph, block 0's included, and
-its frames are those of a session of its own. Both families, tiny models on the CPU, with the CPU stand-in
+its frames are those of a session of its own; the audio encoder's windows replay from graphs too. Both families, tiny models on the CPU, with the CPU stand-in
 for CUDA graphs of tests/test_cuda_graphs.py (a buffer that moved would replay stale values)."""
 
 from __future__ import annotations
@@ -50,13 +50,19 @@ def test_client_sessions_replay_every_forward_and_make_their_own_frames(models):
         sessions = WarmSessions(lambda workspace, start: open_on(models, workspace, start), recording_workspace())
         first = sessions()
         graphs = sessions.workspace.graphs
+        audio = sessions.workspace.encoder_graphs(models.encoder.model)
         assert sessions.warm_up_sessions == 2 and sessions.workspace.settled
+        assert audio.num_graphs >= 1, "the audio windows were not captured"
         captured, eager = graphs.num_graphs, graphs.eager_forwards
+        audio_captured, audio_eager = audio.num_graphs, audio.eager_forwards
         for session in (first, sessions()):  # the first client, and the next one on the kept workspace
             frames = frames_of(session)
             assert all(np.array_equal(a, b) for a, b in zip(alone, frames)), "a warm session's frames differ"
             assert graphs.eager_forwards == eager and graphs.num_graphs == captured, \
                 "a client session ran a forward eagerly or paused for a capture"
+            assert audio.eager_forwards == audio_eager and audio.num_graphs == audio_captured, \
+                "a client session encoded its audio eagerly or paused for a capture (block 0's window too)"
+            assert sessions.workspace.encoder_graphs(models.encoder.model) is audio
         assert sessions.warm_up_sessions == 2
     finally:
         models.dit.runtime = RuntimeOptions()

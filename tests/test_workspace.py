@@ -191,3 +191,40 @@ def test_a_workspace_starts_again_when_any_weight_of_the_model_moved():
     assert workspace.cache is not cache
     alone = list(sample_livetalk(model, **livetalk_inputs(model, 1, blocks=2)))
     assert all(torch.equal(a, b) for a, b in zip(latents, alone, strict=True))
+
+
+def test_encoder_graphs_follow_the_runs_graphs_and_the_encoders_weights():
+    """An encoder's graphs (a live session's audio windows) exist only while the runs replay from graphs and
+    the encoder sits on the cache's device; they start again when its weights move, go with ``free()``, and a
+    call that ran eagerly between two runs keeps the next run from counting as settled."""
+    model = livetalk_model()
+    encoder = torch.nn.Linear(4, 4)
+    workspace = recording_workspace()
+    assert workspace.encoder_graphs(encoder) is None  # no run yet
+    list(sample_livetalk(model, workspace=workspace, **livetalk_inputs(model, 0, blocks=2)))
+    assert workspace.encoder_graphs(encoder) is None  # the runs are eager (the model's options)
+    model.runtime = GRAPHS
+    try:
+        def run(i: int) -> None:
+            list(sample_livetalk(model, workspace=workspace, **livetalk_inputs(model, i, blocks=2)))
+        for i in range(3):
+            run(i)
+        assert workspace.settled
+        graphs = workspace.encoder_graphs(encoder)
+        assert graphs is not None and workspace.encoder_graphs(encoder) is graphs
+        assert workspace.encoder_graphs(torch.nn.Linear(4, 4, device="meta")) is None  # not on the cache's device
+        x = torch.randn(2, 4)
+        outputs = [graphs("x", encoder, x + i) for i in range(3)]  # eager, captured, replayed
+        assert graphs.num_graphs == 1 and all(torch.equal(o, encoder(x + i)) for i, o in enumerate(outputs))
+        run(3)
+        assert not workspace.settled, "an encoder call ran eagerly before this run, yet it counted as settled"
+        graphs("x", encoder, x)
+        run(4)
+        assert workspace.settled
+        with torch.no_grad():
+            encoder.weight = torch.nn.Parameter(encoder.weight.clone())  # moved: graphs would read the old ones
+        assert workspace.encoder_graphs(encoder) is not graphs
+        workspace.free()
+        assert workspace.encoder_graphs(encoder) is None
+    finally:
+        model.runtime = RuntimeOptions()

@@ -16,6 +16,7 @@ import torch
 
 from ..media.timing import video_frames_for_latents
 from ..media.wav2vec2 import AudioEncoder, livetalk_audio_features
+from ..runtime.cuda_graphs import ForwardGraphs
 from ..runtime.live_stream import FRAME_SAMPLES, LiveGeometry, LiveWindow
 from ..runtime.noise import SeededNoise
 from ..runtime.scheduler import livetalk_schedule
@@ -53,16 +54,19 @@ def block_window(block: int, window: LiveWindow) -> tuple[int, int]:
     return first * FRAME_SAMPLES, last * FRAME_SAMPLES
 
 
-def block_features(encoder: AudioEncoder, block: int, audio: torch.Tensor, window: LiveWindow) -> torch.Tensor:
+def block_features(encoder: AudioEncoder, block: int, audio: torch.Tensor, window: LiveWindow,
+                   graphs: ForwardGraphs | None = None) -> torch.Tensor:
     """wav2vec2 features ``[1, frames, (L + 2) * hidden]`` of block ``block``'s video frames (after
     block 0, with the frame before them first) from its window's audio ``[N]`` (:func:`block_window`),
-    padded with silence at its end to the 0.5 s grid as the offline clip is padded to whole blocks."""
+    padded with silence at its end to the 0.5 s grid as the offline clip is padded to whole blocks.
+    ``graphs``: the encoder's CUDA graphs (a window's length recurs block after block)."""
     start, end = block_window(block, window)
     if audio.numel() != end - start:
         raise ValueError(f"block {block}'s window holds {end - start} samples, got {audio.numel()}")
     grid = CNN_ALIGNED_FRAMES * FRAME_SAMPLES
     padded = torch.nn.functional.pad(audio.float(), (0, -(-audio.numel() // grid) * grid - audio.numel()))
-    features = livetalk_audio_features(encoder, padded.to(encoder.device), padded.numel() // FRAME_SAMPLES + 1)
+    features = livetalk_audio_features(encoder, padded.to(encoder.device), padded.numel() // FRAME_SAMPLES + 1,
+                                       graphs=graphs)
     first = LIVETALK_LIVE_GEOMETRY.first_frame(block) - (block > 0)  # one frame before: latent grouping
     frames = LIVETALK_LIVE_GEOMETRY.first_block_frames if block == 0 else BLOCK_FRAMES + 1
     offset = first - start // FRAME_SAMPLES
@@ -70,10 +74,10 @@ def block_features(encoder: AudioEncoder, block: int, audio: torch.Tensor, windo
 
 
 def block_embeds(dit: LiveTalkDiT, encoder: AudioEncoder, block: int, audio: torch.Tensor,
-                 window: LiveWindow) -> torch.Tensor:
+                 window: LiveWindow, graphs: ForwardGraphs | None = None) -> torch.Tensor:
     """The DiT's audio terms ``[1, P, 3, C]`` for block ``block``: :func:`block_features` embedded, the
     latent of the frame before the block dropped."""
-    embeds = dit.embed_audio(block_features(encoder, block, audio, window).to(dit.device))
+    embeds = dit.embed_audio(block_features(encoder, block, audio, window, graphs).to(dit.device))
     return embeds if block == 0 else embeds[:, :, 1:]
 
 
@@ -86,8 +90,8 @@ class LiveTalkStream:
     def __init__(self, dit: LiveTalkDiT, encoder: AudioEncoder, *, context: torch.Tensor, reference: torch.Tensor,
                  seed: int, steps: int | None, window: LiveWindow, workspace: Workspace | None = None) -> None:
         check_audio_encoder(dit, encoder)
-        self.dit, self.encoder, self.live_window = dit, encoder, window
-        self._embeds: torch.Tensor | None = None
+        self.dit, self.encoder, self.live_window, self._workspace = dit, encoder, window, workspace
+        self._audio: tuple[int, torch.Tensor] | None = None  # the block being sampled and its window's audio
         schedule = livetalk_schedule() if steps is None else livetalk_schedule(steps)
         self._blocks = sample_livetalk(
             dit, ref_latent=reference, audio_embeds=self._block_embeds, context=context, num_blocks=None,
@@ -98,16 +102,19 @@ class LiveTalkStream:
         return block_window(block, self.live_window)
 
     def sample(self, block: int, audio: torch.Tensor, silent: bool) -> torch.Tensor:
-        self._embeds = block_embeds(self.dit, self.encoder, block, audio, self.live_window)
+        self._audio = (block, audio)
         try:
             return next(self._blocks)
         finally:
-            self._embeds = None
+            self._audio = None
 
     def _block_embeds(self, block: int) -> torch.Tensor:
-        if self._embeds is None:
+        """Called by the sampler when the block starts, inside its run: the workspace has its graphs by
+        then (the first session's block 0 too), so the encoder's calls are counted from the first one."""
+        if self._audio is None or self._audio[0] != block:
             raise RuntimeError(f"block {block} was asked for outside LiveTalkStream.sample")
-        return self._embeds
+        graphs = self._workspace.encoder_graphs(self.encoder.model) if self._workspace is not None else None
+        return block_embeds(self.dit, self.encoder, block, self._audio[1], self.live_window, graphs)
 
     def close(self) -> None:
         self._blocks.close()

@@ -33,6 +33,8 @@ from .timing import SAMPLE_RATE
 if TYPE_CHECKING:
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
+    from ..runtime.cuda_graphs import ForwardGraphs
+
 NORMALIZE_EPS = 1e-7
 # Heads of the HF checkpoint classes (CTC, pre-training); LiveTalk uses only the bare encoder.
 _HEAD_PREFIXES = ("lm_head.", "quantizer.", "project_q.", "project_hid.")
@@ -290,6 +292,7 @@ def hidden_states(
     num_frames: int,
     *,
     whole_clip_max_seconds: float = WHOLE_CLIP_MAX_SECONDS,
+    graphs: ForwardGraphs | None = None,
 ) -> list[torch.Tensor]:
     """wav2vec2 hidden states with the CNN features interpolated to ``num_frames``.
 
@@ -298,6 +301,9 @@ def hidden_states(
         num_frames: output length (LiveTalk: the number of video frames, ``4F - 3``).
         whole_clip_max_seconds: clips up to this length run in one pass (upstream's exact features);
             longer ones take :func:`windowed_hidden_states`.
+        graphs: CUDA graphs of this encoder (:meth:`~..runtime.workspace.Workspace.encoder_graphs`): a
+            one-pass clip replays from the graph of its length once captured (a live session's windows),
+            the same kernels on the same shapes, so the same states.
     Returns:
         ``L + 1`` tensors ``[1, num_frames, hidden]`` in the encoder dtype: ``h0`` = encoder input
         (after the positional conv, and after the LayerNorm in post-LN models), ``h_i`` = output of
@@ -314,7 +320,17 @@ def hidden_states(
         raise InputError(f"The number of audio feature frames must be positive, got {num_frames}.")
     if input_values.shape[1] > whole_clip_max_seconds * SAMPLE_RATE:
         return windowed_hidden_states(encoder, input_values, num_frames)
-    h = input_values.to(encoder.device, encoder.dtype)[:, None]
+    values = input_values.to(encoder.device, encoder.dtype)
+    if graphs is None:
+        return _one_pass_states(encoder, values, num_frames)
+    key = ("wav2vec2", values.shape[1], num_frames)
+    stacked = graphs(key, lambda v: torch.stack(_one_pass_states(encoder, v, num_frames)), values)
+    return list(stacked.unbind(0))
+
+
+def _one_pass_states(encoder: AudioEncoder, values: torch.Tensor, num_frames: int) -> list[torch.Tensor]:
+    """:func:`hidden_states` of a clip ``[1, N]`` on the encoder's device and in its dtype, in one pass."""
+    h = values[:, None]
     for layer in encoder.model.feature_extractor.conv_layers:
         h = _cnn_layer(layer, h)
     cnn = h  # [1, C, T_cnn]
@@ -492,13 +508,14 @@ def _self_attention(module: torch.nn.Module, h: torch.Tensor, num_heads: int) ->
 
 
 def livetalk_audio_features(
-    encoder: AudioEncoder, waveform_16k: torch.Tensor, num_video_frames: int
+    encoder: AudioEncoder, waveform_16k: torch.Tensor, num_video_frames: int, graphs: ForwardGraphs | None = None
 ) -> torch.Tensor:
     """LiveTalk's audio conditioning (``scripts/inference_example.py:170-181``).
 
     Args:
         waveform_16k: ``[N]`` float32 mono at 16 kHz, already trimmed or padded to the video length.
         num_video_frames: ``4F - 3``.
+        graphs: as in :func:`hidden_states`.
     Returns:
         ``[1, num_video_frames, (L + 2) * hidden]`` in the encoder dtype:
         ``cat(last_hidden_state, h0, ..., hL)`` (``hL`` is the last hidden state, so it appears twice).
@@ -506,5 +523,5 @@ def livetalk_audio_features(
     if waveform_16k.ndim != 1 or waveform_16k.shape[0] == 0:
         raise InputError(f"Expected a non-empty mono waveform [N], got shape {tuple(waveform_16k.shape)}.")
     values = normalize_waveform(waveform_16k) if encoder.do_normalize else waveform_16k.float()
-    states = hidden_states(encoder, values.to(encoder.dtype)[None], num_video_frames)
+    states = hidden_states(encoder, values.to(encoder.dtype)[None], num_video_frames, graphs=graphs)
     return torch.cat([states[-1], *states], dim=-1)

@@ -30,6 +30,7 @@ from ..errors import InputError
 from ..media.audio_file import SAMPLE_RATE
 from ..media.timing import VIDEO_FPS
 from ..media.wav2vec2 import AudioEncoder, cnn_frames, hidden_states, normalize_waveform
+from ..runtime.cuda_graphs import ForwardGraphs
 
 SEGMENT_SECONDS = 5
 SEGMENT_SAMPLES = SEGMENT_SECONDS * SAMPLE_RATE
@@ -52,15 +53,18 @@ def split_segments(waveform: torch.Tensor, segment_samples: int = SEGMENT_SAMPLE
     return segments
 
 
-def wav2vec_hidden_states(encoder: AudioEncoder, segment: torch.Tensor) -> torch.Tensor:
-    """All hidden states of one segment at the CNN rate: ``[N]`` -> ``[L + 1, T50, A]`` float32."""
+def wav2vec_hidden_states(encoder: AudioEncoder, segment: torch.Tensor,
+                          graphs: ForwardGraphs | None = None) -> torch.Tensor:
+    """All hidden states of one segment at the CNN rate: ``[N]`` -> ``[L + 1, T50, A]`` float32
+    (``graphs``: the encoder's CUDA graphs, :func:`~..media.wav2vec2.hidden_states`)."""
     if segment.numel() < MIN_SEGMENT_SAMPLES:
         raise InputError(
             f"An audio segment of {segment.numel()} samples is too short: RealVideo needs at least "
             f"{MIN_SEGMENT_SAMPLES} samples (0.5 s at 16 kHz)."
         )
     values = normalize_waveform(segment) if encoder.do_normalize else segment.float()
-    states = hidden_states(encoder, values[None].to(encoder.dtype), cnn_frames(encoder, segment.numel()))
+    states = hidden_states(encoder, values[None].to(encoder.dtype), cnn_frames(encoder, segment.numel()),
+                           graphs=graphs)
     return torch.cat(states).float()
 
 
@@ -95,10 +99,12 @@ def bucket_to_video_frames(features_30fps: torch.Tensor, num_video_frames: int) 
 
 
 def segment_features(
-    encoder: AudioEncoder, segment: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+    encoder: AudioEncoder, segment: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+    graphs: ForwardGraphs | None = None,
 ) -> torch.Tensor:
-    """One already padded segment ``[N]`` -> DiT audio input ``[1, L + 1, A, N // 1000]`` in ``dtype``."""
-    states = interpolate_to_30fps(wav2vec_hidden_states(encoder, segment))
+    """One already padded segment ``[N]`` -> DiT audio input ``[1, L + 1, A, N // 1000]`` in ``dtype``
+    (``graphs``: as in :func:`wav2vec_hidden_states`)."""
+    states = interpolate_to_30fps(wav2vec_hidden_states(encoder, segment, graphs))
     return bucket_to_video_frames(states, segment.numel() // 1000).to(dtype)
 
 

@@ -99,7 +99,7 @@ class RealVideoStream:
         if isinstance(dit, RemoteSampler):
             raise TypeError("RealVideoStream samples in this process; a DiT on workers streams through "
                             "RemoteRealVideoStream (RealVideoFamily.open_live_stream picks it)")
-        self.dit, self.encoder, self.live_window = dit, encoder, window
+        self.dit, self.encoder, self.live_window, self._workspace = dit, encoder, window, workspace
         self._segments = LatestSegment()
         self._entry: BlockPlan | None = None
         self._blocks = sample_realvideo(
@@ -113,7 +113,9 @@ class RealVideoStream:
 
     def sample(self, block: int, audio: torch.Tensor, silent: bool) -> torch.Tensor:
         segment, ptr = block_segment(block, self.live_window, audio)
-        self._segments.set(block, segment_features(self.encoder, segment.to(self.encoder.device), self.dit.dtype))
+        graphs = self._workspace.encoder_graphs(self.encoder.model) if self._workspace is not None else None
+        features = segment_features(self.encoder, segment.to(self.encoder.device), self.dit.dtype, graphs)
+        self._segments.set(block, features)
         self._entry = BlockPlan(block, ptr, talking=not silent)
         try:
             return next(self._blocks)

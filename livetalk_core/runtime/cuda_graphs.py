@@ -166,11 +166,13 @@ class ForwardGraphs:
     Call it as ``graphs(key, body, *inputs)``: ``body(*inputs)`` must return one tensor and depend on
     nothing that varies under the same ``key`` except ``inputs``. Returns a fresh tensor (never the
     graph's own output buffer). All graphs of a session share one memory pool (their replays never
-    overlap) and the exchange buffers of :func:`outside_graph`.
+    overlap) and the exchange buffers of :func:`outside_graph`. ``max_graphs``: keys past this many
+    run eagerly (a caller whose shapes are not known to be few bounds the pool's memory so).
     """
 
-    def __init__(self, eager_calls: int = 1, maker: GraphMaker | None = None) -> None:
+    def __init__(self, eager_calls: int = 1, maker: GraphMaker | None = None, max_graphs: int | None = None) -> None:
         self.eager_calls = eager_calls
+        self.max_graphs = max_graphs
         self.maker = maker or CudaGraphMaker()
         self._captured: dict[Hashable, _Captured] = {}
         self._calls: dict[Hashable, int] = {}
@@ -183,7 +185,8 @@ class ForwardGraphs:
         captured = self._captured.get(key)
         if captured is None:
             self._calls[key] = calls = self._calls.get(key, 0) + 1
-            if self.failed or calls <= self.eager_calls:
+            full = self.max_graphs is not None and len(self._captured) >= self.max_graphs
+            if self.failed or full or calls <= self.eager_calls:
                 self.eager_forwards += 1
                 return body(*inputs)
             try:

@@ -10,6 +10,10 @@ the same graphs and the same text buffers (its prompt's K/V copied in), so the l
 replay from block 0 on. A live endpoint keeps one across its client sessions and frees it when it
 stops; a sampler given none makes a private one that goes with it.
 
+An encoder whose calls repeat at fixed shapes in every block (a live session's audio windows, a few
+lengths over and over) replays from graphs of its own here too (:meth:`Workspace.encoder_graphs`): eager,
+its hundreds of small kernels are launch-bound on a slow host, and block 0 waits for them.
+
 Reusing the cache needs no clearing: a block attends only slots its own run wrote (the window fills
 from frame 0, the sinks first), so a run on a used cache gives a fresh cache's numbers.
 
@@ -33,6 +37,9 @@ from .cuda_graphs import ForwardGraphs
 
 ContextKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: cross-attention keys, values
 GraphsFactory = Callable[[torch.nn.Module, KVCache, int], "ForwardGraphs | None"]
+ENCODER_GRAPHS = 8
+"""Input shapes an encoder's graphs are kept for (more run eagerly): a live session's audio windows come in
+two or three lengths, and the pool's memory stays bounded whatever a caller sends."""
 
 
 class TextSlot:
@@ -88,6 +95,8 @@ class Workspace:
         """Whether the last finished run made every forward from a graph (captures allowed): the
         layouts it met are all captured. False while a run is going and when the model runs eagerly."""
         self._eager_before = 0
+        self._encoder: tuple[tuple, ForwardGraphs] | None = None  # (where its weights are, its graphs)
+        self._encoder_before: tuple[int, int] = (0, 0)  # _encoder_eager() when the last run ended
 
     def begin(self, model: torch.nn.Module, policy: CachePolicy, *, frame_tokens: int, num_heads: int,
               forwards_per_block: int, shapes: Hashable) -> tuple[KVCache, ForwardGraphs | None]:
@@ -139,7 +148,9 @@ class Workspace:
                 return
             self._busy = False
             graphs = self.graphs
-            self.settled = graphs is not None and not graphs.failed and graphs.eager_forwards == self._eager_before
+            self.settled = (graphs is not None and not graphs.failed and graphs.eager_forwards == self._eager_before
+                            and self._encoder_settled())
+            self._encoder_before = self._encoder_eager()  # a caller may encode the next run's first input now
             if self._free_after_run:
                 self._let_go()
 
@@ -152,7 +163,35 @@ class Workspace:
             else:
                 self._let_go()
 
+    def encoder_graphs(self, encoder: torch.nn.Module) -> ForwardGraphs | None:
+        """Graphs for ``encoder``'s calls during this workspace's runs (``graphs(key, body, *inputs)``, a
+        key per input shape), or None to run it eagerly: only while the runs' forwards replay from graphs
+        (the model's options allow them; the fp8 KV cache's path runs eagerly) and ``encoder`` is on the KV
+        cache's device. Kept with the workspace, for one encoder: another one, or this one moved, gets new
+        graphs. :attr:`settled` also asks that no call of it ran eagerly."""
+        if not self.uses_graphs:
+            return None
+        weights = [*encoder.parameters()]
+        if not weights or weights[0].device != self.cache.keys[0].device:
+            return None
+        where = _where(encoder)
+        if self._encoder is None or self._encoder[0] != where:
+            graphs = ForwardGraphs(eager_calls=1, maker=self.graphs.maker, max_graphs=ENCODER_GRAPHS)
+            self._encoder = (where, graphs)
+        return self._encoder[1]
+
+    def _encoder_eager(self) -> tuple[int, int]:
+        """Which encoder graphs there are and how many of their calls ran eagerly (:attr:`settled`)."""
+        graphs = self._encoder[1] if self._encoder is not None else None
+        return (id(graphs), graphs.eager_forwards) if graphs is not None else (0, 0)
+
+    def _encoder_settled(self) -> bool:
+        """No call of the encoder's graphs ran eagerly since the last run ended (graphs made since: none at all)."""
+        now, before = self._encoder_eager(), self._encoder_before
+        return now == before if now[0] == before[0] else now[1] == 0
+
     def _let_go(self) -> None:
+        self._encoder, self._encoder_before = None, (0, 0)
         self._key = self._model = self.cache = self.graphs = None
         self.text = TextSlot()
         self.settled = self._free_after_run = False
