@@ -14,7 +14,18 @@ from argparse import Namespace
 from pathlib import Path
 
 import torch
-from timing import gpu_ms, gpu_name, median, peak_gib, random_init_, rel_l2, reset_peak, synchronize, wall_ms
+from timing import (
+    contended_cpu,
+    gpu_ms,
+    gpu_name,
+    median,
+    peak_gib,
+    random_init_,
+    rel_l2,
+    reset_peak,
+    synchronize,
+    wall_ms,
+)
 from tiny_decoder import decoder_for
 
 from livetalk_core.livetalk.model import LiveTalkConfig, LiveTalkDiT, load_livetalk_dit
@@ -131,6 +142,64 @@ def kept_workspace_first_frames(pipe: LiveTalkPipeline, image, waveform, clip, c
             "kept_workspace_warm_up_runs": runs, "kept_workspace_block0_replayed": replayed}
 
 
+def audio_graph_identical(pipe: LiveTalkPipeline, waveform, workspace: Workspace) -> bool | None:
+    """Whether block 0's audio window gives the same features from the workspace's graph as eagerly (the
+    same kernels on the same shapes); None where the encoder has no graphs."""
+    from livetalk_core.live.session import DEFAULT_CONTEXT_S, DEFAULT_LOOKAHEAD_S, seconds_to_samples
+    from livetalk_core.livetalk.live import block_features, block_window
+    from livetalk_core.runtime.live_stream import LiveWindow
+
+    graphs = workspace.encoder_graphs(pipe.audio_encoder.model)
+    if graphs is None:
+        return None
+    window = LiveWindow(seconds_to_samples(DEFAULT_CONTEXT_S), seconds_to_samples(DEFAULT_LOOKAHEAD_S))
+    start, end = block_window(0, window)
+    audio, encoder = waveform[start:end], pipe.audio_encoder
+    return torch.equal(block_features(encoder, 0, audio, window, graphs), block_features(encoder, 0, audio, window))
+
+
+LIVE_SESSIONS = 3  # client sessions per live measurement (each one block 0)
+
+
+def live_first_blocks(pipe: LiveTalkPipeline, image, waveform, context, options: Namespace) -> dict:
+    """Block 0 of live sessions on a warm server (``session.WarmSessions`` over this pipeline's models and
+    decoder, as the live command and node run them): seconds from its audio in to its frames on the host
+    (``LiveBlock.generated_s``: the audio window's wav2vec2, the DiT's block 0, its decode; the reference was
+    encoded when the session opened). The audio encoder replaying its window's graph, and eager; each also
+    with the host's CPU side slowed (:func:`timing.contended_cpu`, a slow host on this one)."""
+    from livetalk_core.families import LIVETALK_13B
+    from livetalk_core.live.session import WarmSessions, open_session
+
+    decoder = None if pipe.decoder is pipe.vae else pipe.decoder
+
+    def open_for(workspace, start):
+        return open_session(LIVETALK_13B, dit=pipe.dit, vae=pipe.vae, audio_encoder=pipe.audio_encoder, text=context,
+                            reference_image=image, width=options.size, height=options.size, decoder=decoder,
+                            workspace=workspace)
+    sessions = WarmSessions(open_for)
+    sessions().close()  # the warm-up sessions
+    workspace = sessions.workspace
+    result = {"live_warm_up_sessions": sessions.warm_up_sessions,
+              "live_audio_graph_identical_to_eager": audio_graph_identical(pipe, waveform, workspace)}
+    for slow in (False, True):
+        for graphed in (True, False):
+            if not graphed:
+                workspace.encoder_graphs = lambda encoder: None  # the A/B: the audio window encoded eagerly
+            made = []
+            with contended_cpu(slow):
+                for _ in range(LIVE_SESSIONS):
+                    with sessions() as session:
+                        session.push_audio(waveform[: session.audio_needed()].numpy())
+                        made.append(session.next_block().generated_s)
+            vars(workspace).pop("encoder_graphs", None)
+            name = f"live_block0_s{'_slow_host' if slow else ''}{'' if graphed else '_eager_audio'}"
+            result[name] = median(made)
+            result[name + "_all"] = made
+    result["live_block0_replayed"] = workspace.settled
+    sessions.free()
+    return result
+
+
 @torch.no_grad()
 def run(options: Namespace) -> dict:
     """Options: tiny, blocks, compile, cuda_graphs, fp8_matmul, fp8_kv_cache, vae_device, check, long_seconds."""
@@ -165,6 +234,7 @@ def run(options: Namespace) -> dict:
     clip = waveform[: 16000 * 4 + 1234]  # a clip length not seen before
     stamps = first_frames(pipe, image, clip, context, options)
     kept = kept_workspace_first_frames(pipe, image, waveform, clip, context, options)
+    live = live_first_blocks(pipe, image, waveform, context, options)
     # the same steps one at a time, for the breakdown
     ref, encode_image_ms = wall_ms(lambda: pipe.encode_reference(image, options.size, options.size))
     audio, encode_audio_ms = wall_ms(lambda: pipe.encode_audio(waveform))
@@ -221,6 +291,7 @@ def run(options: Namespace) -> dict:
         "first_frame_s": stamps[0],
         "first_generated_frame_s": stamps[1],
         **kept,
+        **live,
         "serial_encoders": getattr(options, "serial_encoders", False),
         "first_frame_parts_ms": {"encode_image": encode_image_ms, "encode_audio": encode_audio_ms,
                                  "encode_image_and_audio_at_once": encode_both_ms,

@@ -6,10 +6,14 @@ the dry run that checks the scripts) the same helpers fall back to the wall cloc
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -83,3 +87,25 @@ def random_init_(module: torch.nn.Module, seed: int) -> None:
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@contextlib.contextmanager
+def contended_cpu(on: bool = True) -> Iterator[str | None]:
+    """Within: this thread shares one CPU core with a process that spins on it, so its host side (Python,
+    kernel launches) runs at about half speed: a host with a slow CPU, on a fast one. Yields what was done
+    (None where it could not be: not Linux, or off). Threads this one starts later inherit the core."""
+    if not on or not hasattr(os, "sched_setaffinity"):
+        yield None
+        return
+    before = os.sched_getaffinity(0)
+    core = min(before)
+    spin = f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    os.sched_setaffinity(0, {core})
+    try:
+        time.sleep(0.2)  # the spinner is running
+        yield f"this thread and a spinning process on CPU core {core}"
+    finally:
+        os.sched_setaffinity(0, before)
+        spinner.kill()
+        spinner.wait()
