@@ -53,7 +53,8 @@ COLUMNS = (
     ("peak_gib", "{:.2f}"), ("warmup_s", "{:.1f}"), ("build_s", "{:.1f}"),
 )
 HEADERS = ("config", "DiT ms/block", "VAE ms/block", "FPS serial", "FPS pipelined", "first frame s",
-           "first generated s", "same, kept workspace", "live block 0 s", "same, slow host", "peak GiB", "warm-up s", "build s")
+           "first generated s", "same, kept workspace", "live block 0 s", "same, slow host", "peak GiB", "warm-up s",
+           "build s")
 
 
 def table(results: list[dict]) -> str:

@@ -32,6 +32,49 @@ def test_bench_tiny_writes_every_configuration(tmp_path):
     # --tiny runs the eager path twice: the check must find them equal
     assert all(c["max_abs"] == 0 for c in results["realvideo-14b-2step"]["checks"]["dit_per_block"])
     assert "| realvideo-14b-4step |" in done.stdout
+    live = results["livetalk-1.3b"]
+    for name in ("live_block0_s", "live_block0_s_eager_audio", "live_block0_s_slow_host",
+                 "live_block0_s_slow_host_eager_audio"):
+        assert len(live[name + "_all"]) == 3 and live[name] > 0, name
+    assert "live block 0 s (median of sessions)" in done.stdout
+
+
+def test_live_block0_parts_add_up(tmp_path):
+    """``live_block0.py --tiny``: the parts of a live session's block 0, on the host and on the slowed host."""
+    done = subprocess.run([sys.executable, "benchmarks/live_block0.py", "--tiny", "--sessions", "2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    for host in ("host", "slow host"):
+        parts = report[host]
+        assert parts["block0_ms"] >= parts["audio_ms"] + parts["decode_ms"] > 0, host
+        assert parts["dit_and_rest_ms"] > 0, host
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_the_slowed_host_side_shares_one_core_with_a_spinner_and_ends_with_it():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import timing
+
+    before = os.sched_getaffinity(0)
+    with timing.contended_cpu() as how:
+        pinned = os.sched_getaffinity(0)
+        core = next(iter(pinned))
+        spinners = [p for p in Path("/proc").glob("[0-9]*") if _spins_on(p, core)]
+    assert how and len(pinned) == 1 and spinners, "no spinning process shares this thread's core"
+    assert os.sched_getaffinity(0) == before
+    assert not any(p.exists() and _spins_on(p, core) for p in spinners), "the spinner outlived the block"
+    with timing.contended_cpu(False) as how:
+        assert how is None and os.sched_getaffinity(0) == before
+
+
+def _spins_on(proc: Path, core: int) -> bool:
+    """Whether /proc/PID is contended_cpu's spinner (its command line) pinned to ``core``."""
+    try:
+        cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        return "while True: pass" in cmdline and os.sched_getaffinity(int(proc.name)) == {core}
+    except (OSError, ValueError):
+        return False
 
 
 def test_the_14b_benchmarks_share_seeded_user_inputs():

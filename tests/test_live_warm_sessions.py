@@ -1,7 +1,8 @@
 """A server's live sessions share one workspace (KV cache, CUDA graphs, text buffers), warmed up before the
 first client's session: every client session then makes each forward from a graph, block 0's included, and
-its frames are those of a session of its own; the audio encoder's windows replay from graphs too. Both families, tiny models on the CPU, with the CPU stand-in
-for CUDA graphs of tests/test_cuda_graphs.py (a buffer that moved would replay stale values)."""
+its frames are those of a session of its own; the audio encoder's windows replay from graphs too. Both
+families, tiny models on the CPU, with the CPU stand-in for CUDA graphs of tests/test_cuda_graphs.py (a buffer
+that moved would replay stale values)."""
 
 from __future__ import annotations
 
