@@ -186,7 +186,7 @@ def live_first_blocks(pipe: LiveTalkPipeline, image, waveform, context, options:
             if not graphed:
                 workspace.encoder_graphs = lambda encoder: None  # the A/B: the audio window encoded eagerly
             made = []
-            with contended_cpu(slow):
+            with contended_cpu(int(slow)):
                 for _ in range(LIVE_SESSIONS):
                     with sessions() as session:
                         session.push_audio(waveform[: session.audio_needed()].numpy())

@@ -1,10 +1,10 @@
 """Where block 0 of a LiveTalk 1.3B live session goes (the live mode's start), on a warm server, with the
-host's CPU side as it is and slowed (``timing.contended_cpu``): the audio window's wav2vec2 + audio
+host's CPU side as it is and slowed (``timing.contended_cpu``, ``--spinners``): the audio window's wav2vec2 + audio
 embedding, the DiT's block 0 (4 forwards from CUDA graphs, the sampler's host work between them), the
 decode of its 3 latent frames to frames on the host. Each part is timed between GPU synchronisations
 (which add a little to the total), medians over the sessions.
 
-    python3 benchmarks/live_block0.py [--decoder tiny] [--sessions 5] [--tiny]
+    python3 benchmarks/live_block0.py [--decoder tiny] [--sessions 5] [--spinners 1 3] [--tiny]
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--decoder", choices=DECODERS, default="tiny")
     p.add_argument("--sessions", type=int, default=5)
+    p.add_argument("--spinners", type=int, nargs="+", default=[1],
+                   help="slowed hosts to measure: processes spinning on this thread's core (1: about half speed)")
     p.add_argument("--tiny", action="store_true", help="tiny models on the CPU: checks this script, not the speed")
     options = p.parse_args()
     device = torch.device("cpu" if options.tiny or not torch.cuda.is_available() else "cuda")
@@ -73,16 +75,17 @@ def main() -> None:
     live_session.LiveSession._make_block = timed(parts, "block0_ms", live_session.LiveSession._make_block)
     report = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
               "decoder": options.decoder, "settled": sessions.workspace.settled}
-    for slow in (False, True):
+    for spinners in (0, *options.spinners):
         runs = []
-        with contended_cpu(slow):
+        with contended_cpu(spinners):
             for _ in range(options.sessions):
                 parts.clear()
                 with sessions() as session:
                     session.push_audio(waveform[: session.audio_needed()].numpy())
                     session.next_block()
                 runs.append(dict(parts, dit_and_rest_ms=parts["block0_ms"] - parts["audio_ms"] - parts["decode_ms"]))
-        report["slow host" if slow else "host"] = {k: round(median([r[k] for r in runs]), 1) for k in runs[0]}
+        name = f"slow host, {spinners} spinner(s)" if spinners else "host"
+        report[name] = {k: round(median([r[k] for r in runs]), 1) for k in runs[0]}
     print(json.dumps(report, indent=1))
 
 

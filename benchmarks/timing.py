@@ -90,22 +90,24 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @contextlib.contextmanager
-def contended_cpu(on: bool = True) -> Iterator[str | None]:
-    """Within: this thread shares one CPU core with a process that spins on it, so its host side (Python,
-    kernel launches) runs at about half speed: a host with a slow CPU, on a fast one. Yields what was done
-    (None where it could not be: not Linux, or off). Threads this one starts later inherit the core."""
-    if not on or not hasattr(os, "sched_setaffinity"):
+def contended_cpu(spinners: int = 1) -> Iterator[str | None]:
+    """Within: this thread shares one CPU core with ``spinners`` processes that spin on it, so its host side
+    (Python, kernel launches) runs at about 1 / (spinners + 1) of its speed: a host with a slow CPU, on a
+    fast one. Yields what was done (None where nothing was: ``spinners`` 0, or not Linux). Threads this one
+    starts later inherit the core."""
+    if spinners < 1 or not hasattr(os, "sched_setaffinity"):
         yield None
         return
     before = os.sched_getaffinity(0)
     core = min(before)
     spin = f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True: pass"
-    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    running = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(spinners)]
     os.sched_setaffinity(0, {core})
     try:
-        time.sleep(0.2)  # the spinner is running
-        yield f"this thread and a spinning process on CPU core {core}"
+        time.sleep(0.2)  # the spinners are running
+        yield f"this thread and {spinners} spinning process(es) on CPU core {core}"
     finally:
         os.sched_setaffinity(0, before)
-        spinner.kill()
-        spinner.wait()
+        for spinner in running:
+            spinner.kill()
+            spinner.wait()

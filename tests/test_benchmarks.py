@@ -41,11 +41,11 @@ def test_bench_tiny_writes_every_configuration(tmp_path):
 
 def test_live_block0_parts_add_up(tmp_path):
     """``live_block0.py --tiny``: the parts of a live session's block 0, on the host and on the slowed host."""
-    done = subprocess.run([sys.executable, "benchmarks/live_block0.py", "--tiny", "--sessions", "2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "benchmarks/live_block0.py", "--tiny", "--sessions", "2", "--spinners", "1", "2"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout[done.stdout.index("{"):])
-    for host in ("host", "slow host"):
+    for host in ("host", "slow host, 1 spinner(s)", "slow host, 2 spinner(s)"):
         parts = report[host]
         assert parts["block0_ms"] >= parts["audio_ms"] + parts["decode_ms"] > 0, host
         assert parts["dit_and_rest_ms"] > 0, host
@@ -57,14 +57,14 @@ def test_the_slowed_host_side_shares_one_core_with_a_spinner_and_ends_with_it():
     import timing
 
     before = os.sched_getaffinity(0)
-    with timing.contended_cpu() as how:
+    with timing.contended_cpu(2) as how:
         pinned = os.sched_getaffinity(0)
         core = next(iter(pinned))
         spinners = [p for p in Path("/proc").glob("[0-9]*") if _spins_on(p, core)]
-    assert how and len(pinned) == 1 and spinners, "no spinning process shares this thread's core"
+    assert how and len(pinned) == 1 and len(spinners) == 2, "not two spinning processes on this thread's core"
     assert os.sched_getaffinity(0) == before
     assert not any(p.exists() and _spins_on(p, core) for p in spinners), "the spinner outlived the block"
-    with timing.contended_cpu(False) as how:
+    with timing.contended_cpu(0) as how:
         assert how is None and os.sched_getaffinity(0) == before
 
 
