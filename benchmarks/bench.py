@@ -131,7 +131,7 @@ def main() -> None:
             if "first_frame_parts_ms" in r:
                 parts = {k: round(v, 1) for k, v in r["first_frame_parts_ms"].items()}
                 print(r["config"], "first frame parts ms:", json.dumps(parts))
-            live = {k[len("live_block0_s"):].strip("_").replace("_", " ") or "audio from graphs": round(v, 3)
+            live = {k[len("live_block0_s"):].strip("_").replace("_", " ") or "from graphs": round(v, 3)
                     for k, v in r.items() if k.startswith("live_block0_s") and not k.endswith("_all")}
             if live:
                 print(r["config"], "live block 0 s (median of sessions):", json.dumps(live))

@@ -149,13 +149,25 @@ def audio_graph_identical(pipe: LiveTalkPipeline, waveform, workspace: Workspace
     from livetalk_core.livetalk.live import block_features, block_window
     from livetalk_core.runtime.live_stream import LiveWindow
 
-    graphs = workspace.encoder_graphs(pipe.audio_encoder.model)
+    graphs = workspace.module_graphs(pipe.audio_encoder.model)
     if graphs is None:
         return None
     window = LiveWindow(seconds_to_samples(DEFAULT_CONTEXT_S), seconds_to_samples(DEFAULT_LOOKAHEAD_S))
     start, end = block_window(0, window)
     audio, encoder = waveform[start:end], pipe.audio_encoder
     return torch.equal(block_features(encoder, 0, audio, window, graphs), block_features(encoder, 0, audio, window))
+
+
+def decoder_graph_identical(decoder, workspace: Workspace, size: int) -> bool | None:
+    """Whether a tiny decoder's stream gives the same frames from the workspace's graphs as eagerly, over a
+    session's block shapes (block 0 one latent frame at a time, then whole blocks); None where none replays."""
+    if decoder is None or workspace.module_graphs(decoder) is None:
+        return None
+    g = torch.Generator().manual_seed(6)
+    shapes = [(1, 16, 1, size // 8, size // 8)] * 3 + [(1, 16, 3, size // 8, size // 8)] * 2
+    pieces = [torch.randn(shape, generator=g).to(decoder.device, decoder.dtype) for shape in shapes]
+    replayed, eager = decoder.stream_decoder(workspace.module_graphs), decoder.stream_decoder()
+    return all(torch.equal(replayed.decode(p), eager.decode(p)) for p in pieces)
 
 
 LIVE_SESSIONS = 3  # client sessions per live measurement (each one block 0)
@@ -165,8 +177,9 @@ def live_first_blocks(pipe: LiveTalkPipeline, image, waveform, context, options:
     """Block 0 of live sessions on a warm server (``session.WarmSessions`` over this pipeline's models and
     decoder, as the live command and node run them): seconds from its audio in to its frames on the host
     (``LiveBlock.generated_s``: the audio window's wav2vec2, the DiT's block 0, its decode; the reference was
-    encoded when the session opened). The audio encoder replaying its window's graph, and eager; each also
-    with the host's CPU side slowed (:func:`timing.contended_cpu`, a slow host on this one)."""
+    encoded when the session opened). The audio encoder and the tiny decoder replaying from the workspace's
+    graphs, and both eager; each also with the host's CPU side slowed (:func:`timing.contended_cpu`, a slow
+    host on this one)."""
     from livetalk_core.families import LIVETALK_13B
     from livetalk_core.live.session import WarmSessions, open_session
 
@@ -180,19 +193,20 @@ def live_first_blocks(pipe: LiveTalkPipeline, image, waveform, context, options:
     sessions().close()  # the warm-up sessions
     workspace = sessions.workspace
     result = {"live_warm_up_sessions": sessions.warm_up_sessions,
-              "live_audio_graph_identical_to_eager": audio_graph_identical(pipe, waveform, workspace)}
+              "live_audio_graph_identical_to_eager": audio_graph_identical(pipe, waveform, workspace),
+              "live_decoder_graph_identical_to_eager": decoder_graph_identical(decoder, workspace, options.size)}
     for slow in (False, True):
         for graphed in (True, False):
             if not graphed:
-                workspace.encoder_graphs = lambda encoder: None  # the A/B: the audio window encoded eagerly
+                workspace.module_graphs = lambda module: None  # the A/B: audio encoder and tiny decoder eager
             made = []
             with contended_cpu(int(slow)):
                 for _ in range(LIVE_SESSIONS):
                     with sessions() as session:
                         session.push_audio(waveform[: session.audio_needed()].numpy())
                         made.append(session.next_block().generated_s)
-            vars(workspace).pop("encoder_graphs", None)
-            name = f"live_block0_s{'_slow_host' if slow else ''}{'' if graphed else '_eager_audio'}"
+            vars(workspace).pop("module_graphs", None)
+            name = f"live_block0_s{'_slow_host' if slow else ''}{'' if graphed else '_encoder_decoder_eager'}"
             result[name] = median(made)
             result[name + "_all"] = made
     result["live_block0_replayed"] = workspace.settled

@@ -33,8 +33,8 @@ def test_bench_tiny_writes_every_configuration(tmp_path):
     assert all(c["max_abs"] == 0 for c in results["realvideo-14b-2step"]["checks"]["dit_per_block"])
     assert "| realvideo-14b-4step |" in done.stdout
     live = results["livetalk-1.3b"]
-    for name in ("live_block0_s", "live_block0_s_eager_audio", "live_block0_s_slow_host",
-                 "live_block0_s_slow_host_eager_audio"):
+    for name in ("live_block0_s", "live_block0_s_encoder_decoder_eager", "live_block0_s_slow_host",
+                 "live_block0_s_slow_host_encoder_decoder_eager"):
         assert len(live[name + "_all"]) == 3 and live[name] > 0, name
     assert "live block 0 s (median of sessions)" in done.stdout
 

@@ -18,6 +18,7 @@ from livetalk_core.live.smoke import smoke_models
 from livetalk_core.media.audio_file import load_audio
 from livetalk_core.media.taehv import TinyDecoder, TinyDecoderConfig
 from livetalk_core.media.vae import frames_to_uint8
+from livetalk_core.options import RuntimeOptions
 
 SPEECH = Path(__file__).resolve().parents[1] / "assets" / "speech.flac"
 SMALL = TinyDecoderConfig(stem_width=8, stage_widths=(8, 8, 8), stage_outputs=(8, 8, 8))
@@ -66,6 +67,38 @@ def test_a_live_session_decodes_with_the_tiny_decoder(models):
     assert all(torch.equal(a, b) for a, b in zip(latents, full_latents, strict=True))  # the same sampling
     assert full.shape == frames.shape
     assert np.abs(full.astype(int) - frames.astype(int)).mean() > 10, "the VAE decoded, not the tiny decoder"
+
+
+def test_warm_sessions_replay_the_tiny_decoder_from_graphs_with_the_same_frames(models):
+    """On a warm server's workspace the tiny decoder's decodes replay from graphs kept across sessions, the
+    stream's memory in the graphs' own tensors, zeroed per session: a client session's frames equal a
+    session of its own, without an eager decode or a capture (CPU stand-in for graphs)."""
+    from test_cuda_graphs import GRAPHS
+    from test_workspace import recording_workspace
+
+    decoder = tiny_decoder()
+    alone, _ = run_session(models, decoder)
+    models.dit.runtime = GRAPHS
+    try:
+        def open_for(workspace, start):
+            return live_session.open_session(
+                models.family, dit=models.dit, vae=models.vae, audio_encoder=models.encoder, text=models.text,
+                reference_image=models.reference, width=models.width, height=models.height, seed=3,
+                decoder=decoder, workspace=workspace)
+        sessions = live_session.WarmSessions(open_for, recording_workspace())
+        client = sessions()
+        graphs = sessions.workspace.module_graphs(decoder)
+        assert sessions.warm_up_sessions == 2 and sessions.workspace.settled
+        assert graphs.num_graphs == 2, "block 0's one-latent pieces and the later blocks: one graph each"
+        captured, eager = graphs.num_graphs, graphs.eager_forwards
+        for session in (client, sessions()):
+            with session:
+                session.push_audio(load_audio(SPEECH)[: 2 * 16000].numpy())
+                frames = np.concatenate([session.next_block().frames for _ in range(BLOCKS)])
+            assert np.array_equal(frames, alone), "a warm session's frames differ from a session of its own"
+            assert graphs.eager_forwards == eager and graphs.num_graphs == captured
+    finally:
+        models.dit.runtime = RuntimeOptions()
 
 
 @dataclass

@@ -51,7 +51,7 @@ def test_client_sessions_replay_every_forward_and_make_their_own_frames(models):
         sessions = WarmSessions(lambda workspace, start: open_on(models, workspace, start), recording_workspace())
         first = sessions()
         graphs = sessions.workspace.graphs
-        audio = sessions.workspace.encoder_graphs(models.encoder.model)
+        audio = sessions.workspace.module_graphs(models.encoder.model)
         assert sessions.warm_up_sessions == 2 and sessions.workspace.settled
         assert audio.num_graphs >= 1, "the audio windows were not captured"
         captured, eager = graphs.num_graphs, graphs.eager_forwards
@@ -63,7 +63,7 @@ def test_client_sessions_replay_every_forward_and_make_their_own_frames(models):
                 "a client session ran a forward eagerly or paused for a capture"
             assert audio.eager_forwards == audio_eager and audio.num_graphs == audio_captured, \
                 "a client session encoded its audio eagerly or paused for a capture (block 0's window too)"
-            assert sessions.workspace.encoder_graphs(models.encoder.model) is audio
+            assert sessions.workspace.module_graphs(models.encoder.model) is audio
         assert sessions.warm_up_sessions == 2
     finally:
         models.dit.runtime = RuntimeOptions()

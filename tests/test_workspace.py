@@ -200,9 +200,9 @@ def test_encoder_graphs_follow_the_runs_graphs_and_the_encoders_weights():
     model = livetalk_model()
     encoder = torch.nn.Linear(4, 4)
     workspace = recording_workspace()
-    assert workspace.encoder_graphs(encoder) is None  # no run yet
+    assert workspace.module_graphs(encoder) is None  # no run yet
     list(sample_livetalk(model, workspace=workspace, **livetalk_inputs(model, 0, blocks=2)))
-    assert workspace.encoder_graphs(encoder) is None  # the runs are eager (the model's options)
+    assert workspace.module_graphs(encoder) is None  # the runs are eager (the model's options)
     model.runtime = GRAPHS
     try:
         def run(i: int) -> None:
@@ -210,9 +210,9 @@ def test_encoder_graphs_follow_the_runs_graphs_and_the_encoders_weights():
         for i in range(3):
             run(i)
         assert workspace.settled
-        graphs = workspace.encoder_graphs(encoder)
-        assert graphs is not None and workspace.encoder_graphs(encoder) is graphs
-        assert workspace.encoder_graphs(torch.nn.Linear(4, 4, device="meta")) is None  # not on the cache's device
+        graphs = workspace.module_graphs(encoder)
+        assert graphs is not None and workspace.module_graphs(encoder) is graphs
+        assert workspace.module_graphs(torch.nn.Linear(4, 4, device="meta")) is None  # not on the cache's device
         x = torch.randn(2, 4)
         outputs = [graphs("x", encoder, x + i) for i in range(3)]  # eager, captured, replayed
         assert graphs.num_graphs == 1 and all(torch.equal(o, encoder(x + i)) for i, o in enumerate(outputs))
@@ -223,8 +223,8 @@ def test_encoder_graphs_follow_the_runs_graphs_and_the_encoders_weights():
         assert workspace.settled
         with torch.no_grad():
             encoder.weight = torch.nn.Parameter(encoder.weight.clone())  # moved: graphs would read the old ones
-        assert workspace.encoder_graphs(encoder) is not graphs
+        assert workspace.module_graphs(encoder) is not graphs
         workspace.free()
-        assert workspace.encoder_graphs(encoder) is None
+        assert workspace.module_graphs(encoder) is None
     finally:
         model.runtime = RuntimeOptions()

@@ -85,9 +85,10 @@ class LiveSession:
     sample_rate = SAMPLE_RATE
 
     def __init__(self, family: ModelFamily, stream: LiveStream, vae: WanVAE, reference_pixels: torch.Tensor,
-                 *, owned: tuple[Any, ...] = (), decoder: Any = None) -> None:
+                 *, owned: tuple[Any, ...] = (), decoder: Any = None, workspace: Workspace | None = None) -> None:
         """``reference_pixels`` ``[1, 3, 1, H, W]`` in [-1, 1]; ``owned``: models the session frees on close;
-        ``decoder``: what decodes the blocks, ``vae`` (None) or a tiny decoder (``media.taehv.TinyDecoder``)."""
+        ``decoder``: what decodes the blocks, ``vae`` (None) or a tiny decoder (``media.taehv.TinyDecoder``);
+        ``workspace``: the stream's, where a decoder that can (``stream_graphs``) keeps its CUDA graphs."""
         self.family, self._stream = family, stream
         self._decoding_model = vae if decoder is None else decoder
         self._reference = frames_to_uint8(reference_pixels.float().cpu())[0].numpy().copy()  # no torch storage
@@ -98,7 +99,9 @@ class LiveSession:
         self.frame_audio_offset = geometry.frame_audio_offset
         self._lead = max(self._needed(block) - geometry.first_frame(block) * FRAME_SAMPLES for block in range(3))
         self._timeline = AudioTimeline()
-        self._decoder = self._decoding_model.stream_decoder()
+        graphs_for = workspace.module_graphs if workspace is not None else None
+        self._decoder = self._decoding_model.stream_decoder(graphs_for) \
+            if getattr(self._decoding_model, "stream_graphs", False) else self._decoding_model.stream_decoder()
         self._owned = owned
         self._index = 0
         self._lock = threading.Lock()
@@ -304,7 +307,7 @@ def open_session(family: ModelFamily, *, dit: Any, vae: WanVAE, audio_encoder: A
     stream = family.open_live_stream(dit, audio_encoder, conditioning=as_conditioning(text),
                                      idle_conditioning=as_conditioning(idle_text), reference=reference, seed=seed,
                                      steps=steps, window=window, workspace=workspace)
-    return LiveSession(family, stream, vae, pixels, owned=owned, decoder=decoder)
+    return LiveSession(family, stream, vae, pixels, owned=owned, decoder=decoder, workspace=workspace)
 
 
 def open_smoke_session(family_name: str = "livetalk", *, width: int | None = None, height: int | None = None,

@@ -113,7 +113,7 @@ class LiveTalkStream:
         then (the first session's block 0 too), so the encoder's calls are counted from the first one."""
         if self._audio is None or self._audio[0] != block:
             raise RuntimeError(f"block {block} was asked for outside LiveTalkStream.sample")
-        graphs = self._workspace.encoder_graphs(self.encoder.model) if self._workspace is not None else None
+        graphs = self._workspace.module_graphs(self.encoder.model) if self._workspace is not None else None
         return block_embeds(self.dit, self.encoder, block, self._audio[1], self.live_window, graphs)
 
     def close(self) -> None:

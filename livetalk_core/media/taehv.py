@@ -29,8 +29,9 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -207,10 +208,14 @@ class TinyDecoder(nn.Module):
     def device(self) -> torch.device:
         return self.decoder[str(_FINAL)].weight.device
 
-    def stream_decoder(self) -> TinyStreamDecoder:
-        """A fresh decoding stream; see :class:`TinyStreamDecoder`."""
-        self.use_gpu_layout()
-        return TinyStreamDecoder(self)
+    stream_graphs = True
+    """:meth:`stream_decoder` can replay its decodes from CUDA graphs (a live session's blocks)."""
+
+    def stream_decoder(self, graphs_for: Callable[[nn.Module], Any] | None = None) -> TinyStreamDecoder:
+        """A fresh decoding stream; see :class:`TinyStreamDecoder`. ``graphs_for(self)``: CUDA graphs kept
+        across streams to replay the decodes from (``Workspace.module_graphs``; None: eager)."""
+        self.use_gpu_layout()  # before any graph: they are keyed by where the weights are
+        return TinyStreamDecoder(self, graphs_for)
 
     def use_gpu_layout(self) -> None:
         """On a GPU, go channels-last (:meth:`use_channels_last`), once: before a stream starts, so not
@@ -253,6 +258,18 @@ class TinyDecoder(nn.Module):
         video frames ``[B,3,T,8h,8w]`` in [0, 1], in the model's dtype. All ``f`` frames run as one
         batch through each layer; each memory block takes the frame before each of them from its own
         input (the first from ``state``)."""
+        return self.stream_frames(self.decode_all_frames(latents, state), state)
+
+    def stream_frames(self, video: torch.Tensor, state: StreamState) -> torch.Tensor:
+        """The frames of :meth:`decode_all_frames`' ``video`` the stream shows: its first ones dropped."""
+        dropped = max(0, min(self.config.time_factor - 1 - state.frames_made, video.shape[2]))
+        state.frames_made += video.shape[2]
+        return video[:, :, dropped:]
+
+    def decode_all_frames(self, latents: torch.Tensor, state: StreamState) -> torch.Tensor:
+        """:meth:`decode_frames` without dropping a stream's first frames: ``[B,3,4f,8h,8w]``. Reads and
+        writes only ``latents``, the weights and ``state.memory`` (in place once it holds a frame of this
+        shape), so a CUDA graph of it replays on the same memory."""
         batch, frames_in = latents.shape[0], latents.shape[2]
         self.use_gpu_layout()
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -269,10 +286,7 @@ class TinyDecoder(nn.Module):
             x = self.decoder[str(start + BLOCKS_PER_STAGE + 1)](x)
             x = self.decoder[str(start + BLOCKS_PER_STAGE + 2)](x)
         x = self.decoder[str(_FINAL)](F.relu(x)).clamp_(0, 1)
-        video = x.reshape(batch, -1, *x.shape[1:]).transpose(1, 2)  # [B, 3, T, H, W]
-        dropped = max(0, min(self.config.time_factor - 1 - state.frames_made, video.shape[2]))
-        state.frames_made += video.shape[2]
-        return video[:, :, dropped:]
+        return x.reshape(batch, -1, *x.shape[1:]).transpose(1, 2)  # [B, 3, T, H, W]
 
 
 def _previous_frames(x: torch.Tensor, batch: int, state: StreamState, index: int) -> torch.Tensor:
@@ -288,7 +302,11 @@ def _previous_frames(x: torch.Tensor, batch: int, state: StreamState, index: int
     else:
         shifted[:, :1].copy_(before)
     shifted[:, 1:].copy_(frames[:, :-1])
-    state.memory[index] = frames[:, -1:].clone()
+    last = frames[:, -1:]
+    if before is not None and before.shape == last.shape:
+        before.copy_(last)  # in place: a graph replays on the same memory
+    else:
+        state.memory[index] = last.clone()
     return previous
 
 
@@ -302,21 +320,56 @@ class TinyStreamDecoder:
     :meth:`reset` starts a new video.
     """
 
-    def __init__(self, model: TinyDecoder) -> None:
-        self.model = model
+    def __init__(self, model: TinyDecoder, graphs_for: Callable[[nn.Module], Any] | None = None) -> None:
+        """``graphs_for(model)``: a ``runtime.cuda_graphs.ForwardGraphs`` kept across streams, or None (eager);
+        asked at each stream's first decode (a live session's sampling run has begun by then). Its ``kept``
+        holds the stream's memory, which its graphs read: one stream at a time uses them."""
+        self.model, self._graphs_for = model, graphs_for
         self.reset()
 
     def reset(self) -> None:
-        self._state = StreamState(memory={})
         self._latent_shape: tuple[int, ...] | None = None  # (batch, h, w) of this stream
+        self._graphs: Any = None
+        self._state: StreamState | None = None  # made at the stream's first decode
+
+    def _start(self) -> StreamState:
+        """The stream's state: a fresh one, or the graphs' kept one zeroed (a stream's first frame then
+        reads zeros as before, from the same tensors)."""
+        self._graphs = self._graphs_for(self.model) if self._graphs_for is not None else None
+        if self._graphs is None:
+            return StreamState(memory={})
+        state = self._graphs.kept.setdefault("stream", StreamState(memory={}))
+        for frame in state.memory.values():
+            frame.zero_()
+        state.frames_made = 0
+        return state
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``[B,16,f,h,w]`` normalised latents -> ``[B,3,frames,8h,8w]`` float32 clamped to [-1, 1]."""
         channels = self.model.config.latent_channels
         self._latent_shape = continued_stream(latents, channels, self._latent_shape, "The tiny decoder")
-        frames = self.model.decode_frames(self.model.to_decoder_input(latents), self._state)
+        z = self.model.to_decoder_input(latents)
+        if self._state is None:
+            self._state = self._start()
+        if self._graphs is None:
+            frames = self.model.decode_frames(z, self._state)
+        else:
+            frames = self._replayed(z)
         return frames.float().mul_(2).sub_(1)
+
+    def _replayed(self, z: torch.Tensor) -> torch.Tensor:
+        """:meth:`TinyDecoder.decode_frames` with the graphed part from the kept graphs. Kept memory of
+        another stream shape is dropped with the graphs that read it; empty memory is filled eagerly."""
+        state, shape = self._state, (z.shape[0], *z.shape[3:])
+        if state.memory and self._graphs.kept.get("shape") != shape:
+            self._graphs.drop_all()
+            state.memory.clear()
+        self._graphs.kept["shape"] = shape
+        if not state.memory:
+            return self.model.decode_frames(z, state)
+        video = self._graphs(("taehv", tuple(z.shape), z.dtype), lambda x: self.model.decode_all_frames(x, state), z)
+        return self.model.stream_frames(video, state)
 
 
 def fit_time_grow(state_dict: Mapping[str, torch.Tensor], config: TinyDecoderConfig) -> dict[str, torch.Tensor]:

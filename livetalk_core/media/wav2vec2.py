@@ -301,7 +301,7 @@ def hidden_states(
         num_frames: output length (LiveTalk: the number of video frames, ``4F - 3``).
         whole_clip_max_seconds: clips up to this length run in one pass (upstream's exact features);
             longer ones take :func:`windowed_hidden_states`.
-        graphs: CUDA graphs of this encoder (:meth:`~..runtime.workspace.Workspace.encoder_graphs`): a
+        graphs: CUDA graphs of this encoder (:meth:`~..runtime.workspace.Workspace.module_graphs`): a
             one-pass clip replays from the graph of its length once captured (a live session's windows),
             the same kernels on the same shapes, so the same states.
     Returns:

@@ -113,7 +113,7 @@ class RealVideoStream:
 
     def sample(self, block: int, audio: torch.Tensor, silent: bool) -> torch.Tensor:
         segment, ptr = block_segment(block, self.live_window, audio)
-        graphs = self._workspace.encoder_graphs(self.encoder.model) if self._workspace is not None else None
+        graphs = self._workspace.module_graphs(self.encoder.model) if self._workspace is not None else None
         features = segment_features(self.encoder, segment.to(self.encoder.device), self.dit.dtype, graphs)
         self._segments.set(block, features)
         self._entry = BlockPlan(block, ptr, talking=not silent)

@@ -178,6 +178,8 @@ class ForwardGraphs:
         self._calls: dict[Hashable, int] = {}
         self._pool: Any = None
         self._buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kept: dict[str, Any] = {}
+        """What a module's graphs read besides their inputs, kept with them (a stream decoder's memory)."""
         self.failed = False
         self.eager_forwards = 0  # forwards run kernel by kernel (not yet captured, or after a failed capture)
 
@@ -219,6 +221,11 @@ class ForwardGraphs:
             finally:
                 _capturing.recorder = None
         return _Captured(recorder.graphs, recorder.between, static, output)
+
+    def drop_all(self) -> None:
+        """Forget every capture (what they read is going away); keys start eager again."""
+        self._captured.clear()
+        self._calls.clear()
 
     @property
     def num_graphs(self) -> int:

@@ -10,9 +10,10 @@ the same graphs and the same text buffers (its prompt's K/V copied in), so the l
 replay from block 0 on. A live endpoint keeps one across its client sessions and frees it when it
 stops; a sampler given none makes a private one that goes with it.
 
-An encoder whose calls repeat at fixed shapes in every block (a live session's audio windows, a few
-lengths over and over) replays from graphs of its own here too (:meth:`Workspace.encoder_graphs`): eager,
-its hundreds of small kernels are launch-bound on a slow host, and block 0 waits for them.
+A module whose calls repeat at fixed shapes in every block (a live session's audio encoder over its
+windows, a few lengths over and over; its tiny decoder) replays from graphs of its own here too
+(:meth:`Workspace.module_graphs`): eager, their hundreds of small kernels are launch-bound on a slow
+host, and block 0 waits for them.
 
 Reusing the cache needs no clearing: a block attends only slots its own run wrote (the window fills
 from frame 0, the sinks first), so a run on a used cache gives a fresh cache's numbers.
@@ -37,9 +38,11 @@ from .cuda_graphs import ForwardGraphs
 
 ContextKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: cross-attention keys, values
 GraphsFactory = Callable[[torch.nn.Module, KVCache, int], "ForwardGraphs | None"]
-ENCODER_GRAPHS = 8
-"""Input shapes an encoder's graphs are kept for (more run eagerly): a live session's audio windows come in
-two or three lengths, and the pool's memory stays bounded whatever a caller sends."""
+MODULE_GRAPHS = 8
+"""Input shapes a module's graphs are kept for (more run eagerly): a live session's audio windows come in
+three or four lengths, its decoder's blocks in two, and the pool's memory stays bounded whatever a caller sends."""
+MODULES = 4
+"""Modules a workspace keeps graphs for (the oldest goes first)."""
 
 
 class TextSlot:
@@ -95,8 +98,8 @@ class Workspace:
         """Whether the last finished run made every forward from a graph (captures allowed): the
         layouts it met are all captured. False while a run is going and when the model runs eagerly."""
         self._eager_before = 0
-        self._encoder: tuple[tuple, ForwardGraphs] | None = None  # (where its weights are, its graphs)
-        self._encoder_before: tuple[int, int] = (0, 0)  # _encoder_eager() when the last run ended
+        self._modules: dict[int, tuple[tuple, ForwardGraphs]] = {}  # id(module): (where its weights are, graphs)
+        self._modules_before: dict[int, int] = {}  # _modules_eager() when the last run ended
 
     def begin(self, model: torch.nn.Module, policy: CachePolicy, *, frame_tokens: int, num_heads: int,
               forwards_per_block: int, shapes: Hashable) -> tuple[KVCache, ForwardGraphs | None]:
@@ -149,8 +152,8 @@ class Workspace:
             self._busy = False
             graphs = self.graphs
             self.settled = (graphs is not None and not graphs.failed and graphs.eager_forwards == self._eager_before
-                            and self._encoder_settled())
-            self._encoder_before = self._encoder_eager()  # a caller may encode the next run's first input now
+                            and self._modules_settled())
+            self._modules_before = self._modules_eager()  # a caller may encode the next run's first input now
             if self._free_after_run:
                 self._let_go()
 
@@ -163,35 +166,39 @@ class Workspace:
             else:
                 self._let_go()
 
-    def encoder_graphs(self, encoder: torch.nn.Module) -> ForwardGraphs | None:
-        """Graphs for ``encoder``'s calls during this workspace's runs (``graphs(key, body, *inputs)``, a
-        key per input shape), or None to run it eagerly: only while the runs' forwards replay from graphs
-        (the model's options allow them; the fp8 KV cache's path runs eagerly) and ``encoder`` is on the KV
-        cache's device. Kept with the workspace, for one encoder: another one, or this one moved, gets new
-        graphs. :attr:`settled` also asks that no call of it ran eagerly."""
+    def module_graphs(self, module: torch.nn.Module) -> ForwardGraphs | None:
+        """Graphs for ``module``'s calls during this workspace's runs (``graphs(key, body, *inputs)``, a key
+        per input shape; what else they read lives in ``graphs.kept``), or None to run it eagerly: only while
+        the runs' forwards replay from graphs (the model's options allow them; the fp8 KV cache's path runs
+        eagerly) and ``module`` is on the KV cache's device. Kept with the workspace for up to
+        :data:`MODULES` modules (a live session's audio encoder and tiny decoder); a module whose weights
+        moved gets new ones. :attr:`settled` also asks that no call of them ran eagerly."""
         if not self.uses_graphs:
             return None
-        weights = [*encoder.parameters()]
+        weights = [*module.parameters()]
         if not weights or weights[0].device != self.cache.keys[0].device:
             return None
-        where = _where(encoder)
-        if self._encoder is None or self._encoder[0] != where:
-            graphs = ForwardGraphs(eager_calls=1, maker=self.graphs.maker, max_graphs=ENCODER_GRAPHS)
-            self._encoder = (where, graphs)
-        return self._encoder[1]
+        where = _where(module)
+        kept = self._modules.get(id(module))
+        if kept is None or kept[0] != where:
+            self._modules.pop(id(module), None)
+            while len(self._modules) >= MODULES:
+                self._modules.pop(next(iter(self._modules)))
+            kept = self._modules[id(module)] = (where, ForwardGraphs(eager_calls=1, maker=self.graphs.maker,
+                                                                      max_graphs=MODULE_GRAPHS))
+        return kept[1]
 
-    def _encoder_eager(self) -> tuple[int, int]:
-        """Which encoder graphs there are and how many of their calls ran eagerly (:attr:`settled`)."""
-        graphs = self._encoder[1] if self._encoder is not None else None
-        return (id(graphs), graphs.eager_forwards) if graphs is not None else (0, 0)
+    def _modules_eager(self) -> dict[int, int]:
+        """Each module's graphs (by identity) and how many of their calls ran eagerly (:attr:`settled`)."""
+        return {id(graphs): graphs.eager_forwards for _, graphs in self._modules.values()}
 
-    def _encoder_settled(self) -> bool:
-        """No call of the encoder's graphs ran eagerly since the last run ended (graphs made since: none at all)."""
-        now, before = self._encoder_eager(), self._encoder_before
-        return now == before if now[0] == before[0] else now[1] == 0
+    def _modules_settled(self) -> bool:
+        """No call of a module's graphs ran eagerly since the last run ended (graphs made since: none at all)."""
+        before = self._modules_before
+        return all(eager == before.get(graphs, 0) for graphs, eager in self._modules_eager().items())
 
     def _let_go(self) -> None:
-        self._encoder, self._encoder_before = None, (0, 0)
+        self._modules, self._modules_before = {}, {}
         self._key = self._model = self.cache = self.graphs = None
         self.text = TextSlot()
         self.settled = self._free_after_run = False
