@@ -51,7 +51,6 @@ def test_live_block0_parts_add_up(tmp_path):
         assert parts["dit_and_rest_ms"] > 0, host
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
 def test_the_slowed_host_side_shares_one_core_with_a_spinner_and_ends_with_it():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import timing
