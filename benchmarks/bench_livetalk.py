@@ -173,6 +173,20 @@ def decoder_graph_identical(decoder, workspace: Workspace, size: int) -> bool | 
 LIVE_SESSIONS = 3  # client sessions per live measurement (each one block 0)
 
 
+def warm_live_sessions(pipe: LiveTalkPipeline, image, context, size: int, decoder=None):
+    """A warm server's sessions over this pipeline's models (``session.WarmSessions``, as the live command and
+    node run them; ``decoder`` None: the VAE decodes), its warm-up sessions already run."""
+    from livetalk_core.families import LIVETALK_13B
+    from livetalk_core.live.session import WarmSessions, open_session
+
+    def open_for(workspace, start):
+        return open_session(LIVETALK_13B, dit=pipe.dit, vae=pipe.vae, audio_encoder=pipe.audio_encoder, text=context,
+                            reference_image=image, width=size, height=size, decoder=decoder, workspace=workspace)
+    sessions = WarmSessions(open_for)
+    sessions().close()
+    return sessions
+
+
 def live_first_blocks(pipe: LiveTalkPipeline, image, waveform, context, options: Namespace) -> dict:
     """Block 0 of live sessions on a warm server (``session.WarmSessions`` over this pipeline's models and
     decoder, as the live command and node run them): seconds from its audio in to its frames on the host
@@ -180,17 +194,8 @@ def live_first_blocks(pipe: LiveTalkPipeline, image, waveform, context, options:
     encoded when the session opened). The audio encoder and the tiny decoder replaying from the workspace's
     graphs, and both eager; each also with the host's CPU side slowed (:func:`timing.contended_cpu`, a slow
     host on this one)."""
-    from livetalk_core.families import LIVETALK_13B
-    from livetalk_core.live.session import WarmSessions, open_session
-
     decoder = None if pipe.decoder is pipe.vae else pipe.decoder
-
-    def open_for(workspace, start):
-        return open_session(LIVETALK_13B, dit=pipe.dit, vae=pipe.vae, audio_encoder=pipe.audio_encoder, text=context,
-                            reference_image=image, width=options.size, height=options.size, decoder=decoder,
-                            workspace=workspace)
-    sessions = WarmSessions(open_for)
-    sessions().close()  # the warm-up sessions
+    sessions = warm_live_sessions(pipe, image, context, options.size, decoder)
     workspace = sessions.workspace
     result = {"live_warm_up_sessions": sessions.warm_up_sessions,
               "live_audio_graph_identical_to_eager": audio_graph_identical(pipe, waveform, workspace),

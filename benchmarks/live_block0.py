@@ -24,7 +24,6 @@ import bench_livetalk  # noqa: E402
 from timing import contended_cpu, median, synchronize  # noqa: E402
 from tiny_decoder import DECODERS, decoder_for  # noqa: E402
 
-from livetalk_core.families import LIVETALK_13B  # noqa: E402
 from livetalk_core.live import session as live_session  # noqa: E402
 from livetalk_core.livetalk import live as livetalk_live  # noqa: E402
 
@@ -62,13 +61,7 @@ def main() -> None:
     image = torch.randint(0, 255, (size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
     waveform = torch.randn(16000 * 4, generator=torch.Generator().manual_seed(5)) * 0.1
 
-    def open_for(workspace, start):
-        return live_session.open_session(
-            LIVETALK_13B, dit=pipe.dit, vae=pipe.vae, audio_encoder=pipe.audio_encoder, text=context,
-            reference_image=image, width=size, height=size, workspace=workspace,
-            decoder=None if decoder is pipe.vae else decoder)
-    sessions = live_session.WarmSessions(open_for)
-    sessions().close()
+    sessions = bench_livetalk.warm_live_sessions(pipe, image, context, size, None if decoder is pipe.vae else decoder)
     parts: dict[str, float] = {}
     livetalk_live.block_embeds = timed(parts, "audio_ms", livetalk_live.block_embeds)
     live_session.LiveSession._decode = timed(parts, "decode_ms", live_session.LiveSession._decode)
